@@ -1,0 +1,3 @@
+from rofs.cli import main
+
+raise SystemExit(main())

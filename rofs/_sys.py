@@ -1,0 +1,41 @@
+"""Syscalls the os module lacks: renameat2(2) and friends.
+
+Everything here is a thin, errno-preserving wrapper; callers get OSError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+
+# O_NOATIME keeps reads from touching the lower layer's atimes.
+O_NOATIME = getattr(os, "O_NOATIME", 0o1000000)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_renameat2.restype = ctypes.c_int
+
+
+def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0) -> None:
+    """renameat2(2): atomic rename with NOREPLACE/EXCHANGE/WHITEOUT flags."""
+    if _renameat2(old_dir, old, new_dir, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old, None, new)
+
+
+def proc_path(dir_fd: int, name: bytes | None = None) -> bytes:
+    """A path for APIs without dir_fd (xattrs): the entry `name` in the directory `dir_fd`.
+
+    The kernel resolves /proc/self/fd/N to the open directory itself, so the path stays
+    short however deep the directory is, and only `name` is looked up (never followed
+    when the caller passes follow_symlinks=False).
+    """
+    if name is None:  # the directory itself ("/." so the magic link is always followed)
+        return b"/proc/self/fd/%d/." % dir_fd
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)

@@ -1,0 +1,126 @@
+"""Command line: arguments into a Config; user mistakes become one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rofs import __version__
+
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+Mount a copy-on-write overlay over MOUNTPOINT.  What MOUNTPOINT holds right now
+becomes the read-only lower layer (or --lower DIR); every create, write, rename,
+link, delete and metadata change lands in the state directory, under
+STATEDIR/<MOUNTPOINT without its leading slash>/ in the kernel overlayfs format.
+The lower layer is never modified."""
+
+EPILOG = """\
+STATEDIR is created (mode 0700) if it does not exist but its parent does.
+The command returns once the mount is live; errors before that are printed here
+with a non-zero exit code (2 for bad arguments or an unusable state dir).
+Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`; SIGTERM and
+SIGINT unmount cleanly too.
+
+example:  rofs /etc --state /var/lib/stateless/state"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rofs", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT",
+                        help="directory to mount over (also the lower layer unless --lower)")
+    parser.add_argument("--state", metavar="STATEDIR", required=True,
+                        help="state directory that receives all changes")
+    parser.add_argument("--lower", metavar="DIR",
+                        help="use DIR as the read-only lower layer instead of MOUNTPOINT")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground and log to stderr")
+    parser.add_argument("--debug", action="store_true", help="log every request (slow)")
+    parser.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append",
+                        default=[], help="extra FUSE mount options, e.g. -o noatime")
+    parser.add_argument("--version", action="version", version="rofs " + __version__)
+    return parser
+
+
+class UsageError(Exception):
+    pass
+
+
+def _mountinfo_top(path: str) -> str | None:
+    """Filesystem type of the topmost mount at `path`, if `path` is a mount point."""
+    fstype = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                target = fields[4].encode().decode("unicode_escape")
+                if target == path:
+                    fstype = fields[sep + 1]
+    except OSError:
+        return None
+    return fstype
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def validate(args: argparse.Namespace):
+    from rofs.mount import Config
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise UsageError("mountpoint %s does not exist or is not a directory" % mountpoint)
+    mountpoint = os.path.realpath(mountpoint)
+    if mountpoint == "/":
+        raise UsageError("mounting over / is not supported")
+    lower = os.path.realpath(args.lower) if args.lower else mountpoint
+    if not os.path.isdir(lower):
+        raise UsageError("lower directory %s does not exist or is not a directory" % lower)
+    state = os.path.abspath(args.state)
+    if os.path.lexists(state):
+        if not os.path.isdir(state):
+            raise UsageError("state dir %s is not a directory" % state)
+    elif not os.path.isdir(os.path.dirname(state)):
+        raise UsageError("state dir %s does not exist, nor does its parent" % state)
+    state = os.path.realpath(state)
+    if _inside(state, lower):
+        raise UsageError("state dir %s is inside the lower directory %s" % (state, lower))
+    if _inside(lower, state):
+        raise UsageError("lower directory %s is inside the state dir %s" % (lower, state))
+    if _inside(state, mountpoint):
+        raise UsageError("state dir %s is inside the mountpoint %s" % (state, mountpoint))
+    if _inside(mountpoint, state):
+        raise UsageError("mountpoint %s is inside the state dir %s" % (mountpoint, state))
+    if _mountinfo_top(mountpoint) == "fuse.rofs":
+        raise UsageError("%s is already mounted by rofs" % mountpoint)
+    options = [o for group in args.options for o in group.split(",") if o]
+    return Config(mountpoint=mountpoint, lower=lower, state=state,
+                  foreground=args.foreground, debug=args.debug, fuse_options=options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rofs.mount import MountError, run
+    from rofs.state import StateError
+    try:
+        config = validate(args)
+        return run(config)
+    except (UsageError, StateError) as e:
+        print("rofs: error: %s" % e, file=sys.stderr)
+        return EXIT_USAGE
+    except MountError as e:
+        print("rofs: error: %s" % e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

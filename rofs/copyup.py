@@ -1,0 +1,122 @@
+"""Copy-up building blocks: copy data and metadata of a lower object into the work dir.
+
+The overlay assembles a copy-up as: create the object under a temporary name in the
+work dir (same filesystem as the upper layer), copy data, owner, mode, xattrs and times
+onto it, fsync it, then rename it into place.  A crash at any point leaves either no
+upper copy (the lower object still shows) or a complete one; temporaries are removed at
+the next mount.
+
+These functions are synchronous and touch only the descriptors they are given, so the
+overlay may run the slow ones (data copy, fsync) in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 24
+
+
+def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy `size` bytes from src to dst: copy_file_range (reflink-capable), else sendfile.
+
+    Holes in the source are kept where the filesystem reports them (SEEK_DATA).
+    """
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(src_fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole up to EOF
+                break
+            data = offset
+        if data >= size:
+            break
+        try:
+            hole = os.lseek(src_fd, data, os.SEEK_HOLE)
+        except OSError:
+            hole = size
+        _copy_range(src_fd, dst_fd, data, min(hole, size) - data)
+        offset = hole
+    os.ftruncate(dst_fd, size)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    end = offset + count
+    use_cfr = True
+    while offset < end:
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(CHUNK, end - offset),
+                                       offset, offset)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                                   errno.EOPNOTSUPP, errno.EBADF):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            buf = os.pread(src_fd, min(1 << 20, end - offset), offset)
+            n = len(buf) and os.pwrite(dst_fd, buf, offset)
+        if n == 0:  # the source shrank under us: it is read-only, so this is an error
+            raise OSError(errno.EIO, "short copy-up read")
+        offset += n
+
+
+def copy_xattrs(src: bytes | int, dst: bytes | int, is_private, *,
+                symlink: bool = False) -> None:
+    """Copy every xattr but rofs's markers (`is_private`).  src/dst: path or fd.
+
+    Paths are used with follow_symlinks=False.  Names the destination refuses
+    (user.* on a symlink, security.* without the module) are skipped with a note.
+    """
+    follow = isinstance(src, int)
+    try:
+        names = os.listxattr(src, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        bname = os.fsencode(name)
+        if is_private(bname):
+            continue
+        try:
+            value = os.getxattr(src, bname, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                continue
+            raise
+        try:
+            os.setxattr(dst, bname, value, follow_symlinks=isinstance(dst, int))
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EPERM) and (
+                    symlink or not bname.startswith((b"trusted.", b"user."))):
+                log.info("copy-up: xattr %r not copied: %s", bname, e.strerror)
+                continue
+            raise
+
+
+def copy_meta(src_st: os.stat_result, dst: bytes | int, is_private,
+              src_xattrs: bytes | int | None, *, extra: dict[bytes, bytes] | None = None) -> None:
+    """Owner, mode, xattrs, then times (last: the other steps may touch them).
+
+    Owner first: chown clears setuid/setgid bits and file capabilities, which the
+    following chmod and xattr copy then restore.
+    """
+    symlink = stat.S_ISLNK(src_st.st_mode)
+    follow = isinstance(dst, int)
+    os.chown(dst, src_st.st_uid, src_st.st_gid, follow_symlinks=follow)
+    if not symlink:
+        os.chmod(dst, stat.S_IMODE(src_st.st_mode))
+    if src_xattrs is not None:
+        copy_xattrs(src_xattrs, dst, is_private, symlink=symlink)
+    for name, value in (extra or {}).items():
+        os.setxattr(dst, name, value, follow_symlinks=follow)
+    os.utime(dst, ns=(src_st.st_atime_ns, src_st.st_mtime_ns), follow_symlinks=follow)

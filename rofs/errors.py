@@ -1,0 +1,41 @@
+"""The one place where exceptions become errno values for the kernel.
+
+A request handler must never let anything but FUSEError escape: any other exception
+ends pyfuse3.main() and leaves a dead mount ("Transport endpoint is not connected").
+`fuse_errors` wraps every handler: FUSEError passes, OSError keeps its errno, anything
+else is logged with its traceback, counted, and answered with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+
+import pyfuse3
+
+log = logging.getLogger(__name__)
+
+
+class Counters:
+    """Unexpected failures, for tests and for the operator (logged as they happen)."""
+
+    def __init__(self) -> None:
+        self.internal_errors = 0
+
+
+def fuse_errors(method):
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            self.counters.internal_errors += 1
+            log.exception("internal error in %s%r", method.__name__, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper

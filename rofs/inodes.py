@@ -1,0 +1,198 @@
+"""The inode table: merged-view nodes, their names, and the lookup cache.
+
+A `Node` is one inode of the merged view.  It knows where its data lives (`upper`
+and/or `lower`), its names (`links`: (parent node, name) pairs) and how many references
+the kernel holds (`lookups`).  `NodeTable.dentries` maps (parent inode, name) to the
+node for every name of every live node: a repeated lookup is one dict access.
+
+Inode numbers are stable for the life of the mount and, for everything on the two
+layers' primary filesystems, across remounts:
+- an object of the lower layer's filesystem shows its own st_ino;
+- an object that exists only in the upper layer shows st_ino | UPPER_TAG;
+- a copied-up object keeps the number it had before (the upper copy records it in the
+  `rofs.ino` marker);
+- anything else (another filesystem mounted inside a layer, inode numbers too large to
+  tag) gets a number from a dynamic range, stable while the kernel remembers it.
+Two live nodes never share a number: a candidate already taken by a different backing
+object falls back to the dynamic range.
+"""
+
+from __future__ import annotations
+
+import itertools
+import stat
+
+ROOT_INO = 1
+UPPER_TAG = 1 << 48
+DYNAMIC_BASE = 1 << 49
+
+
+class Node:
+    __slots__ = ("ino", "mode", "links", "lower", "upper", "lookups", "backing",
+                 "open_fds", "kids")
+
+    def __init__(self, ino: int, mode: int, *, upper: bool,
+                 lower: tuple[bytes, ...] | None, backing: tuple) -> None:
+        self.ino = ino
+        self.mode = mode  # the S_IFMT bits; a node never changes type
+        self.links: list[tuple[Node, bytes]] = []
+        # For a directory: the lower directory merged into it (None when opaque or
+        # absent).  For anything else: the lower object holding its data while it is
+        # not (yet) in the upper layer.
+        self.lower = lower
+        self.upper = upper
+        self.lookups = 0
+        # What the inode number belongs to: ("U" or "L", st_dev, st_ino).
+        self.backing = backing
+        # Descriptors of this node's open files, so an unlinked file stays reachable.
+        self.open_fds: set[int] = set()
+        # How many names of live nodes are in this directory: a directory stays in the
+        # table while its children do, so there is only ever one node per directory.
+        self.kids = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    def primary_link(self) -> tuple[Node, bytes]:
+        return self.links[0]
+
+    def parent(self) -> Node | None:
+        return self.links[0][0] if self.links else None
+
+    def __repr__(self) -> str:
+        names = [name for _, name in self.links]
+        return "<Node %d %o upper=%s lower=%r names=%r>" % (
+            self.ino, self.mode, self.upper, self.lower, names)
+
+
+class NodeTable:
+    """Live nodes by inode number, and the lookup cache (parent ino, name) -> node."""
+
+    def __init__(self, lower_dev: int, upper_dev: int) -> None:
+        self.nodes: dict[int, Node] = {}
+        self.dentries: dict[tuple[int, bytes], Node] = {}
+        self.lower_dev = lower_dev
+        self.upper_dev = upper_dev
+        self._dynamic: dict[tuple, int] = {}
+        self._next_dynamic = itertools.count(DYNAMIC_BASE)
+
+    def __getitem__(self, ino: int) -> Node:
+        return self.nodes[ino]
+
+    def get(self, ino: int) -> Node | None:
+        return self.nodes.get(ino)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def candidate_ino(self, backing: tuple, recorded: int | None) -> int:
+        """The inode number an object should show (see the module docstring)."""
+        if recorded is not None and recorded > ROOT_INO:
+            return recorded
+        layer, dev, ino = backing
+        if ROOT_INO < ino < UPPER_TAG:
+            if layer == "L" and dev == self.lower_dev:
+                return ino
+            if layer == "U" and dev == self.upper_dev:
+                return ino | UPPER_TAG
+        return self._dynamic_ino(backing)
+
+    def _dynamic_ino(self, backing: tuple) -> int:
+        ino = self._dynamic.get(backing)
+        if ino is None:
+            ino = next(self._next_dynamic)
+            self._dynamic[backing] = ino
+        return ino
+
+    def find_or_add(self, parent: Node, name: bytes, mode: int, *, upper: bool,
+                    lower: tuple[bytes, ...] | None, backing: tuple,
+                    recorded: int | None = None) -> Node:
+        """The node for a name just resolved on disk, registered under that name."""
+        ino = self.candidate_ino(backing, recorded)
+        node = self.nodes.get(ino)
+        if node is not None and node.backing != backing:
+            # The number is taken by another object (a lower hard link broken by a
+            # copy-up, or a stale record): keep both reachable under distinct numbers.
+            ino = self._dynamic_ino(backing)
+            node = self.nodes.get(ino)
+        if node is None:
+            node = Node(ino, stat.S_IFMT(mode), upper=upper, lower=lower, backing=backing)
+            self.nodes[ino] = node
+        self.add_link(node, parent, name)
+        return node
+
+    def add_root(self, node: Node) -> None:
+        self.nodes[node.ino] = node
+
+    def add_link(self, node: Node, parent: Node, name: bytes) -> None:
+        key = (parent.ino, name)
+        if key not in self.dentries:
+            node.links.append((parent, name))
+            parent.kids += 1
+        self.dentries[key] = node
+
+    def remove_link(self, node: Node, parent: Node, name: bytes) -> None:
+        self.dentries.pop((parent.ino, name), None)
+        try:
+            node.links.remove((parent, name))
+        except ValueError:
+            return
+        parent.kids -= 1
+        self.maybe_drop(parent)
+        self.maybe_drop(node)
+
+    def move_link(self, node: Node, old_parent: Node, old_name: bytes,
+                  new_parent: Node, new_name: bytes) -> None:
+        self.dentries.pop((old_parent.ino, old_name), None)
+        links = node.links
+        for i, link in enumerate(links):
+            if link[0] is old_parent and link[1] == old_name:
+                links[i] = (new_parent, new_name)
+                old_parent.kids -= 1
+                break
+        else:
+            links.append((new_parent, new_name))
+        new_parent.kids += 1
+        self.dentries[(new_parent.ino, new_name)] = node
+        self.maybe_drop(old_parent)
+
+    def swap_links(self, a: Node, a_parent: Node, a_name: bytes,
+                   b: Node, b_parent: Node, b_name: bytes) -> None:
+        """RENAME_EXCHANGE: a now lives at b's name and b at a's."""
+        for node, old, new in ((a, (a_parent, a_name), (b_parent, b_name)),
+                               (b, (b_parent, b_name), (a_parent, a_name))):
+            for i, link in enumerate(node.links):
+                if link[0] is old[0] and link[1] == old[1]:
+                    node.links[i] = new
+                    break
+        self.dentries[(a_parent.ino, a_name)] = b
+        self.dentries[(b_parent.ino, b_name)] = a
+
+    def rebind(self, node: Node, backing: tuple) -> None:
+        """A copy-up moved the node to the upper layer; its number stays."""
+        self._dynamic.pop(node.backing, None)
+        node.backing = backing
+
+    def maybe_drop(self, node: Node) -> None:
+        """Forget a node nobody can reach any more: no kernel reference, no open file,
+        no live child.
+
+        A node that still has names may be dropped too (the kernel forgot it); it is
+        found again on disk at the next lookup, with the same number.
+        """
+        pending = [node]
+        while pending:
+            node = pending.pop()
+            if (node.lookups > 0 or node.open_fds or node.kids > 0
+                    or node.ino == ROOT_INO or self.nodes.get(node.ino) is not node):
+                continue
+            del self.nodes[node.ino]
+            links, node.links = node.links, []
+            for parent, name in links:
+                if self.dentries.get((parent.ino, name)) is node:
+                    del self.dentries[(parent.ino, name)]
+                parent.kids -= 1
+                pending.append(parent)
+            if self._dynamic.get(node.backing) == node.ino:
+                del self._dynamic[node.backing]

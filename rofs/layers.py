@@ -1,0 +1,249 @@
+"""The two layers, reached only through file descriptors relative to their roots.
+
+rofs is usually mounted over its own lower directory, so after the mount a path such
+as "/etc/passwd" leads back into rofs.  Every access to a layer is therefore
+fd-relative: each directory is opened one component at a time with
+O_PATH|O_DIRECTORY|O_NOFOLLOW from its parent's descriptor.  That also means rofs never
+follows a symlink in either layer (a symlink where a directory is expected gives
+ENOTDIR), and that no absolute path is ever built, so depth is not limited by PATH_MAX.
+
+Invariant for callers: a descriptor returned by `DirFdCache.get` stays valid until the
+next `trim()`.  Only the ops adapter calls `trim()`, at the start of a request, so a
+handler may use the fds it got until it awaits; it must not keep them across an await.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from rofs._sys import O_NOATIME, proc_path
+
+DIR_OPEN_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class DirFdCache:
+    """An LRU of open directory descriptors; eviction only happens in trim()."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._fds: OrderedDict[Hashable, int] = OrderedDict()
+
+    def get(self, key: Hashable) -> int | None:
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+        return fd
+
+    def put(self, key: Hashable, fd: int) -> None:
+        old = self._fds.pop(key, None)
+        if old is not None and old != fd:
+            os.close(old)
+        self._fds[key] = fd
+
+    def drop(self, key: Hashable) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    def trim(self) -> None:
+        while len(self._fds) > self.capacity:
+            _, fd = self._fds.popitem(last=False)
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+
+def open_dir_fd(parent_fd: int, name: bytes) -> int:
+    return os.open(name, DIR_OPEN_FLAGS, dir_fd=parent_fd)
+
+
+class LowerLayer:
+    """The read-only layer.  Nothing here writes; paths are tuples of name components."""
+
+    def __init__(self, root_fd: int, cache: DirFdCache) -> None:
+        self.root_fd = root_fd
+        self.dev = os.fstat(root_fd).st_dev
+        self._cache = cache
+        self.noatime = O_NOATIME
+
+    def dirfd(self, path: tuple[bytes, ...]) -> int:
+        """Descriptor of the lower directory at `path`, opened component by component."""
+        if not path:
+            return self.root_fd
+        fd = self._cache.get(("L", path))
+        if fd is not None:
+            return fd
+        # Find the deepest cached ancestor, then walk down (iteratively: paths may be
+        # thousands of components deep).
+        depth = len(path) - 1
+        parent = self.root_fd
+        while depth > 0:
+            cached = self._cache.get(("L", path[:depth]))
+            if cached is not None:
+                parent = cached
+                break
+            depth -= 1
+        for i in range(depth, len(path)):
+            parent = open_dir_fd(parent, path[i])
+            self._cache.put(("L", path[: i + 1]), parent)
+        return parent
+
+    def stat(self, path: tuple[bytes, ...]) -> os.stat_result:
+        if not path:
+            return os.fstat(self.root_fd)
+        return os.stat(path[-1], dir_fd=self.dirfd(path[:-1]), follow_symlinks=False)
+
+    def try_stat(self, path: tuple[bytes, ...]) -> os.stat_result | None:
+        try:
+            return self.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def open(self, path: tuple[bytes, ...], flags: int = os.O_RDONLY) -> int:
+        """Open a lower object for reading, without updating its atime where allowed."""
+        parent = self.dirfd(path[:-1])
+        base = flags | os.O_NOFOLLOW | os.O_CLOEXEC
+        if self.noatime:
+            try:
+                return os.open(path[-1], base | self.noatime, dir_fd=parent)
+            except PermissionError:
+                # O_NOATIME needs ownership or CAP_FOWNER (unprivileged mounts).
+                self.noatime = 0
+        return os.open(path[-1], base, dir_fd=parent)
+
+    def open_dir(self, path: tuple[bytes, ...]) -> int:
+        return self.open(path + (b".",), os.O_RDONLY | os.O_DIRECTORY) if path else \
+            self._open_root()
+
+    def _open_root(self) -> int:
+        base = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        if self.noatime:
+            try:
+                return os.open(b".", base | self.noatime, dir_fd=self.root_fd)
+            except PermissionError:
+                self.noatime = 0
+        return os.open(b".", base, dir_fd=self.root_fd)
+
+    def readlink(self, path: tuple[bytes, ...]) -> bytes:
+        return os.readlink(path[-1], dir_fd=self.dirfd(path[:-1]))
+
+    def xattr_path(self, path: tuple[bytes, ...]) -> bytes:
+        if not path:
+            return proc_path(self.root_fd)
+        return proc_path(self.dirfd(path[:-1]), path[-1])
+
+
+class Markers:
+    """The overlay markers rofs writes, in the kernel overlayfs format.
+
+    `prefix` is "trusted.overlay." (root) or "user.overlay." (overlayfs `userxattr`).
+    Every xattr under the prefix is rofs's own: hidden from and refused through the
+    mount, so no user can forge a whiteout, opaque dir or redirect.
+    """
+
+    def __init__(self, prefix: bytes = b"trusted.overlay.") -> None:
+        self.prefix = prefix
+        self.opaque = prefix + b"opaque"
+        self.redirect = prefix + b"redirect"
+        # rofs's own: the inode number rofs showed for a copied-up object, so that it
+        # stays the same across copy-up and remount.  The kernel ignores unknown names
+        # in its namespace and hides them like the others.
+        self.ino = prefix + b"rofs.ino"
+
+    def is_private(self, name: bytes) -> bool:
+        return name.startswith(self.prefix)
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def getxattr_or_none(path: bytes, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+
+
+class UpperLayer:
+    """The writable layer and its work directory (same filesystem, for atomic renames)."""
+
+    def __init__(self, root_fd: int, work_fd: int, markers: Markers) -> None:
+        self.root_fd = root_fd
+        self.work_fd = work_fd
+        self.dev = os.fstat(root_fd).st_dev
+        self.markers = markers
+        self._names = itertools.count()
+        self._tag = "%d" % os.getpid()
+
+    def temp_name(self) -> bytes:
+        """A fresh name in the work dir.  Leftovers (a crash) are removed at mount."""
+        return ("#rofs.%s.%d" % (self._tag, next(self._names))).encode()
+
+    def work_path(self, name: bytes) -> bytes:
+        return proc_path(self.work_fd, name)
+
+    def try_stat(self, dir_fd: int, name: bytes) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def make_whiteout(self, dir_fd: int, name: bytes) -> None:
+        os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+
+    def set_marker(self, dir_fd: int, name: bytes, marker: bytes, value: bytes) -> None:
+        os.setxattr(proc_path(dir_fd, name), marker, value, follow_symlinks=False)
+
+    def remove_marker(self, dir_fd: int, name: bytes, marker: bytes) -> None:
+        try:
+            os.removexattr(proc_path(dir_fd, name), marker, follow_symlinks=False)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+
+    def get_marker(self, dir_fd: int, name: bytes, marker: bytes) -> bytes | None:
+        return getxattr_or_none(proc_path(dir_fd, name), marker)
+
+    def remove_tree(self, dir_fd: int, name: bytes) -> None:
+        """Remove `name` (a file or a whole directory tree) below dir_fd, fd-relative."""
+        st = self.try_stat(dir_fd, name)
+        if st is None:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dir_fd)
+            return
+        stack = [(dir_fd, name, None)]
+        while stack:
+            parent, child, fd = stack[-1]
+            if fd is None:
+                fd = os.open(child, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                             os.O_CLOEXEC, dir_fd=parent)
+                stack[-1] = (parent, child, fd)
+            pushed = False
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    ename = os.fsencode(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((fd, ename, None))
+                        pushed = True
+                        break
+                    os.unlink(ename, dir_fd=fd)
+            if pushed:
+                continue
+            os.close(fd)
+            stack.pop()
+            os.rmdir(child, dir_fd=parent)

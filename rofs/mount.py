@@ -1,0 +1,173 @@
+"""Mount and serve: open the layers, pyfuse3.init, run, unmount cleanly.
+
+Sequence (so that `rofs /etc --state S` works on /etc itself): the lower directory and
+the state dir are opened *before* the mount; afterwards rofs reaches them only through
+those descriptors.
+
+Without --foreground the process forks first; the parent waits until the child's mount
+answers requests (FUSE_INIT), then exits 0, or prints the child's error and exits
+non-zero.  SIGTERM/SIGINT/SIGHUP end the main loop; the daemon then unmounts (lazily
+if busy) and exits 0.  An unmount from outside (umount, fusermount3 -u) ends it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from rofs import state
+from rofs.layers import Markers
+from rofs.ops import RofsOperations
+from rofs.overlay import Overlay
+
+log = logging.getLogger(__name__)
+
+BASE_OPTIONS = ("fsname=rofs", "subtype=rofs", "allow_other", "default_permissions")
+
+
+@dataclass
+class Config:
+    mountpoint: str
+    lower: str
+    state: str
+    foreground: bool = False
+    debug: bool = False
+    fuse_options: list[str] = field(default_factory=list)
+
+
+class MountError(Exception):
+    """The mount itself failed (after the state dir was accepted)."""
+
+
+def fuse_options(config: Config) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options.update(BASE_OPTIONS)
+    options.update(config.fuse_options)
+    return options
+
+
+def _raise_nofile() -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _setup_logging(config: Config, background: bool) -> None:
+    level = logging.DEBUG if config.debug else logging.INFO
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if background and os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("rofs[%(process)d]: %(levelname)s "
+                                               "%(name)s: %(message)s"))
+    elif background:
+        handler = logging.NullHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("rofs: %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    if not config.debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+async def _serve(ops: RofsOperations) -> None:
+    async def watch_signals(cancel_scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals, nursery.cancel_scope)
+        await pyfuse3.main(min_tasks=1, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def run(config: Config) -> int:
+    """Mount and serve until unmounted.  Raises StateError/MountError before the mount."""
+    _raise_nofile()
+    markers = Markers()
+    prepared = state.prepare(config.state, config.mountpoint, config.lower, markers)
+    if config.foreground:
+        _setup_logging(config, background=False)
+        return _mount_and_serve(config, prepared, markers, ready=None)
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        prepared.close()  # the child holds its own copies (and the lock)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read()
+        if message == b"ok":
+            return 0
+        _, status = os.waitpid(pid, 0)
+        text = message.decode(errors="replace").strip()
+        if text:
+            raise MountError(text)
+        raise MountError("daemon exited before the mount was ready (status %d)"
+                         % os.waitstatus_to_exitcode(status))
+
+    # The daemon.
+    os.close(read_end)
+    os.setsid()
+
+    def ready() -> None:
+        nonlocal write_end
+        if write_end < 0:
+            return
+        os.write(write_end, b"ok")
+        os.close(write_end)
+        write_end = -1
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        _setup_logging(config, background=True)
+
+    code = 1
+    try:
+        _setup_logging(config, background=False)
+        code = _mount_and_serve(config, prepared, markers, ready=ready)
+    except BaseException as e:  # the parent prints it
+        if write_end >= 0:
+            os.write(write_end, str(e).encode() or type(e).__name__.encode())
+        else:
+            log.exception("rofs daemon failed")
+    finally:
+        os._exit(code)
+
+
+def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
+                     ready) -> int:
+    overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers)
+    ops = RofsOperations(overlay, on_ready=ready)
+    try:
+        pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+    except RuntimeError as e:
+        overlay.close()
+        prepared.close()
+        raise MountError("cannot mount %s: %s" % (config.mountpoint, e)) from None
+    log.info("mounted %s (lower %s, upper %s)", config.mountpoint, config.lower,
+             prepared.upper_path)
+    try:
+        trio.run(_serve, ops)
+    finally:
+        pyfuse3.close(unmount=True)
+        overlay.close()
+        prepared.close()
+    log.info("unmounted %s", config.mountpoint)
+    if ops.counters.internal_errors:
+        log.warning("%d requests failed with internal errors", ops.counters.internal_errors)
+    return 0

@@ -1,0 +1,263 @@
+"""The pyfuse3 adapter: inode numbers and request contexts in, overlay calls, FUSE out.
+
+A protocol adapter only: every handler translates its arguments, calls the overlay and
+builds the reply.  The meaning lives in `rofs.overlay`; errno mapping in `rofs.errors`.
+
+Kernel caching: every change to the merged view goes through this mount, so the kernel
+may keep names, negative lookups, attributes and file pages for as long as it likes
+(`TIMEOUT`, `keep_cache`).  Where rofs changes something behind the kernel's back it
+must invalidate; the core overlay never does.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+
+import pyfuse3
+
+from rofs.errors import Counters, fuse_errors
+from rofs.overlay import Attr, Overlay
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 365 * 24 * 3600.0
+
+
+class RofsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.overlay = overlay
+        self.counters = Counters()
+        self._on_ready = on_ready
+
+    def init(self) -> None:
+        # Called once the kernel's FUSE_INIT arrived: the mount now answers requests.
+        if self._on_ready is not None:
+            self._on_ready()
+
+    # ----------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attr.ino
+        entry.generation = 0
+        entry.entry_timeout = TIMEOUT
+        entry.attr_timeout = TIMEOUT
+        entry.st_mode = attr.mode
+        entry.st_nlink = attr.nlink
+        entry.st_uid = attr.uid
+        entry.st_gid = attr.gid
+        entry.st_rdev = attr.rdev
+        entry.st_size = attr.size
+        entry.st_blksize = attr.blksize
+        entry.st_blocks = attr.blocks
+        entry.st_atime_ns = attr.atime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_ctime_ns = attr.ctime_ns
+        return entry
+
+    def _reply_new(self, node) -> pyfuse3.EntryAttributes:
+        entry = self._entry(self.overlay.getattr(node))
+        self.overlay.remember(node)
+        return entry
+
+    def _node(self, inode: int):
+        self.overlay.fds.trim()  # safe point: no descriptor of this request is in use yet
+        return self.overlay.node(inode)
+
+    # ------------------------------------------------------------------ names
+
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx):
+        node = self.overlay.lookup(self._node(parent_inode), name)
+        if node is None:
+            entry = pyfuse3.EntryAttributes()
+            entry.st_ino = 0
+            entry.entry_timeout = TIMEOUT
+            return entry
+        return self._reply_new(node)
+
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            try:
+                self.overlay.forget(inode, count)
+            except Exception:
+                self.counters.internal_errors += 1
+                log.exception("internal error in forget(%d, %d)", inode, count)
+
+    @fuse_errors
+    async def getattr(self, inode, ctx):
+        return self._entry(self.overlay.getattr(self._node(inode)))
+
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        new = await self.overlay.setattr(
+            node,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=fh)
+        return self._entry(new)
+
+    @fuse_errors
+    async def readlink(self, inode, ctx):
+        return self.overlay.readlink(self._node(inode))
+
+    @fuse_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        node = self.overlay.mknod(self._node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+        return self._reply_new(node)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        node = self.overlay.mkdir(self._node(parent_inode), name, mode, ctx.uid, ctx.gid)
+        return self._reply_new(node)
+
+    @fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        node = self.overlay.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
+        return self._reply_new(node)
+
+    @fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        self.overlay.unlink(self._node(parent_inode), name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        self.overlay.rmdir(self._node(parent_inode), name)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.overlay.rename(self._node(parent_inode_old), name_old,
+                                  self.overlay.node(parent_inode_new), name_new, flags)
+
+    @fuse_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = await self.overlay.link(self._node(inode), self.overlay.node(new_parent_inode),
+                                       new_name)
+        return self._reply_new(node)
+
+    # ------------------------------------------------------------------ files
+
+    @fuse_errors
+    async def open(self, inode, flags, ctx):
+        handle = await self.overlay.open(self._node(inode), flags, ctx.pid, ctx.uid)
+        return pyfuse3.FileInfo(fh=handle.fd, keep_cache=True)
+
+    @fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        handle, node = self.overlay.create(self._node(parent_inode), name, mode, flags,
+                                           ctx.uid, ctx.gid, ctx.pid)
+        return pyfuse3.FileInfo(fh=handle.fd, keep_cache=True), self._reply_new(node)
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        return self.overlay.read(fh, off, size)
+
+    @fuse_errors
+    async def write(self, fh, off, buf):
+        return self.overlay.write(fh, off, buf)
+
+    @fuse_errors
+    async def flush(self, fh):
+        self.overlay.handle(fh)
+
+    @fuse_errors
+    async def release(self, fh):
+        self.overlay.release(fh)
+
+    @fuse_errors
+    async def fsync(self, fh, datasync):
+        await self.overlay.fsync(fh, datasync)
+
+    # ------------------------------------------------------------ directories
+
+    @fuse_errors
+    async def opendir(self, inode, ctx):
+        return self.overlay.opendir(self._node(inode))
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        self.overlay.fds.trim()
+        for next_id, name, node in self.overlay.readdir(fh, start_id):
+            try:
+                entry = self._entry(self.overlay.getattr(node))
+            except OSError:
+                continue  # vanished since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, entry, next_id):
+                break
+            self.overlay.remember(node)
+
+    @fuse_errors
+    async def releasedir(self, fh):
+        self.overlay.releasedir(fh)
+
+    @fuse_errors
+    async def fsyncdir(self, fh, datasync):
+        handle = self.overlay.dirs.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        await self.overlay.fsyncdir(handle.node, datasync)
+
+    # ------------------------------------------------------------------- misc
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        st = self.overlay.statfs()
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, field, getattr(st, field))
+        return out
+
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        return self.overlay.getxattr(self._node(inode), name)
+
+    @fuse_errors
+    async def listxattr(self, inode, ctx):
+        return self.overlay.listxattr(self._node(inode))
+
+    @fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        await self.overlay.setxattr(self._node(inode), name, value)
+
+    @fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        await self.overlay.removexattr(self._node(inode), name)
+
+    @fuse_errors
+    async def access(self, inode, mode, ctx):
+        # Only reached without default_permissions; the kernel checks modes otherwise.
+        attr = self.overlay.getattr(self._node(inode))
+        groups = pyfuse3.get_sup_groups(ctx.pid) if ctx.pid else set()
+        if not may_access(attr, mode, ctx.uid, ctx.gid, groups):
+            raise pyfuse3.FUSEError(errno.EACCES)
+
+
+def may_access(attr: Attr, mode: int, uid: int, gid: int, groups) -> bool:
+    """POSIX permission bits check (no ACLs) for access(2)."""
+    if mode == os.F_OK:
+        return True
+    if uid == 0:
+        # root may read and write anything, and execute what anyone may execute.
+        return not (mode & os.X_OK) or stat.S_ISDIR(attr.mode) or bool(attr.mode & 0o111)
+    if attr.uid == uid:
+        bits = (attr.mode >> 6) & 7
+    elif attr.gid == gid or attr.gid in groups:
+        bits = (attr.mode >> 3) & 7
+    else:
+        bits = attr.mode & 7
+    return mode & bits == mode

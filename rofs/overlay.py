@@ -1,0 +1,934 @@
+"""The merged view: kernel-overlayfs semantics over a lower and an upper directory.
+
+This module knows nothing of FUSE (no pyfuse3 import); it works on two directory
+descriptors and can be driven directly in tests.
+
+Concurrency.  All methods run on one thread (the trio event loop).  Synchronous methods
+and the synchronous stretches of the async ones are atomic with respect to every other
+request: nothing else runs until the next `await`.  The only awaits are the slow parts
+of a copy-up (data copy, fsync) and fsync requests, which run in worker threads.  So:
+- after an await, everything resolved before it (nodes, names, descriptors) is checked
+  again before it is used;
+- a copy-up of one node happens once: concurrent requests wait for the one in flight
+  (`_copying`), then see `node.upper`.
+
+Atomicity on disk.  Every change to the upper layer that replaces or creates a visible
+name is a single rename (renameat2 with NOREPLACE/EXCHANGE/WHITEOUT) of an object that
+was completely prepared in the work dir, so a crash leaves the old view or the new one.
+Markers that must accompany a move (redirect, opaque) are set before the move and are
+chosen so that they do not change what the old location shows.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Iterator
+
+import trio
+
+from rofs import copyup
+from rofs._sys import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
+from rofs.inodes import ROOT_INO, Node, NodeTable
+from rofs.layers import (
+    DirFdCache,
+    LowerLayer,
+    Markers,
+    UpperLayer,
+    getxattr_or_none,
+    is_whiteout,
+    open_dir_fd,
+)
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+# Copy-ups of files up to this size run inline: a thread hop costs more than the copy.
+INLINE_COPY = 1 << 20
+OPEN_KEEP_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC |
+                   os.O_NONBLOCK)
+
+
+def _err(code: int, *args) -> OSError:
+    return OSError(code, os.strerror(code), *args)
+
+
+class Attr:
+    """The attributes of a node as the merged view shows them."""
+
+    __slots__ = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks",
+                 "blksize", "atime_ns", "mtime_ns", "ctime_ns")
+
+    def __init__(self, st: os.stat_result, ino: int, nlink: int) -> None:
+        self.ino = ino
+        self.mode = st.st_mode
+        self.nlink = nlink
+        self.uid = st.st_uid
+        self.gid = st.st_gid
+        self.rdev = st.st_rdev
+        self.size = st.st_size
+        self.blocks = st.st_blocks
+        self.blksize = st.st_blksize
+        self.atime_ns = st.st_atime_ns
+        self.mtime_ns = st.st_mtime_ns
+        self.ctime_ns = st.st_ctime_ns
+
+
+class FileHandle:
+    __slots__ = ("fd", "node", "flags", "on_lower", "pid", "uid")
+
+    def __init__(self, fd: int, node: Node, flags: int, on_lower: bool, pid: int,
+                 uid: int) -> None:
+        self.fd = fd
+        self.node = node
+        self.flags = flags
+        self.on_lower = on_lower
+        self.pid = pid  # the opener: write() itself carries no caller
+        self.uid = uid
+
+
+class DirHandle:
+    __slots__ = ("node", "names", "served")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.names: list[bytes] | None = None
+        self.served = False
+
+
+class Overlay:
+    """The merged view of `lower_fd` (never written) and `upper_fd` (all changes)."""
+
+    def __init__(self, lower_fd: int, upper_fd: int, work_fd: int,
+                 markers: Markers | None = None, *, fd_cache_size: int = 4096) -> None:
+        self.fds = DirFdCache(fd_cache_size)
+        self.lower = LowerLayer(lower_fd, self.fds)
+        self.upper = UpperLayer(upper_fd, work_fd, markers or Markers())
+        self.markers = self.upper.markers
+        self.table = NodeTable(self.lower.dev, self.upper.dev)
+        root_st = os.fstat(upper_fd)
+        self.root = Node(ROOT_INO, stat.S_IFDIR, upper=True, lower=(),
+                         backing=("U", root_st.st_dev, root_st.st_ino))
+        self.root.lookups = 1
+        self.table.add_root(self.root)
+        self._copying: dict[int, trio.Event] = {}
+        self.files: dict[int, FileHandle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._dir_ids = itertools.count(1)
+
+    # ------------------------------------------------------------------ nodes
+
+    def node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None:
+            raise _err(errno.ESTALE)
+        return node
+
+    def upper_dirfd(self, node: Node) -> int:
+        """Descriptor of an upper directory node (it and its ancestors are upper)."""
+        if node is self.root:
+            return self.upper.root_fd
+        fd = self.fds.get(("U", node.ino))
+        if fd is not None:
+            return fd
+        chain = []
+        current = node
+        while True:
+            chain.append(current)
+            parent = current.parent()
+            if parent is None:
+                raise _err(errno.ENOENT)
+            if parent is self.root:
+                fd = self.upper.root_fd
+                break
+            fd = self.fds.get(("U", parent.ino))
+            if fd is not None:
+                break
+            current = parent
+        for current in reversed(chain):
+            fd = open_dir_fd(fd, current.links[0][1])
+            self.fds.put(("U", current.ino), fd)
+        return fd
+
+    def lookup(self, parent: Node, name: bytes) -> Node | None:
+        """The node `name` in `parent`, or None.  Does not take a kernel reference."""
+        node = self.table.dentries.get((parent.ino, name))
+        if node is not None:
+            return node
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return parent.parent() or self.root
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        return self._resolve(parent, name)
+
+    def _resolve(self, parent: Node, name: bytes) -> Node | None:
+        if parent.upper:
+            up = self.upper_dirfd(parent)
+            st = self.upper.try_stat(up, name)
+            if st is not None:
+                if is_whiteout(st):
+                    return None
+                path = proc_path(up, name)
+                recorded = getxattr_or_none(path, self.markers.ino)
+                lower = self._merged_lower(parent, name, path) if stat.S_ISDIR(
+                    st.st_mode) else None
+                return self.table.find_or_add(
+                    parent, name, st.st_mode, upper=True, lower=lower,
+                    backing=("U", st.st_dev, st.st_ino), recorded=_parse_ino(recorded))
+        if parent.lower is None:
+            return None
+        try:
+            st = os.stat(name, dir_fd=self.lower.dirfd(parent.lower), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return self.table.find_or_add(parent, name, st.st_mode, upper=False,
+                                      lower=parent.lower + (name,),
+                                      backing=("L", st.st_dev, st.st_ino))
+
+    def _merged_lower(self, parent: Node, name: bytes,
+                      upper_path: bytes) -> tuple[bytes, ...] | None:
+        """The lower directory an upper directory merges with, following the markers."""
+        if getxattr_or_none(upper_path, self.markers.opaque) == b"y":
+            return None
+        redirect = getxattr_or_none(upper_path, self.markers.redirect)
+        if redirect is not None:
+            if redirect.startswith(b"/"):
+                path = tuple(c for c in redirect.split(b"/") if c)
+            elif parent.lower is not None:
+                path = parent.lower + (redirect,)
+            else:
+                return None
+        elif parent.lower is not None:
+            path = parent.lower + (name,)
+        else:
+            return None
+        st = self.lower.try_stat(path)
+        return path if st is not None and stat.S_ISDIR(st.st_mode) else None
+
+    def remember(self, node: Node, count: int = 1) -> None:
+        """The kernel took `count` references to node (lookup, create, readdirplus)."""
+        node.lookups += count
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.table.get(ino)
+        if node is None or node is self.root:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self.table.maybe_drop(node)
+
+    # ------------------------------------------------------------- attributes
+
+    def _stat(self, node: Node) -> os.stat_result:
+        if node is self.root:
+            return os.fstat(self.upper.root_fd)
+        if node.upper:
+            if node.links:
+                parent, name = node.links[0]
+                return os.stat(name, dir_fd=self.upper_dirfd(parent), follow_symlinks=False)
+            if node.open_fds:
+                return os.fstat(next(iter(node.open_fds)))
+            raise _err(errno.ENOENT)
+        if node.lower is not None:
+            return self.lower.stat(node.lower)
+        raise _err(errno.ENOENT)
+
+    def getattr(self, node: Node) -> Attr:
+        st = self._stat(node)
+        nlink = st.st_nlink
+        if node.is_dir:
+            if node.upper and node.lower is not None:
+                nlink = 1  # like overlayfs: counting subdirs of a merge is not worth it
+        elif not node.links:
+            nlink = 0
+        return Attr(st, node.ino, nlink)
+
+    def readlink(self, node: Node) -> bytes:
+        if not stat.S_ISLNK(node.mode):
+            raise _err(errno.EINVAL)
+        if node.upper:
+            parent, name = node.links[0]
+            return os.readlink(name, dir_fd=self.upper_dirfd(parent))
+        return self.lower.readlink(node.lower)
+
+    def statfs(self) -> os.statvfs_result:
+        # Like overlayfs: the upper layer's filesystem is where new data goes.
+        return os.statvfs(self.upper.root_fd)
+
+    async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None,
+                      atime_ns: int | None = None, mtime_ns: int | None = None,
+                      fh: int | None = None) -> Attr:
+        if any(v is not None for v in (mode, uid, gid, size, atime_ns, mtime_ns)):
+            await self.copy_up(node, data_limit=size)
+            target, follow = self._upper_target(node, fh)
+            if size is not None:
+                if node.is_dir:
+                    raise _err(errno.EISDIR)
+                os.truncate(target, size)
+            if uid is not None or gid is not None:
+                os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
+                         follow_symlinks=follow)
+            if mode is not None and not stat.S_ISLNK(node.mode):
+                os.chmod(target, stat.S_IMODE(mode))
+            if atime_ns is not None or mtime_ns is not None:
+                if atime_ns is None or mtime_ns is None:
+                    st = self._stat(node)
+                    atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                    mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+                os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=follow)
+        return self.getattr(node)
+
+    def _upper_target(self, node: Node, fh: int | None = None) -> tuple[bytes | int, bool]:
+        """How to reach an upper node for chmod/chown/xattrs: (path, False) or (fd, True)."""
+        handle = self.files.get(fh) if fh is not None else None
+        if handle is not None and handle.node is node and not handle.on_lower:
+            return handle.fd, True
+        if node is self.root:
+            return proc_path(self.upper.root_fd), True
+        if node.links:
+            parent, name = node.links[0]
+            return proc_path(self.upper_dirfd(parent), name), False
+        if node.open_fds:
+            return next(iter(node.open_fds)), True
+        raise _err(errno.ENOENT)
+
+    def _any_target(self, node: Node) -> tuple[bytes | int, bool]:
+        if node.upper:
+            return self._upper_target(node)
+        return self.lower.xattr_path(node.lower), False
+
+    # ----------------------------------------------------------------- xattrs
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        if self.markers.is_private(name):
+            raise _err(errno.ENOTSUP)
+        target, follow = self._any_target(node)
+        return os.getxattr(target, name, follow_symlinks=follow)
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        target, follow = self._any_target(node)
+        names = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
+        return [n for n in names if not self.markers.is_private(n)]
+
+    async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        if self.markers.is_private(name):
+            raise _err(errno.ENOTSUP)
+        await self.copy_up(node)
+        target, follow = self._upper_target(node)
+        os.setxattr(target, name, value, follow_symlinks=follow)
+
+    async def removexattr(self, node: Node, name: bytes) -> None:
+        if self.markers.is_private(name):
+            raise _err(errno.ENOTSUP)
+        if not node.upper:
+            self.getxattr(node, name)  # ENODATA before any copy-up
+        await self.copy_up(node)
+        target, follow = self._upper_target(node)
+        os.removexattr(target, name, follow_symlinks=follow)
+
+    # ---------------------------------------------------------------- copy-up
+
+    async def copy_up(self, node: Node, *, data_limit: int | None = None) -> None:
+        """Give `node` (and its parents) an upper copy, once, atomically.
+
+        `data_limit` bounds the bytes copied (a truncate or O_TRUNC needs fewer or none).
+        """
+        while not node.upper:
+            if node.is_dir:
+                self._ensure_dir_upper(node)
+                return
+            pending = self._copying.get(node.ino)
+            if pending is not None:
+                await pending.wait()
+                continue
+            if not node.links:
+                raise _err(errno.ENOENT)
+            done = trio.Event()
+            self._copying[node.ino] = done
+            try:
+                await self._copy_up_file(node, data_limit)
+            finally:
+                del self._copying[node.ino]
+                done.set()
+
+    def _ensure_dir_upper(self, node: Node) -> None:
+        chain = []
+        current: Node | None = node
+        while current is not None and not current.upper:
+            chain.append(current)
+            current = current.parent()
+        if current is None:
+            raise _err(errno.ENOENT)
+        for current in reversed(chain):
+            self._copy_up_dir(current)
+
+    def _copy_up_dir(self, node: Node) -> None:
+        parent, name = node.links[0]
+        st = self.lower.stat(node.lower)
+        work = self.upper.work_fd
+        tmp = self.upper.temp_name()
+        os.mkdir(tmp, 0o700, dir_fd=work)
+        try:
+            copyup.copy_meta(st, self.upper.work_path(tmp), self.markers.is_private,
+                             self.lower.xattr_path(node.lower),
+                             extra={self.markers.ino: b"%d" % node.ino})
+            new = os.stat(tmp, dir_fd=work, follow_symlinks=False)
+            renameat2(work, tmp, self.upper_dirfd(parent), name, RENAME_NOREPLACE)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        node.upper = True
+        self.table.rebind(node, ("U", new.st_dev, new.st_ino))
+
+    async def _copy_up_file(self, node: Node, data_limit: int | None) -> None:
+        st = self.lower.stat(node.lower)
+        work = self.upper.work_fd
+        tmp = self.upper.temp_name()
+        extra = {self.markers.ino: b"%d" % node.ino}
+        try:
+            if stat.S_ISREG(st.st_mode):
+                await self._copy_regular(node, st, tmp, data_limit, extra)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(self.lower.readlink(node.lower), tmp, dir_fd=work)
+                copyup.copy_meta(st, self.upper.work_path(tmp), self.markers.is_private,
+                                 self.lower.xattr_path(node.lower), extra=extra)
+            else:
+                os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=work)
+                copyup.copy_meta(st, self.upper.work_path(tmp), self.markers.is_private,
+                                 self.lower.xattr_path(node.lower), extra=extra)
+            # From here on synchronous: the names and parents we use are current.
+            if not node.links:
+                raise _err(errno.ENOENT)
+            links = list(node.links)
+            first_parent, first_name = links[0]
+            self._ensure_dir_upper(first_parent)
+            renameat2(work, tmp, self.upper_dirfd(first_parent), first_name, RENAME_NOREPLACE)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        # Lower hard links known under several names stay one inode: link them all.
+        first_fd = self.upper_dirfd(first_parent)
+        for parent, name in links[1:]:
+            self._ensure_dir_upper(parent)
+            os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent),
+                    dst_dir_fd=self.upper_dirfd(parent), follow_symlinks=False)
+        new = os.stat(first_name, dir_fd=first_fd, follow_symlinks=False)
+        node.upper = True
+        self.table.rebind(node, ("U", new.st_dev, new.st_ino))
+        self._repoint_readers(node)
+
+    async def _copy_regular(self, node: Node, st: os.stat_result, tmp: bytes,
+                            data_limit: int | None, extra: dict[bytes, bytes]) -> None:
+        size = st.st_size if data_limit is None else min(st.st_size, data_limit)
+        src = self.lower.open(node.lower) if size else -1
+        try:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=self.upper.work_fd)
+            try:
+                if size > INLINE_COPY:
+                    await trio.to_thread.run_sync(copyup.copy_data, src, dst, size)
+                elif size:
+                    copyup.copy_data(src, dst, size)
+                # Metadata after the data: writing drops file capabilities.
+                copyup.copy_meta(st, dst, self.markers.is_private,
+                                 self.lower.xattr_path(node.lower), extra=extra)
+                await trio.to_thread.run_sync(os.fsync, dst)
+            finally:
+                os.close(dst)
+        finally:
+            if src >= 0:
+                os.close(src)
+
+    def _repoint_readers(self, node: Node) -> None:
+        """Read-only handles opened before the copy-up now read the upper copy."""
+        for fd in node.open_fds:
+            handle = self.files.get(fd)
+            if handle is None or not handle.on_lower:
+                continue
+            parent, name = node.links[0]
+            new = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=self.upper_dirfd(parent))
+            os.dup2(new, fd, inheritable=False)
+            os.close(new)
+            handle.on_lower = False
+
+    def _discard(self, tmp: bytes) -> None:
+        try:
+            self.upper.remove_tree(self.upper.work_fd, tmp)
+        except OSError as e:
+            log.warning("could not remove work file %r: %s", tmp, e)
+
+    # ----------------------------------------------------------- new entries
+
+    def _lower_has(self, parent: Node, name: bytes) -> bool:
+        """Whether `name` exists below `parent` in the lower layer (so needs a whiteout)."""
+        if parent.lower is None:
+            return False
+        try:
+            os.stat(name, dir_fd=self.lower.dirfd(parent.lower), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    def owner_for(self, parent: Node, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
+        """Owner and mode of a new entry: the caller's, or the group of a setgid dir."""
+        pst = self._stat(parent)
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return uid, gid, mode
+
+    def _place(self, parent: Node, name: bytes, is_dir: bool, make) -> Node:
+        """Create a new entry: `make(work_fd, tmp)` builds it in the work dir, complete
+        with owner and mode; one rename then makes it visible."""
+        if self.lookup(parent, name) is not None:
+            raise _err(errno.EEXIST)
+        self._ensure_dir_upper(parent)
+        up = self.upper_dirfd(parent)
+        work = self.upper.work_fd
+        existing = self.upper.try_stat(up, name)
+        over_whiteout = existing is not None and is_whiteout(existing)
+        if existing is not None and not over_whiteout:
+            raise _err(errno.EEXIST)
+        tmp = self.upper.temp_name()
+        try:
+            make(work, tmp)
+            if is_dir and over_whiteout:
+                # Whatever the lower has under this name stays hidden.
+                self.upper.set_marker(work, tmp, self.markers.opaque, b"y")
+            if over_whiteout and is_dir:
+                renameat2(work, tmp, up, name, RENAME_EXCHANGE)
+                os.unlink(tmp, dir_fd=work)
+            elif over_whiteout:
+                renameat2(work, tmp, up, name, 0)
+            else:
+                renameat2(work, tmp, up, name, RENAME_NOREPLACE)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        st = os.stat(name, dir_fd=up, follow_symlinks=False)
+        return self.table.find_or_add(parent, name, st.st_mode, upper=True, lower=None,
+                                      backing=("U", st.st_dev, st.st_ino))
+
+    def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
+               pid: int = 0) -> tuple[FileHandle, Node]:
+        uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFREG | mode)
+        fds = []
+
+        def make(work: int, tmp: bytes) -> None:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0,
+                         dir_fd=work)
+            fds.append(fd)
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+
+        try:
+            node = self._place(parent, name, False, make)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        fd = fds[0]
+        if flags & os.O_APPEND:
+            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
+        return self._register(fd, node, flags, False, pid, uid), node
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
+        uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFDIR | mode)
+
+        def make(work: int, tmp: bytes) -> None:
+            os.mkdir(tmp, 0o700, dir_fd=work)
+            path = self.upper.work_path(tmp)
+            os.chown(path, uid, gid, follow_symlinks=False)
+            os.chmod(path, stat.S_IMODE(mode))
+
+        return self._place(parent, name, True, make)
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int,
+              gid: int) -> Node:
+        uid, gid, mode = self.owner_for(parent, uid, gid, mode)
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise _err(errno.EINVAL)
+
+        def make(work: int, tmp: bytes) -> None:
+            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=work)
+            path = self.upper.work_path(tmp)
+            os.chown(path, uid, gid, follow_symlinks=False)
+            os.chmod(path, stat.S_IMODE(mode))
+
+        return self._place(parent, name, False, make)
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
+        uid, gid, _ = self.owner_for(parent, uid, gid, stat.S_IFLNK)
+
+        def make(work: int, tmp: bytes) -> None:
+            os.symlink(target, tmp, dir_fd=work)
+            os.chown(tmp, uid, gid, dir_fd=work, follow_symlinks=False)
+
+        return self._place(parent, name, False, make)
+
+    async def link(self, node: Node, parent: Node, name: bytes) -> Node:
+        if node.is_dir:
+            raise _err(errno.EPERM)
+        while True:
+            if self.lookup(parent, name) is not None:
+                raise _err(errno.EEXIST)
+            if node.upper:
+                break
+            await self.copy_up(node)
+        if not node.links:
+            raise _err(errno.ENOENT)
+        # Synchronous from here.
+        self._ensure_dir_upper(parent)
+        src_parent, src_name = node.links[0]
+        src_fd = self.upper_dirfd(src_parent)
+        up = self.upper_dirfd(parent)
+        existing = self.upper.try_stat(up, name)
+        if existing is not None and is_whiteout(existing):
+            work = self.upper.work_fd
+            tmp = self.upper.temp_name()
+            os.link(src_name, tmp, src_dir_fd=src_fd, dst_dir_fd=work, follow_symlinks=False)
+            try:
+                renameat2(work, tmp, up, name, 0)
+            except BaseException:
+                self._discard(tmp)
+                raise
+        elif existing is not None:
+            raise _err(errno.EEXIST)
+        else:
+            os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=up, follow_symlinks=False)
+        self.table.add_link(node, parent, name)
+        return node
+
+    # --------------------------------------------------------------- removal
+
+    def unlink(self, parent: Node, name: bytes) -> None:
+        node = self.lookup(parent, name)
+        if node is None:
+            raise _err(errno.ENOENT)
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        self._remove_entry(parent, name, node)
+        self.table.remove_link(node, parent, name)
+
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        node = self.lookup(parent, name)
+        if node is None:
+            raise _err(errno.ENOENT)
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        if node is self.root or name in (b".", b".."):
+            raise _err(errno.EBUSY if node is self.root else errno.EINVAL)
+        if self.list_names(node):
+            raise _err(errno.ENOTEMPTY)
+        self._remove_entry(parent, name, node)
+        self._kill_dir(node)
+        self.table.remove_link(node, parent, name)
+
+    def _kill_dir(self, node: Node) -> None:
+        self.fds.drop(("U", node.ino))
+        node.upper = False
+        node.lower = None
+
+    def _remove_entry(self, parent: Node, name: bytes, node: Node) -> None:
+        """Make `name` disappear from the merged view, leaving a whiteout if the lower
+        layer has something under that name."""
+        needs_whiteout = self._lower_has(parent, name)
+        self._ensure_dir_upper(parent)
+        up = self.upper_dirfd(parent)
+        work = self.upper.work_fd
+        if not node.upper:
+            self.upper.make_whiteout(up, name)
+            return
+        if needs_whiteout:
+            tmp = self.upper.temp_name()
+            self.upper.make_whiteout(work, tmp)
+            try:
+                renameat2(work, tmp, up, name, RENAME_EXCHANGE if node.is_dir else 0)
+            except BaseException:
+                self._discard(tmp)
+                raise
+            if node.is_dir:
+                self._discard(tmp)  # the old directory, with its whiteouts
+        elif node.is_dir:
+            tmp = self.upper.temp_name()
+            renameat2(up, name, work, tmp, RENAME_NOREPLACE)
+            self._discard(tmp)
+        else:
+            os.unlink(name, dir_fd=up)
+
+    # ---------------------------------------------------------------- rename
+
+    async def rename(self, src_parent: Node, src_name: bytes, dst_parent: Node,
+                     dst_name: bytes, flags: int = 0) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or (
+                flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        while True:
+            src = self.lookup(src_parent, src_name)
+            if src is None:
+                raise _err(errno.ENOENT)
+            dst = self.lookup(dst_parent, dst_name)
+            if dst is not None and flags & RENAME_NOREPLACE:
+                raise _err(errno.EEXIST)
+            if dst is None and exchange:
+                raise _err(errno.ENOENT)
+            if dst is src:
+                return  # two names of one inode (or the same name): nothing to do
+            self._check_rename(src, src_parent, dst, dst_parent, exchange)
+            if not src.upper:
+                await self.copy_up(src)
+                continue
+            if exchange and not dst.upper:
+                await self.copy_up(dst)
+                continue
+            break
+        # Synchronous from here: nothing else runs until the rename is done.
+        self._ensure_dir_upper(src_parent)
+        self._ensure_dir_upper(dst_parent)
+        sup = self.upper_dirfd(src_parent)
+        dup = self.upper_dirfd(dst_parent)
+        if src.is_dir:
+            self._mark_moved_dir(src, sup, src_name, dst_parent, dst_name)
+        if exchange:
+            if dst.is_dir:
+                self._mark_moved_dir(dst, dup, dst_name, src_parent, src_name)
+            renameat2(sup, src_name, dup, dst_name, RENAME_EXCHANGE)
+            self.table.swap_links(src, src_parent, src_name, dst, dst_parent, dst_name)
+            return
+        leave_whiteout = self._lower_has(src_parent, src_name)
+        existing = self.upper.try_stat(dup, dst_name)
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            self._empty_for_replace(dup, dst_name)
+        if existing is not None and is_whiteout(existing) and src.is_dir:
+            # A directory cannot replace a non-directory: swap them, then the whiteout
+            # now at the source name stays if the lower needs hiding there.
+            renameat2(sup, src_name, dup, dst_name, RENAME_EXCHANGE)
+            if not leave_whiteout:
+                os.unlink(src_name, dir_fd=sup)
+        else:
+            renameat2(sup, src_name, dup, dst_name, RENAME_WHITEOUT if leave_whiteout else 0)
+        if dst is not None:
+            if dst.is_dir:
+                self._kill_dir(dst)
+            self.table.remove_link(dst, dst_parent, dst_name)
+        self.table.move_link(src, src_parent, src_name, dst_parent, dst_name)
+
+    def _check_rename(self, src: Node, src_parent: Node, dst: Node | None,
+                      dst_parent: Node, exchange: bool) -> None:
+        if src.is_dir and self._is_ancestor(src, dst_parent):
+            raise _err(errno.EINVAL)
+        if exchange:
+            if dst.is_dir and self._is_ancestor(dst, src_parent):
+                raise _err(errno.EINVAL)
+            return
+        if dst is None:
+            return
+        if src.is_dir and not dst.is_dir:
+            raise _err(errno.ENOTDIR)
+        if dst.is_dir and not src.is_dir:
+            raise _err(errno.EISDIR)
+        if dst.is_dir and self.list_names(dst):
+            raise _err(errno.ENOTEMPTY)
+
+    def _is_ancestor(self, node: Node, of: Node) -> bool:
+        current: Node | None = of
+        while current is not None:
+            if current is node:
+                return True
+            current = current.parent()
+        return False
+
+    def _mark_moved_dir(self, node: Node, old_parent_fd: int, old_name: bytes,
+                        new_parent: Node, new_name: bytes) -> None:
+        """Before a directory moves, record what it merges with so the new place shows
+        the same content (redirect) or hides the lower there (opaque).  Either marker
+        leaves the old place's view unchanged, so a crash before the rename is harmless.
+        """
+        natural = None
+        if new_parent.lower is not None:
+            candidate = new_parent.lower + (new_name,)
+            st = self.lower.try_stat(candidate)
+            if st is not None:
+                natural = candidate if stat.S_ISDIR(st.st_mode) else ()
+        if node.lower is not None:
+            if node.lower != natural:
+                self.upper.set_marker(old_parent_fd, old_name, self.markers.redirect,
+                                      b"/" + b"/".join(node.lower))
+        elif natural is not None and natural != ():
+            self.upper.set_marker(old_parent_fd, old_name, self.markers.opaque, b"y")
+
+    def _empty_for_replace(self, dir_fd: int, name: bytes) -> None:
+        """An upper directory about to be replaced must be empty on disk.  It is empty in
+        the merged view, so it holds only whiteouts: make it opaque (no visible change),
+        then remove them."""
+        self.upper.set_marker(dir_fd, name, self.markers.opaque, b"y")
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    self.upper.remove_tree(fd, os.fsencode(entry.name))
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------- listing
+
+    def list_names(self, node: Node) -> list[bytes]:
+        """The merged directory listing: upper names (minus whiteouts), then the lower
+        names the upper does not hide."""
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        names: list[bytes] = []
+        hidden: set[bytes] = set()
+        if node.upper:
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                         dir_fd=self.upper_dirfd(node))
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        name = os.fsencode(entry.name)
+                        hidden.add(name)
+                        if not (entry.is_dir(follow_symlinks=False) or
+                                entry.is_file(follow_symlinks=False) or
+                                entry.is_symlink()) and is_whiteout(
+                                    entry.stat(follow_symlinks=False)):
+                            continue
+                        names.append(name)
+            finally:
+                os.close(fd)
+        if node.lower is not None:
+            try:
+                fd = self.lower.open_dir(node.lower)
+            except (FileNotFoundError, NotADirectoryError):
+                return names
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        name = os.fsencode(entry.name)
+                        if name not in hidden:
+                            names.append(name)
+            finally:
+                os.close(fd)
+        return names
+
+    def opendir(self, node: Node) -> int:
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        dh = next(self._dir_ids)
+        self.dirs[dh] = DirHandle(node)
+        return dh
+
+    def readdir(self, dh: int, start: int) -> Iterator[tuple[int, bytes, Node]]:
+        """Entries from offset `start`: (next offset, name, node).
+
+        The listing is a snapshot taken at the first read (and again on rewind), so
+        concurrent creates and removals never shift offsets: nothing is returned twice
+        or skipped.  Names removed since the snapshot are left out.
+        """
+        handle = self.dirs[dh]
+        if handle.names is None or (start == 0 and handle.served):
+            handle.names = self.list_names(handle.node)
+        handle.served = True
+        names = handle.names
+        for index in range(start, len(names)):
+            name = names[index]
+            try:
+                node = self.lookup(handle.node, name)
+            except OSError:
+                continue
+            if node is not None:
+                yield index + 1, name, node
+
+    def releasedir(self, dh: int) -> None:
+        self.dirs.pop(dh, None)
+
+    async def fsyncdir(self, node: Node, datasync: bool) -> None:
+        if not node.upper:
+            return
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                     dir_fd=self.upper_dirfd(node))
+        try:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        finally:
+            os.close(fd)
+
+    # ----------------------------------------------------------------- files
+
+    def _register(self, fd: int, node: Node, flags: int, on_lower: bool, pid: int,
+                  uid: int) -> FileHandle:
+        handle = FileHandle(fd, node, flags, on_lower, pid, uid)
+        self.files[fd] = handle
+        node.open_fds.add(fd)
+        return handle
+
+    async def open(self, node: Node, flags: int, pid: int = 0, uid: int = 0) -> FileHandle:
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        flags &= OPEN_KEEP_FLAGS
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing and not node.upper:
+            await self.copy_up(node, data_limit=0 if flags & os.O_TRUNC else None)
+        if node.upper:
+            fd = self._open_upper(node, flags)
+            return self._register(fd, node, flags, False, pid, uid)
+        fd = self.lower.open(node.lower, flags & ~os.O_TRUNC)
+        return self._register(fd, node, flags, True, pid, uid)
+
+    def _open_upper(self, node: Node, flags: int) -> int:
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+        if node.links:
+            parent, name = node.links[0]
+            return os.open(name, flags, dir_fd=self.upper_dirfd(parent))
+        if node.open_fds:  # unlinked, reopened through /proc/PID/fd
+            return os.open(proc_path(next(iter(node.open_fds))), flags & ~os.O_NOFOLLOW)
+        raise _err(errno.ENOENT)
+
+    def handle(self, fh: int) -> FileHandle:
+        handle = self.files.get(fh)
+        if handle is None:
+            raise _err(errno.EBADF)
+        return handle
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self.handle(fh).fd, size, offset)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return os.pwrite(self.handle(fh).fd, data, offset)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.handle(fh).fd
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+    def release(self, fh: int) -> None:
+        handle = self.files.pop(fh, None)
+        if handle is None:
+            return
+        node = handle.node
+        node.open_fds.discard(handle.fd)
+        os.close(handle.fd)
+        self.table.maybe_drop(node)
+
+    def close(self) -> None:
+        for fh in list(self.files):
+            self.release(fh)
+        self.fds.close()
+
+
+def _parse_ino(value: bytes | None) -> int | None:
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None

@@ -1,0 +1,201 @@
+"""The state directory: layout, format version, capability probe, exclusive use.
+
+    STATE/<mountpoint without leading slash>/   the upper layer of that mount
+    STATE/.rofs/format                          "rofs-state N": the layout version
+    STATE/.rofs/work/<mountpoint ...>/          the work dir of that mount (same fs)
+
+See docs/state-format.md.  Everything that can be wrong with a state dir is checked
+before the mount, and a failed check leaves nothing behind that it created.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass, field
+
+from rofs import copyup
+from rofs._sys import RENAME_WHITEOUT, proc_path, renameat2
+from rofs.layers import Markers, UpperLayer
+
+FORMAT_VERSION = 1
+FORMAT_FILE = "format"
+PRIVATE_DIR = ".rofs"
+
+
+class StateError(Exception):
+    """A problem with the state dir, worth one line to the user (exit code 2)."""
+
+
+@dataclass
+class Prepared:
+    """Open descriptors of a ready state dir; the lock is held while they are open."""
+
+    lower_fd: int
+    upper_fd: int
+    work_fd: int
+    lock_fd: int
+    upper_path: str
+    work_path: str
+    created: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fd in (self.work_fd, self.upper_fd, self.lower_fd, self.lock_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def mount_name(mountpoint: str) -> str:
+    """STATE-relative name of a mount's upper dir: the mountpoint minus its leading '/'."""
+    name = os.path.normpath(mountpoint).lstrip("/")
+    if not name:
+        raise StateError("mounting over / is not supported")
+    return name
+
+
+def upper_dir(state: str, mountpoint: str) -> str:
+    return os.path.join(state, mount_name(mountpoint))
+
+
+def work_dir(state: str, mountpoint: str) -> str:
+    return os.path.join(state, PRIVATE_DIR, "work", mount_name(mountpoint))
+
+
+def _makedirs(path: str, created: list[str], mode: int = 0o755) -> None:
+    missing = []
+    head = path
+    while not os.path.lexists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    for directory in reversed(missing):
+        os.mkdir(directory, mode)
+        created.append(directory)
+
+
+def _check_format(private: str, created: list[str]) -> None:
+    path = os.path.join(private, FORMAT_FILE)
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        with open(path + ".tmp", "w", encoding="ascii") as f:
+            f.write("rofs-state %d\n" % FORMAT_VERSION)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(path + ".tmp", path)
+        created.append(path)
+        return
+    parts = text.split()
+    if len(parts) != 2 or parts[0] != "rofs-state" or not parts[1].isdigit():
+        raise StateError("%s: not a rofs state format file (%r)" % (path, text[:40]))
+    if int(parts[1]) > FORMAT_VERSION:
+        raise StateError("%s: state format %s is newer than this rofs understands (%d)"
+                         % (path, parts[1], FORMAT_VERSION))
+
+
+def probe(work_fd: int, work_path: str, markers: Markers) -> None:
+    """Refuse a state filesystem that cannot hold overlay whiteouts and markers."""
+    upper = UpperLayer(work_fd, work_fd, markers)
+    name = b"#rofs.probe.%d" % os.getpid()
+    moved = name + b".moved"
+    try:
+        upper.remove_tree(work_fd, name)
+        upper.remove_tree(work_fd, moved)
+        try:
+            upper.make_whiteout(work_fd, name)
+        except OSError as e:
+            raise StateError("state dir %s cannot hold whiteouts (mknod of a 0/0 character "
+                             "device: %s)" % (work_path, e.strerror)) from None
+        os.unlink(name, dir_fd=work_fd)
+        os.mkdir(name, 0o700, dir_fd=work_fd)
+        try:
+            upper.set_marker(work_fd, name, markers.opaque, b"y")
+        except OSError as e:
+            raise StateError("state dir %s cannot hold %s xattrs (%s)"
+                             % (work_path, markers.prefix.decode(), e.strerror)) from None
+        try:
+            renameat2(work_fd, name, work_fd, moved, RENAME_WHITEOUT)
+        except OSError as e:
+            raise StateError("state dir %s does not support rename with whiteout (%s)"
+                             % (work_path, e.strerror)) from None
+    finally:
+        upper.remove_tree(work_fd, name)
+        upper.remove_tree(work_fd, moved)
+
+
+def clean_work(work_fd: int, upper: UpperLayer) -> list[bytes]:
+    """Remove what an interrupted operation left in the work dir (never visible)."""
+    removed = []
+    with os.scandir(work_fd) as entries:
+        names = [os.fsencode(e.name) for e in entries]
+    for name in names:
+        if name.startswith(b"#rofs."):
+            upper.remove_tree(work_fd, name)
+            removed.append(name)
+    return removed
+
+
+def _rollback(created: list[str]) -> None:
+    for path in reversed(created):
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepared:
+    """Open the lower, set up the state dir for this mount, lock it, probe it."""
+    created: list[str] = []
+    lower_fd = upper_fd = work_fd = lock_fd = -1
+    try:
+        lower_fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if not os.path.exists(state):
+            os.mkdir(state, 0o700)
+            created.append(state)
+        private = os.path.join(state, PRIVATE_DIR)
+        _makedirs(private, created, 0o700)
+        _check_format(private, created)
+        upper_path = upper_dir(state, mountpoint)
+        work_path = work_dir(state, mountpoint)
+        new_upper = not os.path.lexists(upper_path)
+        _makedirs(upper_path, created)
+        _makedirs(work_path, created, 0o700)
+        st = os.lstat(upper_path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise StateError("%s is not a directory" % upper_path)
+        upper_fd = os.open(upper_path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW |
+                           os.O_CLOEXEC)
+        work_fd = os.open(work_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                          os.O_CLOEXEC)
+        if os.fstat(upper_fd).st_dev != os.fstat(work_fd).st_dev:
+            raise StateError("%s and %s are on different filesystems" % (upper_path,
+                                                                         work_path))
+        lock_fd = os.open(upper_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateError("%s is in use by another rofs mount" % upper_path) from None
+        probe(work_fd, work_path, markers)
+        if new_upper:
+            # The upper root looks like the lower root (owner, mode, times, xattrs).
+            copyup.copy_meta(os.fstat(lower_fd), proc_path(upper_fd), markers.is_private,
+                             proc_path(lower_fd))
+        clean_work(work_fd, UpperLayer(upper_fd, work_fd, markers))
+        return Prepared(lower_fd, upper_fd, work_fd, lock_fd, upper_path, work_path, created)
+    except BaseException as e:
+        for fd in (lower_fd, upper_fd, work_fd, lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        _rollback(created)
+        if isinstance(e, OSError) and not isinstance(e, StateError):
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC,
+                           errno.ENOTDIR, errno.ENOENT):
+                raise StateError("cannot use state dir %s: %s" % (state, e)) from None
+        raise

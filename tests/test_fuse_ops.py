@@ -1,0 +1,514 @@
+"""Every operation through a real rofs mount, including its error cases."""
+
+import ctypes
+import errno
+import hashlib
+import mmap
+import os
+import stat
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.fuse
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                           ctypes.c_uint]
+AT_FDCWD = -100
+
+
+def renameat2(old, new, flags):
+    if libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def readb(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def touch(path, mode="w"):
+    with open(path, mode):
+        pass
+
+
+def p(m, *names):
+    return os.path.join(m["mnt"], *names)
+
+
+def upper(m, *names):
+    return os.path.join(m["state"], m["mnt"].lstrip("/"), *names)
+
+
+def lower_digest(root):
+    """Content, mode, owner, times and xattrs of every lower entry."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames + ["."]:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            data = b""
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    data = hashlib.sha256(f.read()).digest()
+            elif stat.S_ISLNK(st.st_mode):
+                data = os.readlink(path).encode()
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
+                n: os.getxattr(path, n) for n in os.listxattr(path)}
+            out[path] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                         st.st_ctime_ns, st.st_ino, st.st_nlink, data, xattrs)
+    return out
+
+
+@pytest.fixture
+def m(mounted):
+    before = lower_digest(mounted["lower"])
+    yield mounted
+    assert lower_digest(mounted["lower"]) == before, "the lower layer was modified"
+
+
+# ------------------------------------------------------------------ reads
+
+
+def test_read_through(m):
+    with open(p(m, "passwd")) as f:
+        assert f.read() == "root:x:0:0:root:/root:/bin/bash\n"
+    assert sorted(os.listdir(p(m, "d"))) == ["file", "sub"]
+    assert os.readlink(p(m, "link")) == "passwd"
+    assert os.readlink(p(m, "rootlink")) == "/"
+    st = os.lstat(p(m, "d", "file"))
+    assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (1234, 2345, 2_000_000_000)
+    assert stat.S_IMODE(os.lstat(p(m, "d", "sub")).st_mode) == 0o751
+    assert stat.S_ISFIFO(os.lstat(p(m, "fifo")).st_mode)
+    assert os.getxattr(p(m, "passwd"), "user.note") == b"lower"
+
+
+def test_lookup_errors(m):
+    with pytest.raises(FileNotFoundError):
+        os.lstat(p(m, "nope"))
+    with pytest.raises(NotADirectoryError):
+        os.lstat(p(m, "passwd", "x"))
+    with pytest.raises(OSError) as e:
+        os.lstat(p(m, "a" * 256))
+    assert e.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(OSError) as e:
+        open(p(m, "b" * 256), "w")
+    assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_name_of_255_bytes(m):
+    name = "n" * 255
+    with open(p(m, name), "w") as f:
+        f.write("ok")
+    assert name in os.listdir(m["mnt"])
+    os.rename(p(m, name), p(m, "d", name))
+    assert read(p(m, "d", name)) == "ok"
+
+
+def test_non_utf8_names(m):
+    root = os.fsencode(m["mnt"])
+    assert b"caf\xe9" in os.listdir(root)
+    name = b"\xff\xfe raw \x01"
+    with open(os.path.join(root, name), "wb") as f:
+        f.write(b"bytes")
+    assert name in os.listdir(root)
+    os.rename(os.path.join(root, b"caf\xe9"), os.path.join(root, b"caf\xc3\xa9"))
+    assert b"caf\xe9" not in os.listdir(root)
+    assert readb(os.path.join(root, b"caf\xc3\xa9")) == b"latin-1 name\n"
+
+
+# ----------------------------------------------------------------- writes
+
+
+def test_write_copies_up_atomically_with_metadata(m):
+    before = os.lstat(p(m, "d", "file"))
+    with open(p(m, "d", "file"), "a") as f:
+        f.write("more\n")
+    after = os.lstat(p(m, "d", "file"))
+    assert read(p(m, "d", "file")) == "in d\nmore\n"
+    assert read(os.path.join(m["lower"], "d", "file")) == "in d\n"
+    assert after.st_ino == before.st_ino  # stable across copy-up
+    assert (after.st_uid, after.st_gid) == (1234, 2345)
+    assert os.path.isfile(upper(m, "d", "file"))
+    # parents were copied up with their metadata and xattrs
+    assert os.getxattr(upper(m, "d"), "trusted.mark") == b"dir"
+    assert stat.S_IMODE(os.lstat(upper(m, "d")).st_mode) == stat.S_IMODE(
+        os.lstat(os.path.join(m["lower"], "d")).st_mode)
+    assert os.listdir(os.path.join(m["state"], ".rofs", "work", m["mnt"].lstrip("/"))) == []
+
+
+def test_copy_up_keeps_xattrs_and_big_content(m):
+    os.chmod(p(m, "passwd"), 0o640)
+    assert os.getxattr(p(m, "passwd"), "user.note") == b"lower"
+    assert stat.S_IMODE(os.lstat(p(m, "passwd")).st_mode) == 0o640
+    lower_big = readb(os.path.join(m["lower"], "big"))
+    with open(p(m, "big"), "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"X")
+    data = readb(p(m, "big"))
+    assert len(data) == len(lower_big)
+    assert data[: 1 << 20] == lower_big[: 1 << 20] and data[(1 << 20) + 1:] == lower_big[
+        (1 << 20) + 1:]
+
+
+def test_truncate_and_o_trunc(m):
+    os.truncate(p(m, "big"), 10)
+    assert os.path.getsize(p(m, "big")) == 10
+    with open(p(m, "shadow"), "w") as f:  # O_TRUNC on a lower file
+        f.write("new\n")
+    assert read(p(m, "shadow")) == "new\n"
+    assert stat.S_IMODE(os.lstat(p(m, "shadow")).st_mode) == 0o600
+    fd = os.open(p(m, "d", "file"), os.O_RDWR)
+    try:
+        os.ftruncate(fd, 2)
+    finally:
+        os.close(fd)
+    assert read(p(m, "d", "file")) == "in"
+
+
+def test_create_exclusive_append(m):
+    fd = os.open(p(m, "newfile"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    os.write(fd, b"abc")
+    os.close(fd)
+    with pytest.raises(FileExistsError):
+        os.open(p(m, "newfile"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with pytest.raises(FileExistsError):
+        os.open(p(m, "passwd"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    fd = os.open(p(m, "newfile"), os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"def")
+    os.close(fd)
+    assert readb(p(m, "newfile")) == b"abcdef"
+    st = os.lstat(p(m, "newfile"))
+    assert stat.S_IMODE(st.st_mode) == 0o640 & ~0o022 or stat.S_IMODE(st.st_mode) == 0o640
+
+
+def test_chmod_chown_utimens(m):
+    os.chmod(p(m, "d", "file"), 0o4711)
+    os.chown(p(m, "d", "file"), 42, 43)
+    os.chmod(p(m, "d", "file"), 0o4711)
+    os.utime(p(m, "d", "file"), ns=(5_000_000_000, 6_000_000_000))
+    st = os.lstat(p(m, "d", "file"))
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o4711, 42, 43)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (5_000_000_000, 6_000_000_000)
+    os.utime(p(m, "d", "file"))  # UTIME_NOW
+    assert os.lstat(p(m, "d", "file")).st_mtime_ns > 6_000_000_000
+    os.chown(p(m, "link"), 7, 8, follow_symlinks=False)
+    st = os.lstat(p(m, "link"))
+    assert (st.st_uid, st.st_gid) == (7, 8)
+    assert os.readlink(p(m, "link")) == "passwd"
+    assert os.lstat(p(m, "passwd")).st_uid == 0
+
+
+def test_mmap_shared_write_after_copy_up(m):
+    with open(p(m, "d", "file"), "r+b") as f:
+        with mmap.mmap(f.fileno(), 0) as mm:
+            mm[0:2] = b"IN"
+            mm.flush()
+    assert readb(p(m, "d", "file")) == b"IN d\n"
+    assert readb(upper(m, "d", "file")) == b"IN d\n"
+
+
+def test_reader_opened_before_copy_up_sees_new_data(m):
+    reader = os.open(p(m, "d", "file"), os.O_RDONLY)
+    try:
+        with open(p(m, "d", "file"), "r+") as f:
+            f.write("XY")
+        assert os.pread(reader, 100, 0) == b"XY d\n"
+    finally:
+        os.close(reader)
+
+
+# ----------------------------------------------------------- names & dirs
+
+
+def test_mkdir_rmdir_mkdir_comes_back_empty(m):
+    assert os.listdir(p(m, "d", "sub")) == ["deep"]
+    with pytest.raises(OSError) as e:
+        os.rmdir(p(m, "d", "sub"))
+    assert e.value.errno == errno.ENOTEMPTY
+    os.unlink(p(m, "d", "sub", "deep", "leaf"))
+    os.rmdir(p(m, "d", "sub", "deep"))
+    os.rmdir(p(m, "d", "sub"))
+    assert not os.path.exists(p(m, "d", "sub"))
+    os.mkdir(p(m, "d", "sub"), 0o700)
+    assert os.listdir(p(m, "d", "sub")) == []
+    assert stat.S_IMODE(os.lstat(p(m, "d", "sub")).st_mode) == 0o700
+    assert os.getxattr(upper(m, "d", "sub"), "trusted.overlay.opaque") == b"y"
+    with pytest.raises(FileExistsError):
+        os.mkdir(p(m, "d", "sub"))
+    with pytest.raises(FileExistsError):
+        os.mkdir(p(m, "ssh"))
+    with pytest.raises(NotADirectoryError):
+        os.rmdir(p(m, "passwd"))
+    with pytest.raises(FileNotFoundError):
+        os.rmdir(p(m, "nothing"))
+
+
+def test_unlink_lower_leaves_whiteout(m):
+    os.unlink(p(m, "shadow"))
+    assert "shadow" not in os.listdir(m["mnt"])
+    st = os.lstat(upper(m, "shadow"))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    with pytest.raises(FileNotFoundError):
+        os.unlink(p(m, "shadow"))
+    with pytest.raises(IsADirectoryError):
+        os.unlink(p(m, "d"))
+    with open(p(m, "shadow"), "w") as f:  # create over the whiteout
+        f.write("back\n")
+    assert read(p(m, "shadow")) == "back\n"
+    assert stat.S_ISREG(os.lstat(upper(m, "shadow")).st_mode)
+
+
+def test_symlink_and_replace(m):
+    os.symlink("/etc/hosts", p(m, "newlink"))
+    assert os.readlink(p(m, "newlink")) == "/etc/hosts"
+    subprocess.run(["ln", "-sfn", "shadow", p(m, "link")], check=True)
+    assert os.readlink(p(m, "link")) == "shadow"
+    with pytest.raises(FileExistsError):
+        os.symlink("x", p(m, "passwd"))
+
+
+def test_mknod_fifo_socket_device(m):
+    os.mkfifo(p(m, "newfifo"), 0o620)
+    assert stat.S_ISFIFO(os.lstat(p(m, "newfifo")).st_mode)
+    os.mknod(p(m, "null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    st = os.lstat(p(m, "null"))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(p(m, "sock"))
+        assert stat.S_ISSOCK(os.lstat(p(m, "sock")).st_mode)
+    finally:
+        s.close()
+    with pytest.raises(FileExistsError):
+        os.mkfifo(p(m, "fifo"))
+
+
+def test_rename_file_over_lower_file_passwd_style(m):
+    ino_before = os.lstat(p(m, "shadow")).st_ino
+    with open(p(m, "nshadow"), "w") as f:
+        f.write("root:$6$new:19000:0:99999:7:::\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(p(m, "nshadow"), p(m, "shadow"))
+    assert read(p(m, "shadow")).startswith("root:$6$new")
+    assert "nshadow" not in os.listdir(m["mnt"])
+    assert os.lstat(p(m, "shadow")).st_ino != ino_before
+
+
+def test_rename_lower_file_leaves_whiteout(m):
+    os.rename(p(m, "passwd"), p(m, "passwd.old"))
+    assert not os.path.exists(p(m, "passwd"))
+    assert read(p(m, "passwd.old")).startswith("root:")
+    assert stat.S_ISCHR(os.lstat(upper(m, "passwd")).st_mode)
+
+
+def test_rename_directory_with_lower_content_no_exdev(m):
+    ino = os.lstat(p(m, "d")).st_ino
+    os.rename(p(m, "d"), p(m, "moved"))
+    assert not os.path.exists(p(m, "d"))
+    assert read(p(m, "moved", "sub", "deep", "leaf")) == "leaf\n"
+    assert os.lstat(p(m, "moved")).st_ino == ino
+    os.rename(p(m, "moved"), p(m, "ssh", "nested"))
+    assert read(p(m, "ssh", "nested", "file")) == "in d\n"
+    # renaming back where it came from works too
+    os.rename(p(m, "ssh", "nested"), p(m, "d"))
+    assert sorted(os.listdir(p(m, "d"))) == ["file", "sub"]
+
+
+def test_rename_dir_over_empty_dir_and_errors(m):
+    os.mkdir(p(m, "target"))
+    os.rename(p(m, "d"), p(m, "target"))
+    assert sorted(os.listdir(p(m, "target"))) == ["file", "sub"]
+    with pytest.raises(OSError) as e:
+        os.rename(p(m, "ssh"), p(m, "target"))
+    assert e.value.errno == errno.ENOTEMPTY
+    # over a lower dir made empty: nothing of its lower content may show through
+    os.unlink(p(m, "ssh", "sshd_config"))
+    os.mkdir(p(m, "fresh"))
+    os.rename(p(m, "fresh"), p(m, "ssh"))
+    assert os.listdir(p(m, "ssh")) == []
+    with pytest.raises(NotADirectoryError):
+        os.rename(p(m, "target"), p(m, "passwd"))
+    with pytest.raises(IsADirectoryError):
+        os.rename(p(m, "passwd"), p(m, "target"))
+    with pytest.raises(OSError) as e:
+        os.rename(p(m, "target"), p(m, "target", "sub", "x"))
+    assert e.value.errno == errno.EINVAL
+
+
+def test_rename_over_whiteout_with_directory(m):
+    os.unlink(p(m, "shadow"))
+    os.mkdir(p(m, "newdir"))
+    open(p(m, "newdir", "x"), "w").close()
+    os.rename(p(m, "newdir"), p(m, "shadow"))
+    assert os.listdir(p(m, "shadow")) == ["x"]
+
+
+def test_rename_noreplace_and_exchange(m):
+    with pytest.raises(FileExistsError):
+        renameat2(p(m, "passwd"), p(m, "shadow"), 1)
+    renameat2(p(m, "passwd"), p(m, "fresh-name"), 1)
+    assert read(p(m, "fresh-name")).startswith("root:x")
+    renameat2(p(m, "fresh-name"), p(m, "shadow"), 2)
+    assert read(p(m, "shadow")).startswith("root:x")
+    assert read(p(m, "fresh-name")).startswith("root:*")
+    renameat2(p(m, "d"), p(m, "shadow"), 2)  # a directory with a file
+    assert os.path.isdir(p(m, "shadow")) and os.path.isfile(p(m, "d"))
+    assert read(p(m, "shadow", "sub", "deep", "leaf")) == "leaf\n"
+    with pytest.raises(FileNotFoundError):
+        renameat2(p(m, "d"), p(m, "missing"), 2)
+
+
+def test_hard_links_stay_one_inode(m):
+    """shadow-utils' lock protocol: link passwd.PID to passwd.lock, then st_nlink == 2."""
+    with open(p(m, "passwd.123"), "w") as f:
+        f.write("123")
+    os.link(p(m, "passwd.123"), p(m, "passwd.lock"))
+    assert os.lstat(p(m, "passwd.123")).st_nlink == 2
+    assert os.lstat(p(m, "passwd.lock")).st_nlink == 2
+    assert os.lstat(p(m, "passwd.lock")).st_ino == os.lstat(p(m, "passwd.123")).st_ino
+    with pytest.raises(FileExistsError):
+        os.link(p(m, "passwd.123"), p(m, "passwd.lock"))
+    os.unlink(p(m, "passwd.123"))
+    assert os.lstat(p(m, "passwd.lock")).st_nlink == 1
+    # link of a lower file: copy-up, both names one inode, content shared
+    os.link(p(m, "d", "file"), p(m, "file-link"))
+    a, b = os.lstat(p(m, "d", "file")), os.lstat(p(m, "file-link"))
+    assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+    with open(p(m, "file-link"), "a") as f:
+        f.write("via link\n")
+    assert read(p(m, "d", "file")) == "in d\nvia link\n"
+    with pytest.raises(PermissionError):
+        os.link(p(m, "d"), p(m, "dirlink"))
+
+
+def test_lower_hard_links_copy_up_together(m):
+    assert os.lstat(p(m, "passwd")).st_ino == os.lstat(p(m, "passwd-hardlink")).st_ino
+    with open(p(m, "passwd"), "a") as f:
+        f.write("x\n")
+    assert read(p(m, "passwd-hardlink")).endswith("x\n")
+    assert os.lstat(p(m, "passwd")).st_ino == os.lstat(p(m, "passwd-hardlink")).st_ino
+
+
+def test_open_unlink_fstat(m):
+    fd = os.open(p(m, "d", "file"), os.O_RDWR)
+    try:
+        os.unlink(p(m, "d", "file"))
+        st = os.fstat(fd)
+        assert st.st_nlink == 0
+        os.write(fd, b"still writable")
+        assert os.pread(fd, 100, 0).startswith(b"still writable")
+    finally:
+        os.close(fd)
+    fd = os.open(p(m, "created"), os.O_CREAT | os.O_RDWR)
+    try:
+        os.unlink(p(m, "created"))
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+
+
+def test_xattrs(m):
+    os.setxattr(p(m, "shadow"), "user.a", b"1")
+    assert os.getxattr(p(m, "shadow"), "user.a") == b"1"
+    assert "user.a" in os.listxattr(p(m, "shadow"))
+    os.removexattr(p(m, "shadow"), "user.a")
+    with pytest.raises(OSError) as e:
+        os.getxattr(p(m, "shadow"), "user.a")
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as e:
+        os.removexattr(p(m, "passwd"), "user.missing")
+    assert e.value.errno == errno.ENODATA
+    assert not os.path.exists(upper(m, "passwd"))  # no copy-up for a failed removal
+    os.removexattr(p(m, "passwd"), "user.note")
+    assert "user.note" not in os.listxattr(p(m, "passwd"))
+    assert os.getxattr(os.path.join(m["lower"], "passwd"), "user.note") == b"lower"
+
+
+def test_markers_are_hidden_and_refused(m):
+    os.rename(p(m, "d"), p(m, "moved"))  # gets a redirect marker
+    for name in os.listxattr(p(m, "moved")):
+        assert not name.startswith("trusted.overlay.")
+    for marker in ("trusted.overlay.opaque", "trusted.overlay.redirect",
+                   "user.overlay.opaque", "trusted.overlay.whatever"):
+        if marker.startswith("user."):
+            continue
+        with pytest.raises(OSError) as e:
+            os.setxattr(p(m, "moved"), marker, b"y")
+        assert e.value.errno == errno.EOPNOTSUPP
+        with pytest.raises(OSError):
+            os.getxattr(p(m, "moved"), marker)
+
+
+def test_readdir_large_and_stable_under_changes(m):
+    os.mkdir(p(m, "many"))
+    for i in range(1500):
+        open(p(m, "many", "f%04d" % i), "w").close()
+    names = set(os.listdir(p(m, "many")))
+    assert len(names) == 1500
+    # remove and add while iterating: nothing present throughout is missed or doubled
+    seen = []
+    with os.scandir(p(m, "many")) as it:
+        for i, entry in enumerate(it):
+            seen.append(entry.name)
+            if i == 10:
+                for j in range(0, 1500, 2):
+                    if "f%04d" % j != entry.name:
+                        try:
+                            os.unlink(p(m, "many", "f%04d" % j))
+                        except FileNotFoundError:
+                            pass
+                for j in range(100):
+                    open(p(m, "many", "new%d" % j), "w").close()
+    assert len(seen) == len(set(seen))
+    for j in range(1, 1500, 2):
+        assert "f%04d" % j in seen
+
+
+def test_statfs_and_fsync(m):
+    st = os.statvfs(m["mnt"])
+    assert st.f_bsize > 0 and st.f_namemax == 255
+    fd = os.open(p(m, "d", "file"), os.O_RDWR)
+    try:
+        os.write(fd, b"z")
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(p(m, "d"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def test_access(m):
+    assert os.access(p(m, "passwd"), os.R_OK | os.W_OK)
+    assert not os.access(p(m, "passwd"), os.X_OK)
+    assert os.access(p(m, "d"), os.X_OK)
+
+
+def test_inode_numbers_stable_across_remount(mounted, remount):
+    m = mounted
+    paths = ["passwd", "d", "d/sub", "d/file", "link"]
+    before = {x: os.lstat(p(m, x)).st_ino for x in paths}
+    with open(p(m, "d", "file"), "a") as f:
+        f.write("copied up\n")
+    os.chmod(p(m, "d", "sub"), 0o755)
+    open(p(m, "newfile"), "w").close()
+    before["newfile"] = os.lstat(p(m, "newfile")).st_ino
+    assert {x: os.lstat(p(m, x)).st_ino for x in paths} == {x: before[x] for x in paths}
+    m["proc"].stop()
+    remount()
+    after = {x: os.lstat(p(m, x)).st_ino for x in before}
+    assert after == before
+    assert len(set(after.values())) == len(after)
