@@ -1,0 +1,259 @@
+"""The seed's scenario, for real: shadow-utils on a read-only /etc, then on rofs.
+
+Run only inside a private mount namespace (`unshare -m --propagation private`); the
+pytest wrapper (test_seed_scenario.py) does that.  Everything here happens to a copy of
+/etc bound read-only over /etc in that namespace, and /home, /var/mail, /var/log and
+/var/spool are private tmpfs mounts, so the machine's real files are never touched.
+
+Exit status 0 means every check passed; failures are printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import ROFS, is_rofs_mounted, mounted_fstype  # noqa: E402
+
+USERS = ["rofsp%02d" % i for i in range(20)]
+
+
+def sh(cmd: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, shell=True, input=stdin, capture_output=True, text=True,
+                            timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError("%r failed (%d): %s%s" % (cmd, result.returncode, result.stdout,
+                                                       result.stderr))
+    return result
+
+
+def manifest(root: str) -> dict:
+    """Content, mode, owner and times of every entry below root (dir atimes aside:
+    listing a directory may touch them)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames + ["."]:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            data = b""
+            if stat.S_ISREG(st.st_mode):
+                fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+                with os.fdopen(fd, "rb") as f:
+                    data = hashlib.sha256(f.read()).digest()
+            elif stat.S_ISLNK(st.st_mode):
+                data = os.readlink(path).encode()
+            atime = None if stat.S_ISDIR(st.st_mode) else st.st_atime_ns
+            out[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
+                                                st.st_mtime_ns, st.st_ctime_ns, atime, data)
+    return out
+
+
+def shadow_hash(user: str) -> str:
+    return sh("getent shadow %s" % user).stdout.split(":")[1]
+
+
+def wait_daemon_gone(state: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    if state.encode() in f.read():
+                        alive = True
+            except OSError:
+                pass
+        if not alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError("rofs daemon still running after unmount")
+
+
+def kill_daemons(state: str) -> None:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                if state.encode() in f.read() and int(pid) != os.getpid():
+                    os.kill(int(pid), 9)
+        except OSError:
+            pass
+
+
+def mount_rofs(state: str) -> None:
+    result = subprocess.run(ROFS + ["/etc", "--state", state], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert is_rofs_mounted("/etc"), "rofs returned before the mount was live"
+
+
+def unmount_rofs(state: str) -> None:
+    sh("umount /etc")
+    wait_daemon_gone(state)
+    assert mounted_fstype("/etc") != "fuse.rofs"
+
+
+def pick(candidates, test):
+    for name in candidates:
+        path = os.path.join("/etc", name)
+        if test(path):
+            return path
+    raise AssertionError("none of %r found in /etc" % (candidates,))
+
+
+class Scenario:
+    def __init__(self, work: str) -> None:
+        self.work = work
+        self.copy = os.path.join(work, "etc-copy")
+        self.state = os.path.join(work, "state")
+        self.checks: list = []
+        self.mounts: list[str] = []
+
+    def check(self, what: str, fn) -> None:
+        fn()
+        self.checks.append((what, fn))
+        print("ok:", what, flush=True)
+
+    def setup(self) -> None:
+        sh("cp -a /etc %s" % self.copy)
+        for path in ("/home", "/var/mail", "/var/log", "/var/spool"):
+            if os.path.isdir(path):
+                sh("mount -t tmpfs tmpfs %s" % path)
+                self.mounts.append(path)
+        sh("mount --bind %s /etc" % self.copy)
+        self.mounts.append("/etc")
+        sh("mount -o remount,bind,ro /etc")
+
+    def teardown(self) -> None:
+        if is_rofs_mounted("/etc"):
+            subprocess.run(["umount", "-l", "/etc"])
+        kill_daemons(self.state)
+        for path in reversed(self.mounts):
+            subprocess.run(["umount", "-l", path])
+
+    def run(self) -> None:
+        before = manifest(self.copy)
+        fail = sh("chpasswd", stdin="root:fromreadonly\n", check=False)
+        assert fail.returncode != 0, "chpasswd should fail on a read-only /etc"
+        print("ok: chpasswd fails on the read-only /etc:", fail.stderr.strip().splitlines()[-1])
+        baseline_pwck = sh("pwck -r", check=False)
+        baseline_grpck = sh("grpck -r", check=False)
+
+        mount_rofs(self.state)
+        self.exercise(baseline_pwck, baseline_grpck)
+        unmount_rofs(self.state)
+
+        mount_rofs(self.state)
+        for what, fn in self.checks:
+            fn()
+            print("ok after remount:", what, flush=True)
+        unmount_rofs(self.state)
+
+        after = manifest(self.copy)
+        changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)]
+        assert not changed, "lower modified: %r" % sorted(changed)[:20]
+        print("ok: lower byte-identical (%d entries)" % len(before))
+
+    def exercise(self, baseline_pwck, baseline_grpck) -> None:
+        old = shadow_hash("root")
+        sh("chpasswd", stdin="root:secret-one\n")
+        after_chpasswd = shadow_hash("root")
+        self.check("chpasswd changed root's hash",
+                   lambda: assert_(shadow_hash("root") not in ("", old)))
+        sh("passwd root", stdin="pw-two\npw-two\n")
+        after_passwd = shadow_hash("root")
+        assert after_passwd != after_chpasswd
+        self.check("passwd root changed it again",
+                   lambda: assert_(shadow_hash("root") == after_passwd))
+
+        sh("groupadd rofsgrp")
+        self.check("groupadd", lambda: sh("getent group rofsgrp"))
+        sh("useradd -m -l -s /bin/sh rofsuser")
+        self.check("useradd", lambda: sh("getent passwd rofsuser"))
+        sh("usermod -aG rofsgrp rofsuser")
+        self.check("usermod -aG", lambda: assert_("rofsuser" in sh(
+            "getent group rofsgrp").stdout.strip().split(":")[3].split(",")))
+        sh("useradd -M -l rofsgone && userdel rofsgone")
+        self.check("userdel", lambda: assert_(sh("getent passwd rofsgone",
+                                                 check=False).returncode == 2))
+
+        sh("sed -i '1i # edited through rofs' /etc/hosts")
+        self.check("sed -i", lambda: assert_(read("/etc/hosts").startswith(
+            "# edited through rofs\n")))
+
+        link = pick(["os-release", "localtime", "mtab"], os.path.islink)
+        sh("ln -sf /rofs/new-target %s" % link)
+        self.check("ln -sf replaced the symlink %s" % link,
+                   lambda: assert_(os.readlink(link) == "/rofs/new-target"))
+
+        source = pick(["issue", "debian_version", "host.conf", "hostname"], os.path.isfile)
+        sh("ln %s %s.rofs-link" % (source, source))
+        self.check("ln of a lower file", lambda: assert_(
+            os.lstat(source).st_ino == os.lstat(source + ".rofs-link").st_ino
+            and os.lstat(source).st_nlink == 2))
+
+        victim = pick(["issue.net", "networks", "ethertypes", "shells.rofs"], os.path.isfile)
+        sh("rm %s" % victim)
+        self.check("rm of a lower file", lambda: assert_(not os.path.lexists(victim)
+                                                        and os.path.basename(victim)
+                                                        not in os.listdir("/etc")))
+
+        emptied = pick(["ld.so.conf.d", "profile.d", "logrotate.d"],
+                       lambda p: os.path.isdir(p) and bool(os.listdir(p)))
+        sh("rm -rf %s/* && rmdir %s && mkdir %s" % (emptied, emptied, emptied))
+        self.check("rmdir + mkdir comes back empty", lambda: assert_(os.listdir(emptied) == []))
+
+        moved = pick(["apt", "cron.daily", "init.d", "systemd", "X11"],
+                     lambda p: os.path.isdir(p) and bool(os.listdir(p)) and p != emptied)
+        content = sorted(os.listdir(moved))
+        sh("mv %s %s.moved" % (moved, moved))
+        self.check("mv of a lower directory", lambda: assert_(
+            not os.path.exists(moved) and sorted(os.listdir(moved + ".moved")) == content))
+
+        sh(" & ".join("useradd -m -l %s" % u for u in USERS) + " & wait")
+        self.check("20 parallel useradd", lambda: [sh("getent passwd %s" % u) for u in USERS])
+        self.check("pwck -r finds nothing new", lambda: assert_same(
+            sh("pwck -r", check=False), baseline_pwck))
+        self.check("grpck -r finds nothing new", lambda: assert_same(
+            sh("grpck -r", check=False), baseline_grpck))
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def assert_(condition: bool) -> None:
+    if not condition:
+        raise AssertionError("check failed")
+
+
+def assert_same(result, baseline) -> None:
+    if (result.returncode, result.stdout, result.stderr) != (
+            baseline.returncode, baseline.stdout, baseline.stderr):
+        raise AssertionError("was %d %r %r, now %d %r %r" % (
+            baseline.returncode, baseline.stdout, baseline.stderr, result.returncode,
+            result.stdout, result.stderr))
+
+
+def main() -> int:
+    work = sys.argv[1]
+    scenario = Scenario(work)
+    try:
+        scenario.setup()
+        scenario.run()
+    finally:
+        scenario.teardown()
+        shutil.rmtree(scenario.copy, ignore_errors=True)
+    print("scenario passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
