@@ -1,0 +1,32 @@
+#!/bin/sh
+# Install everything rofs needs on a Debian/Ubuntu machine: system packages (FUSE 3,
+# headers to build pyfuse3), a virtualenv in .venv, and rofs itself with its test extra.
+# Idempotent: packages already present are not reinstalled.
+set -eu
+cd "$(dirname "$0")"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh: run as root (it installs system packages)" >&2
+    exit 1
+fi
+
+PYTHON=${PYTHON:-python3}
+need=""
+for pkg in fuse3 libfuse3-dev pkg-config gcc util-linux passwd; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
+done
+command -v "$PYTHON" >/dev/null 2>&1 || need="$need python3"
+if ! "$PYTHON" -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+    need="$need python3-dev python3-venv"
+fi
+if [ -n "$need" ]; then
+    echo "setup.sh: installing$need"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $need
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet -e '.[test]'
+echo "setup.sh: ready: $(.venv/bin/rofs --version) in $(pwd)/.venv"

@@ -1,0 +1,8 @@
+#!/bin/sh
+# The test command: set up (idempotent), lint, then every test, mounts included.
+# ROFS_REQUIRE_FUSE=1 turns a missing FUSE prerequisite into a failure, not a skip.
+set -eu
+cd "$(dirname "$0")"
+./setup.sh
+.venv/bin/ruff check rofs tests
+ROFS_REQUIRE_FUSE=1 exec .venv/bin/python -m pytest "$@"

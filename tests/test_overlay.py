@@ -1,0 +1,200 @@
+"""The overlay model on plain directories, without FUSE."""
+
+import errno
+import os
+import stat
+
+import pyfuse3
+import pytest
+import trio
+from conftest import build_lower
+
+from rofs import state
+from rofs.errors import Counters, fuse_errors
+from rofs.inodes import UPPER_TAG
+from rofs.layers import Markers
+from rofs.overlay import Overlay
+
+
+@pytest.fixture
+def ov(tmp_path):
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    build_lower(str(lower))
+    prepared = state.prepare(str(tmp_path / "state"), "/mnt", str(lower), Markers())
+    overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd)
+    overlay.paths = {"lower": str(lower), "upper": prepared.upper_path,
+                     "work": prepared.work_path}
+    yield overlay
+    overlay.close()
+    prepared.close()
+
+
+def walk(ov, *names):
+    node = ov.root
+    for name in names:
+        node = ov.lookup(node, name.encode() if isinstance(name, str) else name)
+        assert node is not None, names
+    return node
+
+
+def read_all(ov, node):
+    async def go():
+        handle = await ov.open(node, os.O_RDONLY)
+        try:
+            return ov.read(handle.fd, 0, 1 << 24)
+        finally:
+            ov.release(handle.fd)
+    return trio.run(go)
+
+
+def test_lookup_merges_and_caches(ov):
+    d = walk(ov, "d")
+    assert d.lower == (b"d",) and not d.upper
+    assert walk(ov, "d") is d
+    assert ov.table.dentries[(ov.root.ino, b"d")] is d
+    assert ov.lookup(ov.root, b"missing") is None
+    with pytest.raises(OSError) as e:
+        ov.lookup(ov.root, b"x" * 256)
+    assert e.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(OSError) as e:
+        ov.lookup(walk(ov, "passwd"), b"x")
+    assert e.value.errno == errno.ENOTDIR
+
+
+def test_lower_inode_numbers_and_hard_links(ov):
+    a, b = walk(ov, "passwd"), walk(ov, "passwd-hardlink")
+    assert a is b and len(a.links) == 2
+    assert a.ino == os.lstat(os.path.join(ov.paths["lower"], "passwd")).st_ino
+
+
+def test_copy_up_is_atomic_and_complete(ov):
+    node = walk(ov, "d", "file")
+    ino = node.ino
+    trio.run(lambda: ov.setattr(node, mode=0o600))
+    assert node.upper and node.ino == ino
+    up = os.path.join(ov.paths["upper"], "d", "file")
+    st = os.lstat(up)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 2345, 0o600)
+    assert os.getxattr(up, "trusted.overlay.rofs.ino") == b"%d" % ino
+    assert os.listdir(ov.paths["work"]) == []
+    with open(up) as f:
+        assert f.read() == "in d\n"
+
+
+def test_concurrent_copy_ups_happen_once(ov):
+    node = walk(ov, "big")
+    calls = []
+    real = ov._copy_up_file
+
+    async def counting(n, limit):
+        calls.append(n)
+        await real(n, limit)
+
+    ov._copy_up_file = counting
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(ov.copy_up, node)
+
+    trio.run(main)
+    assert len(calls) == 1 and node.upper
+
+
+def test_unlink_and_whiteout(ov):
+    ov.unlink(ov.root, b"shadow")
+    assert ov.lookup(ov.root, b"shadow") is None
+    assert b"shadow" not in ov.list_names(ov.root)
+    st = os.lstat(os.path.join(ov.paths["upper"], "shadow"))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def test_rename_directory_sets_redirect(ov):
+    trio.run(ov.rename, ov.root, b"d", ov.root, b"e")
+    e = walk(ov, "e")
+    assert e.lower == (b"d",)
+    up = os.path.join(ov.paths["upper"], "e")
+    assert os.getxattr(up, "trusted.overlay.redirect") == b"/d"
+    assert sorted(ov.list_names(e)) == [b"file", b"sub"]
+    assert ov.lookup(ov.root, b"d") is None
+
+
+def test_upper_only_numbers_are_tagged(ov):
+    node = ov.mkdir(ov.root, b"new", 0o755, 0, 0)
+    assert node.ino & UPPER_TAG
+    assert ov.getattr(node).ino == node.ino
+
+
+def test_forget_drops_nodes_but_not_parents_with_children(ov):
+    d = walk(ov, "d")
+    leaf = walk(ov, "d", "sub", "deep", "leaf")
+    for node in (d, leaf):
+        ov.remember(node)
+    ov.forget(d.ino, 1)
+    assert ov.table.get(d.ino) is d  # still the parent of a live node
+    ov.forget(leaf.ino, 1)
+    assert ov.table.get(leaf.ino) is None
+    assert ov.table.get(d.ino) is None
+
+
+def test_readdir_snapshot_offsets(ov):
+    dh = ov.opendir(ov.root)
+    first = list(ov.readdir(dh, 0))
+    names = [name for _, name, _ in first]
+    assert b"passwd" in names and len(set(names)) == len(names)
+    offset = first[2][0]
+    victim = next(name for _, name, node in first[3:] if not node.is_dir)
+    ov.unlink(ov.root, victim)
+    ov.mkdir(ov.root, b"added-later", 0o755, 0, 0)
+    rest = [name for _, name, _ in ov.readdir(dh, offset)]
+    assert rest == [n for n in names[3:] if n != victim]
+    ov.releasedir(dh)
+
+
+def test_private_xattrs_refused(ov):
+    node = walk(ov, "passwd")
+    with pytest.raises(OSError) as e:
+        trio.run(ov.setxattr, node, b"trusted.overlay.opaque", b"y")
+    assert e.value.errno == errno.ENOTSUP
+    assert not node.upper
+
+
+def test_read_after_copy_up_through_old_handle(ov):
+    node = walk(ov, "d", "file")
+
+    async def go():
+        reader = await ov.open(node, os.O_RDONLY)
+        writer = await ov.open(node, os.O_WRONLY)
+        ov.write(writer.fd, 0, b"NEW!")
+        data = ov.read(reader.fd, 0, 100)
+        ov.release(reader.fd)
+        ov.release(writer.fd)
+        return data
+
+    assert trio.run(go) == b"NEW!\n"
+
+
+class Broken:
+    def __init__(self):
+        self.counters = Counters()
+
+    @fuse_errors
+    async def bug(self):
+        raise KeyError("a bug")
+
+    @fuse_errors
+    async def oserror(self):
+        raise OSError(errno.ENOSPC, "full")
+
+
+def test_errors_map_to_errno_and_bugs_to_eio(caplog):
+    obj = Broken()
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        trio.run(obj.bug)
+    assert e.value.errno == errno.EIO
+    assert obj.counters.internal_errors == 1
+    assert "a bug" in caplog.text and "Traceback" in caplog.text
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        trio.run(obj.oserror)
+    assert e.value.errno == errno.ENOSPC
