@@ -25,13 +25,22 @@ class Counters:
 
 
 def fuse_errors(method):
+    name = method.__name__
+
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("%s%r", name, _brief(args))
         try:
             return await method(self, *args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as e:
+            if debug:
+                log.debug("%s -> %s", name, errno.errorcode.get(e.errno, e.errno))
             raise
         except OSError as e:
+            if debug:
+                log.debug("%s -> %s", name, errno.errorcode.get(e.errno, e.errno))
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception:
             self.counters.internal_errors += 1
@@ -39,3 +48,16 @@ def fuse_errors(method):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def _brief(args: tuple) -> tuple:
+    """Request arguments for the debug log: no request contexts, no file contents."""
+    out = []
+    for arg in args:
+        if isinstance(arg, pyfuse3.RequestContext):
+            out.append("pid=%d uid=%d" % (arg.pid, arg.uid))
+        elif isinstance(arg, bytes) and len(arg) > 64:
+            out.append("<%d bytes>" % len(arg))
+        else:
+            out.append(arg)
+    return tuple(out)

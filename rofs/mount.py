@@ -138,7 +138,10 @@ def run(config: Config) -> int:
 
     code = 1
     try:
+        # Until the mount is live, problems go to the terminal; routine news does not.
         _setup_logging(config, background=False)
+        if not config.debug:
+            logging.getLogger().setLevel(logging.WARNING)
         code = _mount_and_serve(config, prepared, markers, ready=ready)
     except BaseException as e:  # the parent prints it
         if write_end >= 0:

@@ -217,3 +217,24 @@ def test_console_script_installed():
     script = os.path.join(os.path.dirname(sys.executable), "rofs")
     assert os.access(script, os.X_OK), "pip install should provide the rofs command"
     assert subprocess.run([script, "--version"], capture_output=True).returncode == 0
+
+
+def test_debug_logs_every_request(layers):
+    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"], args=("--debug",))
+    with proc:
+        os.stat(os.path.join(layers["mnt"], "passwd"))
+        with pytest.raises(FileNotFoundError):
+            os.stat(os.path.join(layers["mnt"], "nothing-here"))
+        with open(os.path.join(layers["mnt"], "passwd"), "a") as f:
+            f.write("x")
+    out = proc.output()
+    assert "lookup(1, b'passwd'" in out and "open(" in out and "write(" in out, out
+
+
+def test_background_start_is_quiet(layers):
+    result = rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"])
+    try:
+        assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
+    finally:
+        unmount(layers["mnt"])
+        assert wait_gone(layers["mnt"])

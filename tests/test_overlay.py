@@ -198,3 +198,22 @@ def test_errors_map_to_errno_and_bugs_to_eio(caplog):
     with pytest.raises(pyfuse3.FUSEError) as e:
         trio.run(obj.oserror)
     assert e.value.errno == errno.ENOSPC
+
+
+def test_may_access_posix_bits(tmp_path):
+    from rofs.ops import may_access
+    from rofs.overlay import Attr
+    path = tmp_path / "f"
+    path.write_text("x")
+    os.chown(path, 1000, 100)
+    os.chmod(path, 0o640)
+    attr = Attr(os.lstat(path), 5, 1)
+    assert may_access(attr, os.R_OK | os.W_OK, 1000, 1000, set())
+    assert not may_access(attr, os.X_OK, 1000, 1000, set())
+    assert may_access(attr, os.R_OK, 2000, 100, set())
+    assert not may_access(attr, os.W_OK, 2000, 100, set())
+    assert may_access(attr, os.R_OK, 2000, 5, {100})
+    assert not may_access(attr, os.R_OK, 2000, 2000, set())
+    assert may_access(attr, os.R_OK | os.W_OK, 0, 0, set())
+    assert not may_access(attr, os.X_OK, 0, 0, set())
+    assert may_access(attr, os.F_OK, 2000, 2000, set())
