@@ -29,7 +29,7 @@ DYNAMIC_BASE = 1 << 49
 
 class Node:
     __slots__ = ("ino", "mode", "links", "lower", "upper", "lookups", "backing",
-                 "open_fds", "kids")
+                 "open_fds", "kids", "index_key", "nlink_delta")
 
     def __init__(self, ino: int, mode: int, *, upper: bool,
                  lower: tuple[bytes, ...] | None, backing: tuple) -> None:
@@ -49,6 +49,10 @@ class Node:
         # How many names of live nodes are in this directory: a directory stays in the
         # table while its children do, so there is only ever one node per directory.
         self.kids = 0
+        # A copied-up lower hard link some of whose lower names are not yet in the upper
+        # layer: its entry in the index dir, and how many such names there are.
+        self.index_key: bytes | None = None
+        self.nlink_delta = 0
 
     @property
     def is_dir(self) -> bool:

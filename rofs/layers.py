@@ -160,6 +160,9 @@ class Markers:
         # stays the same across copy-up and remount.  The kernel ignores unknown names
         # in its namespace and hides them like the others.
         self.ino = prefix + b"rofs.ino"
+        # On a copied-up lower hard link while some of its lower names are not yet in
+        # the upper layer: how many (they count in st_nlink; see Overlay._materialize).
+        self.nlink = prefix + b"rofs.nlink"
 
     def is_private(self, name: bytes) -> bool:
         return name.startswith(self.prefix)

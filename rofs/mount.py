@@ -154,7 +154,8 @@ def run(config: Config) -> int:
 
 def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                      ready) -> int:
-    overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers)
+    overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
+                      index_fd=prepared.index_fd)
     ops = RofsOperations(overlay, on_ready=ready)
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))

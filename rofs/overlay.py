@@ -104,11 +104,13 @@ class Overlay:
     """The merged view of `lower_fd` (never written) and `upper_fd` (all changes)."""
 
     def __init__(self, lower_fd: int, upper_fd: int, work_fd: int,
-                 markers: Markers | None = None, *, fd_cache_size: int = 4096) -> None:
+                 markers: Markers | None = None, *, index_fd: int | None = None,
+                 fd_cache_size: int = 4096) -> None:
         self.fds = DirFdCache(fd_cache_size)
         self.lower = LowerLayer(lower_fd, self.fds)
         self.upper = UpperLayer(upper_fd, work_fd, markers or Markers())
         self.markers = self.upper.markers
+        self.index_fd = index_fd
         self.table = NodeTable(self.lower.dev, self.upper.dev)
         root_st = os.fstat(upper_fd)
         self.root = Node(ROOT_INO, stat.S_IFDIR, upper=True, lower=(),
@@ -177,18 +179,26 @@ class Overlay:
                 if is_whiteout(st):
                     return None
                 path = proc_path(up, name)
-                recorded = getxattr_or_none(path, self.markers.ino)
+                recorded, key = _parse_ino(getxattr_or_none(path, self.markers.ino))
                 lower = self._merged_lower(parent, name, path) if stat.S_ISDIR(
                     st.st_mode) else None
-                return self.table.find_or_add(
+                node = self.table.find_or_add(
                     parent, name, st.st_mode, upper=True, lower=lower,
-                    backing=("U", st.st_dev, st.st_ino), recorded=_parse_ino(recorded))
+                    backing=("U", st.st_dev, st.st_ino), recorded=recorded)
+                if key is not None:
+                    self._load_index(node, key, st)
+                return node
         if parent.lower is None:
             return None
         try:
             st = os.stat(name, dir_fd=self.lower.dirfd(parent.lower), follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        if st.st_nlink > 1 and self.index_fd is not None and not stat.S_ISDIR(st.st_mode):
+            key = _index_key(st)
+            if self.upper.try_stat(self.index_fd, key) is not None:
+                self._materialize(parent, name, key)
+                return self._resolve(parent, name)
         return self.table.find_or_add(parent, name, st.st_mode, upper=False,
                                       lower=parent.lower + (name,),
                                       backing=("L", st.st_dev, st.st_ino))
@@ -212,6 +222,40 @@ class Overlay:
             return None
         st = self.lower.try_stat(path)
         return path if st is not None and stat.S_ISDIR(st.st_mode) else None
+
+    def _load_index(self, node: Node, key: bytes, st: os.stat_result) -> None:
+        """An upper entry recorded as a copied-up lower hard link: is its index entry
+        (still) the same inode?  Then its lower names not yet in the upper count too."""
+        if self.index_fd is None:
+            return
+        entry = self.upper.try_stat(self.index_fd, key)
+        if entry is None or entry.st_ino != st.st_ino:
+            node.index_key = None
+            return
+        node.index_key = key
+        node.nlink_delta = _parse_int(getxattr_or_none(proc_path(self.index_fd, key),
+                                                       self.markers.nlink))
+
+    def _materialize(self, parent: Node, name: bytes, key: bytes) -> None:
+        """A lower name of a copied-up hard link, met for the first time: link the upper
+        copy (kept in the index) under this name, so it stays one inode.  When no lower
+        name is left outside the upper layer, the index entry is no longer needed."""
+        self._ensure_dir_upper(parent)
+        os.link(key, name, src_dir_fd=self.index_fd, dst_dir_fd=self.upper_dirfd(parent),
+                follow_symlinks=False)
+        path = proc_path(self.index_fd, key)
+        ino = _parse_ino(getxattr_or_none(path, self.markers.ino))[0]
+        remaining = _parse_int(getxattr_or_none(path, self.markers.nlink)) - 1
+        if remaining > 0:
+            os.setxattr(path, self.markers.nlink, b"%d" % remaining, follow_symlinks=False)
+        else:
+            os.removexattr(path, self.markers.nlink, follow_symlinks=False)
+            os.unlink(key, dir_fd=self.index_fd)
+        node = self.table.get(ino or 0)
+        if node is not None and node.index_key == key:
+            node.nlink_delta = max(remaining, 0)
+            if remaining <= 0:
+                node.index_key = None
 
     def remember(self, node: Node, count: int = 1) -> None:
         """The kernel took `count` references to node (lookup, create, readdirplus)."""
@@ -248,6 +292,9 @@ class Overlay:
                 nlink = 1  # like overlayfs: counting subdirs of a merge is not worth it
         elif not node.links:
             nlink = 0
+        elif node.index_key is not None:
+            # the index holds one link; lower names not yet linked in the upper count
+            nlink = max(1, nlink - 1 + node.nlink_delta)
         return Attr(st, node.ino, nlink)
 
     def readlink(self, node: Node) -> bytes:
@@ -392,7 +439,11 @@ class Overlay:
         st = self.lower.stat(node.lower)
         work = self.upper.work_fd
         tmp = self.upper.temp_name()
-        extra = {self.markers.ino: b"%d" % node.ino}
+        # A lower hard link also goes to the index, so that its lower names not known yet
+        # find this copy when they are looked up (like overlayfs index=on).
+        key = _index_key(st) if st.st_nlink > 1 and self.index_fd is not None else None
+        extra = {self.markers.ino: b"%d %s" % (node.ino, key) if key else b"%d" % node.ino}
+        indexed = False
         try:
             if stat.S_ISREG(st.st_mode):
                 await self._copy_regular(node, st, tmp, data_limit, extra)
@@ -409,9 +460,20 @@ class Overlay:
                 raise _err(errno.ENOENT)
             links = list(node.links)
             first_parent, first_name = links[0]
+            unknown = st.st_nlink - len(links)
+            if key is not None and unknown > 0:
+                self.upper.set_marker(work, tmp, self.markers.nlink, b"%d" % unknown)
+                try:
+                    os.link(tmp, key, src_dir_fd=work, dst_dir_fd=self.index_fd)
+                except FileExistsError:  # left by a crash: the new copy replaces it
+                    os.unlink(key, dir_fd=self.index_fd)
+                    os.link(tmp, key, src_dir_fd=work, dst_dir_fd=self.index_fd)
+                indexed = True
             self._ensure_dir_upper(first_parent)
             renameat2(work, tmp, self.upper_dirfd(first_parent), first_name, RENAME_NOREPLACE)
         except BaseException:
+            if indexed:
+                os.unlink(key, dir_fd=self.index_fd)
             self._discard(tmp)
             raise
         # Lower hard links known under several names stay one inode: link them all.
@@ -421,6 +483,8 @@ class Overlay:
             os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent),
                     dst_dir_fd=self.upper_dirfd(parent), follow_symlinks=False)
         new = os.stat(first_name, dir_fd=first_fd, follow_symlinks=False)
+        if indexed:
+            node.index_key, node.nlink_delta = key, unknown
         node.upper = True
         self.table.rebind(node, ("U", new.st_dev, new.st_ino))
         self._repoint_readers(node)
@@ -925,10 +989,26 @@ class Overlay:
         self.fds.close()
 
 
-def _parse_ino(value: bytes | None) -> int | None:
+def _parse_ino(value: bytes | None) -> tuple[int | None, bytes | None]:
+    """The rofs.ino marker: b"INO" or, for an indexed hard link, b"INO KEY"."""
     if not value:
-        return None
+        return None, None
+    parts = value.split()
     try:
-        return int(value)
+        ino = int(parts[0])
     except ValueError:
-        return None
+        return None, None
+    return ino, (parts[1] if len(parts) > 1 else None)
+
+
+def _parse_int(value: bytes | None) -> int:
+    try:
+        return int(value) if value else 0
+    except ValueError:
+        return 0
+
+
+def _index_key(st: os.stat_result) -> bytes:
+    """Index name of a lower inode.  The ctime makes an entry of an older lower image
+    (where the inode number may belong to another file now) simply never match."""
+    return b"%d.%d" % (st.st_ino, st.st_ctime_ns)

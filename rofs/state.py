@@ -3,6 +3,7 @@
     STATE/<mountpoint without leading slash>/   the upper layer of that mount
     STATE/.rofs/format                          "rofs-state N": the layout version
     STATE/.rofs/work/<mountpoint ...>/          the work dir of that mount (same fs)
+    STATE/.rofs/index/<mountpoint ...>/         copied-up lower hard links (same fs)
 
 See docs/state-format.md.  Everything that can be wrong with a state dir is checked
 before the mount, and a failed check leaves nothing behind that it created.
@@ -36,13 +37,14 @@ class Prepared:
     lower_fd: int
     upper_fd: int
     work_fd: int
+    index_fd: int
     lock_fd: int
     upper_path: str
     work_path: str
     created: list[str] = field(default_factory=list)
 
     def close(self) -> None:
-        for fd in (self.work_fd, self.upper_fd, self.lower_fd, self.lock_fd):
+        for fd in (self.index_fd, self.work_fd, self.upper_fd, self.lower_fd, self.lock_fd):
             try:
                 os.close(fd)
             except OSError:
@@ -63,6 +65,10 @@ def upper_dir(state: str, mountpoint: str) -> str:
 
 def work_dir(state: str, mountpoint: str) -> str:
     return os.path.join(state, PRIVATE_DIR, "work", mount_name(mountpoint))
+
+
+def index_dir(state: str, mountpoint: str) -> str:
+    return os.path.join(state, PRIVATE_DIR, "index", mount_name(mountpoint))
 
 
 def _makedirs(path: str, created: list[str], mode: int = 0o755) -> None:
@@ -153,7 +159,7 @@ def _rollback(created: list[str]) -> None:
 def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepared:
     """Open the lower, set up the state dir for this mount, lock it, probe it."""
     created: list[str] = []
-    lower_fd = upper_fd = work_fd = lock_fd = -1
+    lower_fd = upper_fd = work_fd = index_fd = lock_fd = -1
     try:
         lower_fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if not os.path.exists(state):
@@ -167,6 +173,7 @@ def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepar
         new_upper = not os.path.lexists(upper_path)
         _makedirs(upper_path, created)
         _makedirs(work_path, created, 0o700)
+        _makedirs(index_dir(state, mountpoint), created, 0o700)
         st = os.lstat(upper_path)
         if not stat.S_ISDIR(st.st_mode):
             raise StateError("%s is not a directory" % upper_path)
@@ -174,7 +181,10 @@ def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepar
                            os.O_CLOEXEC)
         work_fd = os.open(work_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
                           os.O_CLOEXEC)
-        if os.fstat(upper_fd).st_dev != os.fstat(work_fd).st_dev:
+        index_fd = os.open(index_dir(state, mountpoint), os.O_PATH | os.O_DIRECTORY |
+                           os.O_NOFOLLOW | os.O_CLOEXEC)
+        devices = {os.fstat(fd).st_dev for fd in (upper_fd, work_fd, index_fd)}
+        if len(devices) != 1:
             raise StateError("%s and %s are on different filesystems" % (upper_path,
                                                                          work_path))
         lock_fd = os.open(upper_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -188,9 +198,10 @@ def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepar
             copyup.copy_meta(os.fstat(lower_fd), proc_path(upper_fd), markers.is_private,
                              proc_path(lower_fd))
         clean_work(work_fd, UpperLayer(upper_fd, work_fd, markers))
-        return Prepared(lower_fd, upper_fd, work_fd, lock_fd, upper_path, work_path, created)
+        return Prepared(lower_fd, upper_fd, work_fd, index_fd, lock_fd, upper_path, work_path,
+                        created)
     except BaseException as e:
-        for fd in (lower_fd, upper_fd, work_fd, lock_fd):
+        for fd in (lower_fd, upper_fd, work_fd, index_fd, lock_fd):
             if fd >= 0:
                 os.close(fd)
         _rollback(created)

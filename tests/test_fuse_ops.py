@@ -512,3 +512,23 @@ def test_inode_numbers_stable_across_remount(mounted, remount):
     after = {x: os.lstat(p(m, x)).st_ino for x in before}
     assert after == before
     assert len(set(after.values())) == len(after)
+
+
+def test_lower_hard_link_met_after_copy_up_shares_the_copy(mounted, remount):
+    """Copy-up through one name while the other lower name is unknown; after a remount
+    the other name is looked up for the first time and is still the same inode."""
+    m = mounted
+    with open(p(m, "passwd"), "a") as f:
+        f.write("new\n")
+    assert os.lstat(p(m, "passwd")).st_nlink == 2
+    index = os.path.join(m["state"], ".rofs", "index", m["mnt"].lstrip("/"))
+    assert len(os.listdir(index)) == 1
+    m["proc"].stop()
+    remount()
+    alias, name = os.lstat(p(m, "passwd-hardlink")), os.lstat(p(m, "passwd"))
+    assert alias.st_ino == name.st_ino and alias.st_nlink == name.st_nlink == 2
+    assert read(p(m, "passwd-hardlink")).endswith("new\n")
+    assert os.listdir(index) == []  # every name is in the upper layer now
+    with open(p(m, "passwd-hardlink"), "a") as f:
+        f.write("via alias\n")
+    assert read(p(m, "passwd")).endswith("via alias\n")

@@ -22,7 +22,8 @@ def ov(tmp_path):
     lower.mkdir()
     build_lower(str(lower))
     prepared = state.prepare(str(tmp_path / "state"), "/mnt", str(lower), Markers())
-    overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd)
+    overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd,
+                      index_fd=prepared.index_fd)
     overlay.paths = {"lower": str(lower), "upper": prepared.upper_path,
                      "work": prepared.work_path}
     yield overlay
