@@ -22,6 +22,13 @@ class Counters:
 
     def __init__(self) -> None:
         self.internal_errors = 0
+        # Fault injection for tests of this very path: a request naming this entry
+        # raises inside its handler (set from the ROFS_FAULT_NAME environment variable).
+        self.fault_name: bytes | None = None
+
+
+class InjectedFault(Exception):
+    pass
 
 
 def fuse_errors(method):
@@ -33,6 +40,9 @@ def fuse_errors(method):
         if debug:
             log.debug("%s%r", name, _brief(args))
         try:
+            fault = self.counters.fault_name
+            if fault is not None and fault in args:
+                raise InjectedFault("injected fault in %s" % name)
             return await method(self, *args, **kwargs)
         except pyfuse3.FUSEError as e:
             if debug:

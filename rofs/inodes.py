@@ -29,7 +29,7 @@ DYNAMIC_BASE = 1 << 49
 
 class Node:
     __slots__ = ("ino", "mode", "links", "lower", "upper", "lookups", "backing",
-                 "open_fds", "kids", "index_key", "nlink_delta")
+                 "open_fds", "kids", "index_key", "nlink_delta", "target", "generation")
 
     def __init__(self, ino: int, mode: int, *, upper: bool,
                  lower: tuple[bytes, ...] | None, backing: tuple) -> None:
@@ -53,6 +53,12 @@ class Node:
         # layer: its entry in the index dir, and how many such names there are.
         self.index_key: bytes | None = None
         self.nlink_delta = 0
+        # A symlink's target, once read: it never changes, and the kernel may still ask
+        # for it after another process removed the link (a path walk racing unlink).
+        self.target: bytes | None = None
+        # FUSE identifies an inode by (number, generation): a number given to a new
+        # object while the kernel may still cache the old one gets a new generation.
+        self.generation = 0
 
     @property
     def is_dir(self) -> bool:
@@ -115,11 +121,23 @@ class NodeTable:
         """The node for a name just resolved on disk, registered under that name."""
         ino = self.candidate_ino(backing, recorded)
         node = self.nodes.get(ino)
-        if node is not None and node.backing != backing:
+        if node is not None and _reused(node, backing):
+            # The filesystem gave the number of a deleted upper object (which the kernel
+            # may still cache) to this new one: same number, next generation.  The old
+            # node's kernel references carry over, since FORGET names only the number.
+            fresh = Node(ino, stat.S_IFMT(mode), upper=upper, lower=lower, backing=backing)
+            fresh.generation = node.generation + 1
+            fresh.lookups = node.lookups
+            self.nodes[ino] = node = fresh
+        elif node is not None and not _same_object(node, backing):
             # The number is taken by another object (a lower hard link broken by a
-            # copy-up, or a stale record): keep both reachable under distinct numbers.
+            # copy-up, or a stale record): keep both under distinct numbers.
             ino = self._dynamic_ino(backing)
             node = self.nodes.get(ino)
+            if node is not None and not _same_object(node, backing):
+                ino = next(self._next_dynamic)
+                self._dynamic[backing] = ino
+                node = None
         if node is None:
             node = Node(ino, stat.S_IFMT(mode), upper=upper, lower=lower, backing=backing)
             self.nodes[ino] = node
@@ -200,3 +218,22 @@ class NodeTable:
                 pending.append(parent)
             if self._dynamic.get(node.backing) == node.ino:
                 del self._dynamic[node.backing]
+
+
+def _same_object(node: Node, backing: tuple) -> bool:
+    """Whether `node` is the object just found on disk with this backing.
+
+    An upper inode number is only unique while the inode lives: once all names of an
+    upper object are gone the filesystem may give its number to a new object, while the
+    kernel may still hold the old node.  A lower object never goes away, and an indexed
+    hard link lives on in the index, so those stay the same object.
+    """
+    if node.backing != backing:
+        return False
+    return bool(node.links) or backing[0] == "L" or node.index_key is not None
+
+
+def _reused(node: Node, backing: tuple) -> bool:
+    """A deleted upper object whose inode number the filesystem now uses again."""
+    return (node.backing == backing and backing[0] == "U" and not node.links
+            and not node.open_fds and node.index_key is None)

@@ -35,6 +35,9 @@ class RofsOperations(pyfuse3.Operations):
         super().__init__()
         self.overlay = overlay
         self.counters = Counters()
+        fault = os.environ.get("ROFS_FAULT_NAME")
+        if fault:
+            self.counters.fault_name = os.fsencode(fault)
         self._on_ready = on_ready
 
     def init(self) -> None:
@@ -48,7 +51,7 @@ class RofsOperations(pyfuse3.Operations):
     def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attr.ino
-        entry.generation = 0
+        entry.generation = attr.generation
         entry.entry_timeout = TIMEOUT
         entry.attr_timeout = TIMEOUT
         entry.st_mode = attr.mode

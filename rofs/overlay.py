@@ -60,11 +60,12 @@ def _err(code: int, *args) -> OSError:
 class Attr:
     """The attributes of a node as the merged view shows them."""
 
-    __slots__ = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks",
-                 "blksize", "atime_ns", "mtime_ns", "ctime_ns")
+    __slots__ = ("ino", "generation", "mode", "nlink", "uid", "gid", "rdev", "size",
+                 "blocks", "blksize", "atime_ns", "mtime_ns", "ctime_ns")
 
-    def __init__(self, st: os.stat_result, ino: int, nlink: int) -> None:
+    def __init__(self, st: os.stat_result, ino: int, nlink: int, generation: int = 0) -> None:
         self.ino = ino
+        self.generation = generation
         self.mode = st.st_mode
         self.nlink = nlink
         self.uid = st.st_uid
@@ -295,15 +296,20 @@ class Overlay:
         elif node.index_key is not None:
             # the index holds one link; lower names not yet linked in the upper count
             nlink = max(1, nlink - 1 + node.nlink_delta)
-        return Attr(st, node.ino, nlink)
+        return Attr(st, node.ino, nlink, node.generation)
 
     def readlink(self, node: Node) -> bytes:
         if not stat.S_ISLNK(node.mode):
             raise _err(errno.EINVAL)
-        if node.upper:
-            parent, name = node.links[0]
-            return os.readlink(name, dir_fd=self.upper_dirfd(parent))
-        return self.lower.readlink(node.lower)
+        if node.target is None:
+            if node.upper:
+                if not node.links:
+                    raise _err(errno.ENOENT)
+                parent, name = node.links[0]
+                node.target = os.readlink(name, dir_fd=self.upper_dirfd(parent))
+            else:
+                node.target = self.lower.readlink(node.lower)
+        return node.target
 
     def statfs(self) -> os.statvfs_result:
         # Like overlayfs: the upper layer's filesystem is where new data goes.
@@ -681,6 +687,8 @@ class Overlay:
             raise _err(errno.ENOENT)
         if node.is_dir:
             raise _err(errno.EISDIR)
+        if stat.S_ISLNK(node.mode) and len(node.links) == 1:
+            self.readlink(node)  # still answerable if the kernel asks after the removal
         self._remove_entry(parent, name, node)
         self.table.remove_link(node, parent, name)
 
@@ -771,6 +779,8 @@ class Overlay:
             self.table.swap_links(src, src_parent, src_name, dst, dst_parent, dst_name)
             return
         leave_whiteout = self._lower_has(src_parent, src_name)
+        if dst is not None and stat.S_ISLNK(dst.mode) and len(dst.links) == 1:
+            self.readlink(dst)  # the replaced link may still be asked for
         existing = self.upper.try_stat(dup, dst_name)
         if existing is not None and stat.S_ISDIR(existing.st_mode):
             self._empty_for_replace(dup, dst_name)

@@ -51,11 +51,12 @@ class RofsProcess:
     """A foreground rofs daemon serving one mount."""
 
     def __init__(self, mountpoint: str, state: str, lower: str | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+                 args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.mountpoint = os.path.realpath(mountpoint)
         self.state = state
         self.lower = lower
         self.args = args
+        self.env = None if env is None else {**os.environ, **env}
         self.proc: subprocess.Popen | None = None
         self.log = tempfile.TemporaryFile()
         self._output: str | None = None
@@ -68,7 +69,7 @@ class RofsProcess:
 
     def start(self, timeout: float = 20) -> RofsProcess:
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + timeout
         while not is_rofs_mounted(self.mountpoint):
             if self.proc.poll() is not None:
