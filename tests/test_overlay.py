@@ -218,3 +218,28 @@ def test_may_access_posix_bits(tmp_path):
     assert may_access(attr, os.R_OK | os.W_OK, 0, 0, set())
     assert not may_access(attr, os.X_OK, 0, 0, set())
     assert may_access(attr, os.F_OK, 2000, 2000, set())
+
+
+def test_readlink_after_unlink_answers_from_memory(ov):
+    """A path walk may ask for a link's target after another process removed it."""
+    link = walk(ov, "link")
+    ov.remember(link)
+    ov.unlink(ov.root, b"link")
+    assert ov.readlink(link) == b"passwd"
+    created = ov.symlink(ov.root, b"new", b"target", 0, 0)
+    ov.remember(created)
+    ov.unlink(ov.root, b"new")
+    assert ov.readlink(created) == b"target"
+
+
+def test_reused_number_gets_next_generation(ov):
+    first = ov.create(ov.root, b"a1", 0o644, os.O_WRONLY, 0, 0)[0]
+    node = first.node
+    ov.remember(node, 3)
+    ov.release(first.fd)
+    ov.unlink(ov.root, b"a1")
+    # pretend the filesystem reused the number: resolve a new object with that backing
+    fresh = ov.table.find_or_add(ov.root, b"b1", stat.S_IFREG, upper=True, lower=None,
+                                 backing=node.backing)
+    assert fresh is not node and fresh.ino == node.ino
+    assert fresh.generation == node.generation + 1 and fresh.lookups == 3
