@@ -28,5 +28,5 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[test,bench]'
 echo "setup.sh: ready: $(.venv/bin/rofs --version) in $(pwd)/.venv"

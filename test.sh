@@ -4,5 +4,5 @@
 set -eu
 cd "$(dirname "$0")"
 ./setup.sh
-.venv/bin/ruff check rofs tests
+.venv/bin/ruff check rofs tests benchmarks
 ROFS_REQUIRE_FUSE=1 exec .venv/bin/python -m pytest "$@"

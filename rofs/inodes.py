@@ -20,6 +20,7 @@ object falls back to the dynamic range.
 from __future__ import annotations
 
 import itertools
+import os
 import stat
 
 ROOT_INO = 1
@@ -29,7 +30,7 @@ DYNAMIC_BASE = 1 << 49
 
 class Node:
     __slots__ = ("ino", "mode", "links", "lower", "upper", "lookups", "backing",
-                 "open_fds", "kids", "index_key", "nlink_delta", "target", "generation")
+                 "open_fds", "kids", "index_key", "nlink_delta", "target", "generation", "keep_fd")
 
     def __init__(self, ino: int, mode: int, *, upper: bool,
                  lower: tuple[bytes, ...] | None, backing: tuple) -> None:
@@ -59,6 +60,9 @@ class Node:
         # FUSE identifies an inode by (number, generation): a number given to a new
         # object while the kernel may still cache the old one gets a new generation.
         self.generation = 0
+        # An O_PATH descriptor of the object once its last name is gone while the kernel
+        # still holds it (an open FIFO, a cwd, a cached inode): fstat keeps working.
+        self.keep_fd = -1
 
     @property
     def is_dir(self) -> bool:
@@ -218,6 +222,9 @@ class NodeTable:
                 pending.append(parent)
             if self._dynamic.get(node.backing) == node.ino:
                 del self._dynamic[node.backing]
+            if node.keep_fd >= 0:
+                os.close(node.keep_fd)
+                node.keep_fd = -1
 
 
 def _same_object(node: Node, backing: tuple) -> bool:

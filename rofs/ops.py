@@ -135,7 +135,7 @@ class RofsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode, name, ctx):
-        self.overlay.unlink(self._node(parent_inode), name)
+        await self.overlay.unlink(self._node(parent_inode), name)
 
     @fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
@@ -173,9 +173,8 @@ class RofsOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         return self.overlay.write(fh, off, buf)
 
-    @fuse_errors
-    async def flush(self, fh):
-        self.overlay.handle(fh)
+    # No flush(): rofs buffers nothing and leaves locks to the kernel, so the ENOSYS of
+    # pyfuse3's default tells the kernel to stop sending FLUSH on every close().
 
     @fuse_errors
     async def release(self, fh):

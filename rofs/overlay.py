@@ -274,6 +274,8 @@ class Overlay:
     def _stat(self, node: Node) -> os.stat_result:
         if node is self.root:
             return os.fstat(self.upper.root_fd)
+        if not node.links and node.keep_fd >= 0:
+            return os.fstat(node.keep_fd)
         if node.upper:
             if node.links:
                 parent, name = node.links[0]
@@ -351,10 +353,12 @@ class Overlay:
             return proc_path(self.upper_dirfd(parent), name), False
         if node.open_fds:
             return next(iter(node.open_fds)), True
+        if node.keep_fd >= 0:
+            return b"/proc/self/fd/%d" % node.keep_fd, True
         raise _err(errno.ENOENT)
 
     def _any_target(self, node: Node) -> tuple[bytes | int, bool]:
-        if node.upper:
+        if node.upper or node.keep_fd >= 0:
             return self._upper_target(node)
         return self.lower.xattr_path(node.lower), False
 
@@ -681,16 +685,38 @@ class Overlay:
 
     # --------------------------------------------------------------- removal
 
-    def unlink(self, parent: Node, name: bytes) -> None:
-        node = self.lookup(parent, name)
-        if node is None:
-            raise _err(errno.ENOENT)
-        if node.is_dir:
-            raise _err(errno.EISDIR)
-        if stat.S_ISLNK(node.mode) and len(node.links) == 1:
-            self.readlink(node)  # still answerable if the kernel asks after the removal
+    async def unlink(self, parent: Node, name: bytes) -> None:
+        while True:
+            node = self.lookup(parent, name)
+            if node is None:
+                raise _err(errno.ENOENT)
+            if node.is_dir:
+                raise _err(errno.EISDIR)
+            if not self._lower_hard_link(node):
+                break
+            await self.copy_up(node)
+        self._losing_name(node)
         self._remove_entry(parent, name, node)
         self.table.remove_link(node, parent, name)
+
+    def _lower_hard_link(self, node: Node) -> bool:
+        """A lower file with several names, not copied up: removing one of its names
+        must change its link count for good, so it is copied up first (through the
+        index if some names are unknown), like overlayfs index=on does."""
+        return (not node.upper and not node.is_dir and node.lower is not None
+                and self.lower.stat(node.lower).st_nlink > 1)
+
+    def _losing_name(self, node: Node) -> None:
+        """`node` is about to lose a name.  If it is the last one, keep what the kernel
+        may still ask for: a symlink's target, and the object itself (O_PATH)."""
+        if len(node.links) != 1:
+            return
+        if stat.S_ISLNK(node.mode):
+            self.readlink(node)
+        if node.upper and node.keep_fd < 0 and (node.lookups > 0 or node.open_fds):
+            parent, name = node.links[0]
+            node.keep_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   dir_fd=self.upper_dirfd(parent))
 
     def rmdir(self, parent: Node, name: bytes) -> None:
         node = self.lookup(parent, name)
@@ -702,6 +728,7 @@ class Overlay:
             raise _err(errno.EBUSY if node is self.root else errno.EINVAL)
         if self.list_names(node):
             raise _err(errno.ENOTEMPTY)
+        self._losing_name(node)
         self._remove_entry(parent, name, node)
         self._kill_dir(node)
         self.table.remove_link(node, parent, name)
@@ -764,6 +791,9 @@ class Overlay:
             if exchange and not dst.upper:
                 await self.copy_up(dst)
                 continue
+            if not exchange and dst is not None and self._lower_hard_link(dst):
+                await self.copy_up(dst)
+                continue
             break
         # Synchronous from here: nothing else runs until the rename is done.
         self._ensure_dir_upper(src_parent)
@@ -779,8 +809,8 @@ class Overlay:
             self.table.swap_links(src, src_parent, src_name, dst, dst_parent, dst_name)
             return
         leave_whiteout = self._lower_has(src_parent, src_name)
-        if dst is not None and stat.S_ISLNK(dst.mode) and len(dst.links) == 1:
-            self.readlink(dst)  # the replaced link may still be asked for
+        if dst is not None:
+            self._losing_name(dst)
         existing = self.upper.try_stat(dup, dst_name)
         if existing is not None and stat.S_ISDIR(existing.st_mode):
             self._empty_for_replace(dup, dst_name)
@@ -964,8 +994,10 @@ class Overlay:
         if node.links:
             parent, name = node.links[0]
             return os.open(name, flags, dir_fd=self.upper_dirfd(parent))
-        if node.open_fds:  # unlinked, reopened through /proc/PID/fd
-            return os.open(proc_path(next(iter(node.open_fds))), flags & ~os.O_NOFOLLOW)
+        # unlinked, reopened through /proc/PID/fd
+        for fd in (*node.open_fds, node.keep_fd):
+            if fd >= 0:
+                return os.open(b"/proc/self/fd/%d" % fd, flags & ~os.O_NOFOLLOW)
         raise _err(errno.ENOENT)
 
     def handle(self, fh: int) -> FileHandle:

@@ -226,36 +226,55 @@ def test_link_count_through_every_name(mounted):
     assert os.lstat(names[2]).st_uid == 7
 
 
-def test_reused_upper_inode_number_is_a_new_inode(mounted, remount):
-    """The state filesystem may give a deleted file's inode number to a new file while
-    the kernel still caches the old inode (here: held by an O_PATH descriptor).  The new
-    file must be a new inode to the kernel, with its own content, and keep its number."""
+def test_deleted_file_held_by_the_kernel_keeps_its_inode(mounted, remount):
+    """A file whose last name is removed while the kernel still holds it (here an O_PATH
+    descriptor, like a cwd or an open FIFO) stays a live inode: fstat works and shows
+    nlink 0, and its number is not given to a new file while it is held (the state
+    filesystem would otherwise reuse it and the kernel would confuse the two)."""
     m = mounted
-    upper = os.path.join(m["state"], m["mnt"].lstrip("/"))
-    for attempt in range(200):
-        old = os.path.join(m["mnt"], "old%d" % attempt)
-        with open(old, "w") as f:
-            f.write("old")
-        held = os.open(old, os.O_PATH)
-        old_number = os.lstat(os.path.join(upper, "old%d" % attempt)).st_ino
-        os.unlink(old)
-        new = os.path.join(m["mnt"], "new%d" % attempt)
-        with open(new, "w") as f:
-            f.write("new content")
-        reused = os.lstat(os.path.join(upper, "new%d" % attempt)).st_ino == old_number
-        if reused:
-            break
-        os.close(held)
-    else:
-        pytest.skip("the state filesystem never reused an inode number")
+    old = os.path.join(m["mnt"], "old")
+    with open(old, "w") as f:
+        f.write("old")
+    held = os.open(old, os.O_PATH)
     try:
-        assert read(new) == b"new content"
-        st = os.lstat(new)
-        assert st.st_nlink == 1 and st.st_size == 11
-        number = st.st_ino
+        number = os.fstat(held).st_ino
+        os.unlink(old)
+        st = os.fstat(held)
+        assert (st.st_nlink, st.st_size, st.st_ino) == (0, 3, number)
+        created = []
+        for i in range(50):
+            path = os.path.join(m["mnt"], "new%d" % i)
+            with open(path, "w") as f:
+                f.write("new %d" % i)
+            created.append((path, os.lstat(path).st_ino))
+        assert number not in {ino for _, ino in created}
     finally:
         os.close(held)
     m["proc"].stop()
     remount()
-    assert os.lstat(new).st_ino == number
-    assert read(new) == b"new content"
+    for i, (path, ino) in enumerate(created):
+        assert os.lstat(path).st_ino == ino
+        assert read(path) == b"new %d" % i
+
+
+def test_open_fifo_after_unlink(mounted):
+    m = mounted
+    os.utime(os.path.join(m["mnt"], "fifo"))  # copied up
+    fd = os.open(os.path.join(m["mnt"], "fifo"), os.O_RDWR | os.O_NONBLOCK)
+    try:
+        os.unlink(os.path.join(m["mnt"], "fifo"))
+        st = os.fstat(fd)
+        assert stat.S_ISFIFO(st.st_mode) and st.st_nlink == 0
+    finally:
+        os.close(fd)
+
+
+def test_unlink_one_name_of_a_lower_hard_link(mounted, remount):
+    m = mounted
+    os.lstat(os.path.join(m["mnt"], "passwd-hardlink"))
+    os.unlink(os.path.join(m["mnt"], "passwd"))
+    assert os.lstat(os.path.join(m["mnt"], "passwd-hardlink")).st_nlink == 1
+    m["proc"].stop()
+    remount()
+    assert os.lstat(os.path.join(m["mnt"], "passwd-hardlink")).st_nlink == 1
+    assert not os.path.exists(os.path.join(m["mnt"], "passwd"))

@@ -104,7 +104,7 @@ def test_concurrent_copy_ups_happen_once(ov):
 
 
 def test_unlink_and_whiteout(ov):
-    ov.unlink(ov.root, b"shadow")
+    trio.run(ov.unlink, ov.root, b"shadow")
     assert ov.lookup(ov.root, b"shadow") is None
     assert b"shadow" not in ov.list_names(ov.root)
     st = os.lstat(os.path.join(ov.paths["upper"], "shadow"))
@@ -146,7 +146,7 @@ def test_readdir_snapshot_offsets(ov):
     assert b"passwd" in names and len(set(names)) == len(names)
     offset = first[2][0]
     victim = next(name for _, name, node in first[3:] if not node.is_dir)
-    ov.unlink(ov.root, victim)
+    trio.run(ov.unlink, ov.root, victim)
     ov.mkdir(ov.root, b"added-later", 0o755, 0, 0)
     rest = [name for _, name, _ in ov.readdir(dh, offset)]
     assert rest == [n for n in names[3:] if n != victim]
@@ -224,11 +224,11 @@ def test_readlink_after_unlink_answers_from_memory(ov):
     """A path walk may ask for a link's target after another process removed it."""
     link = walk(ov, "link")
     ov.remember(link)
-    ov.unlink(ov.root, b"link")
+    trio.run(ov.unlink, ov.root, b"link")
     assert ov.readlink(link) == b"passwd"
     created = ov.symlink(ov.root, b"new", b"target", 0, 0)
     ov.remember(created)
-    ov.unlink(ov.root, b"new")
+    trio.run(ov.unlink, ov.root, b"new")
     assert ov.readlink(created) == b"target"
 
 
@@ -237,7 +237,7 @@ def test_reused_number_gets_next_generation(ov):
     node = first.node
     ov.remember(node, 3)
     ov.release(first.fd)
-    ov.unlink(ov.root, b"a1")
+    trio.run(ov.unlink, ov.root, b"a1")
     # pretend the filesystem reused the number: resolve a new object with that backing
     fresh = ov.table.find_or_add(ov.root, b"b1", stat.S_IFREG, upper=True, lower=None,
                                  backing=node.backing)

@@ -1,0 +1,595 @@
+#!/usr/bin/env python3
+"""Benchmark rofs side by side with a native directory, kernel overlayfs,
+fuse-overlayfs and unionfs-fuse, over the same lower tree.
+
+    python benchmarks/run.py            # full run (several minutes)
+    python benchmarks/run.py --quick    # small sizes, one round (CI smoke test)
+
+Every filesystem is mounted fresh (empty upper layer) for every workload in every round,
+and rounds interleave the filesystems, so machine noise spreads over all of them.  Cold
+workloads drop the kernel's caches first (and run on a fresh mount).  Reported: the
+median time and its spread (min-max) over rounds, the ratio to native, to kernel
+overlayfs and to fuse-overlayfs (higher is better: ratio = their time / our time), the
+daemon's CPU time and its peak RSS.
+
+Results go to stdout (a table), benchmarks/results/latest.json and, when matplotlib is
+installed, benchmarks/results/latest.png.  Needs root (mounts, drop_caches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+PEERS = {"fuse-overlayfs": "fuse-overlayfs", "unionfs-fuse": "unionfs-fuse"}
+
+
+# ---------------------------------------------------------------- the lower tree
+
+
+@dataclass
+class Sizes:
+    etc_copies: int  # copies of an /etc-like tree
+    small_files: int  # small files (1-4 KiB) spread over directories
+    big_mib: int  # the big file for sequential reads and copy-up
+    big_dir: int  # entries in the big directory
+    open_read: int  # open+read+close iterations
+    stats: int  # stat calls
+    passwd_cycles: int
+    copyup_small: int
+    churn: int
+    rounds: int
+
+
+FULL = Sizes(etc_copies=2, small_files=10_000, big_mib=256, big_dir=10_000, open_read=20_000,
+             stats=20_000, passwd_cycles=300, copyup_small=1_000, churn=2_000, rounds=3)
+QUICK = Sizes(etc_copies=1, small_files=300, big_mib=4, big_dir=300, open_read=300,
+              stats=300, passwd_cycles=10, copyup_small=30, churn=30, rounds=1)
+
+
+def build_lower(root: str, sizes: Sizes) -> None:
+    marker = os.path.join(root, ".complete")
+    if os.path.exists(marker):
+        return
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    os.makedirs(root)
+    for i in range(sizes.etc_copies):
+        subprocess.run(["cp", "-a", "--no-preserve=links", "/etc", os.path.join(root, "etc%d" % i)],
+                       check=False, stderr=subprocess.DEVNULL)
+    small = os.path.join(root, "small")
+    for i in range(sizes.small_files):
+        d = os.path.join(small, "d%02d" % (i % 50))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "f%05d" % i), "wb") as f:
+            f.write(os.urandom(1024 + (i * 37) % 3072))
+    big_dir = os.path.join(root, "bigdir")
+    os.makedirs(big_dir)
+    for i in range(sizes.big_dir):
+        with open(os.path.join(big_dir, "entry-%05d" % i), "w") as f:
+            f.write("x")
+    with open(os.path.join(root, "passwd"), "w") as f:
+        f.write("".join("user%d:x:%d:%d::/home/user%d:/bin/sh\n" % (i, 1000 + i, 1000 + i, i)
+                        for i in range(40)))
+    with open(os.path.join(root, "big"), "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(sizes.big_mib):
+            f.write(chunk)
+    with open(marker, "w") as f:
+        f.write("ok")
+
+
+# ---------------------------------------------------------------- filesystems
+
+
+def mounted_fstype(path: str) -> str | None:
+    fstype = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == path:
+                fstype = fields[fields.index("-") + 1]
+    return fstype
+
+
+def wait_mounted(path: str, fstype: str, proc: subprocess.Popen | None, timeout=30) -> None:
+    deadline = time.monotonic() + timeout
+    while mounted_fstype(path) != fstype:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("%s exited before mounting" % fstype)
+        if time.monotonic() > deadline:
+            raise RuntimeError("%s did not mount" % fstype)
+        time.sleep(0.01)
+    os.stat(path)
+
+
+class Filesystem:
+    name = ""
+    fuse = True
+
+    def __init__(self, lower: str, scratch: str) -> None:
+        self.lower = lower
+        self.scratch = scratch
+        self.proc: subprocess.Popen | None = None
+        self.mnt = ""
+
+    def available(self) -> str | None:
+        return None
+
+    def mount(self, writable: bool) -> str:
+        raise NotImplementedError
+
+    def unmount(self) -> None:
+        if self.mnt and mounted_fstype(self.mnt):
+            if subprocess.run(["umount", self.mnt], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", self.mnt], capture_output=True)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def fresh(self) -> tuple[str, str, str]:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        upper, work, mnt = (os.path.join(self.scratch, n) for n in ("upper", "work", "mnt"))
+        for d in (upper, work, mnt):
+            os.makedirs(d)
+        self.mnt = mnt
+        return upper, work, mnt
+
+    def cpu_seconds(self) -> float | None:
+        if self.proc is None:
+            return None
+        try:
+            with open("/proc/%d/stat" % self.proc.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            return None
+
+    def peak_rss_kib(self) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            with open("/proc/%d/status" % self.proc.pid) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+
+class Native(Filesystem):
+    name = "native"
+    fuse = False
+
+    def mount(self, writable: bool) -> str:
+        if not writable:
+            self.mnt = ""
+            return self.lower
+        _, _, mnt = self.fresh()
+        os.rmdir(mnt)
+        subprocess.run(["cp", "-a", "--reflink=auto", self.lower, mnt], check=True)
+        self.mnt = ""
+        return mnt
+
+
+class KernelOverlay(Filesystem):
+    name = "kernel-overlayfs"
+    fuse = False
+
+    def mount(self, writable: bool) -> str:
+        upper, work, mnt = self.fresh()
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        "lowerdir=%s,upperdir=%s,workdir=%s" % (self.lower, upper, work), mnt],
+                       check=True)
+        return mnt
+
+
+class FuseOverlayfs(Filesystem):
+    name = "fuse-overlayfs"
+
+    def available(self) -> str | None:
+        return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs not installed"
+
+    def mount(self, writable: bool) -> str:
+        upper, work, mnt = self.fresh()
+        self.proc = subprocess.Popen(
+            ["fuse-overlayfs", "-f", "-o", "lowerdir=%s,upperdir=%s,workdir=%s" % (
+                self.lower, upper, work), mnt], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        wait_mounted(mnt, "fuse.fuse-overlayfs", self.proc)
+        return mnt
+
+
+class UnionfsFuse(Filesystem):
+    name = "unionfs-fuse"
+
+    def available(self) -> str | None:
+        return None if shutil.which("unionfs") else "unionfs-fuse not installed"
+
+    def mount(self, writable: bool) -> str:
+        upper, _, mnt = self.fresh()
+        self.proc = subprocess.Popen(
+            ["unionfs", "-f", "-o", "cow,use_ino", "%s=RW:%s=RO" % (upper, self.lower), mnt],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_mounted(mnt, "fuse.unionfs", self.proc)
+        return mnt
+
+
+class Rofs(Filesystem):
+    name = "rofs"
+
+    def mount(self, writable: bool) -> str:
+        _, _, mnt = self.fresh()
+        state = os.path.join(self.scratch, "state")
+        self.proc = subprocess.Popen([sys.executable, "-m", "rofs", mnt, "--lower", self.lower,
+                                      "--state", state, "-f"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_mounted(mnt, "fuse.rofs", self.proc)
+        return mnt
+
+
+ALL_FS = [Native, KernelOverlay, FuseOverlayfs, UnionfsFuse, Rofs]
+
+
+def ensure_peers() -> list[str]:
+    """Install the peer FUSE overlays when missing (Debian); say what stays missing."""
+    missing = [pkg for binary, pkg in (("fuse-overlayfs", "fuse-overlayfs"),
+                                       ("unionfs", "unionfs-fuse")) if not shutil.which(binary)]
+    if missing and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing],
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [pkg for binary, pkg in (("fuse-overlayfs", "fuse-overlayfs"),
+                                    ("unionfs", "unionfs-fuse")) if not shutil.which(binary)]
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def walk(root: str) -> int:
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lstat(os.path.join(dirpath, name))
+            count += 1
+    return count
+
+
+def small_files(root: str) -> list[str]:
+    out = []
+    small = os.path.join(root, "small")
+    for d in sorted(os.listdir(small)):
+        out += [os.path.join(small, d, f) for f in sorted(os.listdir(os.path.join(small, d)))]
+    return out
+
+
+def read_all(paths: list[str]) -> None:
+    for path in paths:
+        with open(path, "rb") as f:
+            f.read()
+
+
+def seq_read(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while os.read(fd, 1 << 20):
+            pass
+    finally:
+        os.close(fd)
+
+
+def open_read_close(path: str, n: int) -> None:
+    for _ in range(n):
+        fd = os.open(path, os.O_RDONLY)
+        os.read(fd, 65536)
+        os.close(fd)
+
+
+def passwd_cycle(root: str, n: int) -> None:
+    block = b"p" * 4096
+    target = os.path.join(root, "passwd")
+    for i in range(n):
+        tmp = os.path.join(root, "npasswd")
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        os.write(fd, block)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(tmp, target)
+        mine = os.path.join(root, "passwd.%d" % i)
+        fd = os.open(mine, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.link(mine, os.path.join(root, "passwd.lock"))
+        os.unlink(os.path.join(root, "passwd.lock"))
+        os.unlink(mine)
+
+
+def copy_up(paths: list[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.write(fd, b"+")
+        os.close(fd)
+
+
+def churn(root: str, n: int) -> None:
+    d = os.path.join(root, "churn")
+    os.mkdir(d)
+    for i in range(n):
+        p = os.path.join(d, "f%d" % i)
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+        os.unlink(p)
+        q = os.path.join(d, "d%d" % i)
+        os.mkdir(q)
+        os.rmdir(q)
+
+
+def two_processes(root: str, n: int) -> None:
+    path = os.path.join(root, "passwd")
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.starmap(_worker, [(path, small_files(root)[: n // 4], n), ] * 2)
+
+
+def _worker(path: str, files: list[str], n: int) -> None:
+    open_read_close(path, n)
+    for p in files:
+        os.stat(p)
+
+
+@dataclass
+class Workload:
+    name: str
+    what: str
+    writable: bool = False
+    cold: bool = False
+    ops: int = 1
+    run: object = None  # (root, sizes) -> None
+    prepare: object = None  # (root, sizes) -> state passed to run
+    extra: dict = field(default_factory=dict)
+
+
+def workloads(sizes: Sizes) -> list[Workload]:
+    return [
+        Workload("walk_cold", "walk + lstat of the tree, cold caches", cold=True,
+                 run=lambda r, s, p: walk(r)),
+        Workload("walk_hot", "walk + lstat, second time", prepare=lambda r, s: walk(r),
+                 run=lambda r, s, p: walk(r)),
+        Workload("open_read_close", "%d x open+read+close of a passwd-sized file"
+                 % sizes.open_read, prepare=lambda r, s: open_read_close(
+                     os.path.join(r, "passwd"), 1),
+                 run=lambda r, s, p: open_read_close(os.path.join(r, "passwd"), s.open_read),
+                 ops=sizes.open_read),
+        Workload("stat_fixed", "%d x stat of a fixed set of 100 paths" % sizes.stats,
+                 prepare=lambda r, s: small_files(r)[:100],
+                 run=lambda r, s, p: [os.stat(x) for _ in range(s.stats // 100) for x in p],
+                 ops=sizes.stats),
+        Workload("read_small_cold", "read %d small files, cold" % sizes.small_files, cold=True,
+                 prepare=lambda r, s: small_files(r), run=lambda r, s, p: read_all(p),
+                 ops=sizes.small_files),
+        Workload("read_small_warm", "read %d small files, warm" % sizes.small_files,
+                 prepare=lambda r, s: (lambda files: (read_all(files), files)[1])(
+                     small_files(r)),
+                 run=lambda r, s, p: read_all(p), ops=sizes.small_files),
+        Workload("seq_read_cold", "%d MiB sequential read, cold" % sizes.big_mib, cold=True,
+                 run=lambda r, s, p: seq_read(os.path.join(r, "big"))),
+        Workload("seq_read_warm", "%d MiB sequential read, warm" % sizes.big_mib,
+                 prepare=lambda r, s: seq_read(os.path.join(r, "big")),
+                 run=lambda r, s, p: seq_read(os.path.join(r, "big"))),
+        Workload("passwd_cycle", "%d x passwd cycle (tmp+4KiB+fsync+rename+link lock)"
+                 % sizes.passwd_cycles, writable=True,
+                 run=lambda r, s, p: passwd_cycle(r, s.passwd_cycles), ops=sizes.passwd_cycles),
+        Workload("copyup_small", "copy-up of %d small lower files" % sizes.copyup_small,
+                 writable=True, prepare=lambda r, s: small_files(r)[: s.copyup_small],
+                 run=lambda r, s, p: copy_up(p), ops=sizes.copyup_small),
+        Workload("copyup_big", "copy-up of the %d MiB file" % sizes.big_mib, writable=True,
+                 run=lambda r, s, p: copy_up([os.path.join(r, "big")])),
+        Workload("churn", "%d x create+unlink and mkdir+rmdir" % sizes.churn, writable=True,
+                 run=lambda r, s, p: churn(r, s.churn), ops=sizes.churn),
+        Workload("readdir_10k_first", "first listing of a %d-entry directory" % sizes.big_dir,
+                 run=lambda r, s, p: os.listdir(os.path.join(r, "bigdir"))),
+        Workload("readdir_10k_again", "second listing of it",
+                 prepare=lambda r, s: os.listdir(os.path.join(r, "bigdir")),
+                 run=lambda r, s, p: os.listdir(os.path.join(r, "bigdir"))),
+        Workload("two_processes", "2 processes: open+read+close and stat, at once",
+                 run=lambda r, s, p: two_processes(r, s.open_read), ops=2 * sizes.open_read),
+    ]
+
+
+# ---------------------------------------------------------------- running
+
+
+def run(args) -> dict:
+    sizes = QUICK if args.quick else FULL
+    if args.rounds:
+        sizes.rounds = args.rounds
+    base = args.workdir or os.path.join(tempfile.gettempdir(), "rofs-bench-%s" % (
+        "quick" if args.quick else "full"))
+    lower = os.path.join(base, "lower")
+    build_lower(lower, sizes)
+    notes = []
+    missing = ensure_peers()
+    for pkg in missing:
+        notes.append("%s is not installed and could not be installed: skipped" % pkg)
+    systems = []
+    for cls in ALL_FS:
+        if args.only and cls.name not in args.only:
+            continue
+        fs = cls(lower, os.path.join(base, "mnt-" + cls.name))
+        reason = fs.available()
+        if reason:
+            notes.append("%s skipped: %s" % (cls.name, reason))
+            continue
+        systems.append(fs)
+    chosen = [w for w in workloads(sizes) if not args.workloads or w.name in args.workloads]
+    samples: dict[str, dict[str, list[float]]] = {w.name: {} for w in chosen}
+    cpu: dict[str, dict[str, list[float]]] = {w.name: {} for w in chosen}
+    rss: dict[str, int] = {}
+    for round_no in range(sizes.rounds):
+        for w in chosen:
+            order = systems if round_no % 2 == 0 else list(reversed(systems))
+            for fs in order:
+                root = fs.mount(w.writable)
+                try:
+                    prepared = w.prepare(root, sizes) if w.prepare else None
+                    if w.cold:
+                        drop_caches()
+                    cpu0 = fs.cpu_seconds()
+                    t0 = time.perf_counter()
+                    w.run(root, sizes, prepared)
+                    elapsed = time.perf_counter() - t0
+                    cpu1 = fs.cpu_seconds()
+                    samples[w.name].setdefault(fs.name, []).append(elapsed)
+                    if cpu0 is not None and cpu1 is not None:
+                        cpu[w.name].setdefault(fs.name, []).append(cpu1 - cpu0)
+                    peak = fs.peak_rss_kib()
+                    if peak:
+                        rss[fs.name] = max(rss.get(fs.name, 0), peak)
+                finally:
+                    fs.unmount()
+                if not args.json_only:
+                    print("round %d %-18s %-16s %8.3fs" % (round_no + 1, w.name, fs.name,
+                                                          elapsed), file=sys.stderr)
+    return report(chosen, systems, samples, cpu, rss, sizes, notes, args)
+
+
+def report(chosen, systems, samples, cpu, rss, sizes, notes, args) -> dict:
+    names = [fs.name for fs in systems]
+    rows = []
+    for w in chosen:
+        row = {"workload": w.name, "what": w.what, "ops": w.ops, "results": {}}
+        for name in names:
+            times = samples[w.name].get(name)
+            if not times:
+                continue
+            med = statistics.median(times)
+            row["results"][name] = {
+                "median_s": med, "min_s": min(times), "max_s": max(times),
+                "per_op_us": med / w.ops * 1e6,
+                "daemon_cpu_s": statistics.median(cpu[w.name][name])
+                if cpu[w.name].get(name) else None}
+        for name, res in row["results"].items():
+            for ref in ("native", "kernel-overlayfs", "fuse-overlayfs"):
+                if ref in row["results"]:
+                    res["ratio_to_" + ref] = row["results"][ref]["median_s"] / res["median_s"]
+        rows.append(row)
+    data = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
+            "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick,
+            "rounds": sizes.rounds, "filesystems": names, "notes": notes,
+            "peak_rss_kib": rss, "workloads": rows}
+    print_table(data)
+    results = args.results or RESULTS
+    os.makedirs(results, exist_ok=True)
+    stem = "quick" if args.quick else "latest"
+    with open(os.path.join(results, stem + ".json"), "w") as f:
+        json.dump(data, f, indent=1)
+    chart(data, os.path.join(results, stem + ".png"))
+    return data
+
+
+def print_table(data: dict) -> None:
+    names = data["filesystems"]
+    print("\nmedian seconds (min-max over %d rounds); x = speed relative to native "
+          "(1.0 = as fast)" % data["rounds"])
+    header = "%-18s" % "workload" + "".join("%27s" % n for n in names)
+    print(header)
+    for row in data["workloads"]:
+        line = "%-18s" % row["workload"]
+        for n in names:
+            r = row["results"].get(n)
+            if r is None:
+                line += "%27s" % "-"
+                continue
+            ratio = r.get("ratio_to_native")
+            line += "%27s" % ("%.4f (%.4f-%.4f) %s" % (
+                r["median_s"], r["min_s"], r["max_s"],
+                "x%.2f" % ratio if ratio is not None else ""))
+        print(line)
+    if "rofs" in names:
+        print("\nrofs vs peers (their time / rofs time; >= 1 means rofs is as fast or faster):")
+        for row in data["workloads"]:
+            r = row["results"].get("rofs")
+            if not r:
+                continue
+            parts = ["%s %.2f" % (ref, r["ratio_to_" + ref]) for ref in
+                     ("kernel-overlayfs", "fuse-overlayfs") if "ratio_to_" + ref in r]
+            cpu = r.get("daemon_cpu_s")
+            print("  %-18s %s%s" % (row["workload"], ", ".join(parts),
+                                    "  (daemon CPU %.3fs)" % cpu if cpu is not None else ""))
+    if data["peak_rss_kib"]:
+        print("\npeak daemon RSS: " + ", ".join("%s %d MiB" % (k, v // 1024)
+                                                for k, v in data["peak_rss_kib"].items()))
+    for note in data["notes"]:
+        print("note:", note)
+
+
+def chart(data: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib not installed, no chart", file=sys.stderr)
+        return
+    names = [n for n in data["filesystems"] if n != "native"]
+    rows = [r for r in data["workloads"] if "native" in r["results"]]
+    fig, ax = plt.subplots(figsize=(12, 6))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = [r["results"].get(name, {}).get("ratio_to_native", 0) for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], values, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(rows))])
+    ax.set_xticklabels([r["workload"] for r in rows], rotation=40, ha="right")
+    ax.set_ylabel("speed relative to native (higher is better)")
+    ax.set_yscale("log")
+    ax.set_title("rofs benchmark %s (%s)" % (data["date"], "quick" if data["quick"] else
+                                             "%d rounds" % data["rounds"]))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one round")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
+    parser.add_argument("--only", type=lambda s: s.split(","),
+                        help="comma-separated filesystems, e.g. native,rofs")
+    parser.add_argument("--workloads", type=lambda s: s.split(","),
+                        help="comma-separated workload names")
+    parser.add_argument("--workdir", help="where to build the lower tree and mount")
+    parser.add_argument("--results", help="output directory (default benchmarks/results)")
+    parser.add_argument("--json-only", action="store_true", help="no per-run progress")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("benchmarks/run.py: needs root (mounts, drop_caches)", file=sys.stderr)
+        return 2
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
