@@ -489,7 +489,7 @@ def report(chosen, systems, samples, cpu, rss, sizes, notes, args) -> dict:
                 "per_op_us": med / w.ops * 1e6,
                 "daemon_cpu_s": statistics.median(cpu[w.name][name])
                 if cpu[w.name].get(name) else None}
-        for name, res in row["results"].items():
+        for res in row["results"].values():
             for ref in ("native", "kernel-overlayfs", "fuse-overlayfs"):
                 if ref in row["results"]:
                     res["ratio_to_" + ref] = row["results"][ref]["median_s"] / res["median_s"]
