@@ -2,10 +2,11 @@
 (redirect_dir=on, index=on) over identical lowers; after every step, everything a user
 can observe must agree, and so must the errno of every failing call.
 
-CI runs a bounded number of examples; ROFS_DIFF_EXAMPLES / ROFS_DIFF_STEPS run a soak:
+CI runs a bounded number of examples; ROFS_DIFF_EXAMPLES / ROFS_DIFF_STEPS run a soak,
+and ROFS_DIFF_REPORT=FILE appends how many examples and operations were compared:
 
-    ROFS_DIFF_EXAMPLES=1000 ROFS_DIFF_STEPS=50 .venv/bin/python -m pytest \
-        tests/test_differential.py
+    ROFS_DIFF_EXAMPLES=1000 ROFS_DIFF_STEPS=50 ROFS_DIFF_REPORT=/tmp/soak.txt \
+        .venv/bin/python -m pytest tests/test_differential.py
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 pytestmark = pytest.mark.fuse
 
 EXAMPLES = int(os.environ.get("ROFS_DIFF_EXAMPLES", "25"))
+REPORT = os.environ.get("ROFS_DIFF_REPORT")
+COUNTS = {"examples": 0, "operations": 0}
 STEPS = int(os.environ.get("ROFS_DIFF_STEPS", "25"))
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -191,6 +194,10 @@ class OverlayVsKernel(RuleBasedStateMachine):
             raise
 
     def teardown(self):
+        COUNTS["examples"] += 1
+        if REPORT:
+            with open(REPORT, "w") as f:
+                f.write("examples %(examples)d operations %(operations)d\n" % COUNTS)
         if self.kernel_mnt:
             subprocess.run(["umount", "-l", self.kernel_mnt])
         errors = []
@@ -202,6 +209,7 @@ class OverlayVsKernel(RuleBasedStateMachine):
         assert not errors, errors
 
     def both(self, op, uid=None):
+        COUNTS["operations"] += 1
         results = []
         for root in self.roots:
             with as_user(uid):
