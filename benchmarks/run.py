@@ -512,17 +512,17 @@ def print_table(data: dict) -> None:
     names = data["filesystems"]
     print("\nmedian seconds (min-max over %d rounds); x = speed relative to native "
           "(1.0 = as fast)" % data["rounds"])
-    header = "%-18s" % "workload" + "".join("%27s" % n for n in names)
+    header = "%-18s" % "workload" + "".join("%30s" % n for n in names)
     print(header)
     for row in data["workloads"]:
         line = "%-18s" % row["workload"]
         for n in names:
             r = row["results"].get(n)
             if r is None:
-                line += "%27s" % "-"
+                line += "%30s" % "-"
                 continue
             ratio = r.get("ratio_to_native")
-            line += "%27s" % ("%.4f (%.4f-%.4f) %s" % (
+            line += "%30s" % ("%.4f (%.4f-%.4f) %s" % (
                 r["median_s"], r["min_s"], r["max_s"],
                 "x%.2f" % ratio if ratio is not None else ""))
         print(line)
