@@ -10,7 +10,8 @@ and rounds interleave the filesystems, so machine noise spreads over all of them
 workloads drop the kernel's caches first (and run on a fresh mount).  Reported: the
 median time and its spread (min-max) over rounds, the ratio to native, to kernel
 overlayfs and to fuse-overlayfs (higher is better: ratio = their time / our time), the
-daemon's CPU time and its peak RSS.
+daemon's CPU time and its peak RSS, and, from a separate untimed pass, the number of FUSE
+requests per operation (kernel tracepoint fuse:fuse_request_send).
 
 Results go to stdout (a table), benchmarks/results/latest.json and, when matplotlib is
 installed, benchmarks/results/latest.png.  Needs root (mounts, drop_caches).
@@ -261,6 +262,73 @@ def ensure_peers() -> list[str]:
                                     ("unionfs", "unionfs-fuse")) if not shutil.which(binary)]
 
 
+# ---------------------------------------------------------------- request counting
+
+
+class RequestCounter:
+    """Counts FUSE requests per opcode with the kernel's fuse:fuse_request_send
+    tracepoint, filtered on one connection.  Used in a separate, untimed pass."""
+
+    TRACING = "/sys/kernel/tracing"
+    EVENT = "events/fuse/fuse_request_send"
+
+    def __init__(self) -> None:
+        self.mounted_here = False
+        self.reason: str | None = None
+        self.old_size: str | None = None
+        if not os.path.isdir(os.path.join(self.TRACING, "events")):
+            if subprocess.run(["mount", "-t", "tracefs", "nodev", self.TRACING],
+                              capture_output=True).returncode == 0:
+                self.mounted_here = True
+        if not os.path.isdir(os.path.join(self.TRACING, self.EVENT)):
+            self.reason = "no fuse:fuse_request_send tracepoint (kernel too old or no tracefs)"
+            return
+        self.old_size = self._read("buffer_size_kb").strip()
+        self._write("buffer_size_kb", "65536")
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.TRACING, name)
+
+    def _read(self, name: str) -> str:
+        with open(self._path(name)) as f:
+            return f.read()
+
+    def _write(self, name: str, value: str) -> None:
+        with open(self._path(name), "w") as f:
+            f.write(value)
+
+    def start(self, mountpoint: str) -> None:
+        dev = os.stat(mountpoint).st_dev
+        self._write(self.EVENT + "/filter", "connection == %d" % os.minor(dev))
+        self._write("trace", "")
+        self._write(self.EVENT + "/enable", "1")
+
+    def stop(self) -> tuple[dict[str, int], bool]:
+        """Counts per opcode name, and whether the buffer overflowed (counts too low)."""
+        self._write(self.EVENT + "/enable", "0")
+        counts: dict[str, int] = {}
+        with open(self._path("trace")) as f:
+            for line in f:
+                start = line.find("opcode ")
+                if start < 0:
+                    continue
+                name = line[line.find("(", start) + 1:line.find(")", start)]
+                counts[name.replace("FUSE_", "").lower()] = counts.get(
+                    name.replace("FUSE_", "").lower(), 0) + 1
+        overrun = any(int(line.split()[-1]) for cpu in os.listdir(self._path("per_cpu"))
+                      for line in self._read("per_cpu/%s/stats" % cpu).splitlines()
+                      if line.startswith("overrun"))
+        return counts, overrun
+
+    def close(self) -> None:
+        if self.reason is None:
+            self._write(self.EVENT + "/filter", "0")
+            if self.old_size:
+                self._write("buffer_size_kb", self.old_size)
+        if self.mounted_here:
+            subprocess.run(["umount", self.TRACING], capture_output=True)
+
+
 # ---------------------------------------------------------------- workloads
 
 
@@ -471,10 +539,40 @@ def run(args) -> dict:
                 if not args.json_only:
                     print("round %d %-18s %-16s %8.3fs" % (round_no + 1, w.name, fs.name,
                                                           elapsed), file=sys.stderr)
-    return report(chosen, systems, samples, cpu, rss, sizes, notes, args)
+    requests = count_requests(chosen, [fs for fs in systems if fs.fuse], sizes, notes,
+                              args) if not args.no_requests else {}
+    return report(chosen, systems, samples, cpu, rss, requests, sizes, notes, args)
 
 
-def report(chosen, systems, samples, cpu, rss, sizes, notes, args) -> dict:
+def count_requests(chosen, systems, sizes, notes, args) -> dict:
+    """One untimed pass per FUSE filesystem and workload, counting its FUSE requests."""
+    counter = RequestCounter()
+    out: dict[str, dict[str, dict]] = {w.name: {} for w in chosen}
+    try:
+        if counter.reason:
+            notes.append("FUSE requests not counted: " + counter.reason)
+            return {}
+        for w in chosen:
+            for fs in systems:
+                root = fs.mount(w.writable)
+                try:
+                    prepared = w.prepare(root, sizes) if w.prepare else None
+                    if w.cold:
+                        drop_caches()
+                    counter.start(root)
+                    w.run(root, sizes, prepared)
+                    counts, overrun = counter.stop()
+                finally:
+                    fs.unmount()
+                out[w.name][fs.name] = {"total": sum(counts.values()), "by_opcode": counts,
+                                        "per_op": sum(counts.values()) / w.ops,
+                                        "overflowed": overrun}
+    finally:
+        counter.close()
+    return out
+
+
+def report(chosen, systems, samples, cpu, rss, requests, sizes, notes, args) -> dict:
     names = [fs.name for fs in systems]
     rows = []
     for w in chosen:
@@ -488,7 +586,8 @@ def report(chosen, systems, samples, cpu, rss, sizes, notes, args) -> dict:
                 "median_s": med, "min_s": min(times), "max_s": max(times),
                 "per_op_us": med / w.ops * 1e6,
                 "daemon_cpu_s": statistics.median(cpu[w.name][name])
-                if cpu[w.name].get(name) else None}
+                if cpu[w.name].get(name) else None,
+                "fuse_requests": requests.get(w.name, {}).get(name)}
         for res in row["results"].values():
             for ref in ("native", "kernel-overlayfs", "fuse-overlayfs"):
                 if ref in row["results"]:
@@ -537,6 +636,17 @@ def print_table(data: dict) -> None:
             cpu = r.get("daemon_cpu_s")
             print("  %-18s %s%s" % (row["workload"], ", ".join(parts),
                                     "  (daemon CPU %.3fs)" % cpu if cpu is not None else ""))
+        if any(r["results"].get("rofs", {}).get("fuse_requests") for r in data["workloads"]):
+            fuse_names = [n for n in names if n in ("fuse-overlayfs", "unionfs-fuse", "rofs")]
+            print("\nFUSE requests per operation (untimed pass):")
+            print("%-18s" % "workload" + "".join("%16s" % n for n in fuse_names))
+            for row in data["workloads"]:
+                line = "%-18s" % row["workload"]
+                for n in fuse_names:
+                    req = row["results"].get(n, {}).get("fuse_requests")
+                    line += "%16s" % ("-" if not req else "%.2f%s" % (
+                        req["per_op"], "+" if req["overflowed"] else ""))
+                print(line)
     if data["peak_rss_kib"]:
         print("\npeak daemon RSS: " + ", ".join("%s %d MiB" % (k, v // 1024)
                                                 for k, v in data["peak_rss_kib"].items()))
@@ -582,6 +692,8 @@ def main(argv=None) -> int:
                         help="comma-separated workload names")
     parser.add_argument("--workdir", help="where to build the lower tree and mount")
     parser.add_argument("--results", help="output directory (default benchmarks/results)")
+    parser.add_argument("--no-requests", action="store_true",
+                        help="skip the untimed pass that counts FUSE requests")
     parser.add_argument("--json-only", action="store_true", help="no per-run progress")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
