@@ -9,12 +9,15 @@ A mount is started in the foreground as a subprocess, awaited until it shows up 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 ROFS = [sys.executable, "-m", "rofs"]
 
@@ -135,3 +138,68 @@ def fuse_missing() -> str | None:
     if os.geteuid() != 0:
         return "mount tests need root"
     return None
+
+
+def manifest(root: str) -> dict:
+    """Everything about every entry below root that must never change in a lower layer:
+    type and mode, owner, size, times, inode number, link count, content (read with
+    O_NOATIME), symlink target, xattrs.  Directory atimes are left out: listing a
+    directory to build the manifest may update them."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames + ["."]:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            data = b""
+            if stat.S_ISREG(st.st_mode):
+                fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+                with os.fdopen(fd, "rb") as f:
+                    data = hashlib.sha256(f.read()).digest()
+            elif stat.S_ISLNK(st.st_mode):
+                data = os.readlink(path).encode(errors="surrogateescape")
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
+                n: os.getxattr(path, n) for n in os.listxattr(path)}
+            atime = None if stat.S_ISDIR(st.st_mode) else st.st_atime_ns
+            out[os.path.relpath(path, root)] = (
+                st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                atime, st.st_ino, st.st_nlink, data, xattrs)
+    return out
+
+
+class Seen(NamedTuple):
+    mode: str
+    uid: int
+    gid: int
+    size: int | None  # None for directories
+    nlink: int | None  # None for directories (merged ones report 1, like overlayfs)
+    content: str | bytes | None  # digest of a file, target of a symlink
+    xattrs: list | None
+    mtime: int | None  # only when asked for, and not for directories
+
+
+def view(root, mtimes: bool = False) -> tuple[dict, list]:
+    """What a user sees below root: per entry a Seen, and which names share an inode."""
+    entries = {}
+    inodes: dict[int, list] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            content = None
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    content = hashlib.sha256(f.read()).hexdigest()[:16]
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            xattrs = None if stat.S_ISLNK(st.st_mode) else sorted(
+                (n, os.getxattr(path, n)) for n in os.listxattr(path))
+            entries[rel] = Seen(stat.filemode(st.st_mode), st.st_uid, st.st_gid,
+                                None if is_dir else st.st_size,
+                                None if is_dir else st.st_nlink, content, xattrs,
+                                st.st_mtime_ns if mtimes and not is_dir else None)
+            if not is_dir:
+                inodes.setdefault(st.st_ino, []).append(rel)
+    return entries, sorted(sorted(v) for v in inodes.values() if len(v) > 1)

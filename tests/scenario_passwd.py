@@ -10,17 +10,15 @@ Exit status 0 means every check passed; failures are printed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import ROFS, is_rofs_mounted, mounted_fstype  # noqa: E402
+from helpers import ROFS, is_rofs_mounted, manifest, mounted_fstype  # noqa: E402
 
 USERS = ["rofsp%02d" % i for i in range(20)]
 
@@ -32,27 +30,6 @@ def sh(cmd: str, stdin: str | None = None, check: bool = True) -> subprocess.Com
         raise AssertionError("%r failed (%d): %s%s" % (cmd, result.returncode, result.stdout,
                                                        result.stderr))
     return result
-
-
-def manifest(root: str) -> dict:
-    """Content, mode, owner and times of every entry below root (dir atimes aside:
-    listing a directory may touch them)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames + ["."]:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            data = b""
-            if stat.S_ISREG(st.st_mode):
-                fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
-                with os.fdopen(fd, "rb") as f:
-                    data = hashlib.sha256(f.read()).digest()
-            elif stat.S_ISLNK(st.st_mode):
-                data = os.readlink(path).encode()
-            atime = None if stat.S_ISDIR(st.st_mode) else st.st_atime_ns
-            out[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
-                                                st.st_mtime_ns, st.st_ctime_ns, atime, data)
-    return out
 
 
 def shadow_hash(user: str) -> str:
