@@ -250,16 +250,20 @@ class Rofs(Filesystem):
 ALL_FS = [Native, KernelOverlay, FuseOverlayfs, UnionfsFuse, Rofs]
 
 
-def ensure_peers() -> list[str]:
-    """Install the peer FUSE overlays when missing (Debian); say what stays missing."""
-    missing = [pkg for binary, pkg in (("fuse-overlayfs", "fuse-overlayfs"),
-                                       ("unionfs", "unionfs-fuse")) if not shutil.which(binary)]
+def ensure_peers(wanted: list[str] | None) -> list[str]:
+    """Install the selected peer FUSE overlays when missing (Debian: apt-get update, then
+    install); returns the ones still missing."""
+    peers = [(binary, pkg) for binary, pkg in (("fuse-overlayfs", "fuse-overlayfs"),
+                                               ("unionfs", "unionfs-fuse"))
+             if wanted is None or pkg in wanted]
+    missing = [pkg for binary, pkg in peers if not shutil.which(binary)]
     if missing and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing],
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return [pkg for binary, pkg in (("fuse-overlayfs", "fuse-overlayfs"),
-                                    ("unionfs", "unionfs-fuse")) if not shutil.which(binary)]
+    return [pkg for binary, pkg in peers if not shutil.which(binary)]
 
 
 # ---------------------------------------------------------------- request counting
@@ -497,7 +501,7 @@ def run(args) -> dict:
     lower = os.path.join(base, "lower")
     build_lower(lower, sizes)
     notes = []
-    missing = ensure_peers()
+    missing = ensure_peers(args.only)
     for pkg in missing:
         notes.append("%s is not installed and could not be installed: skipped" % pkg)
     systems = []

@@ -198,8 +198,13 @@ class Overlay:
         if st.st_nlink > 1 and self.index_fd is not None and not stat.S_ISDIR(st.st_mode):
             key = _index_key(st)
             if self.upper.try_stat(self.index_fd, key) is not None:
-                self._materialize(parent, name, key)
-                return self._resolve(parent, name)
+                try:
+                    self._materialize(parent, name, key)
+                except OSError as e:
+                    # Still reachable, with its lower content, under its own number.
+                    log.warning("cannot link %r to its copied-up hard link: %s", name, e)
+                else:
+                    return self._resolve(parent, name)
         return self.table.find_or_add(parent, name, st.st_mode, upper=False,
                                       lower=parent.lower + (name,),
                                       backing=("L", st.st_dev, st.st_ino))
