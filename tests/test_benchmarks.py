@@ -32,3 +32,33 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert data["peak_rss_kib"]["rofs"] > 0
     mnt = tmp_path / "work" / "mnt-rofs" / "mnt"
     assert not is_rofs_mounted(str(mnt))
+
+
+@pytest.mark.parametrize("script", ["raw_fuse_floor.py", "pyfuse3_floor.py"])
+def test_floor_prototypes_serve_their_file(tmp_path, script):
+    """The measurement prototypes of docs/performance.md still mount and answer."""
+    from helpers import mounted_fstype
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    path = os.path.join(os.path.dirname(RUN), script)
+    proc = subprocess.Popen([sys.executable, path, str(mnt)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        import time
+        deadline = time.monotonic() + 20
+        while mounted_fstype(str(mnt)) is None:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "did not mount"
+            time.sleep(0.02)
+        with open(mnt / "passwd", "rb") as f:
+            assert f.read().startswith(b"root:x:0:0:")
+        assert not (mnt / "other").exists()
+    finally:
+        if mounted_fstype(str(mnt)):
+            subprocess.run(["umount", "-l", str(mnt)])
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
