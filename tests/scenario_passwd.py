@@ -1,7 +1,9 @@
 """The seed's scenario, for real: shadow-utils on a read-only /etc, then on rofs.
 
-Run only inside a private mount namespace (`unshare -m --propagation private`); the
-pytest wrapper (test_seed_scenario.py) does that.  Everything here happens to a copy of
+Runs only inside a private mount namespace (`unshare -m --propagation private`) other
+than its caller's, whose namespace the caller passes in ROFS_CALLER_MNT_NS; anywhere
+else it refuses before touching anything.  The pytest wrapper (test_seed_scenario.py)
+does all that.  Everything here happens to a copy of
 /etc bound read-only over /etc in that namespace, and /home, /var/mail, /var/log and
 /var/spool are private tmpfs mounts, so the machine's real files are never touched.
 
@@ -219,7 +221,19 @@ def assert_same(result, baseline) -> None:
             result.stdout, result.stderr))
 
 
+def in_private_mount_namespace() -> bool:
+    """True only in a mount namespace other than the caller's: the scenario mounts over
+    /etc, which must never be the machine's /etc.  The caller (test_seed_scenario.py)
+    puts its own namespace in ROFS_CALLER_MNT_NS before running us under unshare -m."""
+    caller = os.environ.get("ROFS_CALLER_MNT_NS")
+    return bool(caller) and os.readlink("/proc/self/ns/mnt") != caller
+
+
 def main() -> int:
+    if not in_private_mount_namespace():
+        print("scenario_passwd.py: refusing to run outside a private mount namespace "
+              "(use: unshare -m --propagation private)", file=sys.stderr)
+        return 3
     work = sys.argv[1]
     scenario = Scenario(work)
     try:

@@ -18,10 +18,22 @@ def test_tools_present(tool):
     assert shutil.which(tool) or os.path.exists("/usr/sbin/" + tool), tool
 
 
+def caller_env():
+    return {**os.environ, "ROFS_CALLER_MNT_NS": os.readlink("/proc/self/ns/mnt")}
+
+
+def test_scenario_refuses_the_real_mount_namespace(tmp_path):
+    for env in (os.environ, caller_env()):  # run directly, or without a new namespace
+        result = subprocess.run([sys.executable, SCRIPT, str(tmp_path)], capture_output=True,
+                                text=True, timeout=60, env=env)
+        assert result.returncode == 3 and "refusing" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_passwd_useradd_and_friends_on_rofs_etc(tmp_path):
     result = subprocess.run(
         ["unshare", "-m", "--propagation", "private", sys.executable, SCRIPT, str(tmp_path)],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env=caller_env())
     print(result.stdout)
     print(result.stderr, file=sys.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
