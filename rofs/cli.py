@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -70,10 +71,24 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _dead_mount(path: str) -> bool:
+    """A FUSE mount whose daemon is gone ("Transport endpoint is not connected")."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
 def validate(args: argparse.Namespace):
     from rofs.mount import Config
 
     mountpoint = os.path.abspath(args.mountpoint)
+    if _dead_mount(mountpoint):
+        raise UsageError("%s is a dead FUSE mount (its daemon was killed): run "
+                         "`fusermount3 -u %s` (or `umount -l`), then mount again; the "
+                         "state dir keeps everything that was written"
+                         % (mountpoint, mountpoint))
     if not os.path.isdir(mountpoint):
         raise UsageError("mountpoint %s does not exist or is not a directory" % mountpoint)
     mountpoint = os.path.realpath(mountpoint)

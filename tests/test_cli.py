@@ -238,3 +238,20 @@ def test_background_start_is_quiet(layers):
     finally:
         unmount(layers["mnt"])
         assert wait_gone(layers["mnt"])
+
+
+def test_killed_daemon_leaves_a_dead_mount_that_is_explained(layers):
+    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"]).start()
+    try:
+        with open(os.path.join(layers["mnt"], "written"), "w") as f:
+            f.write("before the kill")
+        proc.proc.kill()
+        proc.proc.wait()
+        result = rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"])
+        assert result.returncode == 2
+        assert "dead FUSE mount" in result.stderr and "fusermount3 -u" in result.stderr
+    finally:
+        proc.stop()  # unmounts the dead mount, reaps, closes the log
+    with RofsProcess(layers["mnt"], layers["state"], layers["lower"]):
+        with open(os.path.join(layers["mnt"], "written")) as f:
+            assert f.read() == "before the kill"
