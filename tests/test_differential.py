@@ -30,7 +30,7 @@ pytestmark = pytest.mark.fuse
 
 EXAMPLES = int(os.environ.get("ROFS_DIFF_EXAMPLES", "25"))
 REPORT = os.environ.get("ROFS_DIFF_REPORT")
-COUNTS = {"examples": 0, "operations": 0}
+COUNTS = {"examples": 0, "operations": 0, "remounts": 0}
 STEPS = int(os.environ.get("ROFS_DIFF_STEPS", "25"))
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -146,27 +146,41 @@ class OverlayVsKernel(RuleBasedStateMachine):
                 os.makedirs(os.path.join(self.base, side, "lower"))
                 os.makedirs(os.path.join(self.base, side, "mnt"))
                 build_lower(os.path.join(self.base, side, "lower"))
-            r = os.path.join(self.base, "rofs")
-            self.rofs = RofsProcess(os.path.join(r, "mnt"), os.path.join(r, "state"),
-                                    os.path.join(r, "lower")).start()
             k = os.path.join(self.base, "kernel")
             os.makedirs(os.path.join(k, "upper"))
             os.makedirs(os.path.join(k, "work"))
-            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            "lowerdir=%s/lower,upperdir=%s/upper,workdir=%s/work,"
-                            "redirect_dir=on,index=on" % (k, k, k), os.path.join(k, "mnt")],
-                           check=True)
-            self.kernel_mnt = os.path.join(k, "mnt")
+            self.mount_both()
+            r = os.path.join(self.base, "rofs")
             self.roots = [os.fsencode(os.path.join(r, "mnt")), os.fsencode(self.kernel_mnt)]
         except BaseException:
             self.teardown()
             raise
 
+    def mount_both(self):
+        r = os.path.join(self.base, "rofs")
+        self.rofs = RofsProcess(os.path.join(r, "mnt"), os.path.join(r, "state"),
+                                os.path.join(r, "lower")).start()
+        k = os.path.join(self.base, "kernel")
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        "lowerdir=%s/lower,upperdir=%s/upper,workdir=%s/work,"
+                        "redirect_dir=on,index=on" % (k, k, k), os.path.join(k, "mnt")],
+                       check=True)
+        self.kernel_mnt = os.path.join(k, "mnt")
+
+    def unmount_both(self):
+        subprocess.run(["umount", self.kernel_mnt], check=True)
+        self.kernel_mnt = None
+        status = self.rofs.stop()
+        errors = self.rofs.internal_errors()
+        self.rofs = None
+        assert status == 0 and not errors, errors
+
     def teardown(self):
         COUNTS["examples"] += 1
         if REPORT:
             with open(REPORT, "w") as f:
-                f.write("examples %(examples)d operations %(operations)d\n" % COUNTS)
+                f.write("examples %(examples)d operations %(operations)d remounts "
+                        "%(remounts)d\n" % COUNTS)
         if self.kernel_mnt:
             subprocess.run(["umount", "-l", self.kernel_mnt])
         errors = []
@@ -196,6 +210,17 @@ class OverlayVsKernel(RuleBasedStateMachine):
             assert our_links == their_links, (our_links, their_links)
 
     # ------------------------------------------------------------------ rules
+
+    @rule()
+    def remount(self):
+        """Both overlays unmounted and mounted again on the same layers: what the state
+        dir holds must give the same view (and the same shared inodes) as before."""
+        COUNTS["remounts"] += 1
+        before = view(self.roots[0])
+        self.unmount_both()
+        self.mount_both()
+        after = view(self.roots[0])
+        assert after == before, _diff(before[0], after[0])
 
     @rule(path=paths, mode=modes, uid=users)
     def create(self, path, mode, uid):
