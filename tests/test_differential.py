@@ -211,10 +211,14 @@ class OverlayVsKernel(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ rules
 
-    @rule()
-    def remount(self):
+    @rule(draw=st.integers(0, 7))
+    def remount(self, draw):
         """Both overlays unmounted and mounted again on the same layers: what the state
-        dir holds must give the same view (and the same shared inodes) as before."""
+        dir holds must give the same view (and the same shared inodes) as before.
+        (Only one draw in eight remounts: hypothesis favours rules without arguments,
+        and a remount costs as much as dozens of operations.)"""
+        if draw:
+            return
         COUNTS["remounts"] += 1
         before = view(self.roots[0])
         self.unmount_both()
