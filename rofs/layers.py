@@ -123,8 +123,10 @@ class LowerLayer:
         return os.open(path[-1], base, dir_fd=parent)
 
     def open_dir(self, path: tuple[bytes, ...]) -> int:
-        return self.open(path + (b".",), os.O_RDONLY | os.O_DIRECTORY) if path else \
-            self._open_root()
+        """A readable descriptor of the lower directory at `path` (for listing it)."""
+        if not path:
+            return self._open_root()
+        return self.open(path + (b".",), os.O_RDONLY | os.O_DIRECTORY)
 
     def _open_root(self) -> int:
         base = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC

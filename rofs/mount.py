@@ -81,7 +81,7 @@ def _setup_logging(config: Config, background: bool) -> None:
 
 
 async def _serve(ops: RofsOperations) -> None:
-    async def watch_signals(cancel_scope: trio.CancelScope) -> None:
+    async def watch_signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
                 log.info("signal %d: unmounting", signum)
@@ -89,7 +89,7 @@ async def _serve(ops: RofsOperations) -> None:
                 return
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals, nursery.cancel_scope)
+        nursery.start_soon(watch_signals)
         await pyfuse3.main(min_tasks=1, max_tasks=64)
         nursery.cancel_scope.cancel()
 
