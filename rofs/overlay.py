@@ -746,14 +746,13 @@ class Overlay:
     def _remove_entry(self, parent: Node, name: bytes, node: Node) -> None:
         """Make `name` disappear from the merged view, leaving a whiteout if the lower
         layer has something under that name."""
-        needs_whiteout = self._lower_has(parent, name)
         self._ensure_dir_upper(parent)
         up = self.upper_dirfd(parent)
         work = self.upper.work_fd
-        if not node.upper:
+        if not node.upper:  # shown from the lower layer, so the lower has the name
             self.upper.make_whiteout(up, name)
             return
-        if needs_whiteout:
+        if self._lower_has(parent, name):
             tmp = self.upper.temp_name()
             self.upper.make_whiteout(work, tmp)
             try:
