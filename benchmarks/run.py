@@ -10,8 +10,9 @@ and rounds interleave the filesystems, so machine noise spreads over all of them
 workloads drop the kernel's caches first (and run on a fresh mount).  Reported: the
 median time and its spread (min-max) over rounds, the ratio to native, to kernel
 overlayfs and to fuse-overlayfs (higher is better: ratio = their time / our time), the
-daemon's CPU time and its peak RSS, and, from a separate untimed pass, the number of FUSE
-requests per operation (kernel tracepoint fuse:fuse_request_send).
+daemon's CPU time and its peak RSS, and, from separate untimed passes, the number of FUSE
+requests per operation (kernel tracepoint fuse:fuse_request_send) and each daemon's RSS
+before and after walking 100,000 files and after the kernel forgot them.
 
 Results go to stdout (a table), benchmarks/results/latest.json and, when matplotlib is
 installed, benchmarks/results/latest.png.  Needs root (mounts, drop_caches).
@@ -52,12 +53,15 @@ class Sizes:
     copyup_small: int
     churn: int
     rounds: int
+    many_files: int  # files walked by the memory pass (a tree of its own)
 
 
 FULL = Sizes(etc_copies=2, small_files=10_000, big_mib=256, big_dir=10_000, open_read=20_000,
-             stats=20_000, passwd_cycles=300, copyup_small=1_000, churn=2_000, rounds=3)
+             stats=20_000, passwd_cycles=300, copyup_small=1_000, churn=2_000, rounds=3,
+             many_files=100_000)
 QUICK = Sizes(etc_copies=1, small_files=300, big_mib=4, big_dir=300, open_read=300,
-              stats=300, passwd_cycles=10, copyup_small=30, churn=30, rounds=1)
+              stats=300, passwd_cycles=10, copyup_small=30, churn=30, rounds=1,
+              many_files=2_000)
 
 
 def build_lower(root: str, sizes: Sizes) -> None:
@@ -88,6 +92,22 @@ def build_lower(root: str, sizes: Sizes) -> None:
         chunk = os.urandom(1 << 20)
         for _ in range(sizes.big_mib):
             f.write(chunk)
+    with open(marker, "w") as f:
+        f.write("ok")
+
+
+def build_many(root: str, files: int) -> None:
+    """The memory pass's tree: `files` empty files, 1,000 per directory."""
+    marker = os.path.join(root, ".complete")
+    if os.path.exists(marker):
+        return
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    for i in range(files):
+        d = os.path.join(root, "d%03d" % (i // 1000))
+        if i % 1000 == 0:
+            os.makedirs(d)
+        os.close(os.open(os.path.join(d, "f%04d" % (i % 1000)), os.O_CREAT | os.O_WRONLY, 0o644))
     with open(marker, "w") as f:
         f.write("ok")
 
@@ -164,12 +184,18 @@ class Filesystem:
             return None
 
     def peak_rss_kib(self) -> int | None:
+        return self._status_kib("VmHWM:")
+
+    def rss_kib(self) -> int | None:
+        return self._status_kib("VmRSS:")
+
+    def _status_kib(self, field: str) -> int | None:
         if self.proc is None:
             return None
         try:
             with open("/proc/%d/status" % self.proc.pid) as f:
                 for line in f:
-                    if line.startswith("VmHWM:"):
+                    if line.startswith(field):
                         return int(line.split()[1])
         except OSError:
             return None
@@ -543,9 +569,48 @@ def run(args) -> dict:
                 if not args.json_only:
                     print("round %d %-18s %-16s %8.3fs" % (round_no + 1, w.name, fs.name,
                                                           elapsed), file=sys.stderr)
-    requests = count_requests(chosen, [fs for fs in systems if fs.fuse], sizes, notes,
+    fuse_systems = [fs for fs in systems if fs.fuse]
+    requests = count_requests(chosen, fuse_systems, sizes, notes,
                               args) if not args.no_requests else {}
-    return report(chosen, systems, samples, cpu, rss, requests, sizes, notes, args)
+    memory = memory_pass(fuse_systems, os.path.join(base, "many"), sizes) \
+        if not args.no_memory else {}
+    return report(chosen, systems, samples, cpu, rss, requests, memory, sizes, notes, args)
+
+
+def memory_pass(systems, many: str, sizes: Sizes) -> dict:
+    """Each FUSE daemon's RSS before and after walking a tree of `sizes.many_files`
+    files, and after the kernel dropped its dentries and inodes (which sends FORGET for
+    every node): does the daemon give the memory back?"""
+    build_many(many, sizes.many_files)
+    out = {}
+    for proto in systems:
+        fs = type(proto)(many, proto.scratch)
+        root = fs.mount(False)
+        try:
+            idle = fs.rss_kib()
+            walked = walk(root)
+            after_walk = fs.rss_kib()
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2\n")
+            after_forget = settled_rss(fs)
+        finally:
+            fs.unmount()
+        out[fs.name] = {"entries": walked, "idle_kib": idle, "after_walk_kib": after_walk,
+                        "after_forget_kib": after_forget}
+    return out
+
+
+def settled_rss(fs: Filesystem, timeout: float = 10.0) -> int | None:
+    """The daemon's RSS once it stopped changing (FORGETs arrive asynchronously)."""
+    last, deadline = fs.rss_kib(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = fs.rss_kib()
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def count_requests(chosen, systems, sizes, notes, args) -> dict:
@@ -576,7 +641,7 @@ def count_requests(chosen, systems, sizes, notes, args) -> dict:
     return out
 
 
-def report(chosen, systems, samples, cpu, rss, requests, sizes, notes, args) -> dict:
+def report(chosen, systems, samples, cpu, rss, requests, memory, sizes, notes, args) -> dict:
     names = [fs.name for fs in systems]
     rows = []
     for w in chosen:
@@ -600,7 +665,7 @@ def report(chosen, systems, samples, cpu, rss, requests, sizes, notes, args) -> 
     data = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
             "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick,
             "rounds": sizes.rounds, "filesystems": names, "notes": notes,
-            "peak_rss_kib": rss, "workloads": rows}
+            "peak_rss_kib": rss, "memory": memory, "workloads": rows}
     print_table(data)
     results = args.results or RESULTS
     os.makedirs(results, exist_ok=True)
@@ -654,6 +719,14 @@ def print_table(data: dict) -> None:
     if data["peak_rss_kib"]:
         print("\npeak daemon RSS: " + ", ".join("%s %d MiB" % (k, v // 1024)
                                                 for k, v in data["peak_rss_kib"].items()))
+    if data.get("memory"):
+        print("\ndaemon RSS walking a tree of its own (untimed): idle -> after the walk -> "
+              "after the kernel forgot the nodes (drop_caches):")
+        for name, m in data["memory"].items():
+            print("  %-16s %d entries: %s -> %s -> %s MiB" % (
+                name, m["entries"], *(("%.0f" % (m[k] / 1024)) if m[k] else "?"
+                                      for k in ("idle_kib", "after_walk_kib",
+                                                "after_forget_kib"))))
     for note in data["notes"]:
         print("note:", note)
 
@@ -698,6 +771,9 @@ def main(argv=None) -> int:
     parser.add_argument("--results", help="output directory (default benchmarks/results)")
     parser.add_argument("--no-requests", action="store_true",
                         help="skip the untimed pass that counts FUSE requests")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the untimed pass that measures daemon memory over a walk "
+                        "of 100,000 files")
     parser.add_argument("--json-only", action="store_true", help="no per-run progress")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

@@ -1,3 +1,3 @@
-from rofs.cli import main
+from rofs.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -39,3 +39,10 @@ def proc_path(dir_fd: int, name: bytes | None = None) -> bytes:
     if name is None:  # the directory itself ("/." so the magic link is always followed)
         return b"/proc/self/fd/%d/." % dir_fd
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+
+
+def malloc_trim() -> None:
+    """Return free heap memory to the system (glibc; a no-op elsewhere)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

@@ -26,6 +26,11 @@ import stat
 ROOT_INO = 1
 UPPER_TAG = 1 << 48
 DYNAMIC_BASE = 1 << 49
+# Shared by every node without open files (most of them): an empty set costs 216 bytes.
+NO_FDS: frozenset[int] = frozenset()
+# The tables are rebuilt when they shrink below a quarter of their largest size (Python
+# dicts never give memory back on deletion), once they have held this many entries.
+SHRINK_MIN = 4096
 
 
 class Node:
@@ -46,7 +51,7 @@ class Node:
         # What the inode number belongs to: ("U" or "L", st_dev, st_ino).
         self.backing = backing
         # Descriptors of this node's open files, so an unlinked file stays reachable.
-        self.open_fds: set[int] = set()
+        self.open_fds: set[int] | frozenset[int] = NO_FDS
         # How many names of live nodes are in this directory: a directory stays in the
         # table while its children do, so there is only ever one node per directory.
         self.kids = 0
@@ -90,6 +95,7 @@ class NodeTable:
         self.upper_dev = upper_dev
         self._dynamic: dict[tuple, int] = {}
         self._next_dynamic = itertools.count(DYNAMIC_BASE)
+        self._high_water = 0
 
     def __getitem__(self, ino: int) -> Node:
         return self.nodes[ino]
@@ -145,6 +151,8 @@ class NodeTable:
         if node is None:
             node = Node(ino, stat.S_IFMT(mode), upper=upper, lower=lower, backing=backing)
             self.nodes[ino] = node
+            if len(self.nodes) > self._high_water:
+                self._high_water = len(self.nodes)
         self.add_link(node, parent, name)
         return node
 
@@ -225,6 +233,19 @@ class NodeTable:
             if node.keep_fd >= 0:
                 os.close(node.keep_fd)
                 node.keep_fd = -1
+
+
+    def shrink(self) -> bool:
+        """Give memory back after the kernel forgot most nodes (a walk of a big tree
+        followed by cache pressure): rebuild the tables at their current size.  Returns
+        whether it did; cheap to call after every batch of forgets."""
+        if self._high_water < SHRINK_MIN or len(self.nodes) * 4 > self._high_water:
+            return False
+        self.nodes = dict(self.nodes)
+        self.dentries = dict(self.dentries)
+        self._dynamic = dict(self._dynamic)
+        self._high_water = max(len(self.nodes), len(self.dentries))
+        return True
 
 
 def _same_object(node: Node, backing: tuple) -> bool:

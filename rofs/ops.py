@@ -95,6 +95,7 @@ class RofsOperations(pyfuse3.Operations):
             except Exception:
                 self.counters.internal_errors += 1
                 log.exception("internal error in forget(%d, %d)", inode, count)
+        self.overlay.trim()
 
     @fuse_errors
     async def getattr(self, inode, ctx):

@@ -32,8 +32,15 @@ from collections.abc import Iterator
 import trio
 
 from rofs import copyup
-from rofs._sys import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
-from rofs.inodes import ROOT_INO, Node, NodeTable
+from rofs._sys import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    malloc_trim,
+    proc_path,
+    renameat2,
+)
+from rofs.inodes import NO_FDS, ROOT_INO, Node, NodeTable
 from rofs.layers import (
     DirFdCache,
     LowerLayer,
@@ -273,6 +280,12 @@ class Overlay:
             return
         node.lookups = max(0, node.lookups - count)
         self.table.maybe_drop(node)
+
+    def trim(self) -> None:
+        """After a batch of forgets: hand memory back to the system when the node table
+        shrank a lot (the freed tables and nodes would otherwise stay in the heap)."""
+        if self.table.shrink():
+            malloc_trim()
 
     # ------------------------------------------------------------- attributes
 
@@ -977,6 +990,8 @@ class Overlay:
                   uid: int) -> FileHandle:
         handle = FileHandle(fd, node, flags, on_lower, pid, uid)
         self.files[fd] = handle
+        if not node.open_fds:
+            node.open_fds = set()
         node.open_fds.add(fd)
         return handle
 
@@ -1026,6 +1041,8 @@ class Overlay:
             return
         node = handle.node
         node.open_fds.discard(handle.fd)
+        if not node.open_fds:
+            node.open_fds = NO_FDS
         os.close(handle.fd)
         self.table.maybe_drop(node)
 

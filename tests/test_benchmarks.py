@@ -30,6 +30,9 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
         rofs = row["results"]["rofs"]
         assert rofs["median_s"] > 0 and rofs["ratio_to_native"] > 0
     assert data["peak_rss_kib"]["rofs"] > 0
+    memory = data["memory"]["rofs"]
+    assert memory["entries"] >= 2000
+    assert memory["after_walk_kib"] > 0 and memory["after_forget_kib"] > 0
     mnt = tmp_path / "work" / "mnt-rofs" / "mnt"
     assert not is_rofs_mounted(str(mnt))
 
