@@ -8,6 +8,7 @@ import os
 import sys
 
 from rofs import __version__
+from rofs.policy import CLASS_NAMES, PolicyError
 
 EXIT_USAGE = 2
 
@@ -38,6 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="state directory that receives all changes")
     parser.add_argument("--lower", metavar="DIR",
                         help="use DIR as the read-only lower layer instead of MOUNTPOINT")
+    policy = parser.add_argument_group(
+        "per-path policy (docs/policy.md)",
+        "Classes: persistent (kept in STATEDIR), scratch (wiped at the next\n"
+        "mount), read-only (changes fail with EROFS).")
+    policy.add_argument("--policy", metavar="FILE",
+                        help="rofs policy file: `CLASS PATH`, `default CLASS`, rwtab lines, "
+                        "`rwtab [ETCDIR]`")
+    policy.add_argument("--rwtab", metavar="ETCDIR", nargs="?", const="",
+                        help="also read rwtab, rwtab.d/* (scratch) and statetab, "
+                        "statetab.d/* (persistent) from ETCDIR (default: the lower "
+                        "layer when mounting over /etc, else /etc)")
+    policy.add_argument("--default", metavar="CLASS", choices=CLASS_NAMES,
+                        help="class of every path no rule names: persistent (the "
+                        "default), scratch or read-only")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground and log to stderr")
     parser.add_argument("--debug", action="store_true", help="log every request (slow)")
@@ -115,8 +130,12 @@ def validate(args: argparse.Namespace):
     if _mountinfo_top(mountpoint) == "fuse.rofs":
         raise UsageError("%s is already mounted by rofs" % mountpoint)
     options = [o for group in args.options for o in group.split(",") if o]
+    from rofs import policy
+    rules = policy.load(mountpoint, lower, policy_file=args.policy, rwtab=args.rwtab,
+                        default=args.default)
     return Config(mountpoint=mountpoint, lower=lower, state=state,
-                  foreground=args.foreground, debug=args.debug, fuse_options=options)
+                  foreground=args.foreground, debug=args.debug, fuse_options=options,
+                  policy=rules)
 
 
 def _use_c_allocator(argv: list[str]) -> None:
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
         if reexec:
             _use_c_allocator(sys.argv[1:] if argv is None else argv)
         return run(config)
-    except (UsageError, StateError) as e:
+    except (UsageError, StateError, PolicyError) as e:
         print("rofs: error: %s" % e, file=sys.stderr)
         return EXIT_USAGE
     except MountError as e:

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from rofs import state
-from rofs.layers import Markers
+from rofs import scratch, state
+from rofs.layers import Markers, UpperLayer
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
+from rofs.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Config:
     foreground: bool = False
     debug: bool = False
     fuse_options: list[str] = field(default_factory=list)
+    policy: Policy = field(default_factory=Policy)
 
 
 class MountError(Exception):
@@ -99,6 +101,13 @@ def run(config: Config) -> int:
     _raise_nofile()
     markers = Markers()
     prepared = state.prepare(config.state, config.mountpoint, config.lower, markers)
+    try:
+        upper = UpperLayer(prepared.upper_fd, prepared.work_fd, markers)
+        prepared.wiped = scratch.wipe(config.policy, upper, prepared.index_fd)
+    except OSError as e:
+        prepared.close()
+        raise MountError("cannot wipe the scratch paths in %s: %s"
+                         % (prepared.upper_path, e)) from None
     if config.foreground:
         _setup_logging(config, background=False)
         return _mount_and_serve(config, prepared, markers, ready=None)
@@ -156,6 +165,11 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                      ready) -> int:
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
                       index_fd=prepared.index_fd)
+    overlay.set_policy(config.policy)
+    if prepared.wiped:
+        log.info("wiped %d scratch paths of the last session", len(prepared.wiped))
+    for note in config.policy.notes + scratch.lay_out(config.policy, overlay):
+        log.warning("policy: %s", note)
     ops = RofsOperations(overlay, on_ready=ready)
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))

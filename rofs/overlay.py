@@ -50,6 +50,7 @@ from rofs.layers import (
     is_whiteout,
     open_dir_fd,
 )
+from rofs.policy import Class, Policy
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,43 @@ class Overlay:
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._dir_ids = itertools.count(1)
+        # Per-path policy: only its read-only class matters while mounted (scratch is
+        # wiped at mount, see rofs.scratch); None when nothing is read-only.
+        self.policy: Policy | None = None
+
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = policy if policy.has_read_only else None
+
+    def path_of(self, node: Node) -> tuple[bytes, ...] | None:
+        """The merged-view path of a node (its first name), None if it has none."""
+        names = []
+        while node is not self.root:
+            if not node.links:
+                return None
+            node, name = node.links[0]
+            names.append(name)
+        return tuple(reversed(names))
+
+    def check_writable(self, node: Node, name: bytes | None = None) -> None:
+        """EROFS for a change to a path of the read-only class (node, or node/name)."""
+        if self.policy is None:
+            return
+        path = self.path_of(node)
+        if path is None:
+            return
+        if name is not None:
+            path += (name,)
+        if self.policy.classify(path) is Class.READ_ONLY:
+            raise _err(errno.EROFS)
+
+    def check_movable(self, parent: Node, name: bytes) -> None:
+        """EROFS for renaming a directory that holds read-only paths (they would move)."""
+        if self.policy is None:
+            return
+        path = self.path_of(parent)
+        if path is not None and any(r.cls is Class.READ_ONLY
+                                    for r in self.policy.rules_below(path + (name,))):
+            raise _err(errno.EROFS)
 
     # ------------------------------------------------------------------ nodes
 
@@ -339,6 +377,7 @@ class Overlay:
                       gid: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
                       fh: int | None = None) -> Attr:
+        self.check_writable(node)
         if any(v is not None for v in (mode, uid, gid, size, atime_ns, mtime_ns)):
             await self.copy_up(node, data_limit=size)
             target, follow = self._upper_target(node, fh)
@@ -394,6 +433,7 @@ class Overlay:
         return [n for n in names if not self.markers.is_private(n)]
 
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        self.check_writable(node)
         if self.markers.is_private(name):
             raise _err(errno.ENOTSUP)
         await self.copy_up(node)
@@ -401,6 +441,7 @@ class Overlay:
         os.setxattr(target, name, value, follow_symlinks=follow)
 
     async def removexattr(self, node: Node, name: bytes) -> None:
+        self.check_writable(node)
         if self.markers.is_private(name):
             raise _err(errno.ENOTSUP)
         if not node.upper:
@@ -613,6 +654,7 @@ class Overlay:
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
                pid: int = 0) -> tuple[FileHandle, Node]:
+        self.check_writable(parent, name)
         uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFREG | mode)
         fds = []
 
@@ -635,6 +677,7 @@ class Overlay:
         return self._register(fd, node, flags, False, pid, uid), node
 
     def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
+        self.check_writable(parent, name)
         uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFDIR | mode)
 
         def make(work: int, tmp: bytes) -> None:
@@ -647,6 +690,7 @@ class Overlay:
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int,
               gid: int) -> Node:
+        self.check_writable(parent, name)
         uid, gid, mode = self.owner_for(parent, uid, gid, mode)
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise _err(errno.EINVAL)
@@ -660,6 +704,7 @@ class Overlay:
         return self._place(parent, name, False, make)
 
     def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
+        self.check_writable(parent, name)
         uid, gid, _ = self.owner_for(parent, uid, gid, stat.S_IFLNK)
 
         def make(work: int, tmp: bytes) -> None:
@@ -669,6 +714,7 @@ class Overlay:
         return self._place(parent, name, False, make)
 
     async def link(self, node: Node, parent: Node, name: bytes) -> Node:
+        self.check_writable(parent, name)
         if node.is_dir:
             raise _err(errno.EPERM)
         while True:
@@ -704,6 +750,7 @@ class Overlay:
     # --------------------------------------------------------------- removal
 
     async def unlink(self, parent: Node, name: bytes) -> None:
+        self.check_writable(parent, name)
         while True:
             node = self.lookup(parent, name)
             if node is None:
@@ -737,6 +784,7 @@ class Overlay:
                                    dir_fd=self.upper_dirfd(parent))
 
     def rmdir(self, parent: Node, name: bytes) -> None:
+        self.check_writable(parent, name)
         node = self.lookup(parent, name)
         if node is None:
             raise _err(errno.ENOENT)
@@ -786,6 +834,11 @@ class Overlay:
 
     async def rename(self, src_parent: Node, src_name: bytes, dst_parent: Node,
                      dst_name: bytes, flags: int = 0) -> None:
+        self.check_writable(src_parent, src_name)
+        self.check_writable(dst_parent, dst_name)
+        self.check_movable(src_parent, src_name)
+        if flags & RENAME_EXCHANGE:
+            self.check_movable(dst_parent, dst_name)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or (
                 flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE):
             raise _err(errno.EINVAL)
@@ -1000,6 +1053,8 @@ class Overlay:
             raise _err(errno.EISDIR)
         flags &= OPEN_KEEP_FLAGS
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self.check_writable(node)
         if writing and not node.upper:
             await self.copy_up(node, data_limit=0 if flags & os.O_TRUNC else None)
         if node.upper:

@@ -42,6 +42,7 @@ class Prepared:
     upper_path: str
     work_path: str
     created: list[str] = field(default_factory=list)
+    wiped: list = field(default_factory=list)  # scratch paths wiped at this mount
 
     def close(self) -> None:
         for fd in (self.index_fd, self.work_fd, self.upper_fd, self.lower_fd, self.lock_fd):

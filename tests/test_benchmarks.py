@@ -33,6 +33,11 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     memory = data["memory"]["rofs"]
     assert memory["entries"] >= 2000
     assert memory["after_walk_kib"] > 0 and memory["after_forget_kib"] > 0
+    table = subprocess.run([sys.executable, os.path.join(os.path.dirname(RUN), "table.py"),
+                            str(tmp_path / "results" / "quick.json")],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert "| walk_cold |" in table.stdout and "after the kernel forgot" in table.stdout
     mnt = tmp_path / "work" / "mnt-rofs" / "mnt"
     assert not is_rofs_mounted(str(mnt))
 

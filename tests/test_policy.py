@@ -1,0 +1,226 @@
+"""Per-path policy: persistent, scratch (wiped at the next mount), read-only.
+
+Parsing and classification are tested on their own; everything else through real
+mounts, across a remount.
+"""
+
+import errno
+import os
+import re
+import subprocess
+
+import pytest
+from conftest import build_lower
+from helpers import ROFS, RofsProcess, is_rofs_mounted
+
+from rofs.policy import Class, PolicyError, load
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "policy.md")
+
+
+def write(path, text, mode=None):
+    with open(path, "w") as f:
+        f.write(text)
+    if mode is not None:
+        os.chmod(path, mode)
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def doc_block(name):
+    """The fenced block of docs/policy.md that follows a `<!-- name -->` comment."""
+    text = read(DOCS)
+    m = re.search(r"<!-- %s -->\s*```[a-z]*\n(.*?)```" % re.escape(name), text, re.S)
+    assert m, "docs/policy.md has no block %s" % name
+    return m.group(1)
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def test_classes_follow_the_longest_rule(tmp_path):
+    pol = tmp_path / "policy"
+    write(pol, "# comment\n\ndefault scratch\npersistent /etc/ssh\n"
+          "read-only /etc/ssh/moduli\nscratch /etc/ssh/keys/tmp\n")
+    p = load("/etc", str(tmp_path), policy_file=str(pol))
+    assert p.classify(()) is Class.SCRATCH
+    assert p.classify((b"hosts",)) is Class.SCRATCH
+    assert p.classify((b"ssh",)) is Class.PERSISTENT
+    assert p.classify((b"ssh", b"sshd_config")) is Class.PERSISTENT
+    assert p.classify((b"ssh", b"moduli")) is Class.READ_ONLY
+    assert p.classify((b"ssh", b"moduli", b"x")) is Class.READ_ONLY
+    assert p.classify((b"ssh", b"keys", b"tmp", b"a")) is Class.SCRATCH
+    assert p.classify((b"sshx",)) is Class.SCRATCH  # a prefix of a name is not a parent
+
+
+def test_fedora_files_every_line_type(tmp_path):
+    etc = tmp_path / "etc"
+    (etc / "rwtab.d").mkdir(parents=True)
+    (etc / "statetab.d").mkdir()
+    write(etc / "rwtab", "# rwtab\ndirs\t/etc/spool\nempty /etc/cache\n")
+    write(etc / "rwtab.d" / "extra", "files /etc/adjtime\nfiles /var/lib/outside\n")
+    write(etc / "statetab", "/etc/ssh\n# nothing\n")
+    write(etc / "statetab.d" / "more", "/etc/machine-id\n")
+    p = load("/etc", str(tmp_path), rwtab=str(etc))
+    kinds = {r.path: (r.cls, r.kind) for r in p.rules.values()}
+    assert kinds == {(b"spool",): (Class.SCRATCH, "dirs"),
+                     (b"cache",): (Class.SCRATCH, "empty"),
+                     (b"adjtime",): (Class.SCRATCH, "files"),
+                     (b"ssh",): (Class.PERSISTENT, "files"),
+                     (b"machine-id",): (Class.PERSISTENT, "files")}
+    assert any("/var/lib/outside is outside the mount" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("persistent etc/relative\n", "not an absolute path"),
+    ("sometimes /etc/x\n", "unknown keyword 'sometimes'"),
+    ("default maybe\n", "`default` takes one of"),
+    ("read-only\n", "`read-only` needs a PATH"),
+    ("empty\n", "`empty` needs a PATH"),
+])
+def test_malformed_policy_lines_name_file_and_line(tmp_path, text, message):
+    pol = tmp_path / "policy"
+    write(pol, "# first\n" + text)
+    with pytest.raises(PolicyError) as e:
+        load("/etc", str(tmp_path), policy_file=str(pol))
+    assert "%s:2:" % pol in str(e.value) and message in str(e.value)
+
+
+def test_malformed_rwtab_line(tmp_path):
+    write(tmp_path / "rwtab", "files /etc/a\nbind /etc/b\n")
+    with pytest.raises(PolicyError, match=r"rwtab:2: expected `empty\|dirs\|files PATH`"):
+        load("/etc", str(tmp_path), rwtab=str(tmp_path))
+
+
+# --------------------------------------------------------- through mounts
+
+
+@pytest.fixture
+def site(tmp_path):
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    build_lower(str(lower))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    return lower, mnt, tmp_path / "state"
+
+
+def passwd_change(mnt, content):
+    """What shadow-utils does: lock by link(), write the new file, rename it over."""
+    mine = mnt / ("shadow.%d" % os.getpid())
+    write(mine, "%d\n" % os.getpid())
+    os.link(mine, mnt / "shadow.lock")
+    os.unlink(mine)
+    fd = os.open(mnt / "nshadow", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, content.encode())
+    os.fsync(fd)
+    os.close(fd)
+    os.rename(mnt / "nshadow", mnt / "shadow")
+    os.unlink(mnt / "shadow.lock")
+
+
+def test_persistent_shadow_with_scratch_default(site):
+    """The issue's scenario: /etc/shadow persistent, everything else scratch."""
+    lower, mnt, state = site
+    pol = mnt.parent / "policy"
+    write(pol, doc_block("policy-shadow").replace("/etc", str(mnt)))
+    args = ("--policy", str(pol))
+    with RofsProcess(str(mnt), str(state), str(lower), args):
+        passwd_change(mnt, "root:$6$new:20000:0:99999:7:::\n")
+        write(mnt / "passwd", "root:x:0:0:changed:/root:/bin/sh\n")  # scratch
+        write(mnt / "new-file", "scratch\n")
+        os.mkdir(mnt / "new-dir")
+        os.unlink(mnt / "link")
+        os.rename(mnt / "d", mnt / "d-moved")
+        os.chmod(mnt / "ssh", 0o755)
+        assert read(mnt / "shadow") == "root:$6$new:20000:0:99999:7:::\n"
+        assert read(mnt / "passwd").endswith("changed:/root:/bin/sh\n")
+    with RofsProcess(str(mnt), str(state), str(lower), args) as rofs:
+        assert read(mnt / "shadow") == "root:$6$new:20000:0:99999:7:::\n"
+        assert os.stat(mnt / "shadow").st_mode & 0o777 == 0o600
+        assert read(mnt / "passwd") == read(lower / "passwd")
+        assert not (mnt / "new-file").exists() and not (mnt / "new-dir").exists()
+        assert os.readlink(mnt / "link") == "passwd"
+        assert read(mnt / "d" / "file") == "in d\n" and not (mnt / "d-moved").exists()
+        assert os.stat(mnt / "ssh").st_mode & 0o777 == 0o700
+        assert sorted(os.listdir(mnt)) == sorted(os.listdir(lower))
+        # What the upper layer keeps: shadow, nothing else.
+        upper = os.path.join(state, str(mnt).lstrip("/"))
+        assert os.listdir(upper) == ["shadow"]
+    assert "wiped" in rofs.output()
+
+
+def test_rwtab_and_statetab_drive_the_classes(site):
+    lower, mnt, state = site
+    (lower / "cache" / "sub").mkdir(parents=True)
+    write(lower / "cache" / "old", "old cache\n")
+    (lower / "spool" / "mail" / "root").mkdir(parents=True)
+    write(lower / "spool" / "mail" / "root" / "msg", "hello\n")
+    os.chmod(lower / "spool" / "mail", 0o2775)
+    write(lower / "adjtime", "0.0 0 0.0\n")
+    m = str(mnt)
+    write(lower / "rwtab", "empty %s/cache\ndirs %s/spool\nfiles %s/adjtime\n" % (m, m, m))
+    (lower / "statetab.d").mkdir()
+    write(lower / "statetab.d" / "ssh", "%s/ssh\n" % m)
+    args = ("--rwtab", str(lower), "--default", "read-only")
+
+    def check_start():
+        assert os.listdir(mnt / "cache") == []
+        assert os.listdir(mnt / "spool") == ["mail"]
+        assert os.listdir(mnt / "spool" / "mail") == ["root"]
+        assert os.listdir(mnt / "spool" / "mail" / "root") == []
+        assert os.stat(mnt / "spool" / "mail").st_mode & 0o7777 == 0o2775
+        assert read(mnt / "adjtime") == "0.0 0 0.0\n"
+
+    with RofsProcess(m, str(state), str(lower), args) as rofs:
+        check_start()
+        write(mnt / "cache" / "new", "x")
+        write(mnt / "spool" / "mail" / "root" / "msg2", "y")
+        write(mnt / "adjtime", "1.5 0 0.0\n")
+        write(mnt / "ssh" / "sshd_config", "Port 2222\n")
+        for attempt in (lambda: write(mnt / "passwd", "x"),
+                        lambda: write(mnt / "new-file", "x"),
+                        lambda: os.mkdir(mnt / "new-dir"),
+                        lambda: os.unlink(mnt / "link"),
+                        lambda: os.chmod(mnt / "shadow", 0o644),
+                        lambda: os.rename(mnt / "passwd", mnt / "cache" / "passwd"),
+                        lambda: os.link(mnt / "passwd", mnt / "passwd2"),
+                        lambda: os.setxattr(mnt / "passwd", "user.x", b"1")):
+            with pytest.raises(OSError) as e:
+                attempt()
+            assert e.value.errno == errno.EROFS
+        assert read(mnt / "passwd") == read(lower / "passwd")
+    assert not rofs.internal_errors()
+    with RofsProcess(m, str(state), str(lower), args):
+        check_start()
+        assert read(mnt / "ssh" / "sshd_config") == "Port 2222\n"
+
+
+def test_read_only_directory_cannot_be_moved_away(site):
+    lower, mnt, state = site
+    pol = mnt.parent / "policy"
+    write(pol, "read-only %s/d/sub/deep\n" % mnt)
+    with RofsProcess(str(mnt), str(state), str(lower), ("--policy", str(pol))):
+        write(mnt / "d" / "ok", "writable\n")
+        for src in ("d", "d/sub", "d/sub/deep"):
+            with pytest.raises(OSError) as e:
+                os.rename(mnt / src, mnt / "moved")
+            assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            write(mnt / "d" / "sub" / "deep" / "leaf", "x")
+        assert e.value.errno == errno.EROFS
+        assert read(mnt / "d" / "ok") == "writable\n"
+
+
+def test_bad_policy_refuses_the_mount_and_writes_nothing(site):
+    lower, mnt, state = site
+    pol = mnt.parent / "policy"
+    write(pol, "persistent %s/shadow\nscratch\n" % mnt)
+    result = subprocess.run(ROFS + [str(mnt), "--lower", str(lower), "--state", str(state),
+                                    "--policy", str(pol)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "%s:2: `scratch` needs a PATH" % pol in result.stderr
+    assert not state.exists() and not is_rofs_mounted(str(mnt))
