@@ -12,7 +12,7 @@ fi
 
 PYTHON=${PYTHON:-python3}
 need=""
-for pkg in fuse3 libfuse3-dev pkg-config gcc util-linux passwd; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc util-linux passwd openssh-client; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 command -v "$PYTHON" >/dev/null 2>&1 || need="$need python3"

@@ -139,6 +139,7 @@ def wait_mounted(path: str, fstype: str, proc: subprocess.Popen | None, timeout=
 class Filesystem:
     name = ""
     fuse = True
+    only: frozenset[str] | None = None  # the workloads it runs (None: all)
 
     def __init__(self, lower: str, scratch: str) -> None:
         self.lower = lower
@@ -262,18 +263,28 @@ class UnionfsFuse(Filesystem):
 
 class Rofs(Filesystem):
     name = "rofs"
+    options: tuple[str, ...] = ()
 
     def mount(self, writable: bool) -> str:
         _, _, mnt = self.fresh()
         state = os.path.join(self.scratch, "state")
         self.proc = subprocess.Popen([sys.executable, "-m", "rofs", mnt, "--lower", self.lower,
-                                      "--state", state, "-f"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                      "--state", state, "-f", *self.options],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_mounted(mnt, "fuse.rofs", self.proc)
         return mnt
 
 
-ALL_FS = [Native, KernelOverlay, FuseOverlayfs, UnionfsFuse, Rofs]
+class RofsNoLog(Rofs):
+    """rofs without its write log, on the workloads that make changes: what the log
+    costs (the goal: the passwd cycle within 10% of this)."""
+
+    name = "rofs-nolog"
+    options = ("--no-log",)
+    only = frozenset({"passwd_cycle", "copyup_small", "churn"})
+
+
+ALL_FS = [Native, KernelOverlay, FuseOverlayfs, UnionfsFuse, Rofs, RofsNoLog]
 
 
 def ensure_peers(wanted: list[str] | None) -> list[str]:
@@ -548,6 +559,8 @@ def run(args) -> dict:
         for w in chosen:
             order = systems if round_no % 2 == 0 else list(reversed(systems))
             for fs in order:
+                if fs.only is not None and w.name not in fs.only:
+                    continue
                 root = fs.mount(w.writable)
                 try:
                     prepared = w.prepare(root, sizes) if w.prepare else None
@@ -584,6 +597,8 @@ def memory_pass(systems, many: str, sizes: Sizes) -> dict:
     build_many(many, sizes.many_files)
     out = {}
     for proto in systems:
+        if proto.only is not None:
+            continue
         fs = type(proto)(many, proto.scratch)
         root = fs.mount(False)
         try:
@@ -623,6 +638,8 @@ def count_requests(chosen, systems, sizes, notes, args) -> dict:
             return {}
         for w in chosen:
             for fs in systems:
+                if fs.only is not None:
+                    continue  # a variant: its requests are those of the full filesystem
                 root = fs.mount(w.writable)
                 try:
                     prepared = w.prepare(root, sizes) if w.prepare else None
@@ -661,6 +678,10 @@ def report(chosen, systems, samples, cpu, rss, requests, memory, sizes, notes, a
             for ref in ("native", "kernel-overlayfs", "fuse-overlayfs"):
                 if ref in row["results"]:
                     res["ratio_to_" + ref] = row["results"][ref]["median_s"] / res["median_s"]
+        if "rofs" in row["results"] and "rofs-nolog" in row["results"]:
+            # What the write log costs: > 1 means slower with it.
+            row["results"]["rofs"]["log_cost"] = (row["results"]["rofs"]["median_s"] /
+                                                  row["results"]["rofs-nolog"]["median_s"])
         rows.append(row)
     data = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
             "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick,
@@ -703,6 +724,8 @@ def print_table(data: dict) -> None:
             parts = ["%s %.2f" % (ref, r["ratio_to_" + ref]) for ref in
                      ("kernel-overlayfs", "fuse-overlayfs") if "ratio_to_" + ref in r]
             cpu = r.get("daemon_cpu_s")
+            if "log_cost" in r:
+                parts.append("with the write log %.2fx the time without" % r["log_cost"])
             print("  %-18s %s%s" % (row["workload"], ", ".join(parts),
                                     "  (daemon CPU %.3fs)" % cpu if cpu is not None else ""))
         if any(r["results"].get("rofs", {}).get("fuse_requests") for r in data["workloads"]):

@@ -44,6 +44,11 @@ def main(argv: list[str]) -> int:
                     key=lambda x: -(x[0] or 0))
     print("\nrofs against fuse-overlayfs (their time / rofs time): " + ", ".join(
         ("**%s %.2f**" if r >= 1 else "%s %.2f") % (w, r) for r, w in ratios if r))
+    costs = [(row["workload"], row["results"]["rofs"]["log_cost"]) for row in data["workloads"]
+             if "log_cost" in row["results"].get("rofs", {})]
+    if costs:
+        print("\nThe write log's cost (rofs time / rofs --no-log time): " + ", ".join(
+            "%s %.2f" % c for c in costs))
     fuse = [n for n in names if n in ("fuse-overlayfs", "unionfs-fuse", "rofs")]
     if any(row["results"].get("rofs", {}).get("fuse_requests") for row in data["workloads"]):
         print("\n| workload | %s |" % " | ".join(fuse))

@@ -26,6 +26,9 @@ with a non-zero exit code (2 for bad arguments or an unusable state dir).
 Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`; SIGTERM and
 SIGINT unmount cleanly too.
 
+Other commands: `rofs report --help` (who wrote where, from the write logs).
+A MOUNTPOINT named like a command must be written as ./report.
+
 example:  rofs /etc --state /var/lib/stateless/state"""
 
 
@@ -53,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--default", metavar="CLASS", choices=CLASS_NAMES,
                         help="class of every path no rule names: persistent (the "
                         "default), scratch or read-only")
+    parser.add_argument("--no-log", action="store_true",
+                        help="do not keep the write log (who changed what, in "
+                        "STATEDIR/.rofs/log/; see `rofs report`)")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground and log to stderr")
     parser.add_argument("--debug", action="store_true", help="log every request (slow)")
@@ -60,6 +66,43 @@ def build_parser() -> argparse.ArgumentParser:
                         default=[], help="extra FUSE mount options, e.g. -o noatime")
     parser.add_argument("--version", action="version", version="rofs " + __version__)
     return parser
+
+
+REPORT_DESCRIPTION = """\
+Summarise write logs: per program, which paths it changed, how often, first and last
+time, and the writes the read-only class refused.  LOG is a state dir (all its logs),
+a log directory or a log file; logs of several hosts merge into one report."""
+
+REPORT_EPILOG = """\
+Paths under the exceptions list are left out (default: %s).
+
+examples:
+  rofs report /var/lib/stateless/state
+  rofs report --suggest /var/lib/stateless/state > /etc/rofs/etc.policy
+  rofs report --json host1.jsonl host2.jsonl"""
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    from rofs.report import DEFAULT_EXCEPTIONS
+    parser = argparse.ArgumentParser(
+        prog="rofs report", description=REPORT_DESCRIPTION,
+        epilog=REPORT_EPILOG % " ".join(DEFAULT_EXCEPTIONS),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", metavar="LOG", nargs="+",
+                        help="state dir, log directory or log file")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="the report as JSON")
+    out.add_argument("--suggest", action="store_true",
+                     help="print the policy that keeps exactly what the logged workload "
+                     "changed for good (a rofs policy file, with the statetab/rwtab "
+                     "equivalents as comments)")
+    parser.add_argument("--exceptions", metavar="FILE",
+                        help="paths or patterns to leave out, one per line (replaces the "
+                        "default list)")
+    return parser
+
+
+SUBCOMMANDS = {"report"}
 
 
 class UsageError(Exception):
@@ -135,7 +178,7 @@ def validate(args: argparse.Namespace):
                         default=args.default)
     return Config(mountpoint=mountpoint, lower=lower, state=state,
                   foreground=args.foreground, debug=args.debug, fuse_options=options,
-                  policy=rules)
+                  policy=rules, write_log=not args.no_log)
 
 
 def _use_c_allocator(argv: list[str]) -> None:
@@ -155,7 +198,24 @@ def _use_c_allocator(argv: list[str]) -> None:
         return  # keep going with the default allocator
 
 
+def run_subcommand(name: str, argv: list[str]) -> int:
+    from rofs.report import ReportError
+    try:
+        if name == "report":
+            from rofs import report
+            return report.main(build_report_parser().parse_args(argv))
+    except ReportError as e:
+        print("rofs %s: error: %s" % (name, e), file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 1
+    raise AssertionError(name)
+
+
 def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in SUBCOMMANDS:
+        return run_subcommand(words[0], words[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from rofs.mount import MountError, run

@@ -27,6 +27,7 @@ from rofs.layers import Markers, UpperLayer
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
 from rofs.policy import Policy
+from rofs.writelog import WriteLog
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Config:
     debug: bool = False
     fuse_options: list[str] = field(default_factory=list)
     policy: Policy = field(default_factory=Policy)
+    write_log: bool = True
 
 
 class MountError(Exception):
@@ -161,6 +163,18 @@ def run(config: Config) -> int:
         os._exit(code)
 
 
+def _open_write_log(config: Config) -> WriteLog | None:
+    if not config.write_log:
+        return None
+    path = state.log_path(config.state, config.mountpoint)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    except OSError as e:
+        log.warning("no write log: cannot create %s: %s", os.path.dirname(path), e.strerror)
+        return None
+    return WriteLog(path, config.mountpoint)
+
+
 def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                      ready) -> int:
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
@@ -170,10 +184,13 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         log.info("wiped %d scratch paths of the last session", len(prepared.wiped))
     for note in config.policy.notes + scratch.lay_out(config.policy, overlay):
         log.warning("policy: %s", note)
-    ops = RofsOperations(overlay, on_ready=ready)
+    writelog = _open_write_log(config)
+    ops = RofsOperations(overlay, on_ready=ready, writelog=writelog, policy=config.policy)
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except RuntimeError as e:
+        if writelog is not None:
+            writelog.close()
         overlay.close()
         prepared.close()
         raise MountError("cannot mount %s: %s" % (config.mountpoint, e)) from None
@@ -183,6 +200,8 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         trio.run(_serve, ops)
     finally:
         pyfuse3.close(unmount=True)
+        if writelog is not None:
+            writelog.close()
         overlay.close()
         prepared.close()
     log.info("unmounted %s", config.mountpoint)

@@ -19,8 +19,11 @@ from collections.abc import Callable
 
 import pyfuse3
 
+from rofs._sys import RENAME_EXCHANGE
 from rofs.errors import Counters, fuse_errors
 from rofs.overlay import Attr, Overlay
+from rofs.policy import Policy
+from rofs.writelog import WriteLog
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,13 @@ class RofsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None, *,
+                 writelog: WriteLog | None = None, policy: Policy | None = None) -> None:
         super().__init__()
         self.overlay = overlay
+        self.writelog = writelog
+        self.policy = policy or Policy()
+        self._written: set[int] = set()  # file handles whose first write was logged
         self.counters = Counters()
         fault = os.environ.get("ROFS_FAULT_NAME")
         if fault:
@@ -72,6 +79,27 @@ class RofsOperations(pyfuse3.Operations):
         self.overlay.remember(node)
         return entry
 
+    def _change(self, op: str, ctx, node, name: bytes | None = None, node2=None,
+                name2: bytes | None = None, *, only_failures: bool = False):
+        """A context for one change: records it in the write log, with its outcome."""
+        if self.writelog is None:
+            return _NO_RECORD
+        return _Record(self, op, ctx.pid, ctx.uid, self._path(node, name),
+                       self._path(node2, name2) if node2 is not None else None, only_failures)
+
+    def _class(self, path) -> tuple[str, tuple | None]:
+        """The class of a path, and the rule that decided it (None: the default)."""
+        rule = self.policy.rule_for(path) if path is not None else None
+        if rule is None:
+            return self.policy.default.value, None
+        return rule.cls.value, rule.path
+
+    def _path(self, node, name: bytes | None = None):
+        path = self.overlay.path_of(node)
+        if path is not None and name is not None:
+            path += (name,)
+        return path
+
     def _node(self, inode: int):
         self.overlay.fds.trim()  # safe point: no descriptor of this request is in use yet
         return self.overlay.node(inode)
@@ -104,7 +132,17 @@ class RofsOperations(pyfuse3.Operations):
     @fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
-        new = await self.overlay.setattr(
+        op = "+".join(name for name, on in (
+            ("truncate", fields.update_size), ("chmod", fields.update_mode),
+            ("chown", fields.update_uid or fields.update_gid),
+            ("utimens", fields.update_atime or fields.update_mtime)) if on) \
+            if self.writelog is not None else ""
+        with self._change(op, ctx, node):
+            new = await self._setattr(node, attr, fields, fh)
+        return self._entry(new)
+
+    async def _setattr(self, node, attr, fields, fh):
+        return await self.overlay.setattr(
             node,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -113,7 +151,6 @@ class RofsOperations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             fh=fh)
-        return self._entry(new)
 
     @fuse_errors
     async def readlink(self, inode, ctx):
@@ -121,49 +158,73 @@ class RofsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        node = self.overlay.mknod(self._node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+        parent = self._node(parent_inode)
+        with self._change("mknod", ctx, parent, name):
+            node = self.overlay.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid)
         return self._reply_new(node)
 
     @fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node = self.overlay.mkdir(self._node(parent_inode), name, mode, ctx.uid, ctx.gid)
+        parent = self._node(parent_inode)
+        with self._change("mkdir", ctx, parent, name):
+            node = self.overlay.mkdir(parent, name, mode, ctx.uid, ctx.gid)
         return self._reply_new(node)
 
     @fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        node = self.overlay.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
+        parent = self._node(parent_inode)
+        with self._change("symlink", ctx, parent, name):
+            node = self.overlay.symlink(parent, name, target, ctx.uid, ctx.gid)
         return self._reply_new(node)
 
     @fuse_errors
     async def unlink(self, parent_inode, name, ctx):
-        await self.overlay.unlink(self._node(parent_inode), name)
+        parent = self._node(parent_inode)
+        with self._change("unlink", ctx, parent, name):
+            await self.overlay.unlink(parent, name)
 
     @fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
-        self.overlay.rmdir(self._node(parent_inode), name)
+        parent = self._node(parent_inode)
+        with self._change("rmdir", ctx, parent, name):
+            self.overlay.rmdir(parent, name)
 
     @fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self.overlay.rename(self._node(parent_inode_old), name_old,
-                                  self.overlay.node(parent_inode_new), name_new, flags)
+        src, dst = self._node(parent_inode_old), self.overlay.node(parent_inode_new)
+        with self._change("exchange" if flags & RENAME_EXCHANGE else "rename", ctx, src,
+                          name_old, dst, name_new):
+            await self.overlay.rename(src, name_old, dst, name_new, flags)
 
     @fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        node = await self.overlay.link(self._node(inode), self.overlay.node(new_parent_inode),
-                                       new_name)
+        node, parent = self._node(inode), self.overlay.node(new_parent_inode)
+        with self._change("link", ctx, parent, new_name, node):
+            node = await self.overlay.link(node, parent, new_name)
         return self._reply_new(node)
 
     # ------------------------------------------------------------------ files
 
     @fuse_errors
     async def open(self, inode, flags, ctx):
-        handle = await self.overlay.open(self._node(inode), flags, ctx.pid, ctx.uid)
+        node = self._node(inode)
+        if flags & os.O_TRUNC or flags & os.O_ACCMODE != os.O_RDONLY:
+            # Logged when it truncates or fails; a plain open for writing is logged at
+            # its first write.
+            with self._change("truncate" if flags & os.O_TRUNC else "open", ctx, node,
+                              only_failures=not flags & os.O_TRUNC):
+                handle = await self.overlay.open(node, flags, ctx.pid, ctx.uid)
+        else:
+            handle = await self.overlay.open(node, flags, ctx.pid, ctx.uid)
         return pyfuse3.FileInfo(fh=handle.fd, keep_cache=True)
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        handle, node = self.overlay.create(self._node(parent_inode), name, mode, flags,
-                                           ctx.uid, ctx.gid, ctx.pid)
+        parent = self._node(parent_inode)
+        with self._change("create", ctx, parent, name):
+            handle, node = self.overlay.create(parent, name, mode, flags, ctx.uid, ctx.gid,
+                                               ctx.pid)
+        self._written.add(handle.fd)  # the create says it all
         return pyfuse3.FileInfo(fh=handle.fd, keep_cache=True), self._reply_new(node)
 
     @fuse_errors
@@ -172,6 +233,12 @@ class RofsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh, off, buf):
+        if fh not in self._written and self.writelog is not None:
+            self._written.add(fh)
+            handle = self.overlay.handle(fh)
+            path = self.overlay.path_of(handle.node)
+            self.writelog.record("write", handle.pid, handle.uid, path, None, "ok",
+                                 *self._class(path))
         return self.overlay.write(fh, off, buf)
 
     # No flush(): rofs buffers nothing and leaves locks to the kernel, so the ENOSYS of
@@ -179,6 +246,7 @@ class RofsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh):
+        self._written.discard(fh)
         self.overlay.release(fh)
 
     @fuse_errors
@@ -235,11 +303,15 @@ class RofsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode, name, value, ctx):
-        await self.overlay.setxattr(self._node(inode), name, value)
+        node = self._node(inode)
+        with self._change("setxattr", ctx, node):
+            await self.overlay.setxattr(node, name, value)
 
     @fuse_errors
     async def removexattr(self, inode, name, ctx):
-        await self.overlay.removexattr(self._node(inode), name)
+        node = self._node(inode)
+        with self._change("removexattr", ctx, node):
+            await self.overlay.removexattr(node, name)
 
     @fuse_errors
     async def access(self, inode, mode, ctx):
@@ -248,6 +320,44 @@ class RofsOperations(pyfuse3.Operations):
         groups = pyfuse3.get_sup_groups(ctx.pid) if ctx.pid else set()
         if not may_access(attr, mode, ctx.uid, ctx.gid, groups):
             raise pyfuse3.FUSEError(errno.EACCES)
+
+
+class _Record:
+    """Records one change in the write log when the handler is done (see _change)."""
+
+    __slots__ = ("ops", "op", "pid", "uid", "path", "path2", "only_failures")
+
+    def __init__(self, ops, op, pid, uid, path, path2, only_failures) -> None:
+        self.ops, self.op, self.pid, self.uid = ops, op, pid, uid
+        self.path, self.path2, self.only_failures = path, path2, only_failures
+
+    def __enter__(self) -> _Record:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None:
+            if self.only_failures:
+                return False
+            result = "ok"
+        else:
+            code = getattr(exc, "errno", None)
+            result = errno.errorcode.get(code, "EIO") if code else "EIO"
+        self.ops.writelog.record(self.op, self.pid, self.uid, self.path, self.path2, result,
+                                 *self.ops._class(self.path))
+        return False
+
+
+class _NoRecord:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        return False
+
+
+_NO_RECORD = _NoRecord()
 
 
 def may_access(attr: Attr, mode: int, uid: int, gid: int, groups) -> bool:

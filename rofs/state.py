@@ -4,6 +4,7 @@
     STATE/.rofs/format                          "rofs-state N": the layout version
     STATE/.rofs/work/<mountpoint ...>/          the work dir of that mount (same fs)
     STATE/.rofs/index/<mountpoint ...>/         copied-up lower hard links (same fs)
+    STATE/.rofs/log/<mountpoint ...>.jsonl      the write log (rofs.writelog)
 
 See docs/state-format.md.  Everything that can be wrong with a state dir is checked
 before the mount, and a failed check leaves nothing behind that it created.
@@ -70,6 +71,11 @@ def work_dir(state: str, mountpoint: str) -> str:
 
 def index_dir(state: str, mountpoint: str) -> str:
     return os.path.join(state, PRIVATE_DIR, "index", mount_name(mountpoint))
+
+
+def log_path(state: str, mountpoint: str) -> str:
+    """The write log of a mount (rotated copies get .1, .2, ...)."""
+    return os.path.join(state, PRIVATE_DIR, "log", mount_name(mountpoint) + ".jsonl")
 
 
 def _makedirs(path: str, created: list[str], mode: int = 0o755) -> None:

@@ -5,6 +5,7 @@ mounts, across a remount.
 """
 
 import errno
+import json
 import os
 import re
 import subprocess
@@ -194,6 +195,20 @@ def test_rwtab_and_statetab_drive_the_classes(site):
             assert e.value.errno == errno.EROFS
         assert read(mnt / "passwd") == read(lower / "passwd")
     assert not rofs.internal_errors()
+    # The refused writes are in the write log, and the report shows them as refused.
+    report = subprocess.run(ROFS + ["report", "--json", str(state)], capture_output=True,
+                            text=True, check=True)
+    (program,) = json.loads(report.stdout)["programs"]
+    # 6 changes: two creates, and truncate + first write of adjtime and sshd_config.
+    assert program["refused"] == 8 and program["changes"] == 6
+    paths = program["paths"]
+    assert paths[m + "/passwd"]["refused"] == 3  # open(O_TRUNC), rename, setxattr
+    assert paths[m + "/passwd"]["ops"] == {"truncate": 1, "rename": 1, "setxattr": 1}
+    assert paths[m + "/new-dir"] == {**paths[m + "/new-dir"], "refused": 1,
+                                     "ops": {"mkdir": 1}}
+    text = subprocess.run(ROFS + ["report", str(state)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "(8 refused)" in text and m + "/link  unlink  REFUSED x1" in text
     with RofsProcess(m, str(state), str(lower), args):
         check_start()
         assert read(mnt / "ssh" / "sshd_config") == "Port 2222\n"
