@@ -6,6 +6,7 @@ import argparse
 import errno
 import os
 import sys
+import textwrap
 
 from rofs import __version__
 from rofs.policy import CLASS_NAMES, PolicyError
@@ -26,7 +27,9 @@ with a non-zero exit code (2 for bad arguments or an unusable state dir).
 Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`; SIGTERM and
 SIGINT unmount cleanly too.
 
-Other commands: `rofs report --help` (who wrote where, from the write logs).
+Other commands (each with --help): `rofs report` (who wrote where, from the
+write logs), `rofs diff` (what changed), `rofs revert` (drop a change),
+`rofs check` (find and repair damage in a state dir).
 A MOUNTPOINT named like a command must be written as ./report.
 
 example:  rofs /etc --state /var/lib/stateless/state"""
@@ -102,7 +105,59 @@ def build_report_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS = {"report"}
+def _para(text: str) -> str:
+    return textwrap.fill(text, 80)
+
+
+def build_diff_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rofs diff", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("What the state dir changed against the lower layer, mounted or not: "
+        "A added, M modified (saying what: content, mode, owner, mtime, xattrs, target), "
+        "D deleted, R replaced (another type, or an opaque directory hiding the lower "
+        "one); a renamed directory is an A with \"renamed from\" and a D."),
+        epilog="examples:\n  rofs diff /var/lib/stateless/state\n"
+        "  rofs diff --patch /var/lib/stateless/state /etc/ssh")
+    parser.add_argument("state", metavar="STATEDIR")
+    parser.add_argument("path", metavar="PATH", nargs="?",
+                        help="only this path (and below), as the mount shows it")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--patch", action="store_true",
+                     help="also a unified diff of each changed text file")
+    out.add_argument("--json", action="store_true", help="the changes as JSON")
+    return parser
+
+
+def build_revert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rofs revert", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("Drop the changes at each PATH (a whole tree for a directory), so the "
+        "lower layer shows through again.  On a live mount the daemon does it and the "
+        "kernel's caches follow; otherwise name the state dir with --state."),
+        epilog="examples:\n  rofs revert /etc/hosts /etc/ssh\n"
+        "  rofs revert --state /var/lib/stateless/state /etc/hosts   (not mounted)")
+    parser.add_argument("paths", metavar="PATH", nargs="+",
+                        help="path as the mount shows it (e.g. /etc/hosts)")
+    parser.add_argument("--state", metavar="STATEDIR",
+                        help="the state dir (needed when the mount is not live)")
+    return parser
+
+
+def build_check_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rofs check", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("Find what a crash or a hand edit can leave in a state dir: leftover "
+        "work files, markers on the wrong kind of object or with wrong values, whiteouts "
+        "over nothing, redirects to nowhere.  Exit status 0: clean (or repaired), 1: "
+        "problems found."),
+        epilog="example:\n  rofs check --repair /var/lib/stateless/state")
+    parser.add_argument("state", metavar="STATEDIR")
+    parser.add_argument("--repair", action="store_true",
+                        help="fix what can be fixed safely (the mount must not be live)")
+    return parser
+
+
+SUBCOMMANDS = {"report", "diff", "revert", "check"}
 
 
 class UsageError(Exception):
@@ -199,12 +254,33 @@ def _use_c_allocator(argv: list[str]) -> None:
 
 
 def run_subcommand(name: str, argv: list[str]) -> int:
+    from rofs import tools
     from rofs.report import ReportError
     try:
         if name == "report":
             from rofs import report
             return report.main(build_report_parser().parse_args(argv))
-    except ReportError as e:
+        if name == "diff":
+            args = build_diff_parser().parse_args(argv)
+            sys.stdout.write(tools.diff(args.state, args.path, as_json=args.json,
+                                        with_patch=args.patch))
+            return 0
+        if name == "revert":
+            args = build_revert_parser().parse_args(argv)
+            for line in tools.revert(args.paths, args.state):
+                print(line)
+            return 0
+        if name == "check":
+            args = build_check_parser().parse_args(argv)
+            problems, notes = tools.check(args.state, repair=args.repair)
+            for p in problems:
+                print(p.line() + ("" if p.repair or not args.repair else
+                                  "  (not repaired: decide by hand)"))
+            for note in notes:
+                print(note)
+            left = [p for p in problems if not (args.repair and p.repair)]
+            return 1 if left else 0
+    except (ReportError, tools.ToolError) as e:
         print("rofs %s: error: %s" % (name, e), file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

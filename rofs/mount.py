@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from rofs import scratch, state
+from rofs import control, scratch, state, tools
 from rofs.layers import Markers, UpperLayer
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
@@ -84,7 +84,7 @@ def _setup_logging(config: Config, background: bool) -> None:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
-async def _serve(ops: RofsOperations) -> None:
+async def _serve(ops: RofsOperations, control_path: str | None) -> None:
     async def watch_signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
@@ -92,8 +92,17 @@ async def _serve(ops: RofsOperations) -> None:
                 pyfuse3.terminate()
                 return
 
+    async def control_socket() -> None:
+        try:
+            await control.serve(control_path, ops.overlay)
+        except OSError as e:
+            log.warning("no control socket %s (rofs revert will not work on this mount): "
+                        "%s", control_path, e.strerror)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_signals)
+        if control_path is not None:
+            nursery.start_soon(control_socket)
         await pyfuse3.main(min_tasks=1, max_tasks=64)
         nursery.cancel_scope.cancel()
 
@@ -103,6 +112,11 @@ def run(config: Config) -> int:
     _raise_nofile()
     markers = Markers()
     prepared = state.prepare(config.state, config.mountpoint, config.lower, markers)
+    try:
+        tools.record_mount(config.state, config.mountpoint, config.lower)
+    except OSError as e:
+        prepared.close()
+        raise MountError("cannot write to the state dir %s: %s" % (config.state, e)) from None
     try:
         upper = UpperLayer(prepared.upper_fd, prepared.work_fd, markers)
         prepared.wiped = scratch.wipe(config.policy, upper, prepared.index_fd)
@@ -196,9 +210,16 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         raise MountError("cannot mount %s: %s" % (config.mountpoint, e)) from None
     log.info("mounted %s (lower %s, upper %s)", config.mountpoint, config.lower,
              prepared.upper_path)
+    live = tools.publish_live(config.mountpoint, config.state, prepared.lower_fd)
     try:
-        trio.run(_serve, ops)
+        trio.run(_serve, ops, tools.runtime_path(config.mountpoint, ".sock")
+                 if live is not None else None)
     finally:
+        if live is not None:
+            try:
+                os.unlink(live)
+            except OSError:
+                pass
         pyfuse3.close(unmount=True)
         if writelog is not None:
             writelog.close()

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import trio
 
-from rofs import copyup
+from rofs import copyup, scratch
 from rofs._sys import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -829,6 +829,52 @@ class Overlay:
             self._discard(tmp)
         else:
             os.unlink(name, dir_fd=up)
+
+    # ---------------------------------------------------------------- revert
+
+    def revert(self, path: tuple[bytes, ...]) -> tuple[int, bytes] | None:
+        """Drop every change at `path` (a whole tree for a directory): its upper entry
+        goes, so the lower shows through again.  Returns the (parent inode, name) entry
+        the kernel must forget, or None if nothing at `path` had changed.
+
+        Nodes under `path` lose their names, as if unlinked: open files keep working,
+        and the next lookup finds the lower object afresh.
+        """
+        if not path:
+            raise _err(errno.EINVAL)
+        parent = self.root
+        for name in path[:-1]:
+            parent = self.lookup(parent, name)
+            if parent is None or not parent.is_dir:
+                raise _err(errno.ENOENT)
+        name = path[-1]
+        if not parent.upper:
+            return None
+        up = self.upper_dirfd(parent)
+        if self.upper.try_stat(up, name) is None:
+            return None
+        top = self.table.dentries.get((parent.ino, name))
+        affected: list[tuple[Node, bytes, Node]] = []
+        if top is not None:
+            children: dict[int, list[tuple[bytes, Node]]] = {}
+            if top.is_dir:
+                for (pino, cname), child in self.table.dentries.items():
+                    children.setdefault(pino, []).append((cname, child))
+            pending = [(parent, name, top)]
+            while pending:
+                p, n, node = pending.pop()
+                if node.ino in self._copying:
+                    raise _err(errno.EBUSY)
+                affected.append((p, n, node))
+                pending += [(node, c, child) for c, child in children.get(node.ino, ())]
+            self._losing_name(top)
+        keys: set[bytes] = set()
+        scratch.detach(self.upper, up, name, keys)
+        scratch.drop_index_keys(self.upper, self.index_fd, keys)
+        for p, n, node in reversed(affected):
+            self.fds.drop(("U", node.ino))
+            self.table.remove_link(node, p, n)
+        return parent.ino, name
 
     # ---------------------------------------------------------------- rename
 

@@ -48,12 +48,18 @@ def wipe(policy: Policy, upper: UpperLayer, index_fd: int | None = None) -> list
         _wipe_children(policy, upper, root, (), wiped, keys)
     finally:
         os.close(root)
-    if index_fd is not None:
-        for key in keys:
-            st = upper.try_stat(index_fd, key)
-            if st is not None and st.st_nlink == 1:
-                os.unlink(key, dir_fd=index_fd)
+    drop_index_keys(upper, index_fd, keys)
     return wiped
+
+
+def drop_index_keys(upper: UpperLayer, index_fd: int | None, keys: set[bytes]) -> None:
+    """Remove the index entries of copied-up hard links left without any upper name."""
+    if index_fd is None:
+        return
+    for key in keys:
+        st = upper.try_stat(index_fd, key)
+        if st is not None and st.st_nlink == 1:
+            os.unlink(key, dir_fd=index_fd)
 
 
 def _wipe_children(policy: Policy, upper: UpperLayer, dir_fd: int, path: Path,
@@ -65,7 +71,7 @@ def _wipe_children(policy: Policy, upper: UpperLayer, dir_fd: int, path: Path,
         scratch = policy.classify(child) is Class.SCRATCH
         below = policy.rules_below(child)
         if scratch and not any(r.cls is not Class.SCRATCH for r in below):
-            _detach(upper, dir_fd, name, keys)
+            detach(upper, dir_fd, name, keys)
             wiped.append(child)
         elif is_dir and (below or scratch):
             fd = _open_listable(dir_fd, name)
@@ -80,7 +86,9 @@ def _open_listable(dir_fd: int, name: bytes) -> int:
                    dir_fd=dir_fd)
 
 
-def _detach(upper: UpperLayer, dir_fd: int, name: bytes, keys: set[bytes]) -> None:
+def detach(upper: UpperLayer, dir_fd: int, name: bytes, keys: set[bytes]) -> None:
+    """Remove dir_fd/name (a whole tree) from the upper layer: one atomic rename into
+    the work dir, then the deletion; `keys` gets the index names of hard links in it."""
     tmp = upper.temp_name()
     renameat2(dir_fd, name, upper.work_fd, tmp, RENAME_NOREPLACE)
     _index_keys(upper, upper.work_fd, tmp, keys)

@@ -55,6 +55,10 @@ def test_random_workload_of_several_processes(layers):
         proc.stop()
         assert proc.proc.returncode == 0
         assert not proc.internal_errors(), proc.output()
+        # Nothing in the state dir that `rofs check` would call damage.
+        check = subprocess.run([sys.executable, "-m", "rofs", "check", layers["state"]],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
         proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"]).start()
         after = tree(layers["mnt"])
         diff = {k: (before.get(k), after.get(k)) for k in set(before) | set(after)

@@ -1,0 +1,649 @@
+"""State tools: what changed against the lower (`rofs diff`), dropping a change
+(`rofs revert`), and finding and repairing what a crash or a hand edit left behind
+(`rofs check`).  See docs/state-tools.md.
+
+A state dir serves one or more mounts; each mount records its mountpoint and lower
+directory in STATE/.rofs/mounts/ when it starts.  While a mount is live, its daemon
+publishes its pid and the descriptor of the lower directory in /run/rofs/, so these
+tools read the real lower layer even when rofs is mounted over it (through
+/proc/PID/fd), and `revert` asks the daemon to do the work, so the kernel's caches
+stay true.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import stat
+import urllib.parse
+from dataclasses import dataclass, field
+
+from rofs.layers import Markers, UpperLayer, is_whiteout
+from rofs.state import PRIVATE_DIR, index_dir, mount_name, upper_dir, work_dir
+
+RUN_DIR = "/run/rofs"
+MOUNTS_DIR = "mounts"
+
+
+class ToolError(Exception):
+    """One line for the user (exit code 2)."""
+
+
+# ---------------------------------------------------------------- mount records
+
+
+def _record_name(name: str) -> str:
+    quoted = urllib.parse.quote(name, safe="")
+    if len(quoted) > 200:
+        quoted = quoted[:100] + "." + hashlib.sha256(name.encode()).hexdigest()[:32]
+    return quoted + ".json"
+
+
+def record_mount(state: str, mountpoint: str, lower: str) -> None:
+    """Remember which lower directory this mount of the state dir uses."""
+    d = os.path.join(state, PRIVATE_DIR, MOUNTS_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    path = os.path.join(d, _record_name(mount_name(mountpoint)))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"mountpoint": mountpoint, "lower": lower}, f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def runtime_path(mountpoint: str, suffix: str) -> str:
+    digest = hashlib.sha256(os.path.normpath(mountpoint).encode()).hexdigest()[:24]
+    return os.path.join(RUN_DIR, digest + suffix)
+
+
+def publish_live(mountpoint: str, state: str, lower_fd: int) -> str | None:
+    """Tell the tools where the live daemon is; returns the file written (or None)."""
+    path = runtime_path(mountpoint, ".json")
+    try:
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"pid": os.getpid(), "lower_fd": lower_fd, "state": state,
+                       "mountpoint": mountpoint,
+                       "socket": runtime_path(mountpoint, ".sock")}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        return None
+    return path
+
+
+@dataclass
+class Live:
+    pid: int
+    lower_fd: int
+    socket: str
+
+
+def live_daemon(mountpoint: str, state: str) -> Live | None:
+    """The daemon serving `mountpoint` from `state`, if one is running."""
+    try:
+        with open(runtime_path(mountpoint, ".json")) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if os.path.realpath(info.get("state", "")) != os.path.realpath(state):
+        return None
+    pid, fd = info.get("pid"), info.get("lower_fd")
+    if not isinstance(pid, int) or not isinstance(fd, int):
+        return None
+    if not os.path.exists("/proc/%d/fd/%d" % (pid, fd)):
+        return None  # gone (its record is stale)
+    return Live(pid, fd, info.get("socket", ""))
+
+
+@dataclass
+class Mount:
+    """One mount of a state dir."""
+
+    state: str
+    mountpoint: str
+    lower: str  # the lower directory as recorded
+    live: Live | None = None
+
+    @property
+    def upper(self) -> str:
+        return upper_dir(self.state, self.mountpoint)
+
+    @property
+    def work(self) -> str:
+        return work_dir(self.state, self.mountpoint)
+
+    @property
+    def index(self) -> str:
+        return index_dir(self.state, self.mountpoint)
+
+    def lower_root(self) -> str:
+        """A path that opens the real lower directory, also under a live mount."""
+        if self.live is not None:
+            return "/proc/%d/fd/%d" % (self.live.pid, self.live.lower_fd)
+        if os.path.realpath(self.lower) == os.path.realpath(self.mountpoint) and \
+                _is_rofs_mount(self.mountpoint):
+            raise ToolError("%s is mounted by rofs but its daemon cannot be reached; "
+                            "unmount it first" % self.mountpoint)
+        return self.lower
+
+
+def _rofs_mounts() -> list[str]:
+    out = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                if fields[fields.index("-") + 1] == "fuse.rofs":
+                    out.append(fields[4].encode().decode("unicode_escape"))
+    except OSError:
+        pass
+    return out
+
+
+def _is_rofs_mount(path: str) -> bool:
+    return os.path.realpath(path) in _rofs_mounts()
+
+
+def rofs_mount_containing(path: str) -> str | None:
+    """The innermost live rofs mountpoint at or above `path` (not resolving symlinks
+    in `path`, which is a path of the merged view)."""
+    path = os.path.normpath(os.path.abspath(path))
+    best = None
+    for mnt in _rofs_mounts():
+        if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
+            if best is None or len(mnt) > len(best):
+                best = mnt
+    return best
+
+
+def revert(paths: list[str], state: str | None) -> list[str]:
+    """Revert each path; returns one line per path saying what happened."""
+    from rofs import control
+    out = []
+    for path in paths:
+        shown = os.path.normpath(os.path.abspath(path))
+        if state is not None:
+            mount, rel = mount_for(state, path)
+            live_socket = mount.live.socket if mount.live is not None else None
+        else:
+            mnt = rofs_mount_containing(path)
+            if mnt is None:
+                raise ToolError("%s is not on a live rofs mount; name its state dir with "
+                                "--state" % shown)
+            rel = tuple(os.fsencode(c) for c in shown[len(mnt.rstrip("/")) + 1:].split("/")
+                        if c)
+            live_socket = runtime_path(mnt, ".sock")
+            mount = None
+        if not rel:
+            raise ToolError("%s is a mount's root: name paths below it" % shown)
+        if live_socket is not None:
+            try:
+                reply = control.request(live_socket, {"op": "revert",
+                                                      "path": [os.fsdecode(c) for c in rel]})
+            except control.ControlError as e:
+                raise ToolError("%s: %s" % (shown, e)) from None
+            done = reply["reverted"]
+        else:
+            done = revert_offline(mount, rel)
+        out.append("%s %s" % ("reverted" if done else "unchanged", shown))
+    return out
+
+
+def mounts(state: str) -> list[Mount]:
+    """The mounts a state dir has served (from their records)."""
+    state = os.path.realpath(state)
+    if not os.path.isdir(os.path.join(state, PRIVATE_DIR)):
+        raise ToolError("%s is not a rofs state dir (no %s/)" % (state, PRIVATE_DIR))
+    d = os.path.join(state, PRIVATE_DIR, MOUNTS_DIR)
+    out = []
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(d, name)) as f:
+                info = json.load(f)
+            mnt, lower = info["mountpoint"], info["lower"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if os.path.isdir(upper_dir(state, mnt)):
+            out.append(Mount(state, mnt, lower, live_daemon(mnt, state)))
+    if not out:
+        raise ToolError("%s has no recorded mount (mount it once with rofs 0.2 or later)"
+                        % state)
+    return out
+
+
+def mount_for(state: str, path: str | None) -> tuple[Mount, tuple[bytes, ...]]:
+    """The mount of `state` holding the merged-view `path`, and the path below it."""
+    choices = mounts(state)
+    if path is None:
+        if len(choices) > 1:
+            raise ToolError("%s serves several mounts (%s): name a path"
+                            % (state, ", ".join(m.mountpoint for m in choices)))
+        return choices[0], ()
+    path = os.path.normpath(os.path.abspath(path))
+    best = None
+    for m in choices:
+        mnt = m.mountpoint.rstrip("/")
+        if path == mnt or path.startswith(mnt + "/"):
+            if best is None or len(mnt) > len(best.mountpoint):
+                best = m
+    if best is None:
+        raise ToolError("%s is not below any mount of %s (%s)"
+                        % (path, state, ", ".join(m.mountpoint for m in choices)))
+    rel = path[len(best.mountpoint.rstrip("/")) + 1:]
+    return best, tuple(os.fsencode(c) for c in rel.split("/") if c)
+
+
+# ---------------------------------------------------------------- diff
+
+
+@dataclass
+class Change:
+    path: str  # merged-view path
+    status: str  # A (added), M (modified), D (deleted), R (replaced: a new object where
+    #              the lower had another one, or an opaque directory)
+    what: list[str] = field(default_factory=list)  # for M: content, mode, owner, ...
+    renamed_from: str | None = None  # a moved lower directory
+    kind: str = ""  # file, dir, symlink, ...
+
+    def line(self) -> str:
+        text = "%s %s" % (self.status, self.path)
+        if self.what:
+            text += "  (%s)" % ", ".join(self.what)
+        if self.renamed_from:
+            text += "  (renamed from %s)" % self.renamed_from
+        return text
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"),
+                       (stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "fifo"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "char device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "?"
+
+
+class Differ:
+    """Walks one mount's upper layer against its lower layer."""
+
+    def __init__(self, mount: Mount, markers: Markers | None = None) -> None:
+        self.mount = mount
+        self.markers = markers or Markers()
+        self.lower_root = mount.lower_root()
+        self.changes: list[Change] = []
+
+    def _show(self, rel: tuple[bytes, ...]) -> str:
+        base = self.mount.mountpoint.rstrip("/")
+        return base + "/" + os.fsdecode(b"/".join(rel)) if rel else (base or "/")
+
+    def _lower(self, rel: tuple[bytes, ...] | None) -> bytes | None:
+        if rel is None:
+            return None
+        return os.fsencode(self.lower_root) + b"".join(b"/" + c for c in rel)
+
+    def _xattrs(self, path: bytes) -> dict:
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return {}
+        out = {}
+        for n in names:
+            if self.markers.is_private(os.fsencode(n)):
+                continue
+            try:
+                out[n] = os.getxattr(path, n, follow_symlinks=False)
+            except OSError:
+                pass
+        return out
+
+    def run(self, start: tuple[bytes, ...] = ()) -> list[Change]:
+        upper = os.fsencode(self.mount.upper)
+        path = upper + b"".join(b"/" + c for c in start)
+        if not os.path.lexists(path):
+            return self.changes  # nothing changed there
+        if start:
+            parent_lower = self._parent_lower(start)
+            self._entry(start, path, parent_lower)
+        else:
+            self._walk((), path, ())
+        return self.changes
+
+    def _parent_lower(self, rel):
+        """The lower directory merged with rel's parent, following the upper's markers."""
+        upper = os.fsencode(self.mount.upper)
+        lower_dir: tuple[bytes, ...] | None = ()
+        for i in range(len(rel) - 1):
+            lower_dir = self._merged(upper + b"".join(b"/" + c for c in rel[:i + 1]),
+                                     rel[:i + 1], lower_dir)
+        return lower_dir
+
+    def _merged(self, upper_path: bytes, rel, parent_lower):
+        """The lower directory an upper directory merges with (None: none)."""
+        try:
+            st = os.lstat(upper_path)
+        except FileNotFoundError:
+            return None if parent_lower is None else parent_lower + (rel[-1],)
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        if _getxattr(upper_path, self.markers.opaque) == b"y":
+            return None
+        redirect = _getxattr(upper_path, self.markers.redirect)
+        if redirect is not None:
+            if redirect.startswith(b"/"):
+                return tuple(c for c in redirect.split(b"/") if c)
+            return None if parent_lower is None else parent_lower + (redirect,)
+        return None if parent_lower is None else parent_lower + (rel[-1],)
+
+    def _walk(self, rel, upper_path: bytes, lower_dir) -> None:
+        for name in sorted(os.listdir(upper_path)):
+            self._entry(rel + (name,), upper_path + b"/" + name, lower_dir)
+
+    def _entry(self, rel, upper_path: bytes, parent_lower) -> None:
+        ust = os.lstat(upper_path)
+        lower_counterpart = None if parent_lower is None else parent_lower + (rel[-1],)
+        lpath = self._lower(lower_counterpart)
+        try:
+            lst = os.lstat(lpath) if lpath is not None else None
+        except (FileNotFoundError, NotADirectoryError):
+            lst = None
+        show = self._show(rel)
+        if is_whiteout(ust):
+            if lst is not None:
+                self.changes.append(Change(show, "D", kind=_kind(lst.st_mode)))
+            return
+        kind = _kind(ust.st_mode)
+        if stat.S_ISDIR(ust.st_mode):
+            merged = self._merged(upper_path, rel, parent_lower)
+            redirect = _getxattr(upper_path, self.markers.redirect)
+            opaque = _getxattr(upper_path, self.markers.opaque) == b"y"
+            if redirect is not None and merged is not None:
+                self.changes.append(Change(show, "A", kind=kind, renamed_from=self._show(
+                    merged)))
+            elif lst is None:
+                self.changes.append(Change(show, "A", kind=kind))
+            elif opaque or not stat.S_ISDIR(lst.st_mode):
+                self.changes.append(Change(show, "R", kind=kind,
+                                           what=["replaced: the lower contents are hidden"]
+                                           if opaque else ["was a %s" % _kind(lst.st_mode)]))
+            else:
+                what = self._meta(upper_path, ust, lpath, lst, directory=True)
+                if what:
+                    self.changes.append(Change(show, "M", what, kind=kind))
+            self._walk(rel, upper_path, merged)
+            return
+        if lst is None:
+            self.changes.append(Change(show, "A", kind=kind))
+        elif _kind(lst.st_mode) != kind:
+            self.changes.append(Change(show, "R", ["was a %s" % _kind(lst.st_mode)],
+                                       kind=kind))
+        else:
+            what = []
+            if stat.S_ISREG(ust.st_mode) and not _same_content(upper_path, lpath):
+                what.append("content")
+            if stat.S_ISLNK(ust.st_mode) and os.readlink(upper_path) != os.readlink(lpath):
+                what.append("target")
+            if (stat.S_ISCHR(ust.st_mode) or stat.S_ISBLK(ust.st_mode)) and \
+                    ust.st_rdev != lst.st_rdev:
+                what.append("device")
+            what += self._meta(upper_path, ust, lpath, lst, directory=False)
+            if what:
+                self.changes.append(Change(show, "M", what, kind=kind))
+
+    def _meta(self, upper_path, ust, lpath, lst, directory: bool) -> list[str]:
+        what = []
+        if stat.S_IMODE(ust.st_mode) != stat.S_IMODE(lst.st_mode) and \
+                not stat.S_ISLNK(ust.st_mode):
+            what.append("mode %o -> %o" % (stat.S_IMODE(lst.st_mode),
+                                           stat.S_IMODE(ust.st_mode)))
+        if (ust.st_uid, ust.st_gid) != (lst.st_uid, lst.st_gid):
+            what.append("owner %d:%d -> %d:%d" % (lst.st_uid, lst.st_gid, ust.st_uid,
+                                                  ust.st_gid))
+        # A directory's mtime changes with every entry added or removed: not reported.
+        if not directory and ust.st_mtime_ns != lst.st_mtime_ns:
+            what.append("mtime")
+        if self._xattrs(upper_path) != self._xattrs(lpath):
+            what.append("xattrs")
+        return what
+
+
+def _getxattr(path: bytes, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _same_content(a: bytes, b: bytes) -> bool:
+    try:
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                x, y = fa.read(1 << 20), fb.read(1 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+    except OSError:
+        return False
+
+
+def _text(path: bytes | None) -> list[str] | None:
+    """The lines of a text file (None: binary or unreadable); [] for no file."""
+    if path is None:
+        return []
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4 << 20)
+    except OSError:
+        return None
+    if b"\0" in data:
+        return None
+    return data.decode(errors="replace").splitlines(True)
+
+
+def patch(differ: Differ, change: Change) -> str:
+    """A unified diff of a text file's change (empty when there is none to show)."""
+    if change.kind != "file" or change.status not in ("A", "M", "D"):
+        return ""
+    if change.status == "M" and "content" not in change.what:
+        return ""
+    mount = differ.mount
+    rel = change.path[len(mount.mountpoint.rstrip("/")) + 1:]
+    comps = tuple(os.fsencode(c) for c in rel.split("/"))
+    upper = os.fsencode(mount.upper) + b"/" + os.fsencode(rel)
+    parent = differ._parent_lower(comps)
+    lower = differ._lower(parent + (comps[-1],)) if parent is not None else None
+    old = _text(lower if change.status != "A" else None)
+    new = _text(upper if change.status != "D" else None)
+    if old is None or new is None:
+        return "Binary file %s differs\n" % change.path
+    return "".join(difflib.unified_diff(old, new, "a" + change.path, "b" + change.path))
+
+
+def diff(state: str, path: str | None, *, as_json: bool = False,
+         with_patch: bool = False) -> str:
+    if path is None:
+        selected = [(m, ()) for m in mounts(state)]
+    else:
+        selected = [mount_for(state, path)]
+    out, records = [], []
+    for mount, rel in selected:
+        differ = Differ(mount)
+        for change in differ.run(rel):
+            records.append({"path": change.path, "status": change.status,
+                            "kind": change.kind, "what": change.what,
+                            "renamed_from": change.renamed_from})
+            out.append(change.line() + "\n")
+            if with_patch:
+                out.append(patch(differ, change))
+    if as_json:
+        return json.dumps(records, indent=1) + "\n"
+    return "".join(out)
+
+
+# ---------------------------------------------------------------- revert (offline)
+
+
+def _locked_upper(mount: Mount) -> int:
+    """The upper dir, locked like a mount locks it (refused while mounted)."""
+    fd = os.open(mount.upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ToolError("%s is in use by a rofs mount" % mount.upper) from None
+    return fd
+
+
+def revert_offline(mount: Mount, rel: tuple[bytes, ...]) -> bool:
+    """Drop the upper entry at `rel` of an unmounted mount; whether there was one."""
+    from rofs import scratch
+    if not rel:
+        raise ToolError("cannot revert the mount's root; name a path below it")
+    lock = _locked_upper(mount)
+    try:
+        parent = os.open(os.path.join(mount.upper, *map(os.fsdecode, rel[:-1])),
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        os.close(lock)
+        return False
+    except OSError as e:
+        os.close(lock)
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            return False
+        raise
+    work = os.open(mount.work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    index = os.open(mount.index, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) \
+        if os.path.isdir(mount.index) else None
+    try:
+        upper = UpperLayer(parent, work, Markers())
+        if upper.try_stat(parent, rel[-1]) is None:
+            return False
+        keys: set[bytes] = set()
+        scratch.detach(upper, parent, rel[-1], keys)
+        scratch.drop_index_keys(upper, index, keys)
+        return True
+    finally:
+        for fd in (parent, work, lock) + ((index,) if index is not None else ()):
+            os.close(fd)
+
+
+# ---------------------------------------------------------------- check
+
+
+@dataclass
+class Problem:
+    where: str
+    what: str
+    repair: object = None  # callable, or None when only a human can decide
+
+    def line(self) -> str:
+        return "%s: %s" % (self.where, self.what)
+
+
+def check(state: str, repair: bool = False) -> tuple[list[Problem], list[str]]:
+    """Problems in every mount of a state dir; with `repair`, fixed where safe."""
+    problems: list[Problem] = []
+    notes: list[str] = []
+    markers = Markers()
+    for mount in mounts(state):
+        lock = _locked_upper(mount) if repair else None
+        try:
+            found = _check_mount(mount, markers)
+            problems += found
+            if repair:
+                for p in found:
+                    if p.repair is not None:
+                        p.repair()
+                        notes.append("repaired: " + p.line())
+        finally:
+            if lock is not None:
+                os.close(lock)
+    return problems, notes
+
+
+def _check_mount(mount: Mount, markers: Markers) -> list[Problem]:
+    problems: list[Problem] = []
+    work = mount.work
+    if os.path.isdir(work):
+        for name in sorted(os.listdir(work)):
+            if name.startswith("#rofs."):
+                path = os.path.join(work, name)
+                problems.append(Problem(path, "left over by an interrupted operation",
+                                        lambda p=path: _remove(p)))
+    differ_lower = mount.lower_root()
+    upper = mount.upper
+
+    def lower_has(rel_lower) -> bool:
+        if rel_lower is None:
+            return False
+        return os.path.lexists(os.path.join(differ_lower, *map(os.fsdecode, rel_lower)))
+
+    def walk(rel, lower_dir):
+        path = os.path.join(upper, *map(os.fsdecode, rel)) if rel else upper
+        for name in sorted(os.listdir(os.fsencode(path))):
+            child = os.path.join(os.fsencode(path), name)
+            crel = rel + (name,)
+            st = os.lstat(child)
+            shown = os.fsdecode(child)
+            counterpart = None if lower_dir is None else lower_dir + (name,)
+            opaque = _getxattr(child, markers.opaque)
+            redirect = _getxattr(child, markers.redirect)
+            if not stat.S_ISDIR(st.st_mode):
+                for marker, value in ((markers.opaque, opaque), (markers.redirect, redirect)):
+                    if value is not None:
+                        problems.append(Problem(shown, "%s on a %s (only directories "
+                                                "carry it)" % (marker.decode(),
+                                                               _kind(st.st_mode)),
+                                                lambda c=child, m=marker: os.removexattr(
+                                                    c, m, follow_symlinks=False)))
+            if is_whiteout(st):
+                if not lower_has(counterpart):
+                    problems.append(Problem(shown, "whiteout over nothing (the lower has "
+                                            "no such entry)",
+                                            lambda c=child: os.unlink(c)))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if opaque not in (None, b"y"):
+                    problems.append(Problem(shown, "opaque marker with value %r" % opaque,
+                                            lambda c=child: os.setxattr(
+                                                c, markers.opaque, b"y",
+                                                follow_symlinks=False)))
+                if redirect is not None:
+                    target = tuple(c for c in redirect.split(b"/") if c) \
+                        if redirect.startswith(b"/") else \
+                        (None if lower_dir is None else lower_dir + (redirect,))
+                    if target is None or not os.path.isdir(
+                            os.path.join(differ_lower, *map(os.fsdecode, target))):
+                        problems.append(Problem(shown, "redirect to %r, which the lower "
+                                                "does not have" % redirect))
+                    walk(crel, target)
+                elif opaque == b"y":
+                    walk(crel, None)
+                else:
+                    walk(crel, counterpart)
+            ino = _getxattr(child, markers.ino)
+            if ino is not None and not (ino.split() and ino.split()[0].isdigit()):
+                problems.append(Problem(shown, "malformed %s marker %r"
+                                        % (markers.ino.decode(), ino),
+                                        lambda c=child: os.removexattr(
+                                            c, markers.ino, follow_symlinks=False)))
+
+    walk((), ())
+    return problems
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)

@@ -1,0 +1,177 @@
+"""rofs diff, rofs revert and rofs check, on live mounts and offline."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import build_lower
+from helpers import ROFS, RofsProcess
+
+pytestmark = pytest.mark.fuse
+
+
+def rofs(*args, code=0):
+    result = subprocess.run(ROFS + [str(a) for a in args], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == code, result.stdout + result.stderr
+    return result.stdout
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.fixture
+def over_itself(tmp_path):
+    """rofs mounted over its own lower directory, as over /etc."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    build_lower(str(etc))
+    (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    (etc / "gone-dir").mkdir()
+    (etc / "gone-dir" / "inside").write_text("x\n")
+    (etc / "opaque").mkdir()
+    (etc / "opaque" / "old").write_text("old\n")
+    state = tmp_path / "state"
+    return etc, state
+
+
+def make_changes(m):
+    (m / "added").write_text("new file\n")
+    (m / "added-dir").mkdir()
+    (m / "added-dir" / "f").write_text("in new dir\n")
+    (m / "hosts").write_text("127.0.0.1 localhost\n10.0.0.1 db\n")
+    os.chmod(m / "passwd", 0o600)
+    os.chown(m / "d" / "file", 0, 0)
+    os.setxattr(m / "ssh" / "sshd_config", "user.tag", b"1")
+    os.utime(m / "shadow", (5, 5))
+    os.unlink(m / "link")
+    shutil.rmtree(m / "gone-dir")
+    shutil.rmtree(m / "opaque")
+    os.mkdir(m / "opaque")
+    (m / "opaque" / "fresh").write_text("fresh\n")
+    os.rename(m / "d" / "sub", m / "d" / "sub-moved")
+
+
+EXPECTED = """\
+A {m}/added
+A {m}/added-dir
+A {m}/added-dir/f
+M {m}/d/file  (owner 1234:2345 -> 0:0)
+D {m}/d/sub
+A {m}/d/sub-moved  (renamed from {m}/d/sub)
+D {m}/gone-dir
+M {m}/hosts  (content, mtime)
+D {m}/link
+R {m}/opaque  (replaced: the lower contents are hidden)
+A {m}/opaque/fresh
+M {m}/passwd  (mode 644 -> 600)
+M {m}/shadow  (mtime)
+M {m}/ssh/sshd_config  (xattrs)
+"""
+
+
+def test_diff_live_and_offline(over_itself):
+    etc, state = over_itself
+    with RofsProcess(str(etc), str(state)):
+        make_changes(etc)
+        live = rofs("diff", state)
+        live_json = json.loads(rofs("diff", "--json", state))
+        one = rofs("diff", state, etc / "d")
+        patch = rofs("diff", "--patch", state, etc / "hosts")
+    offline = rofs("diff", state)
+    m = str(etc)
+    # Lines in path order; d/file, d/sub, d/sub-moved come from the walk of d.
+    assert sorted(live.splitlines()) == sorted(EXPECTED.format(m=m).splitlines())
+    assert offline == live
+    assert {c["path"]: c["status"] for c in live_json}[m + "/opaque"] == "R"
+    assert one.splitlines() == [line for line in live.splitlines()
+                                if line.split()[1].startswith(m + "/d/")]
+    assert patch.startswith("M %s/hosts  (content, mtime)\n--- a%s/hosts\n+++ b%s/hosts\n"
+                            % (m, m, m))
+    assert "+10.0.0.1 db\n" in patch
+
+
+def test_revert_every_kind_while_mounted(over_itself):
+    etc, state = over_itself
+    lower_hosts = read(etc / "hosts")
+    with RofsProcess(str(etc), str(state)) as daemon:
+        make_changes(etc)
+        st_passwd = os.stat(etc / "passwd")
+        assert read(etc / "hosts") != lower_hosts  # now in the kernel's page cache
+        fd = os.open(etc / "added", os.O_RDONLY)  # an open file survives its revert
+        out = rofs("revert", etc / "hosts", etc / "passwd", etc / "added",
+                   etc / "added-dir", etc / "link", etc / "gone-dir", etc / "opaque",
+                   etc / "d" / "sub-moved", etc / "d" / "sub", etc / "shadow")
+        assert out.splitlines()[0] == "reverted %s/hosts" % etc
+        assert read(etc / "hosts") == lower_hosts
+        assert os.stat(etc / "passwd").st_mode & 0o777 == 0o644 != st_passwd.st_mode & 0o777
+        assert not (etc / "added").exists() and not (etc / "added-dir").exists()
+        assert os.read(fd, 100) == b"new file\n"
+        os.close(fd)
+        assert os.readlink(etc / "link") == "passwd"
+        assert read(etc / "gone-dir" / "inside") == "x\n"
+        assert sorted(os.listdir(etc / "opaque")) == ["old"]
+        assert not (etc / "d" / "sub-moved").exists()
+        assert read(etc / "d" / "sub" / "deep" / "leaf") == "leaf\n"
+        assert rofs("revert", etc / "hosts") == "unchanged %s/hosts\n" % etc
+        remaining = rofs("diff", state).splitlines()
+        assert remaining == ["M %s/d/file  (owner 1234:2345 -> 0:0)" % etc,
+                             "M %s/ssh/sshd_config  (xattrs)" % etc]
+        assert not daemon.internal_errors()
+    # What is left survives a remount, and an offline revert does the rest.
+    out = rofs("revert", "--state", state, etc / "d" / "file", etc / "ssh" / "sshd_config")
+    assert out.splitlines() == ["reverted %s/d/file" % etc,
+                                "reverted %s/ssh/sshd_config" % etc]
+    assert rofs("diff", state) == ""
+
+
+def test_revert_errors(over_itself, tmp_path):
+    etc, state = over_itself
+    result = subprocess.run(ROFS + ["revert", str(etc / "hosts")], capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert "not on a live rofs mount; name its state dir with --state" in result.stderr
+    with RofsProcess(str(etc), str(state)):
+        pass
+    result = subprocess.run(ROFS + ["revert", "--state", str(state), str(tmp_path / "x")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "is not below any mount of" in result.stderr
+
+
+def test_check_finds_and_repairs_damage(over_itself):
+    etc, state = over_itself
+    with RofsProcess(str(etc), str(state)):
+        make_changes(etc)
+    upper = state / str(etc).lstrip("/")
+    work = state / ".rofs" / "work" / str(etc).lstrip("/")
+    assert rofs("check", state) == ""  # a clean state dir
+    # Damage it on purpose.
+    (work / "#rofs.999.1").write_text("half a copy-up")
+    os.mknod(upper / "nothing-here", 0o020000, os.makedev(0, 0))
+    os.setxattr(upper / "hosts", "trusted.overlay.opaque", b"y")
+    os.setxattr(upper / "added", "trusted.overlay.rofs.ino", b"garbage")
+    os.setxattr(upper / "added-dir", "trusted.overlay.opaque", b"maybe")
+    os.mkdir(upper / "lost")
+    os.setxattr(upper / "lost", "trusted.overlay.redirect", b"/no/such/dir")
+    found = rofs("check", state, code=1).splitlines()
+    assert len(found) == 6, found
+    for text in ("#rofs.999.1: left over by an interrupted operation",
+                 "nothing-here: whiteout over nothing",
+                 "hosts: trusted.overlay.opaque on a file",
+                 "added: malformed trusted.overlay.rofs.ino marker",
+                 "added-dir: opaque marker with value b'maybe'",
+                 "lost: redirect to b'/no/such/dir', which the lower does not have"):
+        assert any(text in line for line in found), (text, found)
+    repaired = rofs("check", "--repair", state, code=1)
+    assert "lost: redirect to b'/no/such/dir'" in repaired and "decide by hand" in repaired
+    assert sum(line.startswith("repaired: ") for line in repaired.splitlines()) == 5
+    os.rmdir(upper / "lost")
+    assert rofs("check", state) == ""
+    with RofsProcess(str(etc), str(state)):
+        assert read(etc / "hosts").endswith("10.0.0.1 db\n")
+        assert read(etc / "added") == "new file\n"
+        assert not os.path.lexists(etc / "nothing-here")
