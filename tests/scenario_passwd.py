@@ -65,9 +65,9 @@ def kill_daemons(state: str) -> None:
             pass
 
 
-def mount_rofs(state: str) -> None:
-    result = subprocess.run(ROFS + ["/etc", "--state", state], capture_output=True, text=True,
-                            timeout=60)
+def mount_rofs(state: str, *args: str) -> None:
+    result = subprocess.run(ROFS + ["/etc", "--state", state, *args], capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert is_rofs_mounted("/etc"), "rofs returned before the mount was live"
 
@@ -134,10 +134,34 @@ class Scenario:
             print("ok after remount:", what, flush=True)
         unmount_rofs(self.state)
 
+        self.stateless(os.path.join(self.work, "state-policy"))
+
         after = manifest(self.copy)
         changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)]
         assert not changed, "lower modified: %r" % sorted(changed)[:20]
         print("ok: lower byte-identical (%d entries)" % len(before))
+
+    def stateless(self, state: str) -> None:
+        """docs/policy.md's example: /etc/shadow persistent, everything else scratch."""
+        policy = os.path.join(self.work, "stateless.policy")
+        with open(policy, "w") as f:
+            f.write("default scratch\npersistent /etc/shadow\npersistent /etc/gshadow\n")
+        hosts = read("/etc/hosts")
+        mount_rofs(state, "--policy", policy)
+        sh("chpasswd", stdin="root:stateless-pw\n")
+        new_hash = shadow_hash("root")
+        sh("sed -i '1i # scratch edit' /etc/hosts && touch /etc/rofs-scratch-only")
+        assert read("/etc/hosts").startswith("# scratch edit\n")
+        unmount_rofs(state)
+        mount_rofs(state, "--policy", policy)
+        assert_(shadow_hash("root") == new_hash)
+        print("ok: with default scratch, the password change survives a remount")
+        assert_(read("/etc/hosts") == hosts and not os.path.lexists("/etc/rofs-scratch-only"))
+        print("ok: ... and the scratch changes do not")
+        unmount_rofs(state)
+        report = sh(" ".join(ROFS + ["report", state])).stdout
+        assert_("(chpasswd)" in report and "/etc/shadow  rename (target)" in report)
+        print("ok: rofs report names chpasswd and /etc/shadow")
 
     def exercise(self, baseline_pwck, baseline_grpck) -> None:
         old = shadow_hash("root")
