@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also read rwtab, rwtab.d/* (scratch) and statetab, "
                         "statetab.d/* (persistent) from ETCDIR (default: the lower "
                         "layer when mounting over /etc, else /etc)")
+    policy.add_argument("--scratch", metavar="DIR",
+                        help="where changes to scratch paths live until the next mount "
+                        "(default: STATEDIR/.rofs/scratch; a tmpfs keeps them off the "
+                        "disk)")
     policy.add_argument("--default", metavar="CLASS", choices=CLASS_NAMES,
                         help="class of every path no rule names: persistent (the "
                         "default), scratch or read-only")
@@ -227,13 +231,22 @@ def validate(args: argparse.Namespace):
         raise UsageError("mountpoint %s is inside the state dir %s" % (mountpoint, state))
     if _mountinfo_top(mountpoint) == "fuse.rofs":
         raise UsageError("%s is already mounted by rofs" % mountpoint)
+    scratch = None
+    if args.scratch is not None:
+        scratch = os.path.realpath(args.scratch)
+        if not os.path.isdir(scratch):
+            raise UsageError("scratch dir %s does not exist or is not a directory" % scratch)
+        for other, what in ((lower, "the lower directory"), (mountpoint, "the mountpoint")):
+            if _inside(scratch, other) or _inside(other, scratch):
+                raise UsageError("scratch dir %s and %s %s are nested" % (scratch, what,
+                                                                          other))
     options = [o for group in args.options for o in group.split(",") if o]
     from rofs import policy
     rules = policy.load(mountpoint, lower, policy_file=args.policy, rwtab=args.rwtab,
                         default=args.default)
     return Config(mountpoint=mountpoint, lower=lower, state=state,
                   foreground=args.foreground, debug=args.debug, fuse_options=options,
-                  policy=rules, write_log=not args.no_log)
+                  policy=rules, write_log=not args.no_log, scratch=scratch)
 
 
 def _use_c_allocator(argv: list[str]) -> None:

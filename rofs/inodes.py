@@ -35,7 +35,8 @@ SHRINK_MIN = 4096
 
 class Node:
     __slots__ = ("ino", "mode", "links", "lower", "upper", "lookups", "backing",
-                 "open_fds", "kids", "index_key", "nlink_delta", "target", "generation", "keep_fd")
+                 "open_fds", "kids", "index_key", "nlink_delta", "target", "generation", "keep_fd",
+                 "layer")
 
     def __init__(self, ino: int, mode: int, *, upper: bool,
                  lower: tuple[bytes, ...] | None, backing: tuple) -> None:
@@ -68,6 +69,9 @@ class Node:
         # An O_PATH descriptor of the object once its last name is gone while the kernel
         # still holds it (an open FIFO, a cwd, a cached inode): fstat keeps working.
         self.keep_fd = -1
+        # The upper layer this node's changes go to (None: the persistent one; the
+        # scratch layer for paths of the scratch class, see rofs.overlay).
+        self.layer = None
 
     @property
     def is_dir(self) -> bool:

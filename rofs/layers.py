@@ -186,8 +186,12 @@ def getxattr_or_none(path: bytes, name: bytes) -> bytes | None:
 class UpperLayer:
     """The writable layer and its work directory (same filesystem, for atomic renames)."""
 
-    def __init__(self, root_fd: int, work_fd: int, markers: Markers) -> None:
+    def __init__(self, root_fd: int, work_fd: int, markers: Markers, tag: str = "U") -> None:
+        # "U": the persistent upper layer; "S": the scratch layer (rofs.overlay).  The
+        # tag names the layer in node backings and directory descriptor cache keys.
+        self.tag = tag
         self.root_fd = root_fd
+        self.index_fd: int | None = None  # its hard-link index (see docs/state-format.md)
         self.work_fd = work_fd
         self.dev = os.fstat(root_fd).st_dev
         self.markers = markers

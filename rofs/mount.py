@@ -44,6 +44,7 @@ class Config:
     fuse_options: list[str] = field(default_factory=list)
     policy: Policy = field(default_factory=Policy)
     write_log: bool = True
+    scratch: str | None = None  # --scratch DIR (default: STATE/.rofs/scratch)
 
 
 class MountError(Exception):
@@ -120,10 +121,16 @@ def run(config: Config) -> int:
     try:
         upper = UpperLayer(prepared.upper_fd, prepared.work_fd, markers)
         prepared.wiped = scratch.wipe(config.policy, upper, prepared.index_fd)
+        if config.policy.has_scratch:
+            state.prepare_scratch(prepared, config.state, config.mountpoint, config.scratch,
+                                  markers)
     except OSError as e:
         prepared.close()
         raise MountError("cannot wipe the scratch paths in %s: %s"
                          % (prepared.upper_path, e)) from None
+    except state.StateError:
+        prepared.close()
+        raise
     if config.foreground:
         _setup_logging(config, background=False)
         return _mount_and_serve(config, prepared, markers, ready=None)
@@ -193,7 +200,14 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                      ready) -> int:
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
                       index_fd=prepared.index_fd)
-    overlay.set_policy(config.policy)
+    scratch_layer = None
+    if prepared.scratch_upper_fd >= 0:
+        scratch_layer = UpperLayer(prepared.scratch_upper_fd, prepared.scratch_work_fd,
+                                   markers, tag="S")
+        scratch_layer.index_fd = prepared.scratch_index_fd
+    overlay.set_policy(config.policy, scratch_layer)
+    if scratch_layer is not None:
+        log.info("scratch changes go to %s until the next mount", prepared.scratch_path)
     if prepared.wiped:
         log.info("wiped %d scratch paths of the last session", len(prepared.wiped))
     for note in config.policy.notes + scratch.lay_out(config.policy, overlay):

@@ -119,7 +119,7 @@ class Overlay:
         self.lower = LowerLayer(lower_fd, self.fds)
         self.upper = UpperLayer(upper_fd, work_fd, markers or Markers())
         self.markers = self.upper.markers
-        self.index_fd = index_fd
+        self.upper.index_fd = index_fd
         self.table = NodeTable(self.lower.dev, self.upper.dev)
         root_st = os.fstat(upper_fd)
         self.root = Node(ROOT_INO, stat.S_IFDIR, upper=True, lower=(),
@@ -130,12 +130,49 @@ class Overlay:
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._dir_ids = itertools.count(1)
-        # Per-path policy: only its read-only class matters while mounted (scratch is
-        # wiped at mount, see rofs.scratch); None when nothing is read-only.
+        # Per-path policy: `policy` for the read-only class (None when nothing is
+        # read-only); `classes` and `scratch_layer` when scratch paths have a layer of
+        # their own (None: every change goes to the persistent upper layer).
         self.policy: Policy | None = None
+        self.classes: Policy | None = None
+        self.scratch_layer: UpperLayer | None = None
 
-    def set_policy(self, policy: Policy) -> None:
+    def set_policy(self, policy: Policy, scratch_layer: UpperLayer | None = None) -> None:
         self.policy = policy if policy.has_read_only else None
+        if scratch_layer is not None and policy.has_scratch:
+            self.classes = policy
+            self.scratch_layer = scratch_layer
+
+    @property
+    def index_fd(self) -> int | None:
+        """The persistent layer's hard-link index."""
+        return self.upper.index_fd
+
+    def _lay(self, node: Node) -> UpperLayer:
+        """The upper layer a node's changes go to."""
+        return node.layer or self.upper
+
+    def layer_for(self, parent: Node, name: bytes) -> UpperLayer:
+        """The upper layer for the entry `name` of `parent`, by its policy class."""
+        if self.scratch_layer is None:
+            return self.upper
+        path = self.path_of(parent)
+        if path is None:
+            return self._lay(parent)
+        return self._class_layer(path + (name,))
+
+    def _class_layer(self, path: tuple[bytes, ...]) -> UpperLayer:
+        if self.classes.classify(path) is Class.SCRATCH:
+            return self.scratch_layer
+        return self.upper
+
+    def _layers(self) -> tuple[UpperLayer, ...]:
+        return (self.upper,) if self.scratch_layer is None else (self.upper,
+                                                                 self.scratch_layer)
+
+    def _drop_dirfds(self, node: Node) -> None:
+        for layer in self._layers():
+            self.fds.drop((layer.tag, node.ino))
 
     def path_of(self, node: Node) -> tuple[bytes, ...] | None:
         """The merged-view path of a node (its first name), None if it has none."""
@@ -176,11 +213,21 @@ class Overlay:
             raise _err(errno.ESTALE)
         return node
 
-    def upper_dirfd(self, node: Node) -> int:
-        """Descriptor of an upper directory node (it and its ancestors are upper)."""
+    def upper_dirfd(self, node: Node, layer: UpperLayer | None = None, *,
+                    create: bool = True) -> int | None:
+        """Descriptor of directory `node` in an upper layer (default: its own).
+
+        With `create`, what is missing on the way is made: a directory whose own layer
+        this is gets copied up; in the other layer, a plain directory (a "mirror") is
+        made to hold entries of that layer's class.  Without `create`, None when the
+        directory is not in that layer.
+        """
+        if layer is None:
+            layer = self._lay(node)
         if node is self.root:
-            return self.upper.root_fd
-        fd = self.fds.get(("U", node.ino))
+            return layer.root_fd
+        tag = layer.tag
+        fd = self.fds.get((tag, node.ino))
         if fd is not None:
             return fd
         chain = []
@@ -191,16 +238,36 @@ class Overlay:
             if parent is None:
                 raise _err(errno.ENOENT)
             if parent is self.root:
-                fd = self.upper.root_fd
+                fd = layer.root_fd
                 break
-            fd = self.fds.get(("U", parent.ino))
+            fd = self.fds.get((tag, parent.ino))
             if fd is not None:
                 break
             current = parent
         for current in reversed(chain):
-            fd = open_dir_fd(fd, current.links[0][1])
-            self.fds.put(("U", current.ino), fd)
+            name = current.links[0][1]
+            try:
+                fd = open_dir_fd(fd, name)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                if self._lay(current) is layer:
+                    if current.upper:
+                        raise
+                    self._copy_up_dir(current)
+                else:
+                    self._make_mirror(fd, name, current)
+                fd = open_dir_fd(fd, name)
+            self.fds.put((tag, current.ino), fd)
         return fd
+
+    def _make_mirror(self, parent_fd: int, name: bytes, node: Node) -> None:
+        """A plain directory with node's owner and mode, in a layer that is not node's
+        own, to hold entries of that layer's class.  Never merged or shown by itself."""
+        st = self._stat(node)
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=parent_fd, follow_symlinks=False)
+        os.chmod(proc_path(parent_fd, name), stat.S_IMODE(st.st_mode))
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """The node `name` in `parent`, or None.  Does not take a kernel reference."""
@@ -218,9 +285,13 @@ class Overlay:
         return self._resolve(parent, name)
 
     def _resolve(self, parent: Node, name: bytes) -> Node | None:
-        if parent.upper:
-            up = self.upper_dirfd(parent)
-            st = self.upper.try_stat(up, name)
+        layer = self.layer_for(parent, name)
+        if layer is self._lay(parent):
+            up = self.upper_dirfd(parent) if parent.upper else None
+        else:
+            up = self.upper_dirfd(parent, layer, create=False)
+        if up is not None:
+            st = layer.try_stat(up, name)
             if st is not None:
                 if is_whiteout(st):
                     return None
@@ -230,9 +301,10 @@ class Overlay:
                     st.st_mode) else None
                 node = self.table.find_or_add(
                     parent, name, st.st_mode, upper=True, lower=lower,
-                    backing=("U", st.st_dev, st.st_ino), recorded=recorded)
+                    backing=(layer.tag, st.st_dev, st.st_ino), recorded=recorded)
+                node.layer = None if layer is self.upper else layer
                 if key is not None:
-                    self._load_index(node, key, st)
+                    self._load_index(node, key, st, layer)
                 return node
         if parent.lower is None:
             return None
@@ -240,19 +312,23 @@ class Overlay:
             st = os.stat(name, dir_fd=self.lower.dirfd(parent.lower), follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        if st.st_nlink > 1 and self.index_fd is not None and not stat.S_ISDIR(st.st_mode):
+        index = layer.index_fd
+        if st.st_nlink > 1 and index is not None and not stat.S_ISDIR(st.st_mode):
             key = _index_key(st)
-            if self.upper.try_stat(self.index_fd, key) is not None:
+            if layer.try_stat(index, key) is not None:
                 try:
-                    self._materialize(parent, name, key)
+                    self._materialize(parent, name, key, layer)
                 except OSError as e:
                     # Still reachable, with its lower content, under its own number.
                     log.warning("cannot link %r to its copied-up hard link: %s", name, e)
                 else:
                     return self._resolve(parent, name)
-        return self.table.find_or_add(parent, name, st.st_mode, upper=False,
+        node = self.table.find_or_add(parent, name, st.st_mode, upper=False,
                                       lower=parent.lower + (name,),
                                       backing=("L", st.st_dev, st.st_ino))
+        if not node.upper:
+            node.layer = None if layer is self.upper else layer
+        return node
 
     def _merged_lower(self, parent: Node, name: bytes,
                       upper_path: bytes) -> tuple[bytes, ...] | None:
@@ -274,34 +350,35 @@ class Overlay:
         st = self.lower.try_stat(path)
         return path if st is not None and stat.S_ISDIR(st.st_mode) else None
 
-    def _load_index(self, node: Node, key: bytes, st: os.stat_result) -> None:
+    def _load_index(self, node: Node, key: bytes, st: os.stat_result,
+                    layer: UpperLayer) -> None:
         """An upper entry recorded as a copied-up lower hard link: is its index entry
         (still) the same inode?  Then its lower names not yet in the upper count too."""
-        if self.index_fd is None:
+        if layer.index_fd is None:
             return
-        entry = self.upper.try_stat(self.index_fd, key)
+        entry = layer.try_stat(layer.index_fd, key)
         if entry is None or entry.st_ino != st.st_ino:
             node.index_key = None
             return
         node.index_key = key
-        node.nlink_delta = _parse_int(getxattr_or_none(proc_path(self.index_fd, key),
+        node.nlink_delta = _parse_int(getxattr_or_none(proc_path(layer.index_fd, key),
                                                        self.markers.nlink))
 
-    def _materialize(self, parent: Node, name: bytes, key: bytes) -> None:
+    def _materialize(self, parent: Node, name: bytes, key: bytes, layer: UpperLayer) -> None:
         """A lower name of a copied-up hard link, met for the first time: link the upper
         copy (kept in the index) under this name, so it stays one inode.  When no lower
         name is left outside the upper layer, the index entry is no longer needed."""
-        self._ensure_dir_upper(parent)
-        os.link(key, name, src_dir_fd=self.index_fd, dst_dir_fd=self.upper_dirfd(parent),
+        index = layer.index_fd
+        os.link(key, name, src_dir_fd=index, dst_dir_fd=self.upper_dirfd(parent, layer),
                 follow_symlinks=False)
-        path = proc_path(self.index_fd, key)
+        path = proc_path(index, key)
         ino = _parse_ino(getxattr_or_none(path, self.markers.ino))[0]
         remaining = _parse_int(getxattr_or_none(path, self.markers.nlink)) - 1
         if remaining > 0:
             os.setxattr(path, self.markers.nlink, b"%d" % remaining, follow_symlinks=False)
         else:
             os.removexattr(path, self.markers.nlink, follow_symlinks=False)
-            os.unlink(key, dir_fd=self.index_fd)
+            os.unlink(key, dir_fd=index)
         node = self.table.get(ino or 0)
         if node is not None and node.index_key == key:
             node.nlink_delta = max(remaining, 0)
@@ -335,7 +412,8 @@ class Overlay:
         if node.upper:
             if node.links:
                 parent, name = node.links[0]
-                return os.stat(name, dir_fd=self.upper_dirfd(parent), follow_symlinks=False)
+                return os.stat(name, dir_fd=self.upper_dirfd(parent, self._lay(node)),
+                               follow_symlinks=False)
             if node.open_fds:
                 return os.fstat(next(iter(node.open_fds)))
             raise _err(errno.ENOENT)
@@ -364,7 +442,8 @@ class Overlay:
                 if not node.links:
                     raise _err(errno.ENOENT)
                 parent, name = node.links[0]
-                node.target = os.readlink(name, dir_fd=self.upper_dirfd(parent))
+                node.target = os.readlink(name, dir_fd=self.upper_dirfd(parent,
+                                                                         self._lay(node)))
             else:
                 node.target = self.lower.readlink(node.lower)
         return node.target
@@ -407,7 +486,7 @@ class Overlay:
             return proc_path(self.upper.root_fd), True
         if node.links:
             parent, name = node.links[0]
-            return proc_path(self.upper_dirfd(parent), name), False
+            return proc_path(self.upper_dirfd(parent, self._lay(node)), name), False
         if node.open_fds:
             return next(iter(node.open_fds)), True
         if node.keep_fd >= 0:
@@ -476,53 +555,50 @@ class Overlay:
                 done.set()
 
     def _ensure_dir_upper(self, node: Node) -> None:
-        chain = []
-        current: Node | None = node
-        while current is not None and not current.upper:
-            chain.append(current)
-            current = current.parent()
-        if current is None:
-            raise _err(errno.ENOENT)
-        for current in reversed(chain):
-            self._copy_up_dir(current)
+        """Copy up directory `node` (and what it needs above it) in its own layer."""
+        if not node.upper:
+            self.upper_dirfd(node)
 
     def _copy_up_dir(self, node: Node) -> None:
         parent, name = node.links[0]
+        layer = self._lay(node)
         st = self.lower.stat(node.lower)
-        work = self.upper.work_fd
-        tmp = self.upper.temp_name()
+        work = layer.work_fd
+        tmp = layer.temp_name()
         os.mkdir(tmp, 0o700, dir_fd=work)
         try:
-            copyup.copy_meta(st, self.upper.work_path(tmp), self.markers.is_private,
+            copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
                              self.lower.xattr_path(node.lower),
                              extra={self.markers.ino: b"%d" % node.ino})
             new = os.stat(tmp, dir_fd=work, follow_symlinks=False)
-            renameat2(work, tmp, self.upper_dirfd(parent), name, RENAME_NOREPLACE)
+            renameat2(work, tmp, self.upper_dirfd(parent, layer), name, RENAME_NOREPLACE)
         except BaseException:
-            self._discard(tmp)
+            self._discard(tmp, layer)
             raise
         node.upper = True
-        self.table.rebind(node, ("U", new.st_dev, new.st_ino))
+        self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
 
     async def _copy_up_file(self, node: Node, data_limit: int | None) -> None:
         st = self.lower.stat(node.lower)
-        work = self.upper.work_fd
-        tmp = self.upper.temp_name()
+        layer = self._lay(node)
+        work = layer.work_fd
+        tmp = layer.temp_name()
         # A lower hard link also goes to the index, so that its lower names not known yet
         # find this copy when they are looked up (like overlayfs index=on).
-        key = _index_key(st) if st.st_nlink > 1 and self.index_fd is not None else None
+        index = layer.index_fd
+        key = _index_key(st) if st.st_nlink > 1 and index is not None else None
         extra = {self.markers.ino: b"%d %s" % (node.ino, key) if key else b"%d" % node.ino}
         indexed = False
         try:
             if stat.S_ISREG(st.st_mode):
-                await self._copy_regular(node, st, tmp, data_limit, extra)
+                await self._copy_regular(node, st, tmp, data_limit, extra, layer)
             elif stat.S_ISLNK(st.st_mode):
                 os.symlink(self.lower.readlink(node.lower), tmp, dir_fd=work)
-                copyup.copy_meta(st, self.upper.work_path(tmp), self.markers.is_private,
+                copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
                                  self.lower.xattr_path(node.lower), extra=extra)
             else:
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=work)
-                copyup.copy_meta(st, self.upper.work_path(tmp), self.markers.is_private,
+                copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
                                  self.lower.xattr_path(node.lower), extra=extra)
             # From here on synchronous: the names and parents we use are current.
             if not node.links:
@@ -531,40 +607,43 @@ class Overlay:
             first_parent, first_name = links[0]
             unknown = st.st_nlink - len(links)
             if key is not None and unknown > 0:
-                self.upper.set_marker(work, tmp, self.markers.nlink, b"%d" % unknown)
+                layer.set_marker(work, tmp, self.markers.nlink, b"%d" % unknown)
                 try:
-                    os.link(tmp, key, src_dir_fd=work, dst_dir_fd=self.index_fd)
+                    os.link(tmp, key, src_dir_fd=work, dst_dir_fd=index)
                 except FileExistsError:  # left by a crash: the new copy replaces it
-                    os.unlink(key, dir_fd=self.index_fd)
-                    os.link(tmp, key, src_dir_fd=work, dst_dir_fd=self.index_fd)
+                    os.unlink(key, dir_fd=index)
+                    os.link(tmp, key, src_dir_fd=work, dst_dir_fd=index)
                 indexed = True
-            self._ensure_dir_upper(first_parent)
-            renameat2(work, tmp, self.upper_dirfd(first_parent), first_name, RENAME_NOREPLACE)
+            renameat2(work, tmp, self.upper_dirfd(first_parent, layer), first_name,
+                      RENAME_NOREPLACE)
         except BaseException:
             if indexed:
-                os.unlink(key, dir_fd=self.index_fd)
-            self._discard(tmp)
+                os.unlink(key, dir_fd=index)
+            self._discard(tmp, layer)
             raise
-        # Lower hard links known under several names stay one inode: link them all.
-        first_fd = self.upper_dirfd(first_parent)
+        # Lower hard links known under several names stay one inode: link them all (the
+        # names of the same layer: a link cannot cross layers).
+        first_fd = self.upper_dirfd(first_parent, layer)
         for parent, name in links[1:]:
-            self._ensure_dir_upper(parent)
-            os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent),
-                    dst_dir_fd=self.upper_dirfd(parent), follow_symlinks=False)
+            if self.layer_for(parent, name) is not layer:
+                continue
+            os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent, layer),
+                    dst_dir_fd=self.upper_dirfd(parent, layer), follow_symlinks=False)
         new = os.stat(first_name, dir_fd=first_fd, follow_symlinks=False)
         if indexed:
             node.index_key, node.nlink_delta = key, unknown
         node.upper = True
-        self.table.rebind(node, ("U", new.st_dev, new.st_ino))
+        self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
         self._repoint_readers(node)
 
     async def _copy_regular(self, node: Node, st: os.stat_result, tmp: bytes,
-                            data_limit: int | None, extra: dict[bytes, bytes]) -> None:
+                            data_limit: int | None, extra: dict[bytes, bytes],
+                            layer: UpperLayer) -> None:
         size = st.st_size if data_limit is None else min(st.st_size, data_limit)
         src = self.lower.open(node.lower) if size else -1
         try:
             dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=self.upper.work_fd)
+                          dir_fd=layer.work_fd)
             try:
                 if size > INLINE_COPY:
                     await trio.to_thread.run_sync(copyup.copy_data, src, dst, size)
@@ -588,14 +667,15 @@ class Overlay:
                 continue
             parent, name = node.links[0]
             new = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=self.upper_dirfd(parent))
+                          dir_fd=self.upper_dirfd(parent, self._lay(node)))
             os.dup2(new, fd, inheritable=False)
             os.close(new)
             handle.on_lower = False
 
-    def _discard(self, tmp: bytes) -> None:
+    def _discard(self, tmp: bytes, layer: UpperLayer | None = None) -> None:
+        layer = layer or self.upper
         try:
-            self.upper.remove_tree(self.upper.work_fd, tmp)
+            layer.remove_tree(layer.work_fd, tmp)
         except OSError as e:
             log.warning("could not remove work file %r: %s", tmp, e)
 
@@ -621,23 +701,23 @@ class Overlay:
         return uid, gid, mode
 
     def _place(self, parent: Node, name: bytes, is_dir: bool, make) -> Node:
-        """Create a new entry: `make(work_fd, tmp)` builds it in the work dir, complete
-        with owner and mode; one rename then makes it visible."""
+        """Create a new entry: `make(layer, tmp)` builds it in the work dir of its layer,
+        complete with owner and mode; one rename then makes it visible."""
         if self.lookup(parent, name) is not None:
             raise _err(errno.EEXIST)
-        self._ensure_dir_upper(parent)
-        up = self.upper_dirfd(parent)
-        work = self.upper.work_fd
-        existing = self.upper.try_stat(up, name)
+        layer = self.layer_for(parent, name)
+        up = self.upper_dirfd(parent, layer)
+        work = layer.work_fd
+        existing = layer.try_stat(up, name)
         over_whiteout = existing is not None and is_whiteout(existing)
         if existing is not None and not over_whiteout:
             raise _err(errno.EEXIST)
-        tmp = self.upper.temp_name()
+        tmp = layer.temp_name()
         try:
-            make(work, tmp)
+            make(layer, tmp)
             if is_dir and over_whiteout:
                 # Whatever the lower has under this name stays hidden.
-                self.upper.set_marker(work, tmp, self.markers.opaque, b"y")
+                layer.set_marker(work, tmp, self.markers.opaque, b"y")
             if over_whiteout and is_dir:
                 renameat2(work, tmp, up, name, RENAME_EXCHANGE)
                 os.unlink(tmp, dir_fd=work)
@@ -646,11 +726,13 @@ class Overlay:
             else:
                 renameat2(work, tmp, up, name, RENAME_NOREPLACE)
         except BaseException:
-            self._discard(tmp)
+            self._discard(tmp, layer)
             raise
         st = os.stat(name, dir_fd=up, follow_symlinks=False)
-        return self.table.find_or_add(parent, name, st.st_mode, upper=True, lower=None,
-                                      backing=("U", st.st_dev, st.st_ino))
+        node = self.table.find_or_add(parent, name, st.st_mode, upper=True, lower=None,
+                                      backing=(layer.tag, st.st_dev, st.st_ino))
+        node.layer = None if layer is self.upper else layer
+        return node
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
                pid: int = 0) -> tuple[FileHandle, Node]:
@@ -658,9 +740,9 @@ class Overlay:
         uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFREG | mode)
         fds = []
 
-        def make(work: int, tmp: bytes) -> None:
+        def make(layer: UpperLayer, tmp: bytes) -> None:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0,
-                         dir_fd=work)
+                         dir_fd=layer.work_fd)
             fds.append(fd)
             os.fchown(fd, uid, gid)
             os.fchmod(fd, stat.S_IMODE(mode))
@@ -680,9 +762,9 @@ class Overlay:
         self.check_writable(parent, name)
         uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFDIR | mode)
 
-        def make(work: int, tmp: bytes) -> None:
-            os.mkdir(tmp, 0o700, dir_fd=work)
-            path = self.upper.work_path(tmp)
+        def make(layer: UpperLayer, tmp: bytes) -> None:
+            os.mkdir(tmp, 0o700, dir_fd=layer.work_fd)
+            path = layer.work_path(tmp)
             os.chown(path, uid, gid, follow_symlinks=False)
             os.chmod(path, stat.S_IMODE(mode))
 
@@ -695,9 +777,9 @@ class Overlay:
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise _err(errno.EINVAL)
 
-        def make(work: int, tmp: bytes) -> None:
-            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=work)
-            path = self.upper.work_path(tmp)
+        def make(layer: UpperLayer, tmp: bytes) -> None:
+            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=layer.work_fd)
+            path = layer.work_path(tmp)
             os.chown(path, uid, gid, follow_symlinks=False)
             os.chmod(path, stat.S_IMODE(mode))
 
@@ -707,9 +789,9 @@ class Overlay:
         self.check_writable(parent, name)
         uid, gid, _ = self.owner_for(parent, uid, gid, stat.S_IFLNK)
 
-        def make(work: int, tmp: bytes) -> None:
-            os.symlink(target, tmp, dir_fd=work)
-            os.chown(tmp, uid, gid, dir_fd=work, follow_symlinks=False)
+        def make(layer: UpperLayer, tmp: bytes) -> None:
+            os.symlink(target, tmp, dir_fd=layer.work_fd)
+            os.chown(tmp, uid, gid, dir_fd=layer.work_fd, follow_symlinks=False)
 
         return self._place(parent, name, False, make)
 
@@ -726,19 +808,21 @@ class Overlay:
         if not node.links:
             raise _err(errno.ENOENT)
         # Synchronous from here.
-        self._ensure_dir_upper(parent)
+        layer = self._lay(node)
+        if self.layer_for(parent, name) is not layer:
+            raise _err(errno.EXDEV)  # a scratch name for a persistent file, or back
         src_parent, src_name = node.links[0]
-        src_fd = self.upper_dirfd(src_parent)
-        up = self.upper_dirfd(parent)
-        existing = self.upper.try_stat(up, name)
+        up = self.upper_dirfd(parent, layer)
+        src_fd = self.upper_dirfd(src_parent, layer)
+        existing = layer.try_stat(up, name)
         if existing is not None and is_whiteout(existing):
-            work = self.upper.work_fd
-            tmp = self.upper.temp_name()
+            work = layer.work_fd
+            tmp = layer.temp_name()
             os.link(src_name, tmp, src_dir_fd=src_fd, dst_dir_fd=work, follow_symlinks=False)
             try:
                 renameat2(work, tmp, up, name, 0)
             except BaseException:
-                self._discard(tmp)
+                self._discard(tmp, layer)
                 raise
         elif existing is not None:
             raise _err(errno.EEXIST)
@@ -781,7 +865,7 @@ class Overlay:
         if node.upper and node.keep_fd < 0 and (node.lookups > 0 or node.open_fds):
             parent, name = node.links[0]
             node.keep_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                   dir_fd=self.upper_dirfd(parent))
+                                   dir_fd=self.upper_dirfd(parent, self._lay(node)))
 
     def rmdir(self, parent: Node, name: bytes) -> None:
         self.check_writable(parent, name)
@@ -800,35 +884,47 @@ class Overlay:
         self.table.remove_link(node, parent, name)
 
     def _kill_dir(self, node: Node) -> None:
-        self.fds.drop(("U", node.ino))
+        self._drop_dirfds(node)
         node.upper = False
         node.lower = None
 
     def _remove_entry(self, parent: Node, name: bytes, node: Node) -> None:
         """Make `name` disappear from the merged view, leaving a whiteout if the lower
         layer has something under that name."""
-        self._ensure_dir_upper(parent)
-        up = self.upper_dirfd(parent)
-        work = self.upper.work_fd
+        layer = self._lay(node)
+        up = self.upper_dirfd(parent, layer)
+        work = layer.work_fd
+        if node.is_dir:
+            self._drop_mirrors(parent, name, layer)
         if not node.upper:  # shown from the lower layer, so the lower has the name
-            self.upper.make_whiteout(up, name)
+            layer.make_whiteout(up, name)
             return
         if self._lower_has(parent, name):
-            tmp = self.upper.temp_name()
-            self.upper.make_whiteout(work, tmp)
+            tmp = layer.temp_name()
+            layer.make_whiteout(work, tmp)
             try:
                 renameat2(work, tmp, up, name, RENAME_EXCHANGE if node.is_dir else 0)
             except BaseException:
-                self._discard(tmp)
+                self._discard(tmp, layer)
                 raise
             if node.is_dir:
-                self._discard(tmp)  # the old directory, with its whiteouts
+                self._discard(tmp, layer)  # the old directory, with its whiteouts
         elif node.is_dir:
-            tmp = self.upper.temp_name()
+            tmp = layer.temp_name()
             renameat2(up, name, work, tmp, RENAME_NOREPLACE)
-            self._discard(tmp)
+            self._discard(tmp, layer)
         else:
             os.unlink(name, dir_fd=up)
+
+    def _drop_mirrors(self, parent: Node, name: bytes, home: UpperLayer) -> None:
+        """A directory going away takes its mirror in the other layer along (it holds
+        at most whiteouts: the directory is empty in the merged view)."""
+        for layer in self._layers():
+            if layer is home:
+                continue
+            up = self.upper_dirfd(parent, layer, create=False)
+            if up is not None and layer.try_stat(up, name) is not None:
+                scratch.detach(layer, up, name, set())
 
     # ---------------------------------------------------------------- revert
 
@@ -848,10 +944,10 @@ class Overlay:
             if parent is None or not parent.is_dir:
                 raise _err(errno.ENOENT)
         name = path[-1]
-        if not parent.upper:
-            return None
-        up = self.upper_dirfd(parent)
-        if self.upper.try_stat(up, name) is None:
+        layer = self.layer_for(parent, name)
+        up = self.upper_dirfd(parent, layer, create=False) if (
+            parent.upper or layer is not self._lay(parent)) else None
+        if up is None or layer.try_stat(up, name) is None:
             return None
         top = self.table.dentries.get((parent.ino, name))
         affected: list[tuple[Node, bytes, Node]] = []
@@ -869,10 +965,10 @@ class Overlay:
                 pending += [(node, c, child) for c, child in children.get(node.ino, ())]
             self._losing_name(top)
         keys: set[bytes] = set()
-        scratch.detach(self.upper, up, name, keys)
-        scratch.drop_index_keys(self.upper, self.index_fd, keys)
+        scratch.detach(layer, up, name, keys)
+        scratch.drop_index_keys(layer, layer.index_fd, keys)
         for p, n, node in reversed(affected):
-            self.fds.drop(("U", node.ino))
+            self._drop_dirfds(node)
             self.table.remove_link(node, p, n)
         return parent.ino, name
 
@@ -901,6 +997,9 @@ class Overlay:
             if dst is src:
                 return  # two names of one inode (or the same name): nothing to do
             self._check_rename(src, src_parent, dst, dst_parent, exchange)
+            layer = self.layer_for(dst_parent, dst_name)
+            if layer is not self._lay(src) and (src.is_dir or exchange):
+                raise _err(errno.EXDEV)  # across classes: mv copies and deletes
             if not src.upper:
                 await self.copy_up(src)
                 continue
@@ -912,24 +1011,27 @@ class Overlay:
                 continue
             break
         # Synchronous from here: nothing else runs until the rename is done.
-        self._ensure_dir_upper(src_parent)
-        self._ensure_dir_upper(dst_parent)
-        sup = self.upper_dirfd(src_parent)
-        dup = self.upper_dirfd(dst_parent)
+        if layer is not self._lay(src):
+            self._move_across(src, src_parent, src_name, dst, dst_parent, dst_name, layer)
+            return
+        sup = self.upper_dirfd(src_parent, layer)
+        dup = self.upper_dirfd(dst_parent, layer)
         if src.is_dir:
-            self._mark_moved_dir(src, sup, src_name, dst_parent, dst_name)
+            self._mark_moved_dir(src, sup, src_name, dst_parent, dst_name, layer)
+            self._drop_mirrors(src_parent, src_name, layer)
         if exchange:
             if dst.is_dir:
-                self._mark_moved_dir(dst, dup, dst_name, src_parent, src_name)
+                self._mark_moved_dir(dst, dup, dst_name, src_parent, src_name, layer)
+                self._drop_mirrors(dst_parent, dst_name, layer)
             renameat2(sup, src_name, dup, dst_name, RENAME_EXCHANGE)
             self.table.swap_links(src, src_parent, src_name, dst, dst_parent, dst_name)
             return
         leave_whiteout = self._lower_has(src_parent, src_name)
         if dst is not None:
             self._losing_name(dst)
-        existing = self.upper.try_stat(dup, dst_name)
+        existing = layer.try_stat(dup, dst_name)
         if existing is not None and stat.S_ISDIR(existing.st_mode):
-            self._empty_for_replace(dup, dst_name)
+            self._empty_for_replace(dup, dst_name, layer)
         if existing is not None and is_whiteout(existing) and src.is_dir:
             # A directory cannot replace a non-directory: swap them, then the whiteout
             # now at the source name stays if the lower needs hiding there.
@@ -940,9 +1042,70 @@ class Overlay:
             renameat2(sup, src_name, dup, dst_name, RENAME_WHITEOUT if leave_whiteout else 0)
         if dst is not None:
             if dst.is_dir:
+                self._drop_mirrors(dst_parent, dst_name, layer)
                 self._kill_dir(dst)
             self.table.remove_link(dst, dst_parent, dst_name)
         self.table.move_link(src, src_parent, src_name, dst_parent, dst_name)
+
+    def _move_across(self, src: Node, src_parent: Node, src_name: bytes, dst: Node | None,
+                     dst_parent: Node, dst_name: bytes, layer: UpperLayer) -> None:
+        """Rename a non-directory from one layer to the other (a scratch temporary over
+        a persistent file: passwd's nshadow over shadow).  A copy is made complete in
+        the destination layer's work dir and renamed over the destination, so readers of
+        the destination see the old or the new file; then the source name goes.  The
+        node keeps its inode number; descriptors opened before keep the old copy."""
+        old = self._lay(src)
+        sup = self.upper_dirfd(src_parent, old)
+        dup = self.upper_dirfd(dst_parent, layer)
+        st = os.stat(src_name, dir_fd=sup, follow_symlinks=False)
+        work, tmp = layer.work_fd, layer.temp_name()
+        extra = {self.markers.ino: b"%d" % src.ino} if layer is self.upper else None
+        source = proc_path(sup, src_name)
+        try:
+            if stat.S_ISREG(st.st_mode):
+                fd_in = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                dir_fd=sup)
+                try:
+                    fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                     0o600, dir_fd=work)
+                    try:
+                        copyup.copy_data(fd_in, fd_out, st.st_size)
+                        copyup.copy_meta(st, fd_out, self.markers.is_private, source,
+                                         extra=extra)
+                        os.fsync(fd_out)
+                    finally:
+                        os.close(fd_out)
+                finally:
+                    os.close(fd_in)
+            else:
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(src_name, dir_fd=sup), tmp, dir_fd=work)
+                else:
+                    os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=work)
+                copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private, source,
+                                 extra=extra)
+            renameat2(work, tmp, dup, dst_name, 0)  # over a file or a whiteout, if any
+        except BaseException:
+            self._discard(tmp, layer)
+            raise
+        new = os.stat(dst_name, dir_fd=dup, follow_symlinks=False)
+        if dst is not None:
+            self._losing_name(dst)
+        if self._lower_has(src_parent, src_name):
+            tmp = old.temp_name()
+            old.make_whiteout(old.work_fd, tmp)
+            try:
+                renameat2(old.work_fd, tmp, sup, src_name, 0)
+            except BaseException:
+                self._discard(tmp, old)
+                raise
+        else:
+            os.unlink(src_name, dir_fd=sup)
+        if dst is not None:
+            self.table.remove_link(dst, dst_parent, dst_name)
+        self.table.move_link(src, src_parent, src_name, dst_parent, dst_name)
+        src.layer = None if layer is self.upper else layer
+        self.table.rebind(src, (layer.tag, new.st_dev, new.st_ino))
 
     def _check_rename(self, src: Node, src_parent: Node, dst: Node | None,
                       dst_parent: Node, exchange: bool) -> None:
@@ -970,7 +1133,7 @@ class Overlay:
         return False
 
     def _mark_moved_dir(self, node: Node, old_parent_fd: int, old_name: bytes,
-                        new_parent: Node, new_name: bytes) -> None:
+                        new_parent: Node, new_name: bytes, layer: UpperLayer) -> None:
         """Before a directory moves, record what it merges with so the new place shows
         the same content (redirect) or hides the lower there (opaque).  Either marker
         leaves the old place's view unchanged, so a crash before the rename is harmless.
@@ -983,22 +1146,22 @@ class Overlay:
                 natural = candidate if stat.S_ISDIR(st.st_mode) else ()
         if node.lower is not None:
             if node.lower != natural:
-                self.upper.set_marker(old_parent_fd, old_name, self.markers.redirect,
-                                      b"/" + b"/".join(node.lower))
+                layer.set_marker(old_parent_fd, old_name, self.markers.redirect,
+                                 b"/" + b"/".join(node.lower))
         elif natural is not None and natural != ():
-            self.upper.set_marker(old_parent_fd, old_name, self.markers.opaque, b"y")
+            layer.set_marker(old_parent_fd, old_name, self.markers.opaque, b"y")
 
-    def _empty_for_replace(self, dir_fd: int, name: bytes) -> None:
+    def _empty_for_replace(self, dir_fd: int, name: bytes, layer: UpperLayer) -> None:
         """An upper directory about to be replaced must be empty on disk.  It is empty in
         the merged view, so it holds only whiteouts: make it opaque (no visible change),
         then remove them."""
-        self.upper.set_marker(dir_fd, name, self.markers.opaque, b"y")
+        layer.set_marker(dir_fd, name, self.markers.opaque, b"y")
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=dir_fd)
         try:
             with os.scandir(fd) as entries:
                 for entry in entries:
-                    self.upper.remove_tree(fd, os.fsencode(entry.name))
+                    layer.remove_tree(fd, os.fsencode(entry.name))
         finally:
             os.close(fd)
 
@@ -1011,13 +1174,23 @@ class Overlay:
             raise _err(errno.ENOTDIR)
         names: list[bytes] = []
         hidden: set[bytes] = set()
-        if node.upper:
-            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                         dir_fd=self.upper_dirfd(node))
+        home = self._lay(node)
+        base = self.path_of(node) if self.scratch_layer is not None else None
+        for layer in self._layers():
+            if layer is home:
+                up = self.upper_dirfd(node) if node.upper else None
+            else:
+                up = self.upper_dirfd(node, layer, create=False)
+            if up is None:
+                continue
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=up)
             try:
                 with os.scandir(fd) as entries:
                     for entry in entries:
                         name = os.fsencode(entry.name)
+                        if base is not None and self._class_layer(base + (name,)) \
+                                is not layer:
+                            continue  # an entry of the other class's layer decides
                         hidden.add(name)
                         if not (entry.is_dir(follow_symlinks=False) or
                                 entry.is_file(follow_symlinks=False) or
@@ -1113,7 +1286,7 @@ class Overlay:
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         if node.links:
             parent, name = node.links[0]
-            return os.open(name, flags, dir_fd=self.upper_dirfd(parent))
+            return os.open(name, flags, dir_fd=self.upper_dirfd(parent, self._lay(node)))
         # unlinked, reopened through /proc/PID/fd
         for fd in (*node.open_fds, node.keep_fd):
             if fd >= 0:

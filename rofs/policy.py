@@ -68,6 +68,11 @@ class Policy:
             r.cls is Class.PERSISTENT for r in self.rules.values())
 
     @property
+    def has_scratch(self) -> bool:
+        return self.default is Class.SCRATCH or any(
+            r.cls is Class.SCRATCH for r in self.rules.values())
+
+    @property
     def has_read_only(self) -> bool:
         return self.default is Class.READ_ONLY or any(
             r.cls is Class.READ_ONLY for r in self.rules.values())

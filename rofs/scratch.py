@@ -141,15 +141,14 @@ def _start_dir(overlay, path: Path, with_subdirs: bool) -> str | None:
             return "no such directory" if node is None else "not a directory"
         if node.upper:
             return "kept as it is: it holds paths of another class"
-        overlay._ensure_dir_upper(parent)
-        upper = overlay.upper
-        tmp = upper.temp_name()
+        layer = overlay.layer_for(parent, path[-1])
+        up = overlay.upper_dirfd(parent, layer)
+        tmp = layer.temp_name()
         try:
-            _mirror(overlay, node.lower, upper.work_fd, tmp, with_subdirs)
-            renameat2(upper.work_fd, tmp, overlay.upper_dirfd(parent), path[-1],
-                      RENAME_NOREPLACE)
+            _mirror(overlay, layer, node.lower, layer.work_fd, tmp, with_subdirs)
+            renameat2(layer.work_fd, tmp, up, path[-1], RENAME_NOREPLACE)
         except BaseException:
-            upper.remove_tree(upper.work_fd, tmp)
+            layer.remove_tree(layer.work_fd, tmp)
             raise
         return None
     finally:
@@ -159,14 +158,14 @@ def _start_dir(overlay, path: Path, with_subdirs: bool) -> str | None:
         overlay.table.maybe_drop(parent)
 
 
-def _mirror(overlay, lower: tuple[bytes, ...], dir_fd: int, name: bytes,
+def _mirror(overlay, layer, lower: tuple[bytes, ...], dir_fd: int, name: bytes,
             with_subdirs: bool) -> None:
     """An opaque copy of the lower directory `lower` at dir_fd/name: metadata only, and
     its subdirectories (recursively) when `with_subdirs`."""
     st = overlay.lower.stat(lower)
     os.mkdir(name, 0o700, dir_fd=dir_fd)
-    markers = overlay.upper.markers
-    overlay.upper.set_marker(dir_fd, name, markers.opaque, b"y")
+    markers = layer.markers
+    layer.set_marker(dir_fd, name, markers.opaque, b"y")
     if with_subdirs:
         src = overlay.lower.open_dir(lower)
         try:
@@ -178,7 +177,7 @@ def _mirror(overlay, lower: tuple[bytes, ...], dir_fd: int, name: bytes,
         fd = open_dir_fd(dir_fd, name)
         try:
             for sub in subdirs:
-                _mirror(overlay, lower + (sub,), fd, sub, True)
+                _mirror(overlay, layer, lower + (sub,), fd, sub, True)
         finally:
             os.close(fd)
     # Metadata last: creating the subdirectories changed the times.

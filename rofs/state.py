@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 
@@ -44,9 +45,17 @@ class Prepared:
     work_path: str
     created: list[str] = field(default_factory=list)
     wiped: list = field(default_factory=list)  # scratch paths wiped at this mount
+    # The scratch layer (see prepare_scratch), when the policy has scratch paths.
+    scratch_upper_fd: int = -1
+    scratch_work_fd: int = -1
+    scratch_index_fd: int = -1
+    scratch_path: str = ""
 
     def close(self) -> None:
-        for fd in (self.index_fd, self.work_fd, self.upper_fd, self.lower_fd, self.lock_fd):
+        for fd in (self.index_fd, self.work_fd, self.upper_fd, self.lower_fd, self.lock_fd,
+                   self.scratch_upper_fd, self.scratch_work_fd, self.scratch_index_fd):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -161,6 +170,46 @@ def _rollback(created: list[str]) -> None:
                 os.unlink(path)
         except OSError:
             pass
+
+
+def scratch_base(state: str, scratch: str | None) -> str:
+    return scratch or os.path.join(state, PRIVATE_DIR, "scratch")
+
+
+def prepare_scratch(prepared: Prepared, state: str, mountpoint: str, scratch: str | None,
+                    markers: Markers) -> None:
+    """Set up the scratch layer of a mount, empty: BASE/upper/<mount>/, BASE/work/<mount>/
+    and BASE/index/<mount>/, BASE being --scratch DIR or STATE/.rofs/scratch.  Whatever the
+    last session left there is deleted first (that is what scratch means)."""
+    base = scratch_base(state, scratch)
+    name = mount_name(mountpoint)
+    upper_path = os.path.join(base, "upper", name)
+    work_path = os.path.join(base, "work", name)
+    index_path = os.path.join(base, "index", name)
+    try:
+        for path in (upper_path, work_path, index_path):
+            if os.path.lexists(path):
+                shutil.rmtree(path)
+            os.makedirs(path, mode=0o700)
+        upper_fd = os.open(upper_path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW |
+                           os.O_CLOEXEC)
+        prepared.scratch_upper_fd = upper_fd
+        prepared.scratch_work_fd = os.open(work_path, os.O_RDONLY | os.O_DIRECTORY |
+                                           os.O_NOFOLLOW | os.O_CLOEXEC)
+        prepared.scratch_index_fd = os.open(index_path, os.O_PATH | os.O_DIRECTORY |
+                                            os.O_NOFOLLOW | os.O_CLOEXEC)
+        if len({os.fstat(fd).st_dev for fd in (upper_fd, prepared.scratch_work_fd,
+                                                prepared.scratch_index_fd)}) != 1:
+            raise StateError("%s and %s are on different filesystems" % (upper_path,
+                                                                         work_path))
+        probe(prepared.scratch_work_fd, work_path, markers)
+        # The scratch root stands for the mount's root: same owner and mode.
+        root = os.fstat(prepared.upper_fd)
+        os.chown(upper_path, root.st_uid, root.st_gid)
+        os.chmod(upper_path, stat.S_IMODE(root.st_mode))
+    except OSError as e:
+        raise StateError("cannot use scratch dir %s: %s" % (base, e)) from None
+    prepared.scratch_path = upper_path
 
 
 def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepared:

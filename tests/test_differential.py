@@ -134,6 +134,8 @@ def outcome(fn):
 
 
 class OverlayVsKernel(RuleBasedStateMachine):
+    ROFS_ARGS: tuple[str, ...] = ()
+
     def __init__(self):
         super().__init__()
         self.base = tempfile.mkdtemp(prefix="rofs-diff-", dir="/tmp")
@@ -159,7 +161,7 @@ class OverlayVsKernel(RuleBasedStateMachine):
     def mount_both(self):
         r = os.path.join(self.base, "rofs")
         self.rofs = RofsProcess(os.path.join(r, "mnt"), os.path.join(r, "state"),
-                                os.path.join(r, "lower")).start()
+                                os.path.join(r, "lower"), self.ROFS_ARGS).start()
         k = os.path.join(self.base, "kernel")
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         "lowerdir=%s/lower,upperdir=%s/upper,workdir=%s/work,"
@@ -349,7 +351,32 @@ def _diff(ours: dict, theirs: dict) -> str:
     return "\n".join(lines)
 
 
-OverlayVsKernel.TestCase.settings = settings(
-    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
-    suppress_health_check=list(HealthCheck), derandomize=os.environ.get("CI") == "true")
+class ScratchOverlayVsKernel(OverlayVsKernel):
+    """The same with every path scratch (`--default scratch`): all changes live in the
+    scratch layer and must look exactly as the kernel's overlay.  A remount wipes them,
+    so there the kernel's upper is emptied too and both must show the lower again."""
+
+    ROFS_ARGS = ("--default", "scratch")
+
+    @rule(draw=st.integers(0, 7))
+    def remount(self, draw):
+        if draw:
+            return
+        COUNTS["remounts"] += 1
+        self.unmount_both()
+        k = os.path.join(self.base, "kernel")
+        for d in ("upper", "work"):
+            shutil.rmtree(os.path.join(k, d))
+            os.makedirs(os.path.join(k, d))
+        self.mount_both()
+        r = os.path.join(self.base, "rofs")
+        lower = view(os.fsencode(os.path.join(r, "lower")))[0]
+        assert view(self.roots[0])[0] == lower, "scratch changes survived the remount"
+
+
+for machine in (OverlayVsKernel, ScratchOverlayVsKernel):
+    machine.TestCase.settings = settings(
+        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+        suppress_health_check=list(HealthCheck), derandomize=os.environ.get("CI") == "true")
 test_overlay_vs_kernel = OverlayVsKernel.TestCase
+test_scratch_overlay_vs_kernel = ScratchOverlayVsKernel.TestCase

@@ -139,6 +139,13 @@ def test_persistent_shadow_with_scratch_default(site):
         os.chmod(mnt / "ssh", 0o755)
         assert read(mnt / "shadow") == "root:$6$new:20000:0:99999:7:::\n"
         assert read(mnt / "passwd").endswith("changed:/root:/bin/sh\n")
+        # Scratch changes never reach the state's upper layer: they are in the scratch
+        # layer (here the default, STATE/.rofs/scratch).
+        upper = os.path.join(state, str(mnt).lstrip("/"))
+        assert os.listdir(upper) == ["shadow"]
+        layer = os.path.join(state, ".rofs", "scratch", "upper", str(mnt).lstrip("/"))
+        assert {"passwd", "new-file", "new-dir", "link", "d", "d-moved"} <= set(
+            os.listdir(layer))
     with RofsProcess(str(mnt), str(state), str(lower), args) as rofs:
         assert read(mnt / "shadow") == "root:$6$new:20000:0:99999:7:::\n"
         assert os.stat(mnt / "shadow").st_mode & 0o777 == 0o600
@@ -148,10 +155,9 @@ def test_persistent_shadow_with_scratch_default(site):
         assert read(mnt / "d" / "file") == "in d\n" and not (mnt / "d-moved").exists()
         assert os.stat(mnt / "ssh").st_mode & 0o777 == 0o700
         assert sorted(os.listdir(mnt)) == sorted(os.listdir(lower))
-        # What the upper layer keeps: shadow, nothing else.
-        upper = os.path.join(state, str(mnt).lstrip("/"))
         assert os.listdir(upper) == ["shadow"]
-    assert "wiped" in rofs.output()
+        assert os.listdir(layer) == []  # emptied at the mount
+    assert "scratch changes go to %s until the next mount" % layer in rofs.output()
 
 
 def test_rwtab_and_statetab_drive_the_classes(site):

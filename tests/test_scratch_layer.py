@@ -1,0 +1,136 @@
+"""The scratch layer: scratch paths keep their changes apart from the state dir (in
+STATE/.rofs/scratch, or a tmpfs given with --scratch), merged with persistent ones."""
+
+import errno
+import os
+import subprocess
+
+import pytest
+from conftest import build_lower
+from helpers import RofsProcess
+
+pytestmark = pytest.mark.fuse
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A size-limited tmpfs for --scratch, always unmounted."""
+    d = tmp_path / "scratch-tmpfs"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "rofs-scratch", str(d)],
+                   check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)])
+
+
+@pytest.fixture
+def site(tmp_path):
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    build_lower(str(lower))
+    (lower / "var" / "cache").mkdir(parents=True)
+    write(lower / "var" / "cache" / "old", "old\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    return lower, mnt, tmp_path / "state"
+
+
+def files_under(root):
+    return sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, dirs, names in os.walk(root) for n in dirs + names)
+
+
+def test_scratch_on_tmpfs_never_touches_the_state_dir(site, tmpfs):
+    lower, mnt, state = site
+    policy = mnt.parent / "policy"
+    write(policy, "scratch %s/var\nscratch %s/d\n" % (mnt, mnt))
+    args = ("--policy", str(policy), "--scratch", str(tmpfs))
+    with RofsProcess(str(mnt), str(state), str(lower), args):
+        write(mnt / "var" / "cache" / "new", "new\n")
+        write(mnt / "var" / "cache" / "old", "changed\n")
+        os.unlink(mnt / "d" / "file")
+        os.mkdir(mnt / "d" / "newdir")
+        write(mnt / "hosts", "persistent\n")
+        upper = state / str(mnt).lstrip("/")
+        assert files_under(upper) == ["hosts"]
+        layer = tmpfs / "upper" / str(mnt).lstrip("/")
+        assert files_under(layer) == ["d", "d/file", "d/newdir", "var", "var/cache",
+                                      "var/cache/new", "var/cache/old"]
+        assert sorted(os.listdir(mnt / "var" / "cache")) == ["new", "old"]
+    with RofsProcess(str(mnt), str(state), str(lower), args):
+        assert read(mnt / "var" / "cache" / "old") == "old\n"
+        assert os.listdir(mnt / "var" / "cache") == ["old"]
+        assert read(mnt / "d" / "file") == "in d\n"
+        assert read(mnt / "hosts") == "persistent\n"
+        assert files_under(tmpfs / "upper" / str(mnt).lstrip("/")) == []
+
+
+def test_classes_mix_in_one_directory(site):
+    """A persistent rule inside a scratch directory and the other way round: one
+    listing merges both layers and the lower, each name from its own class's layer."""
+    lower, mnt, state = site
+    m = str(mnt)
+    policy = mnt.parent / "policy"
+    write(policy, "default scratch\npersistent %s/d/keep\npersistent %s/ssh\n"
+          "scratch %s/ssh/tmp\n" % (m, m, m))
+    args = ("--policy", str(policy))
+    with RofsProcess(m, str(state), str(lower), args):
+        write(mnt / "d" / "keep", "kept\n")
+        write(mnt / "d" / "lost", "lost\n")
+        write(mnt / "ssh" / "sshd_config", "Port 2222\n")
+        os.mkdir(mnt / "ssh" / "tmp")
+        write(mnt / "ssh" / "tmp" / "x", "x\n")
+        assert sorted(os.listdir(mnt / "d")) == ["file", "keep", "lost", "sub"]
+        assert sorted(os.listdir(mnt / "ssh")) == ["sshd_config", "tmp"]
+        # A name cannot be linked across classes, nor a directory moved across them.
+        with pytest.raises(OSError) as e:
+            os.link(mnt / "d" / "keep", mnt / "d" / "keep-link")
+        assert e.value.errno == errno.EXDEV
+        with pytest.raises(OSError) as e:
+            os.rename(mnt / "ssh" / "tmp", mnt / "ssh" / "kept-dir")
+        assert e.value.errno == errno.EXDEV
+        # mv falls back to copy and delete.
+        subprocess.run(["mv", str(mnt / "ssh" / "tmp"), str(mnt / "ssh" / "kept-dir")],
+                       check=True)
+        assert read(mnt / "ssh" / "kept-dir" / "x") == "x\n"
+        assert not (mnt / "ssh" / "tmp").exists()
+        # A file moves across classes, and keeps its inode number.
+        ino = os.stat(mnt / "d" / "lost").st_ino
+        os.rename(mnt / "d" / "lost", mnt / "d" / "keep")
+        assert read(mnt / "d" / "keep") == "lost\n" and os.stat(mnt / "d" / "keep").st_ino == ino
+        assert sorted(os.listdir(mnt / "d")) == ["file", "keep", "sub"]
+    with RofsProcess(m, str(state), str(lower), args):
+        assert read(mnt / "d" / "keep") == "lost\n"
+        assert sorted(os.listdir(mnt / "d")) == ["file", "keep", "sub"]
+        assert read(mnt / "ssh" / "sshd_config") == "Port 2222\n"
+        assert sorted(os.listdir(mnt / "ssh")) == ["kept-dir", "sshd_config"]
+        assert read(mnt / "ssh" / "kept-dir" / "x") == "x\n"
+
+
+def test_persistent_file_moved_into_scratch_is_gone_after_remount(site):
+    lower, mnt, state = site
+    m = str(mnt)
+    policy = mnt.parent / "policy"
+    write(policy, "scratch %s/var\n" % m)
+    args = ("--policy", str(policy))
+    with RofsProcess(m, str(state), str(lower), args):
+        os.rename(mnt / "passwd", mnt / "var" / "passwd")
+        assert not (mnt / "passwd").exists()
+        assert read(mnt / "var" / "passwd") == read(lower / "passwd")
+        # The other names of a lower hard link are not affected.
+        assert read(mnt / "passwd-hardlink") == read(lower / "passwd")
+    with RofsProcess(m, str(state), str(lower), args):
+        assert not (mnt / "passwd").exists()  # the removal was persistent
+        assert not (mnt / "var" / "passwd").exists()  # the scratch copy is gone
