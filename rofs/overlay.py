@@ -916,6 +916,29 @@ class Overlay:
         else:
             os.unlink(name, dir_fd=up)
 
+    def _holds_other_class(self, parent: Node, name: bytes, node: Node) -> bool:
+        """Whether directory `node` has entries in the other layer's mirror (changes to
+        paths of another class below it): those stay at their path, so the directory
+        cannot move in one rename."""
+        if not node.is_dir or self.scratch_layer is None:
+            return False
+        home = self._lay(node)
+        for layer in self._layers():
+            if layer is home:
+                continue
+            up = self.upper_dirfd(parent, layer, create=False)
+            if up is None or layer.try_stat(up, name) is None:
+                continue
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=up)
+            try:
+                with os.scandir(fd) as entries:
+                    if any(True for _ in entries):
+                        return True
+            finally:
+                os.close(fd)
+        return False
+
     def _drop_mirrors(self, parent: Node, name: bytes, home: UpperLayer) -> None:
         """A directory going away takes its mirror in the other layer along (it holds
         at most whiteouts: the directory is empty in the merged view)."""
@@ -1000,6 +1023,9 @@ class Overlay:
             layer = self.layer_for(dst_parent, dst_name)
             if layer is not self._lay(src) and (src.is_dir or exchange):
                 raise _err(errno.EXDEV)  # across classes: mv copies and deletes
+            if self._holds_other_class(src_parent, src_name, src) or (
+                    exchange and self._holds_other_class(dst_parent, dst_name, dst)):
+                raise _err(errno.EXDEV)
             if not src.upper:
                 await self.copy_up(src)
                 continue
@@ -1061,6 +1087,8 @@ class Overlay:
         work, tmp = layer.work_fd, layer.temp_name()
         extra = {self.markers.ino: b"%d" % src.ino} if layer is self.upper else None
         source = proc_path(sup, src_name)
+        if dst is not None:
+            self._losing_name(dst)
         try:
             if stat.S_ISREG(st.st_mode):
                 fd_in = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -1089,8 +1117,6 @@ class Overlay:
             self._discard(tmp, layer)
             raise
         new = os.stat(dst_name, dir_fd=dup, follow_symlinks=False)
-        if dst is not None:
-            self._losing_name(dst)
         if self._lower_has(src_parent, src_name):
             tmp = old.temp_name()
             old.make_whiteout(old.work_fd, tmp)

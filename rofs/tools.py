@@ -213,8 +213,8 @@ def mounts(state: str) -> list[Mount]:
         if os.path.isdir(upper_dir(state, mnt)):
             out.append(Mount(state, mnt, lower, live_daemon(mnt, state)))
     if not out:
-        raise ToolError("%s has no recorded mount (mount it once with rofs 0.2 or later)"
-                        % state)
+        raise ToolError("%s has no recorded mount (mount it once with this version of "
+                        "rofs)" % state)
     return out
 
 

@@ -101,6 +101,11 @@ def test_classes_mix_in_one_directory(site):
         with pytest.raises(OSError) as e:
             os.rename(mnt / "ssh" / "tmp", mnt / "ssh" / "kept-dir")
         assert e.value.errno == errno.EXDEV
+        # A directory holding changes of the other class cannot move in one rename
+        # either (they would stay behind at the old path).
+        with pytest.raises(OSError) as e:
+            os.rename(mnt / "d", mnt / "d-moved")
+        assert e.value.errno == errno.EXDEV
         # mv falls back to copy and delete.
         subprocess.run(["mv", str(mnt / "ssh" / "tmp"), str(mnt / "ssh" / "kept-dir")],
                        check=True)
