@@ -208,3 +208,25 @@ def test_learn_run_report_and_suggested_policy(tmp_path, etc_copy):
         # Exactly the suggested paths hold changes; the scratch stamp and the
         # temporaries are gone.
         assert found == {k[len(str(etc)):] for k in kept}
+
+
+def test_report_merges_the_logs_of_several_hosts(tmp_path):
+    for host, t0 in (("web1", 100.0), ("web2", 50.0)):
+        with open(tmp_path / ("%s.jsonl" % host), "w") as f:
+            for i in range(3):
+                f.write(json.dumps({
+                    "t": t0 + i, "host": host, "mount": "/etc", "pid": 10 + i, "uid": 0,
+                    "comm": "sed", "exe": "/usr/bin/sed", "cmd": ["sed", "-i"],
+                    "op": "rename", "path": "/etc/sedX%d" % i, "path2": "/etc/hosts",
+                    "result": "ok", "class": "persistent", "rule": None}) + "\n")
+        with open(tmp_path / ("%s.jsonl" % host), "a") as f:
+            f.write('{"t": 1, "cut short')  # a crash in the middle of a line
+    text = rofs("report", str(tmp_path / "web1.jsonl"), str(tmp_path / "web2.jsonl")).stdout
+    assert text.startswith("6 changes and 0 refused writes by 1 program on 2 hosts, from 2 "
+                           "log files\n")
+    assert "2 log lines were not events (cut short?) and were skipped" in text
+    assert "/usr/bin/sed (sed): 6 changes" in text and "hosts web1, web2" in text
+    assert "/etc/hosts  rename (target) x6" in text
+    data = json.loads(rofs("report", "--json", str(tmp_path)).stdout)
+    (sed,) = data["programs"]
+    assert sed["first"] == 50.0 and sed["last"] == 102.0 and sed["hosts"] == ["web1", "web2"]
