@@ -150,9 +150,13 @@ class Markers:
     """The overlay markers rofs writes, in the kernel overlayfs format.
 
     `prefix` is "trusted.overlay." (root) or "user.overlay." (overlayfs `userxattr`).
-    Every xattr under the prefix is rofs's own: hidden from and refused through the
-    mount, so no user can forge a whiteout, opaque dir or redirect.
+    Every xattr under either name space is reserved to the overlay: hidden from and
+    refused through the mount, so no user can forge a whiteout, opaque dir or redirect,
+    whichever way the state is mounted later (the kernel reads user.overlay.* with
+    `userxattr`).
     """
+
+    RESERVED = (b"trusted.overlay.", b"user.overlay.")
 
     def __init__(self, prefix: bytes = b"trusted.overlay.") -> None:
         self.prefix = prefix
@@ -167,7 +171,7 @@ class Markers:
         self.nlink = prefix + b"rofs.nlink"
 
     def is_private(self, name: bytes) -> bool:
-        return name.startswith(self.prefix)
+        return name.startswith(self.RESERVED)
 
 
 def is_whiteout(st: os.stat_result) -> bool:

@@ -776,6 +776,10 @@ class Overlay:
         uid, gid, mode = self.owner_for(parent, uid, gid, mode)
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise _err(errno.EINVAL)
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # A 0/0 character device is the whiteout format: stored, it would delete
+            # the name instead of creating it.
+            raise _err(errno.EPERM)
 
         def make(layer: UpperLayer, tmp: bytes) -> None:
             os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=layer.work_fd)

@@ -187,6 +187,8 @@ def prepare_scratch(prepared: Prepared, state: str, mountpoint: str, scratch: st
     work_path = os.path.join(base, "work", name)
     index_path = os.path.join(base, "index", name)
     try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        check_owner(base, "scratch dir")
         for path in (upper_path, work_path, index_path):
             if os.path.lexists(path):
                 shutil.rmtree(path)
@@ -212,6 +214,21 @@ def prepare_scratch(prepared: Prepared, state: str, mountpoint: str, scratch: st
     prepared.scratch_path = upper_path
 
 
+def check_owner(state: str, what: str = "state dir") -> None:
+    """Refuse a state (or scratch) dir that someone else could have prepared: it must
+    belong to the user mounting (root, normally) and not be writable by group or
+    others, or anyone able to write there could plant whiteouts, markers or files in
+    the merged view."""
+    st = os.stat(state)
+    if st.st_uid != os.geteuid():
+        raise StateError("%s %s belongs to uid %d, not to uid %d mounting it"
+                         % (what, state, st.st_uid, os.geteuid()))
+    if st.st_mode & 0o022:
+        who = ("group and others" if st.st_mode & 0o022 == 0o022 else
+               "group" if st.st_mode & 0o020 else "others")
+        raise StateError("%s %s is writable by %s (mode %o): chmod go-w it"
+                         % (what, state, who, stat.S_IMODE(st.st_mode)))
+
 def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepared:
     """Open the lower, set up the state dir for this mount, lock it, probe it."""
     created: list[str] = []
@@ -221,6 +238,7 @@ def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepar
         if not os.path.exists(state):
             os.mkdir(state, 0o700)
             created.append(state)
+        check_owner(state)
         private = os.path.join(state, PRIVATE_DIR)
         _makedirs(private, created, 0o700)
         _check_format(private, created)

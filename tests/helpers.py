@@ -71,6 +71,9 @@ class RofsProcess:
         return cmd
 
     def start(self, timeout: float = 20) -> RofsProcess:
+        if is_rofs_mounted(self.mountpoint):
+            # Waiting for the mount would see the old one and pass for a new daemon.
+            raise RuntimeError("%s is already a rofs mount" % self.mountpoint)
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + timeout

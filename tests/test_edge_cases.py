@@ -278,3 +278,31 @@ def test_unlink_one_name_of_a_lower_hard_link(mounted, remount):
     remount()
     assert os.lstat(os.path.join(m["mnt"], "passwd-hardlink")).st_nlink == 1
     assert not os.path.exists(os.path.join(m["mnt"], "passwd"))
+
+
+def test_names_with_every_byte_value(mounted, remount):
+    """Every byte but "/" and NUL in names: created, listed, renamed, removed, and the
+    same after a remount (names are bytes end to end, never decoded)."""
+    mnt = os.fsencode(mounted["mnt"])
+    names = [bytes([b]) * 3 for b in range(1, 256) if b != ord("/")]
+    names += [b"\xff\xfe-invalid-utf8", b" leading and trailing ", b"\n\t\r", b"-" * 255]
+    for i, name in enumerate(names):
+        path = mnt + b"/" + name
+        if i % 3 == 0:
+            os.mkdir(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(name)
+    os.rename(mnt + b"/" + names[1], mnt + b"/" + names[1] + b"-moved")
+    os.unlink(mnt + b"/" + names[2])
+    expected = set(names) - {names[1], names[2]} | {names[1] + b"-moved"}
+    lower_names = set(os.listdir(os.fsencode(mounted["lower"])))
+    assert set(os.listdir(mnt)) == expected | lower_names
+    mounted["proc"].stop()
+    remount()
+    assert set(os.listdir(mnt)) == expected | lower_names
+    for name in expected - {names[1] + b"-moved"}:
+        path = mnt + b"/" + name
+        if not os.path.isdir(path):
+            with open(path, "rb") as f:
+                assert f.read() == name
