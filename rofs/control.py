@@ -6,6 +6,7 @@ connection, one JSON line each way:
 
     {"op": "revert", "path": ["ssh", "sshd_config"]}   ->  {"ok": true, "reverted": true}
     {"op": "ping"}                                     ->  {"ok": true, "pid": 1234}
+    {"op": "status"}                                   ->  {"ok": true, "nodes": ..., ...}
 
 Errors come back as {"ok": false, "error": "..."}.
 """
@@ -86,6 +87,8 @@ async def _answer(request: dict, overlay) -> dict:
     op = request.get("op")
     if op == "ping":
         return {"ok": True, "pid": os.getpid()}
+    if op == "status":
+        return {"ok": True, "pid": os.getpid(), **overlay.stats()}
     if op == "revert":
         path = tuple(os.fsencode(c) for c in request["path"])
         try:

@@ -205,6 +205,14 @@ class Overlay:
                                     for r in self.policy.rules_below(path + (name,))):
             raise _err(errno.EROFS)
 
+    def stats(self) -> dict[str, int]:
+        """Sizes of the daemon's tables (for `rofs status` and leak hunting)."""
+        return {"nodes": len(self.table.nodes), "dentries": len(self.table.dentries),
+                "dynamic_inos": len(self.table._dynamic), "open_files": len(self.files),
+                "open_dirs": len(self.dirs), "dir_fds": len(self.fds),
+                "copy_ups": len(self._copying),
+                "kept_deleted": sum(1 for n in self.table.nodes.values() if n.keep_fd >= 0)}
+
     # ------------------------------------------------------------------ nodes
 
     def node(self, ino: int) -> Node:

@@ -2,7 +2,8 @@
 
 Usage: fsstress.py ROOT SEED SECONDS.  Errors a racing workload expects (ENOENT,
 EEXIST, ...) are counted as normal; any other errno is printed and makes the exit
-status 1.
+status 1.  Descriptors are closed even when an operation fails, so the daemon's memory
+measures the daemon, not descriptors the workload forgot.
 """
 
 import errno
@@ -33,20 +34,27 @@ def step(root, rng):
     p, q = path(root, rng), path(root, rng)
     op = rng.randrange(16)
     if op == 0:
+        data, offset = os.urandom(rng.randrange(1, 20000)), rng.randrange(0, 50000)
         fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o644)
-        os.pwrite(fd, os.urandom(rng.randrange(1, 20000)), rng.randrange(0, 50000))
-        os.close(fd)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
     elif op == 1:
         fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
-        os.write(fd, b"appended\n")
-        os.close(fd)
+        try:
+            os.write(fd, b"appended\n")
+        finally:
+            os.close(fd)
     elif op == 2:
         os.truncate(p, rng.randrange(0, 30000))
     elif op == 3:
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
-        while os.read(fd, 65536):
-            pass
-        os.close(fd)
+        try:
+            while os.read(fd, 65536):
+                pass
+        finally:
+            os.close(fd)
     elif op == 4:
         os.rename(p, q)
     elif op == 5:
@@ -71,9 +79,11 @@ def step(root, rng):
         os.lstat(p)
     elif op == 14:
         fd = os.open(p, os.O_RDWR | os.O_NONBLOCK)
-        os.unlink(p)
-        os.fstat(fd)
-        os.close(fd)
+        try:
+            os.unlink(p)
+            os.fstat(fd)
+        finally:
+            os.close(fd)
     else:
         os.utime(p, follow_symlinks=False)
 

@@ -115,6 +115,9 @@ def test_mixed_load_with_user_management(tmp_path):
     # take allocator noise (the workload's name space is bounded).
     third = max(1, len(samples) // 3)
     first, last = max(samples[:third]), max(samples[-third:])
+    print("load: %.0f s, %d useradd/userdel rounds of %d users, %d fsstress operations, "
+          "daemon RSS %d KiB in the first third, %d KiB in the last"
+          % (SECONDS, rounds, len(users), sum(int(out) for out, _ in results), first, last))
     assert last <= first * 1.25 + 8192, samples
 
 
@@ -150,6 +153,8 @@ def test_stat_answers_while_a_big_copy_up_runs(tmp_path):
             n += 1
         thread.join()
         assert os.path.getsize(mnt / "big") == (COPYUP_MIB << 20) + 1
+    print("copy-up of %d MiB: %.2f s; %d lookups meanwhile, the slowest %.3f s"
+          % (COPYUP_MIB, result["seconds"], n, worst))
     # Not a speed target: only that the lookups were not queued behind the copy.
     assert n > 10, (n, result)
     assert worst < result["seconds"] / 4, (worst, result)

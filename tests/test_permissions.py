@@ -179,7 +179,7 @@ def test_setuid_is_dropped_when_someone_else_writes(public):
     os.chmod(prog, 0o6777)
     assert as_user(1000, "sh", "-c", "echo more >> %s" % prog).returncode == 0
     mode = os.stat(prog).st_mode
-    assert not mode & 0o4000, oct(mode)
+    assert not mode & 0o6000, oct(mode)  # setuid and (group-executable) setgid
     # and a non-owner cannot chmod it back
     assert as_user(1000, "chmod", "u+s", prog).returncode != 0
 

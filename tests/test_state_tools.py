@@ -149,6 +149,14 @@ def test_check_finds_and_repairs_damage(over_itself):
     os.setxattr(upper / "added-dir", "trusted.overlay.opaque", b"maybe")
     os.mkdir(upper / "lost")
     os.setxattr(upper / "lost", "trusted.overlay.redirect", b"/no/such/dir")
+    # A damaged state still mounts, and shows what it holds.
+    with RofsProcess(str(etc), str(state)) as daemon:
+        assert read(etc / "hosts").endswith("10.0.0.1 db\n")
+        assert read(etc / "added") == "new file\n"
+        assert not os.path.lexists(etc / "nothing-here")
+        assert sorted(os.listdir(etc / "opaque")) == ["fresh"]
+    assert not daemon.internal_errors(), daemon.output()
+    (work / "#rofs.999.1").write_text("half a copy-up")  # the mount removed it
     found = rofs("check", state, code=1).splitlines()
     assert len(found) == 6, found
     for text in ("#rofs.999.1: left over by an interrupted operation",
