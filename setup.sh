@@ -29,4 +29,6 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet -e '.[test,bench]'
+# The command where systemd units and mount(8) helpers look for it.
+ln -sf "$(pwd)/.venv/bin/rofs" /usr/local/bin/rofs
 echo "setup.sh: ready: $(.venv/bin/rofs --version) in $(pwd)/.venv"

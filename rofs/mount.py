@@ -16,6 +16,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -184,6 +185,24 @@ def run(config: Config) -> int:
         os._exit(code)
 
 
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) about the service: READY=1 once the mount is live,
+    STOPPING=1 when it goes.  A no-op outside systemd (no $NOTIFY_SOCKET)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", address, e.strerror)
+        return False
+    return True
+
+
 def _open_write_log(config: Config) -> WriteLog | None:
     if not config.write_log:
         return None
@@ -213,7 +232,15 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
     for note in config.policy.notes + scratch.lay_out(config.policy, overlay):
         log.warning("policy: %s", note)
     writelog = _open_write_log(config)
-    ops = RofsOperations(overlay, on_ready=ready, writelog=writelog, policy=config.policy)
+
+    def live() -> None:
+        # FUSE_INIT arrived: the mount answers requests.
+        if ready is not None:
+            ready()
+        sd_notify("READY=1\nMAINPID=%d\nSTATUS=serving %s" % (os.getpid(),
+                                                              config.mountpoint))
+
+    ops = RofsOperations(overlay, on_ready=live, writelog=writelog, policy=config.policy)
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except RuntimeError as e:
@@ -224,14 +251,15 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         raise MountError("cannot mount %s: %s" % (config.mountpoint, e)) from None
     log.info("mounted %s (lower %s, upper %s)", config.mountpoint, config.lower,
              prepared.upper_path)
-    live = tools.publish_live(config.mountpoint, config.state, prepared.lower_fd)
+    published = tools.publish_live(config.mountpoint, config.state, prepared.lower_fd)
     try:
         trio.run(_serve, ops, tools.runtime_path(config.mountpoint, ".sock")
-                 if live is not None else None)
+                 if published is not None else None)
     finally:
-        if live is not None:
+        sd_notify("STOPPING=1")
+        if published is not None:
             try:
-                os.unlink(live)
+                os.unlink(published)
             except OSError:
                 pass
         pyfuse3.close(unmount=True)

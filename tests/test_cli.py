@@ -255,3 +255,18 @@ def test_killed_daemon_leaves_a_dead_mount_that_is_explained(layers):
     with RofsProcess(layers["mnt"], layers["state"], layers["lower"]):
         with open(os.path.join(layers["mnt"], "written")) as f:
             assert f.read() == "before the kill"
+
+
+def test_man_page_agrees_with_help():
+    """docs/rofs.1 is generated from the parsers (python -m rofs.manpage): regenerate it
+    when the options change, and every option of --help is in it."""
+    from rofs import cli, manpage
+    page = os.path.join(os.path.dirname(__file__), "..", "docs", "rofs.1")
+    with open(page) as f:
+        assert f.read() == manpage.render(), "docs/rofs.1 is stale: python -m rofs.manpage"
+    text = manpage.render().replace("\\-", "-")
+    for parser in (cli.build_parser(), cli.build_report_parser(), cli.build_diff_parser(),
+                   cli.build_revert_parser(), cli.build_check_parser()):
+        for action in parser._actions:
+            for option in action.option_strings:
+                assert option in text, option

@@ -1,0 +1,83 @@
+"""rofs(1), generated from the command line parsers, so the man page and --help never
+disagree.  `python -m rofs.manpage > docs/rofs.1`; tests/test_cli.py checks the
+committed page is what this prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rofs import __version__, cli
+
+
+def _roff(text: str) -> str:
+    out = text.replace("\\", "\\\\").replace("-", "\\-")
+    lines = []
+    for line in out.splitlines():
+        if line.startswith((".", "'")):
+            line = "\\&" + line
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _usage(parser: argparse.ArgumentParser) -> str:
+    return " ".join(parser.format_usage().split()[1:])
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    out = []
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        if action.option_strings:
+            names = ", ".join(action.option_strings)
+            if action.nargs != 0:
+                metavar = action.metavar or action.dest.upper()
+                names += " [%s]" % metavar if action.nargs == "?" else " %s" % metavar
+        else:
+            names = action.metavar or action.dest
+        out += [".TP", "\\fB%s\\fR" % _roff(names), _roff(action.help or "")]
+    return out
+
+
+def _section(parser: argparse.ArgumentParser) -> list[str]:
+    out = [".PP", "\\fB%s\\fR" % _roff(_usage(parser))]
+    if parser.description:
+        out += [".PP", _roff(" ".join(parser.description.split()))]
+    out += _options(parser)
+    if parser.epilog:
+        out += [".PP", ".nf", _roff(parser.epilog), ".fi"]
+    return out
+
+
+def render() -> str:
+    main = cli.build_parser()
+    lines = [
+        '.TH ROFS 1 "" "rofs %s" "User Commands"' % __version__,
+        ".SH NAME",
+        "rofs \\- copy\\-on\\-write FUSE overlay for read\\-only roots",
+        ".SH SYNOPSIS",
+    ]
+    parsers = [main, cli.build_report_parser(), cli.build_diff_parser(),
+               cli.build_revert_parser(), cli.build_check_parser()]
+    for parser in parsers:
+        lines += [".PP", "\\fB%s\\fR" % _roff(_usage(parser))]
+    lines += [".SH DESCRIPTION", _roff(" ".join(main.description.split())), ".SH OPTIONS"]
+    lines += _options(main)
+    lines += [".PP", ".nf", _roff(main.epilog), ".fi", ".SH COMMANDS"]
+    for parser in parsers[1:]:
+        lines += [".SS %s" % _roff(parser.prog)] + _section(parser)
+    lines += [
+        ".SH FILES",
+        ".TP", "\\fISTATEDIR\\fR/\\fIMOUNTPOINT\\fR/", "the upper layer (kernel overlayfs format)",
+        ".TP", "\\fISTATEDIR\\fR/.rofs/", "format, work, index, scratch layer, write log, mount "
+        "records",
+        ".TP", "/run/rofs/", "live mounts' control sockets",
+        ".SH SEE ALSO",
+        "mount.fuse3(8), fusermount3(1), the docs/ directory of the rofs sources.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

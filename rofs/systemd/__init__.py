@@ -1,0 +1,1 @@
+"""systemd units shipped with rofs (see docs/readonly-root.md)."""

@@ -1,0 +1,81 @@
+"""The shipped systemd unit, run the way systemd runs it: ExecStart with the unit's
+environment and a $NOTIFY_SOCKET, READY=1 only once the mount is live, ExecStop
+unmounts and the daemon exits cleanly."""
+
+import os
+import shlex
+import socket
+import subprocess
+from importlib import resources
+
+import pytest
+from helpers import is_rofs_mounted, mounted_fstype, unmount
+
+pytestmark = pytest.mark.fuse
+
+
+def unit_lines():
+    text = resources.files("rofs.systemd").joinpath("rofs@.service").read_text()
+    out = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def expand(command, path, env):
+    """systemd's expansion for these lines: %f, ${VAR} as one word, $VAR split."""
+    words = []
+    for word in shlex.split(command.replace("%f", path)):
+        if word.startswith("${") and word.endswith("}"):
+            words.append(env[word[2:-1]])
+        elif word.startswith("$"):
+            words += env[word[1:]].split()
+        else:
+            words.append(word)
+    return words
+
+
+def receive(sock):
+    sock.settimeout(30)
+    data = sock.recv(4096).decode()
+    return dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+
+
+def test_unit_start_notifies_only_once_live_and_stop_unmounts(tmp_path):
+    unit = unit_lines()
+    assert unit["Type"] == ["notify"]
+    lower, mnt = tmp_path / "lower", tmp_path / "mnt"
+    lower.mkdir()
+    (lower / "hostname").write_text("rofs-unit\n")
+    mnt.mkdir()
+    env = {"ROFS_STATE": str(tmp_path / "state"), "ROFS_OPTIONS": "--lower %s" % lower}
+    start = expand(unit["ExecStart"][0], str(mnt), env)
+    stop = expand(unit["ExecStop"][0], str(mnt), env)
+    assert os.path.exists(start[0]), "%s: run setup.sh" % start[0]
+    notify = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    output = open(tmp_path / "output", "wb")
+    proc = subprocess.Popen(start, env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+                            stdout=output, stderr=subprocess.STDOUT)
+    try:
+        message = receive(sock)
+        # The moment systemd hears READY=1, the mount answers.
+        assert mounted_fstype(str(mnt)) == "fuse.rofs"
+        assert (mnt / "hostname").read_text() == "rofs-unit\n"
+        assert message["READY"] == "1" and int(message["MAINPID"]) == proc.pid
+        assert message["STATUS"] == "serving %s" % mnt
+        subprocess.run(stop, check=True)
+        assert proc.wait(timeout=30) == 0
+        assert receive(sock)["STOPPING"] == "1"
+        assert not is_rofs_mounted(str(mnt))
+    finally:
+        if proc.poll() is None:
+            unmount(str(mnt))
+            proc.kill()
+        proc.wait()
+        sock.close()
+        output.close()
+    assert b"Traceback" not in (tmp_path / "output").read_bytes()
