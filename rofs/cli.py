@@ -27,6 +27,10 @@ with a non-zero exit code (2 for bad arguments or an unusable state dir).
 Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`; SIGTERM and
 SIGINT unmount cleanly too.
 
+As mount(8)'s helper (mount -t fuse.rofs, or an fstab line):
+  rofs SOURCE MOUNTPOINT -o state=STATEDIR[,lowerdir=DIR,policy=FILE,...]
+(SOURCE is only a name; mount.fuse3 passes it first).
+
 Other commands (each with --help): `rofs report` (who wrote where, from the
 write logs), `rofs diff` (what changed), `rofs revert` (drop a change),
 `rofs check` (find and repair damage in a state dir).
@@ -41,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mountpoint", metavar="MOUNTPOINT",
                         help="directory to mount over (also the lower layer unless --lower)")
-    parser.add_argument("--state", metavar="STATEDIR", required=True,
-                        help="state directory that receives all changes")
+    # mount(8)'s helper mount.fuse3 runs `rofs SOURCE MOUNTPOINT -o OPTIONS`.
+    parser.add_argument("helper_target", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--state", metavar="STATEDIR",
+                        help="state directory that receives all changes (required; "
+                        "or -o state=STATEDIR)")
     parser.add_argument("--lower", metavar="DIR",
                         help="use DIR as the read-only lower layer instead of MOUNTPOINT")
     policy = parser.add_argument_group(
@@ -70,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stay in the foreground and log to stderr")
     parser.add_argument("--debug", action="store_true", help="log every request (slow)")
     parser.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append",
-                        default=[], help="extra FUSE mount options, e.g. -o noatime")
+                        default=[], help="mount options: rofs's own as in fstab (state=DIR, "
+                        "lowerdir=DIR, policy=FILE, rwtab[=DIR], default=CLASS, "
+                        "scratch=DIR, nolog), mount(8)'s (defaults, auto, noauto, nofail, "
+                        "_netdev, x-*: ignored), the rest passed to FUSE (e.g. noatime)")
     parser.add_argument("--version", action="version", version="rofs " + __version__)
     return parser
 
@@ -197,9 +207,47 @@ def _dead_mount(path: str) -> bool:
     return False
 
 
+# -o options that stand for rofs's own arguments (as in an fstab line), and mount(8)'s
+# own options, which are not FUSE's business.
+OPTION_ARGS = {"state": "state", "lowerdir": "lower", "policy": "policy", "rwtab": "rwtab",
+               "default": "default", "scratch": "scratch"}
+MOUNT_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users",
+              "rw"}
+
+
+def apply_mount_options(args: argparse.Namespace) -> list[str]:
+    """Move rofs's own -o options into args; returns the options left for FUSE."""
+    if args.helper_target is not None:  # rofs SOURCE MOUNTPOINT: the source is a name
+        args.mountpoint = args.helper_target
+    fuse = []
+    for option in (o for group in args.options for o in group.split(",") if o):
+        key, _, value = option.partition("=")
+        if key in ("upperdir", "workdir"):
+            raise UsageError("-o %s: overlay-style upperdir/workdir are not supported yet; "
+                             "use state=STATEDIR (the upper layer is STATEDIR/<mountpoint>)"
+                             % key)
+        if key in OPTION_ARGS:
+            if key != "rwtab" and not value:
+                raise UsageError("-o %s needs a value (%s=...)" % (key, key))
+            setattr(args, OPTION_ARGS[key], value)
+        elif key == "nolog":
+            args.no_log = True
+        elif key in MOUNT_ONLY or key.startswith(("x-", "comment=")):
+            continue
+        else:
+            fuse.append(option)
+    return fuse
+
+
 def validate(args: argparse.Namespace):
     from rofs.mount import Config
 
+    options = apply_mount_options(args)
+    if not args.state:
+        raise UsageError("the state dir is required: --state STATEDIR (or -o state=STATEDIR)")
+    if args.default is not None and args.default not in CLASS_NAMES:
+        raise UsageError("unknown class %r (expected %s)" % (args.default,
+                                                            ", ".join(CLASS_NAMES)))
     mountpoint = os.path.abspath(args.mountpoint)
     if _dead_mount(mountpoint):
         raise UsageError("%s is a dead FUSE mount (its daemon was killed): run "
@@ -240,7 +288,6 @@ def validate(args: argparse.Namespace):
             if _inside(scratch, other) or _inside(other, scratch):
                 raise UsageError("scratch dir %s and %s %s are nested" % (scratch, what,
                                                                           other))
-    options = [o for group in args.options for o in group.split(",") if o]
     from rofs import policy
     rules = policy.load(mountpoint, lower, policy_file=args.policy, rwtab=args.rwtab,
                         default=args.default)

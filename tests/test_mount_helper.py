@@ -1,0 +1,77 @@
+"""mount(8) and fstab: `mount -t fuse.rofs` through the standard mount.fuse3 helper,
+with rofs's options in the fstab style, in a private mount namespace."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.fuse
+
+
+def kill_daemons(state):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                if state.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def in_namespace(script):
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-ec", script],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def layers(tmp_path):
+    lower, mnt, state = tmp_path / "lower", tmp_path / "mnt", tmp_path / "state"
+    lower.mkdir()
+    (lower / "hostname").write_text("lower\n")
+    mnt.mkdir()
+    yield lower, mnt, state
+    kill_daemons(str(state))  # only if a step failed inside the namespace
+
+
+def test_mount_t_fuse_rofs(layers):
+    lower, mnt, state = layers
+    result = in_namespace(f"""
+mount -t fuse.rofs rofs {mnt} -o state={state},lowerdir={lower},noatime
+grep -q ' {mnt} .* - fuse.rofs ' /proc/self/mountinfo
+cat {mnt}/hostname
+echo changed > {mnt}/hostname
+umount {mnt}
+! grep -q ' {mnt} ' /proc/self/mountinfo
+""")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "lower\n"
+    assert (state / str(mnt).lstrip("/") / "hostname").read_text() == "changed\n"
+    assert (lower / "hostname").read_text() == "lower\n"
+
+
+def test_fstab_line(layers, tmp_path):
+    """The fstab line of docs (mount -T reads another fstab): mount(8)'s own options
+    (nofail, x-systemd.*) are left out of what rofs passes to FUSE."""
+    lower, mnt, state = layers
+    fstab = tmp_path / "fstab"
+    fstab.write_text("rofs %s fuse.rofs state=%s,lowerdir=%s,nofail,"
+                     "x-systemd.requires-mounts-for=/var/lib,default=persistent 0 0\n"
+                     % (mnt, state, lower))
+    result = in_namespace(f"""
+mount -T {fstab} {mnt}
+cat {mnt}/hostname
+umount {mnt}
+""")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "lower\n"
+
+
+def test_overlay_style_options_say_what_is_missing(layers):
+    lower, mnt, state = layers
+    result = in_namespace(f"""
+mount -t fuse.rofs rofs {mnt} -o lowerdir={lower},upperdir={state}/u,workdir={state}/w
+""")
+    assert result.returncode != 0
+    assert "upperdir/workdir are not supported yet" in result.stderr
