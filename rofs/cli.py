@@ -29,6 +29,7 @@ SIGINT unmount cleanly too.
 
 As mount(8)'s helper (mount -t fuse.rofs, or an fstab line):
   rofs SOURCE MOUNTPOINT -o state=STATEDIR[,lowerdir=DIR,policy=FILE,...]
+  rofs SOURCE MOUNTPOINT -o lowerdir=DIR,upperdir=DIR,workdir=DIR[,...]
 (SOURCE is only a name; mount.fuse3 passes it first).
 
 Other commands (each with --help): `rofs report` (who wrote where, from the
@@ -78,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log every request (slow)")
     parser.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append",
                         default=[], help="mount options: rofs's own as in fstab (state=DIR, "
-                        "lowerdir=DIR, policy=FILE, rwtab[=DIR], default=CLASS, "
-                        "scratch=DIR, nolog), mount(8)'s (defaults, auto, noauto, nofail, "
-                        "_netdev, x-*: ignored), the rest passed to FUSE (e.g. noatime)")
+                        "or upperdir=DIR,workdir=DIR like the kernel's overlay; lowerdir=DIR, "
+                        "policy=FILE, rwtab[=DIR], default=CLASS, scratch=DIR, nolog), "
+                        "mount(8)'s (defaults, auto, noauto, nofail, _netdev, x-*: "
+                        "ignored), the rest passed to FUSE (e.g. noatime)")
     parser.add_argument("--version", action="version", version="rofs " + __version__)
     return parser
 
@@ -210,7 +212,8 @@ def _dead_mount(path: str) -> bool:
 # -o options that stand for rofs's own arguments (as in an fstab line), and mount(8)'s
 # own options, which are not FUSE's business.
 OPTION_ARGS = {"state": "state", "lowerdir": "lower", "policy": "policy", "rwtab": "rwtab",
-               "default": "default", "scratch": "scratch"}
+               "default": "default", "scratch": "scratch", "upperdir": "upperdir",
+               "workdir": "workdir"}
 MOUNT_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users",
               "rw"}
 
@@ -222,10 +225,6 @@ def apply_mount_options(args: argparse.Namespace) -> list[str]:
     fuse = []
     for option in (o for group in args.options for o in group.split(",") if o):
         key, _, value = option.partition("=")
-        if key in ("upperdir", "workdir"):
-            raise UsageError("-o %s: overlay-style upperdir/workdir are not supported yet; "
-                             "use state=STATEDIR (the upper layer is STATEDIR/<mountpoint>)"
-                             % key)
         if key in OPTION_ARGS:
             if key != "rwtab" and not value:
                 raise UsageError("-o %s needs a value (%s=...)" % (key, key))
@@ -242,9 +241,24 @@ def apply_mount_options(args: argparse.Namespace) -> list[str]:
 def validate(args: argparse.Namespace):
     from rofs.mount import Config
 
+    args.upperdir = args.workdir = None
     options = apply_mount_options(args)
+    overlay = None
+    if args.upperdir or args.workdir:
+        if not (args.upperdir and args.workdir):
+            raise UsageError("-o upperdir= and -o workdir= go together")
+        if args.state:
+            raise UsageError("give either a state dir or upperdir=/workdir=, not both")
+        overlay = tuple(os.path.realpath(p) for p in (args.upperdir, args.workdir))
+        for path in overlay:
+            if not os.path.isdir(path):
+                raise UsageError("%s does not exist or is not a directory" % path)
+        if _inside(overlay[0], overlay[1]) or _inside(overlay[1], overlay[0]):
+            raise UsageError("upperdir %s and workdir %s are nested" % overlay)
+        args.state = overlay[1]  # rofs's own files go to WORKDIR/.rofs
     if not args.state:
-        raise UsageError("the state dir is required: --state STATEDIR (or -o state=STATEDIR)")
+        raise UsageError("the state dir is required: --state STATEDIR (or -o state=STATEDIR, "
+                         "or -o upperdir=DIR,workdir=DIR)")
     if args.default is not None and args.default not in CLASS_NAMES:
         raise UsageError("unknown class %r (expected %s)" % (args.default,
                                                             ", ".join(CLASS_NAMES)))
@@ -277,6 +291,11 @@ def validate(args: argparse.Namespace):
         raise UsageError("state dir %s is inside the mountpoint %s" % (state, mountpoint))
     if _inside(mountpoint, state):
         raise UsageError("mountpoint %s is inside the state dir %s" % (mountpoint, state))
+    if overlay is not None:
+        for other, what in ((lower, "the lower directory"), (mountpoint, "the mountpoint")):
+            if _inside(overlay[0], other) or _inside(other, overlay[0]):
+                raise UsageError("upperdir %s and %s %s are nested" % (overlay[0], what,
+                                                                        other))
     if _mountinfo_top(mountpoint) == "fuse.rofs":
         raise UsageError("%s is already mounted by rofs" % mountpoint)
     scratch = None
@@ -293,7 +312,8 @@ def validate(args: argparse.Namespace):
                         default=args.default)
     return Config(mountpoint=mountpoint, lower=lower, state=state,
                   foreground=args.foreground, debug=args.debug, fuse_options=options,
-                  policy=rules, write_log=not args.no_log, scratch=scratch)
+                  policy=rules, write_log=not args.no_log, scratch=scratch,
+                  overlay=overlay)
 
 
 def _use_c_allocator(argv: list[str]) -> None:

@@ -46,6 +46,8 @@ class Config:
     policy: Policy = field(default_factory=Policy)
     write_log: bool = True
     scratch: str | None = None  # --scratch DIR (default: STATE/.rofs/scratch)
+    # -o upperdir=U,workdir=W (kernel style) instead of a state dir; `state` is then W.
+    overlay: tuple[str, str] | None = None
 
 
 class MountError(Exception):
@@ -113,9 +115,10 @@ def run(config: Config) -> int:
     """Mount and serve until unmounted.  Raises StateError/MountError before the mount."""
     _raise_nofile()
     markers = Markers()
-    prepared = state.prepare(config.state, config.mountpoint, config.lower, markers)
+    prepared = state.prepare(config.state, config.mountpoint, config.lower, markers,
+                             config.overlay)
     try:
-        tools.record_mount(config.state, config.mountpoint, config.lower)
+        tools.record_mount(config.state, config.mountpoint, config.lower, config.overlay)
     except OSError as e:
         prepared.close()
         raise MountError("cannot write to the state dir %s: %s" % (config.state, e)) from None

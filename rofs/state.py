@@ -82,6 +82,18 @@ def index_dir(state: str, mountpoint: str) -> str:
     return os.path.join(state, PRIVATE_DIR, "index", mount_name(mountpoint))
 
 
+def layer_paths(state: str, mountpoint: str,
+                overlay: tuple[str, str] | None = None) -> tuple[str, str, str]:
+    """(upper, work, index) of a mount.  `overlay`: the kernel-style (upperdir, workdir)
+    given instead of a state dir; then the work dir also holds rofs's private files
+    (`state` is the work dir), and the index is WORKDIR/.rofs/index."""
+    if overlay is not None:
+        upper, work = overlay
+        return upper, work, os.path.join(work, PRIVATE_DIR, "index")
+    return (upper_dir(state, mountpoint), work_dir(state, mountpoint),
+            index_dir(state, mountpoint))
+
+
 def log_path(state: str, mountpoint: str) -> str:
     """The write log of a mount (rotated copies get .1, .2, ...)."""
     return os.path.join(state, PRIVATE_DIR, "log", mount_name(mountpoint) + ".jsonl")
@@ -229,7 +241,8 @@ def check_owner(state: str, what: str = "state dir") -> None:
         raise StateError("%s %s is writable by %s (mode %o): chmod go-w it"
                          % (what, state, who, stat.S_IMODE(st.st_mode)))
 
-def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepared:
+def prepare(state: str, mountpoint: str, lower: str, markers: Markers,
+            overlay: tuple[str, str] | None = None) -> Prepared:
     """Open the lower, set up the state dir for this mount, lock it, probe it."""
     created: list[str] = []
     lower_fd = upper_fd = work_fd = index_fd = lock_fd = -1
@@ -242,12 +255,13 @@ def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepar
         private = os.path.join(state, PRIVATE_DIR)
         _makedirs(private, created, 0o700)
         _check_format(private, created)
-        upper_path = upper_dir(state, mountpoint)
-        work_path = work_dir(state, mountpoint)
+        upper_path, work_path, index_path = layer_paths(state, mountpoint, overlay)
+        if overlay is not None:
+            check_owner(upper_path, "upper dir")
         new_upper = not os.path.lexists(upper_path)
         _makedirs(upper_path, created)
         _makedirs(work_path, created, 0o700)
-        _makedirs(index_dir(state, mountpoint), created, 0o700)
+        _makedirs(index_path, created, 0o700)
         st = os.lstat(upper_path)
         if not stat.S_ISDIR(st.st_mode):
             raise StateError("%s is not a directory" % upper_path)
@@ -255,8 +269,8 @@ def prepare(state: str, mountpoint: str, lower: str, markers: Markers) -> Prepar
                            os.O_CLOEXEC)
         work_fd = os.open(work_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
                           os.O_CLOEXEC)
-        index_fd = os.open(index_dir(state, mountpoint), os.O_PATH | os.O_DIRECTORY |
-                           os.O_NOFOLLOW | os.O_CLOEXEC)
+        index_fd = os.open(index_path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW |
+                           os.O_CLOEXEC)
         devices = {os.fstat(fd).st_dev for fd in (upper_fd, work_fd, index_fd)}
         if len(devices) != 1:
             raise StateError("%s and %s are on different filesystems" % (upper_path,

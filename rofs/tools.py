@@ -24,7 +24,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from rofs.layers import Markers, UpperLayer, is_whiteout
-from rofs.state import PRIVATE_DIR, index_dir, mount_name, upper_dir, work_dir
+from rofs.state import PRIVATE_DIR, layer_paths, mount_name
 
 RUN_DIR = "/run/rofs"
 MOUNTS_DIR = "mounts"
@@ -44,14 +44,19 @@ def _record_name(name: str) -> str:
     return quoted + ".json"
 
 
-def record_mount(state: str, mountpoint: str, lower: str) -> None:
-    """Remember which lower directory this mount of the state dir uses."""
+def record_mount(state: str, mountpoint: str, lower: str,
+                 overlay: tuple[str, str] | None = None) -> None:
+    """Remember which lower directory (and, kernel-style, which upper and work
+    directories) this mount of the state dir uses."""
     d = os.path.join(state, PRIVATE_DIR, MOUNTS_DIR)
     os.makedirs(d, mode=0o700, exist_ok=True)
     path = os.path.join(d, _record_name(mount_name(mountpoint)))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"mountpoint": mountpoint, "lower": lower}, f)
+        record = {"mountpoint": mountpoint, "lower": lower}
+        if overlay is not None:
+            record["upperdir"], record["workdir"] = overlay
+        json.dump(record, f)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -108,18 +113,19 @@ class Mount:
     mountpoint: str
     lower: str  # the lower directory as recorded
     live: Live | None = None
+    overlay: tuple[str, str] | None = None  # kernel-style upperdir, workdir
 
     @property
     def upper(self) -> str:
-        return upper_dir(self.state, self.mountpoint)
+        return layer_paths(self.state, self.mountpoint, self.overlay)[0]
 
     @property
     def work(self) -> str:
-        return work_dir(self.state, self.mountpoint)
+        return layer_paths(self.state, self.mountpoint, self.overlay)[1]
 
     @property
     def index(self) -> str:
-        return index_dir(self.state, self.mountpoint)
+        return layer_paths(self.state, self.mountpoint, self.overlay)[2]
 
     def lower_root(self) -> str:
         """A path that opens the real lower directory, also under a live mount."""
@@ -208,10 +214,11 @@ def mounts(state: str) -> list[Mount]:
             with open(os.path.join(d, name)) as f:
                 info = json.load(f)
             mnt, lower = info["mountpoint"], info["lower"]
+            overlay = (info["upperdir"], info["workdir"]) if "upperdir" in info else None
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if os.path.isdir(upper_dir(state, mnt)):
-            out.append(Mount(state, mnt, lower, live_daemon(mnt, state)))
+        if os.path.isdir(layer_paths(state, mnt, overlay)[0]):
+            out.append(Mount(state, mnt, lower, live_daemon(mnt, state), overlay))
     if not out:
         raise ToolError("%s has no recorded mount (mount it once with this version of "
                         "rofs)" % state)

@@ -68,10 +68,32 @@ umount {mnt}
     assert result.stdout == "lower\n"
 
 
-def test_overlay_style_options_say_what_is_missing(layers):
-    lower, mnt, state = layers
+def test_overlay_style_options(layers, tmp_path):
+    """lowerdir=, upperdir=, workdir= as for the kernel's overlay: the upper layer is
+    upperdir itself, and the kernel can mount the same directories afterwards."""
+    lower, mnt, _ = layers
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir(mode=0o700)
     result = in_namespace(f"""
-mount -t fuse.rofs rofs {mnt} -o lowerdir={lower},upperdir={state}/u,workdir={state}/w
+mount -t fuse.rofs rofs {mnt} -o lowerdir={lower},upperdir={upper},workdir={work}
+echo changed > {mnt}/hostname
+umount {mnt}
+mount -t overlay overlay {mnt} -o lowerdir={lower},upperdir={upper},workdir={work}
+cat {mnt}/hostname
+umount {mnt}
+""")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "changed\n"
+    assert (upper / "hostname").read_text() == "changed\n"
+    diff = subprocess.run(["rofs", "diff", str(work)], capture_output=True, text=True)
+    assert diff.stdout == "M %s/hostname  (content, mtime)\n" % mnt, diff.stderr
+
+
+def test_upperdir_without_workdir_is_refused(layers, tmp_path):
+    lower, mnt, _ = layers
+    result = in_namespace(f"""
+mount -t fuse.rofs rofs {mnt} -o lowerdir={lower},upperdir={tmp_path}
 """)
     assert result.returncode != 0
-    assert "upperdir/workdir are not supported yet" in result.stderr
+    assert "upperdir= and -o workdir= go together" in result.stderr
