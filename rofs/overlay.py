@@ -256,9 +256,12 @@ class Overlay:
             name = current.links[0][1]
             try:
                 fd = open_dir_fd(fd, name)
-            except FileNotFoundError:
-                if not create:
+            except OSError as e:
+                # Not there, or (in the other layer) not a directory: no mirror.
+                if not create and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                     return None
+                if e.errno != errno.ENOENT:
+                    raise
                 if self._lay(current) is layer:
                     if current.upper:
                         raise
