@@ -29,6 +29,21 @@ def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0
         raise OSError(err, os.strerror(err), old, None, new)
 
 
+def mount_table() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount this process sees, in mount order
+    (a later entry for the same point is on top); empty if /proc is not there."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                target = fields[4].encode().decode("unicode_escape")
+                out.append((target, fields[fields.index("-") + 1]))
+    except OSError:
+        pass
+    return out
+
+
 def proc_path(dir_fd: int, name: bytes | None = None) -> bytes:
     """A path for APIs without dir_fd (xattrs): the entry `name` in the directory `dir_fd`.
 

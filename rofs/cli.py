@@ -182,17 +182,11 @@ class UsageError(Exception):
 
 def _mountinfo_top(path: str) -> str | None:
     """Filesystem type of the topmost mount at `path`, if `path` is a mount point."""
+    from rofs._sys import mount_table
     fstype = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                target = fields[4].encode().decode("unicode_escape")
-                if target == path:
-                    fstype = fields[sep + 1]
-    except OSError:
-        return None
+    for target, kind in mount_table():
+        if target == path:
+            fstype = kind
     return fstype
 
 

@@ -68,6 +68,13 @@ def open_dir_fd(parent_fd: int, name: bytes) -> int:
     return os.open(name, DIR_OPEN_FLAGS, dir_fd=parent_fd)
 
 
+def open_listable(parent_fd: int | None, name: bytes) -> int:
+    """A readable descriptor of the directory parent_fd/name (for scandir), not
+    following a symlink there (parent_fd None: `name` is a path)."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   dir_fd=parent_fd)
+
+
 class LowerLayer:
     """The read-only layer.  Nothing here writes; paths are tuples of name components."""
 
@@ -243,8 +250,7 @@ class UpperLayer:
         while stack:
             parent, child, fd = stack[-1]
             if fd is None:
-                fd = os.open(child, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
-                             os.O_CLOEXEC, dir_fd=parent)
+                fd = open_listable(parent, child)
                 stack[-1] = (parent, child, fd)
             pushed = False
             with os.scandir(fd) as entries:

@@ -49,6 +49,7 @@ from rofs.layers import (
     getxattr_or_none,
     is_whiteout,
     open_dir_fd,
+    open_listable,
 )
 from rofs.policy import Class, Policy
 
@@ -944,8 +945,7 @@ class Overlay:
             up = self.upper_dirfd(parent, layer, create=False)
             if up is None or layer.try_stat(up, name) is None:
                 continue
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=up)
+            fd = open_listable(up, name)
             try:
                 with os.scandir(fd) as entries:
                     if any(True for _ in entries):
@@ -1197,8 +1197,7 @@ class Overlay:
         the merged view, so it holds only whiteouts: make it opaque (no visible change),
         then remove them."""
         layer.set_marker(dir_fd, name, self.markers.opaque, b"y")
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
+        fd = open_listable(dir_fd, name)
         try:
             with os.scandir(fd) as entries:
                 for entry in entries:

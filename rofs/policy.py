@@ -48,11 +48,6 @@ class Rule:
     kind: str  # for scratch: "files", "empty" or "dirs"; "files" otherwise
     source: str  # FILE:LINE, or the command-line option
 
-    def describe(self) -> str:
-        name = self.cls.value if self.kind == "files" else "scratch (%s)" % self.kind
-        return "%s /%s (%s)" % (name, b"/".join(self.path).decode(errors="replace"),
-                                self.source)
-
 
 @dataclass
 class Policy:
@@ -113,10 +108,6 @@ class Policy:
             return None
         return tuple(os.fsencode(part) for part in norm[len(mnt) + 1:].split("/"))
 
-    def describe(self) -> list[str]:
-        lines = ["default %s" % self.default.value]
-        lines += [r.describe() for _, r in sorted(self.rules.items())]
-        return lines
 
 
 # ---------------------------------------------------------------- parsing

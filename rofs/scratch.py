@@ -21,7 +21,7 @@ import stat
 
 from rofs import copyup
 from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
-from rofs.layers import UpperLayer, open_dir_fd
+from rofs.layers import UpperLayer, open_dir_fd, open_listable
 from rofs.policy import Class, Path, Policy
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def wipe(policy: Policy, upper: UpperLayer, index_fd: int | None = None) -> list
         return wiped
     keys: set[bytes] = set()
     # The upper root itself always stays (it is the mount's root).
-    root = _open_listable(upper.root_fd, b".")
+    root = open_listable(upper.root_fd, b".")
     try:
         _wipe_children(policy, upper, root, (), wiped, keys)
     finally:
@@ -74,16 +74,11 @@ def _wipe_children(policy: Policy, upper: UpperLayer, dir_fd: int, path: Path,
             detach(upper, dir_fd, name, keys)
             wiped.append(child)
         elif is_dir and (below or scratch):
-            fd = _open_listable(dir_fd, name)
+            fd = open_listable(dir_fd, name)
             try:
                 _wipe_children(policy, upper, fd, child, wiped, keys)
             finally:
                 os.close(fd)
-
-
-def _open_listable(dir_fd: int, name: bytes) -> int:
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   dir_fd=dir_fd)
 
 
 def detach(upper: UpperLayer, dir_fd: int, name: bytes, keys: set[bytes]) -> None:
@@ -106,7 +101,7 @@ def _index_keys(upper: UpperLayer, dir_fd: int, name: bytes, keys: set[bytes]) -
         if len(parts) == 2:
             keys.add(parts[1])
     elif stat.S_ISDIR(st.st_mode):
-        fd = _open_listable(dir_fd, name)
+        fd = open_listable(dir_fd, name)
         try:
             with os.scandir(fd) as entries:
                 names = [os.fsencode(e.name) for e in entries]

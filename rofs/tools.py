@@ -23,7 +23,8 @@ import stat
 import urllib.parse
 from dataclasses import dataclass, field
 
-from rofs.layers import Markers, UpperLayer, is_whiteout
+from rofs._sys import mount_table
+from rofs.layers import Markers, UpperLayer, is_whiteout, open_listable
 from rofs.state import PRIVATE_DIR, layer_paths, mount_name
 
 RUN_DIR = "/run/rofs"
@@ -139,16 +140,7 @@ class Mount:
 
 
 def _rofs_mounts() -> list[str]:
-    out = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                if fields[fields.index("-") + 1] == "fuse.rofs":
-                    out.append(fields[4].encode().decode("unicode_escape"))
-    except OSError:
-        pass
-    return out
+    return [target for target, fstype in mount_table() if fstype == "fuse.rofs"]
 
 
 def _is_rofs_mount(path: str) -> bool:
@@ -518,8 +510,8 @@ def revert_offline(mount: Mount, rel: tuple[bytes, ...]) -> bool:
         raise ToolError("cannot revert the mount's root; name a path below it")
     lock = _locked_upper(mount)
     try:
-        parent = os.open(os.path.join(mount.upper, *map(os.fsdecode, rel[:-1])),
-                         os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        parent = open_listable(None, os.fsencode(
+            os.path.join(mount.upper, *map(os.fsdecode, rel[:-1]))))
     except FileNotFoundError:
         os.close(lock)
         return False

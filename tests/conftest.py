@@ -72,6 +72,13 @@ def layers(tmp_path):
 
 
 @pytest.fixture
+def site(layers):
+    """The same layers as Paths: (lower, mountpoint, state dir), nothing mounted."""
+    from pathlib import Path
+    return Path(layers["lower"]), Path(layers["mnt"]), Path(layers["state"])
+
+
+@pytest.fixture
 def mounted(layers):
     """rofs mounted at layers['mnt'] over layers['lower']; checks the daemon stayed sane."""
     proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"])

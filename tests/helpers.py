@@ -132,6 +132,18 @@ def rofs_mounted(mountpoint: str, state: str, lower: str | None = None,
         proc.stop()
 
 
+def kill_daemons(marker: str) -> None:
+    """SIGKILL every process whose command line holds `marker` (a state dir): the
+    cleanup of a test whose daemon ran where a normal unmount cannot reach it."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                if marker.encode() in f.read() and int(pid) != os.getpid():
+                    os.kill(int(pid), 9)
+        except OSError:
+            pass
+
+
 def fuse_missing() -> str | None:
     """Why FUSE tests cannot run here, or None."""
     if not os.path.exists("/dev/fuse"):

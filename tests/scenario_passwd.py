@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import ROFS, is_rofs_mounted, manifest, mounted_fstype  # noqa: E402
+from helpers import ROFS, is_rofs_mounted, kill_daemons, manifest, mounted_fstype  # noqa: E402
 
 USERS = ["rofsp%02d" % i for i in range(20)]
 
@@ -53,16 +53,6 @@ def wait_daemon_gone(state: str, timeout: float = 15) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("rofs daemon still running after unmount")
-
-
-def kill_daemons(state: str) -> None:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                if state.encode() in f.read() and int(pid) != os.getpid():
-                    os.kill(int(pid), 9)
-        except OSError:
-            pass
 
 
 def mount_rofs(state: str, *args: str) -> None:

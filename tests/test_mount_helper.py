@@ -1,23 +1,12 @@
 """mount(8) and fstab: `mount -t fuse.rofs` through the standard mount.fuse3 helper,
 with rofs's options in the fstab style, in a private mount namespace."""
 
-import os
-import signal
 import subprocess
 
 import pytest
+from helpers import kill_daemons
 
 pytestmark = pytest.mark.fuse
-
-
-def kill_daemons(state):
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                if state.encode() in f.read():
-                    os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def in_namespace(script):

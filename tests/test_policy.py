@@ -11,7 +11,6 @@ import re
 import subprocess
 
 import pytest
-from conftest import build_lower
 from helpers import ROFS, RofsProcess, is_rofs_mounted
 
 from rofs.policy import Class, PolicyError, load
@@ -97,16 +96,6 @@ def test_malformed_rwtab_line(tmp_path):
 
 
 # --------------------------------------------------------- through mounts
-
-
-@pytest.fixture
-def site(tmp_path):
-    lower = tmp_path / "lower"
-    lower.mkdir()
-    build_lower(str(lower))
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    return lower, mnt, tmp_path / "state"
 
 
 def passwd_change(mnt, content):

@@ -6,7 +6,6 @@ import os
 import subprocess
 
 import pytest
-from conftest import build_lower
 from helpers import RofsProcess
 
 pytestmark = pytest.mark.fuse
@@ -36,15 +35,12 @@ def tmpfs(tmp_path):
 
 
 @pytest.fixture
-def site(tmp_path):
-    lower = tmp_path / "lower"
-    lower.mkdir()
-    build_lower(str(lower))
+def site(site):
+    """conftest's layers, and a /var/cache with a file in the lower."""
+    lower = site[0]
     (lower / "var" / "cache").mkdir(parents=True)
     write(lower / "var" / "cache" / "old", "old\n")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    return lower, mnt, tmp_path / "state"
+    return site
 
 
 def files_under(root):
