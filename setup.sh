@@ -11,8 +11,18 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
+packages="fuse3 libfuse3-dev pkg-config gcc util-linux passwd openssh-client"
+# Users other than root run rofs too (docs/unprivileged.md).  If the interpreter the venv
+# is made from is out of their reach (a pyenv under /root), they get Debian's python3
+# with pyfuse3 and trio, run as `python3 -m rofs` (tests/test_unprivileged.py does).
+interpreter=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable))' \
+              2>/dev/null || true)
+if [ -n "$interpreter" ] && ! setpriv --reuid=65534 --regid=65534 --clear-groups \
+        env -i "$interpreter" -c pass 2>/dev/null; then
+    packages="$packages python3-pyfuse3 python3-trio"
+fi
 need=""
-for pkg in fuse3 libfuse3-dev pkg-config gcc util-linux passwd openssh-client; do
+for pkg in $packages; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 command -v "$PYTHON" >/dev/null 2>&1 || need="$need python3"

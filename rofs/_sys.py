@@ -16,6 +16,18 @@ RENAME_WHITEOUT = 1 << 2
 # O_NOATIME keeps reads from touching the lower layer's atimes.
 O_NOATIME = getattr(os, "O_NOATIME", 0o1000000)
 
+
+def open_noatime(path: bytes | str, flags: int = os.O_RDONLY, *,
+                 dir_fd: int | None = None) -> int:
+    """os.open for reading without updating the atime where that is allowed: O_NOATIME
+    needs ownership or CAP_FOWNER, so a user other than root reads the files of others
+    with atime updates (relatime)."""
+    flags |= os.O_CLOEXEC
+    try:
+        return os.open(path, flags | O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(path, flags, dir_fd=dir_fd)
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]

@@ -32,6 +32,10 @@ As mount(8)'s helper (mount -t fuse.rofs, or an fstab line):
   rofs SOURCE MOUNTPOINT -o lowerdir=DIR,upperdir=DIR,workdir=DIR[,...]
 (SOURCE is only a name; mount.fuse3 passes it first).
 
+A user other than root can mount over a directory they can write to, with a
+state dir of their own: the mount is theirs alone and the markers are
+user.overlay.* (see docs/unprivileged.md).
+
 Other commands (each with --help): `rofs report` (who wrote where, from the
 write logs), `rofs diff` (what changed), `rofs revert` (drop a change),
 `rofs check` (find and repair damage in a state dir).
@@ -80,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append",
                         default=[], help="mount options: rofs's own as in fstab (state=DIR, "
                         "or upperdir=DIR,workdir=DIR like the kernel's overlay; lowerdir=DIR, "
-                        "policy=FILE, rwtab[=DIR], default=CLASS, scratch=DIR, nolog), "
+                        "policy=FILE, rwtab[=DIR], default=CLASS, scratch=DIR, nolog, "
+                        "userxattr: user.overlay.* markers in a new state dir, the default "
+                        "when not root), "
                         "mount(8)'s (defaults, auto, noauto, nofail, _netdev, x-*: "
                         "ignored), the rest passed to FUSE (e.g. noatime)")
     parser.add_argument("--version", action="version", version="rofs " + __version__)
@@ -225,6 +231,8 @@ def apply_mount_options(args: argparse.Namespace) -> list[str]:
             setattr(args, OPTION_ARGS[key], value)
         elif key == "nolog":
             args.no_log = True
+        elif key == "userxattr":
+            args.userxattr = True
         elif key in MOUNT_ONLY or key.startswith(("x-", "comment=")):
             continue
         else:
@@ -235,7 +243,7 @@ def apply_mount_options(args: argparse.Namespace) -> list[str]:
 def validate(args: argparse.Namespace):
     from rofs.mount import Config
 
-    args.upperdir = args.workdir = None
+    args.upperdir = args.workdir = args.userxattr = None
     options = apply_mount_options(args)
     overlay = None
     if args.upperdir or args.workdir:
@@ -267,6 +275,9 @@ def validate(args: argparse.Namespace):
     mountpoint = os.path.realpath(mountpoint)
     if mountpoint == "/":
         raise UsageError("mounting over / is not supported")
+    if os.geteuid() != 0 and not os.access(mountpoint, os.W_OK):
+        raise UsageError("mountpoint %s: a user other than root can mount only over a "
+                         "directory they can write to (fusermount3's rule)" % mountpoint)
     lower = os.path.realpath(args.lower) if args.lower else mountpoint
     if not os.path.isdir(lower):
         raise UsageError("lower directory %s does not exist or is not a directory" % lower)
@@ -307,7 +318,7 @@ def validate(args: argparse.Namespace):
     return Config(mountpoint=mountpoint, lower=lower, state=state,
                   foreground=args.foreground, debug=args.debug, fuse_options=options,
                   policy=rules, write_log=not args.no_log, scratch=scratch,
-                  overlay=overlay)
+                  overlay=overlay, userxattr=args.userxattr)
 
 
 def _use_c_allocator(argv: list[str]) -> None:
@@ -330,6 +341,7 @@ def _use_c_allocator(argv: list[str]) -> None:
 def run_subcommand(name: str, argv: list[str]) -> int:
     from rofs import tools
     from rofs.report import ReportError
+    from rofs.state import StateError
     try:
         if name == "report":
             from rofs import report
@@ -354,7 +366,7 @@ def run_subcommand(name: str, argv: list[str]) -> int:
                 print(note)
             left = [p for p in problems if not (args.repair and p.repair)]
             return 1 if left else 0
-    except (ReportError, tools.ToolError) as e:
+    except (ReportError, tools.ToolError, StateError) as e:
         print("rofs %s: error: %s" % (name, e), file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

@@ -103,6 +103,25 @@ def copy_xattrs(src: bytes | int, dst: bytes | int, is_private, *,
             raise
 
 
+# Root gives every object the owner it should have.  Another user can only own what it
+# creates (the kernel refuses to give a file away), so there an object keeps the daemon's
+# uid, and the group too unless the daemon belongs to the wanted one: what `cp -p` does.
+PRIVILEGED = os.geteuid() == 0
+
+
+def chown(target: bytes | str | int, uid: int, gid: int, **kwargs) -> None:
+    """os.chown, which an unprivileged daemon does as far as it is allowed to."""
+    try:
+        os.chown(target, uid, gid, **kwargs)
+    except PermissionError:
+        if PRIVILEGED:
+            raise
+        try:
+            os.chown(target, -1, gid, **kwargs)
+        except PermissionError:
+            pass
+
+
 def copy_meta(src_st: os.stat_result, dst: bytes | int, is_private,
               src_xattrs: bytes | int | None, *, extra: dict[bytes, bytes] | None = None) -> None:
     """Owner, mode, xattrs, then times (last: the other steps may touch them).
@@ -112,11 +131,19 @@ def copy_meta(src_st: os.stat_result, dst: bytes | int, is_private,
     """
     symlink = stat.S_ISLNK(src_st.st_mode)
     follow = isinstance(dst, int)
-    os.chown(dst, src_st.st_uid, src_st.st_gid, follow_symlinks=follow)
+    chown(dst, src_st.st_uid, src_st.st_gid, follow_symlinks=follow)
     if not symlink:
         os.chmod(dst, stat.S_IMODE(src_st.st_mode))
     if src_xattrs is not None:
         copy_xattrs(src_xattrs, dst, is_private, symlink=symlink)
     for name, value in (extra or {}).items():
-        os.setxattr(dst, name, value, follow_symlinks=follow)
+        try:
+            os.setxattr(dst, name, value, follow_symlinks=follow)
+        except PermissionError:
+            # user.* xattrs exist only on files and directories: with user.overlay.*
+            # markers a symlink or special file goes without rofs.ino (its inode number
+            # may change at the next mount).
+            if not name.startswith(b"user.") or stat.S_ISREG(src_st.st_mode) or \
+                    stat.S_ISDIR(src_st.st_mode):
+                raise
     os.utime(dst, ns=(src_st.st_atime_ns, src_st.st_mtime_ns), follow_symlinks=follow)

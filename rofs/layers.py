@@ -21,7 +21,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from rofs._sys import O_NOATIME, proc_path
+from rofs._sys import open_noatime, proc_path
 
 DIR_OPEN_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -82,7 +82,6 @@ class LowerLayer:
         self.root_fd = root_fd
         self.dev = os.fstat(root_fd).st_dev
         self._cache = cache
-        self.noatime = O_NOATIME
 
     def dirfd(self, path: tuple[bytes, ...]) -> int:
         """Descriptor of the lower directory at `path`, opened component by component."""
@@ -119,15 +118,7 @@ class LowerLayer:
 
     def open(self, path: tuple[bytes, ...], flags: int = os.O_RDONLY) -> int:
         """Open a lower object for reading, without updating its atime where allowed."""
-        parent = self.dirfd(path[:-1])
-        base = flags | os.O_NOFOLLOW | os.O_CLOEXEC
-        if self.noatime:
-            try:
-                return os.open(path[-1], base | self.noatime, dir_fd=parent)
-            except PermissionError:
-                # O_NOATIME needs ownership or CAP_FOWNER (unprivileged mounts).
-                self.noatime = 0
-        return os.open(path[-1], base, dir_fd=parent)
+        return open_noatime(path[-1], flags | os.O_NOFOLLOW, dir_fd=self.dirfd(path[:-1]))
 
     def open_dir(self, path: tuple[bytes, ...]) -> int:
         """A readable descriptor of the lower directory at `path` (for listing it)."""
@@ -136,13 +127,7 @@ class LowerLayer:
         return self.open(path + (b".",), os.O_RDONLY | os.O_DIRECTORY)
 
     def _open_root(self) -> int:
-        base = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        if self.noatime:
-            try:
-                return os.open(b".", base | self.noatime, dir_fd=self.root_fd)
-            except PermissionError:
-                self.noatime = 0
-        return os.open(b".", base, dir_fd=self.root_fd)
+        return open_noatime(b".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.root_fd)
 
     def readlink(self, path: tuple[bytes, ...]) -> bytes:
         return os.readlink(path[-1], dir_fd=self.dirfd(path[:-1]))
@@ -163,10 +148,17 @@ class Markers:
     `userxattr`).
     """
 
-    RESERVED = (b"trusted.overlay.", b"user.overlay.")
+    TRUSTED = b"trusted.overlay."
+    USER = b"user.overlay."
+    RESERVED = (TRUSTED, USER)
 
-    def __init__(self, prefix: bytes = b"trusted.overlay.") -> None:
+    def __init__(self, prefix: bytes = TRUSTED) -> None:
         self.prefix = prefix
+        # The kernel follows redirects only from trusted.overlay.* (with `userxattr` it
+        # forces redirect_dir=nofollow: anyone could have written them), so a state with
+        # user markers gets none: moving a lower directory is EXDEV there, as in the
+        # kernel, and `mv` copies.
+        self.redirects = prefix == self.TRUSTED
         self.opaque = prefix + b"opaque"
         self.redirect = prefix + b"redirect"
         # rofs's own: the inode number rofs showed for a copied-up object, so that it

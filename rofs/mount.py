@@ -32,7 +32,7 @@ from rofs.writelog import WriteLog
 
 log = logging.getLogger(__name__)
 
-BASE_OPTIONS = ("fsname=rofs", "subtype=rofs", "allow_other", "default_permissions")
+BASE_OPTIONS = ("fsname=rofs", "subtype=rofs", "default_permissions")
 
 
 @dataclass
@@ -48,6 +48,9 @@ class Config:
     scratch: str | None = None  # --scratch DIR (default: STATE/.rofs/scratch)
     # -o upperdir=U,workdir=W (kernel style) instead of a state dir; `state` is then W.
     overlay: tuple[str, str] | None = None
+    # -o userxattr: user.overlay.* markers (as the kernel's option); None: as the state
+    # dir says, and for a new one, user.overlay.* unless root mounts.
+    userxattr: bool | None = None
 
 
 class MountError(Exception):
@@ -57,6 +60,11 @@ class MountError(Exception):
 def fuse_options(config: Config) -> set[str]:
     options = set(pyfuse3.default_options)
     options.update(BASE_OPTIONS)
+    if os.geteuid() == 0:
+        # Everyone sees the mount, as with any filesystem root mounts.  A user's mount is
+        # the user's alone unless they ask (-o allow_other, which fusermount3 allows only
+        # with user_allow_other in /etc/fuse.conf).
+        options.add("allow_other")
     options.update(config.fuse_options)
     return options
 
@@ -114,9 +122,9 @@ async def _serve(ops: RofsOperations, control_path: str | None) -> None:
 def run(config: Config) -> int:
     """Mount and serve until unmounted.  Raises StateError/MountError before the mount."""
     _raise_nofile()
-    markers = Markers()
-    prepared = state.prepare(config.state, config.mountpoint, config.lower, markers,
-                             config.overlay)
+    prepared = state.prepare(config.state, config.mountpoint, config.lower, config.overlay,
+                             config.userxattr)
+    markers = prepared.markers
     try:
         tools.record_mount(config.state, config.mountpoint, config.lower, config.overlay)
     except OSError as e:
@@ -251,7 +259,11 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
             writelog.close()
         overlay.close()
         prepared.close()
-        raise MountError("cannot mount %s: %s" % (config.mountpoint, e)) from None
+        hint = ""
+        if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            hint = (" (/dev/fuse is not open to uid %d; distributions make it mode 0666, "
+                    "and fusermount3 does the mount)" % os.geteuid())
+        raise MountError("cannot mount %s: %s%s" % (config.mountpoint, e, hint)) from None
     log.info("mounted %s (lower %s, upper %s)", config.mountpoint, config.lower,
              prepared.upper_path)
     published = tools.publish_live(config.mountpoint, config.state, prepared.lower_fd)

@@ -278,7 +278,7 @@ class Overlay:
         own, to hold entries of that layer's class.  Never merged or shown by itself."""
         st = self._stat(node)
         os.mkdir(name, 0o700, dir_fd=parent_fd)
-        os.chown(name, st.st_uid, st.st_gid, dir_fd=parent_fd, follow_symlinks=False)
+        copyup.chown(name, st.st_uid, st.st_gid, dir_fd=parent_fd, follow_symlinks=False)
         os.chmod(proc_path(parent_fd, name), stat.S_IMODE(st.st_mode))
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
@@ -756,7 +756,7 @@ class Overlay:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0,
                          dir_fd=layer.work_fd)
             fds.append(fd)
-            os.fchown(fd, uid, gid)
+            copyup.chown(fd, uid, gid)
             os.fchmod(fd, stat.S_IMODE(mode))
 
         try:
@@ -777,7 +777,7 @@ class Overlay:
         def make(layer: UpperLayer, tmp: bytes) -> None:
             os.mkdir(tmp, 0o700, dir_fd=layer.work_fd)
             path = layer.work_path(tmp)
-            os.chown(path, uid, gid, follow_symlinks=False)
+            copyup.chown(path, uid, gid, follow_symlinks=False)
             os.chmod(path, stat.S_IMODE(mode))
 
         return self._place(parent, name, True, make)
@@ -796,7 +796,7 @@ class Overlay:
         def make(layer: UpperLayer, tmp: bytes) -> None:
             os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=layer.work_fd)
             path = layer.work_path(tmp)
-            os.chown(path, uid, gid, follow_symlinks=False)
+            copyup.chown(path, uid, gid, follow_symlinks=False)
             os.chmod(path, stat.S_IMODE(mode))
 
         return self._place(parent, name, False, make)
@@ -807,7 +807,7 @@ class Overlay:
 
         def make(layer: UpperLayer, tmp: bytes) -> None:
             os.symlink(target, tmp, dir_fd=layer.work_fd)
-            os.chown(tmp, uid, gid, dir_fd=layer.work_fd, follow_symlinks=False)
+            copyup.chown(tmp, uid, gid, dir_fd=layer.work_fd, follow_symlinks=False)
 
         return self._place(parent, name, False, make)
 
@@ -1041,6 +1041,10 @@ class Overlay:
             if self._holds_other_class(src_parent, src_name, src) or (
                     exchange and self._holds_other_class(dst_parent, dst_name, dst)):
                 raise _err(errno.EXDEV)
+            if not self.markers.redirects and (
+                    self._needs_redirect(src, dst_parent, dst_name) or
+                    exchange and self._needs_redirect(dst, src_parent, src_name)):
+                raise _err(errno.EXDEV)  # no redirects with user.overlay.* (as the kernel)
             if not src.upper:
                 await self.copy_up(src)
                 continue
@@ -1173,18 +1177,28 @@ class Overlay:
             current = current.parent()
         return False
 
+    def _natural_lower(self, parent: Node, name: bytes) -> tuple[bytes, ...] | None:
+        """What a directory at parent/name merges with unless redirected: the lower path
+        of a lower directory there, () for a lower non-directory, None for nothing."""
+        if parent.lower is None:
+            return None
+        candidate = parent.lower + (name,)
+        st = self.lower.try_stat(candidate)
+        if st is None:
+            return None
+        return candidate if stat.S_ISDIR(st.st_mode) else ()
+
+    def _needs_redirect(self, node: Node, new_parent: Node, new_name: bytes) -> bool:
+        return node.is_dir and node.lower is not None and \
+            node.lower != self._natural_lower(new_parent, new_name)
+
     def _mark_moved_dir(self, node: Node, old_parent_fd: int, old_name: bytes,
                         new_parent: Node, new_name: bytes, layer: UpperLayer) -> None:
         """Before a directory moves, record what it merges with so the new place shows
         the same content (redirect) or hides the lower there (opaque).  Either marker
         leaves the old place's view unchanged, so a crash before the rename is harmless.
         """
-        natural = None
-        if new_parent.lower is not None:
-            candidate = new_parent.lower + (new_name,)
-            st = self.lower.try_stat(candidate)
-            if st is not None:
-                natural = candidate if stat.S_ISDIR(st.st_mode) else ()
+        natural = self._natural_lower(new_parent, new_name)
         if node.lower is not None:
             if node.lower != natural:
                 layer.set_marker(old_parent_fd, old_name, self.markers.redirect,

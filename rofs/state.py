@@ -1,7 +1,8 @@
 """The state directory: layout, format version, capability probe, exclusive use.
 
     STATE/<mountpoint without leading slash>/   the upper layer of that mount
-    STATE/.rofs/format                          "rofs-state N": the layout version
+    STATE/.rofs/format                          "rofs-state N [userxattr]": the layout
+                                                version, and which markers it uses
     STATE/.rofs/work/<mountpoint ...>/          the work dir of that mount (same fs)
     STATE/.rofs/index/<mountpoint ...>/         copied-up lower hard links (same fs)
     STATE/.rofs/log/<mountpoint ...>.jsonl      the write log (rofs.writelog)
@@ -25,6 +26,7 @@ from rofs.layers import Markers, UpperLayer
 
 FORMAT_VERSION = 1
 FORMAT_FILE = "format"
+USERXATTR = "userxattr"  # the format file's flag for user.overlay.* markers
 PRIVATE_DIR = ".rofs"
 
 
@@ -43,6 +45,7 @@ class Prepared:
     lock_fd: int
     upper_path: str
     work_path: str
+    markers: Markers
     created: list[str] = field(default_factory=list)
     wiped: list = field(default_factory=list)  # scratch paths wiped at this mount
     # The scratch layer (see prepare_scratch), when the policy has scratch paths.
@@ -110,25 +113,62 @@ def _makedirs(path: str, created: list[str], mode: int = 0o755) -> None:
         created.append(directory)
 
 
-def _check_format(private: str, created: list[str]) -> None:
-    path = os.path.join(private, FORMAT_FILE)
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read().strip()
-    except FileNotFoundError:
-        with open(path + ".tmp", "w", encoding="ascii") as f:
-            f.write("rofs-state %d\n" % FORMAT_VERSION)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(path + ".tmp", path)
-        created.append(path)
-        return
+def _format_line(userxattr: bool) -> str:
+    return "rofs-state %d%s\n" % (FORMAT_VERSION, " " + USERXATTR if userxattr else "")
+
+
+def _parse_format(path: str, text: str) -> Markers:
+    """The markers a state dir uses, from its format line ("rofs-state N [userxattr]")."""
     parts = text.split()
-    if len(parts) != 2 or parts[0] != "rofs-state" or not parts[1].isdigit():
+    if len(parts) not in (2, 3) or parts[0] != "rofs-state" or not parts[1].isdigit() or \
+            parts[2:] not in ([], [USERXATTR]):
         raise StateError("%s: not a rofs state format file (%r)" % (path, text[:40]))
     if int(parts[1]) > FORMAT_VERSION:
         raise StateError("%s: state format %s is newer than this rofs understands (%d)"
                          % (path, parts[1], FORMAT_VERSION))
+    return Markers(Markers.USER if parts[2:] else Markers.TRUSTED)
+
+
+def read_markers(state: str) -> Markers:
+    """The markers of an existing state dir (trusted.overlay.* if it has no format file)."""
+    path = os.path.join(state, PRIVATE_DIR, FORMAT_FILE)
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return _parse_format(path, f.read())
+    except FileNotFoundError:
+        return Markers()
+
+
+def _check_format(private: str, created: list[str], userxattr: bool | None) -> Markers:
+    """Read (or write, for a new state dir) the format file; the state's markers.
+
+    `userxattr`: whether the markers are user.overlay.* (the kernel's `userxattr`), which
+    a user other than root can write; None means: as the state says, and for a new state
+    dir, user.overlay.* unless root mounts it."""
+    path = os.path.join(private, FORMAT_FILE)
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if userxattr is None:
+            userxattr = os.geteuid() != 0
+        with open(path + ".tmp", "w", encoding="ascii") as f:
+            f.write(_format_line(userxattr))
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(path + ".tmp", path)
+        created.append(path)
+        return Markers(Markers.USER if userxattr else Markers.TRUSTED)
+    markers = _parse_format(path, text)
+    has_user = markers.prefix == Markers.USER
+    if userxattr is not None and userxattr != has_user:
+        raise StateError("%s: this state dir uses %s markers, not %s" % (
+            path, markers.prefix.decode() + "*",
+            (Markers.USER if userxattr else Markers.TRUSTED).decode() + "*"))
+    if not has_user and os.geteuid() != 0:
+        raise StateError("state dir %s holds trusted.overlay.* markers, which only root can "
+                         "read and write: mount it as root" % os.path.dirname(private))
+    return markers
 
 
 def probe(work_fd: int, work_path: str, markers: Markers) -> None:
@@ -219,7 +259,7 @@ def prepare_scratch(prepared: Prepared, state: str, mountpoint: str, scratch: st
         probe(prepared.scratch_work_fd, work_path, markers)
         # The scratch root stands for the mount's root: same owner and mode.
         root = os.fstat(prepared.upper_fd)
-        os.chown(upper_path, root.st_uid, root.st_gid)
+        copyup.chown(upper_path, root.st_uid, root.st_gid)
         os.chmod(upper_path, stat.S_IMODE(root.st_mode))
     except OSError as e:
         raise StateError("cannot use scratch dir %s: %s" % (base, e)) from None
@@ -241,9 +281,11 @@ def check_owner(state: str, what: str = "state dir") -> None:
         raise StateError("%s %s is writable by %s (mode %o): chmod go-w it"
                          % (what, state, who, stat.S_IMODE(st.st_mode)))
 
-def prepare(state: str, mountpoint: str, lower: str, markers: Markers,
-            overlay: tuple[str, str] | None = None) -> Prepared:
-    """Open the lower, set up the state dir for this mount, lock it, probe it."""
+def prepare(state: str, mountpoint: str, lower: str,
+            overlay: tuple[str, str] | None = None,
+            userxattr: bool | None = None) -> Prepared:
+    """Open the lower, set up the state dir for this mount, lock it, probe it.
+    The markers it uses (see _check_format) are in the result."""
     created: list[str] = []
     lower_fd = upper_fd = work_fd = index_fd = lock_fd = -1
     try:
@@ -254,7 +296,7 @@ def prepare(state: str, mountpoint: str, lower: str, markers: Markers,
         check_owner(state)
         private = os.path.join(state, PRIVATE_DIR)
         _makedirs(private, created, 0o700)
-        _check_format(private, created)
+        markers = _check_format(private, created, userxattr)
         upper_path, work_path, index_path = layer_paths(state, mountpoint, overlay)
         if overlay is not None:
             check_owner(upper_path, "upper dir")
@@ -287,7 +329,7 @@ def prepare(state: str, mountpoint: str, lower: str, markers: Markers,
                              proc_path(lower_fd))
         clean_work(work_fd, UpperLayer(upper_fd, work_fd, markers))
         return Prepared(lower_fd, upper_fd, work_fd, index_fd, lock_fd, upper_path, work_path,
-                        created)
+                        markers, created)
     except BaseException as e:
         for fd in (lower_fd, upper_fd, work_fd, index_fd, lock_fd):
             if fd >= 0:

@@ -23,11 +23,11 @@ import stat
 import urllib.parse
 from dataclasses import dataclass, field
 
-from rofs._sys import mount_table
+from rofs._sys import mount_table, open_noatime
 from rofs.layers import Markers, UpperLayer, is_whiteout, open_listable
-from rofs.state import PRIVATE_DIR, layer_paths, mount_name
+from rofs.state import PRIVATE_DIR, layer_paths, mount_name, read_markers
 
-RUN_DIR = "/run/rofs"
+RUN_DIR = "/run/rofs"  # root's; another user's is $XDG_RUNTIME_DIR/rofs
 MOUNTS_DIR = "mounts"
 
 
@@ -62,16 +62,31 @@ def record_mount(state: str, mountpoint: str, lower: str,
     os.replace(tmp, path)
 
 
-def runtime_path(mountpoint: str, suffix: str) -> str:
+def run_dir() -> str | None:
+    """Where live daemons of this user say where they are (None: nowhere)."""
+    if os.geteuid() == 0:
+        return RUN_DIR
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isabs(base) and os.path.isdir(base):
+        return os.path.join(base, "rofs")
+    return None
+
+
+def runtime_path(mountpoint: str, suffix: str) -> str | None:
+    base = run_dir()
+    if base is None:
+        return None
     digest = hashlib.sha256(os.path.normpath(mountpoint).encode()).hexdigest()[:24]
-    return os.path.join(RUN_DIR, digest + suffix)
+    return os.path.join(base, digest + suffix)
 
 
 def publish_live(mountpoint: str, state: str, lower_fd: int) -> str | None:
     """Tell the tools where the live daemon is; returns the file written (or None)."""
     path = runtime_path(mountpoint, ".json")
+    if path is None:
+        return None
     try:
-        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump({"pid": os.getpid(), "lower_fd": lower_fd, "state": state,
                        "mountpoint": mountpoint,
@@ -91,8 +106,11 @@ class Live:
 
 def live_daemon(mountpoint: str, state: str) -> Live | None:
     """The daemon serving `mountpoint` from `state`, if one is running."""
+    path = runtime_path(mountpoint, ".json")
+    if path is None:
+        return None
     try:
-        with open(runtime_path(mountpoint, ".json")) as f:
+        with open(path) as f:
             info = json.load(f)
     except (OSError, ValueError):
         return None
@@ -128,14 +146,19 @@ class Mount:
     def index(self) -> str:
         return layer_paths(self.state, self.mountpoint, self.overlay)[2]
 
+    @property
+    def markers(self) -> Markers:
+        return read_markers(self.state)
+
     def lower_root(self) -> str:
         """A path that opens the real lower directory, also under a live mount."""
         if self.live is not None:
             return "/proc/%d/fd/%d" % (self.live.pid, self.live.lower_fd)
         if os.path.realpath(self.lower) == os.path.realpath(self.mountpoint) and \
                 _is_rofs_mount(self.mountpoint):
-            raise ToolError("%s is mounted by rofs but its daemon cannot be reached; "
-                            "unmount it first" % self.mountpoint)
+            why = "" if run_dir() is not None else " ($XDG_RUNTIME_DIR is not set)"
+            raise ToolError("%s is mounted by rofs but its daemon cannot be reached%s; "
+                            "unmount it first" % (self.mountpoint, why))
         return self.lower
 
 
@@ -176,6 +199,9 @@ def revert(paths: list[str], state: str | None) -> list[str]:
             rel = tuple(os.fsencode(c) for c in shown[len(mnt.rstrip("/")) + 1:].split("/")
                         if c)
             live_socket = runtime_path(mnt, ".sock")
+            if live_socket is None:
+                raise ToolError("cannot reach the daemon of %s ($XDG_RUNTIME_DIR is not "
+                                "set): unmount it and use --state" % mnt)
             mount = None
         if not rel:
             raise ToolError("%s is a mount's root: name paths below it" % shown)
@@ -275,7 +301,7 @@ class Differ:
 
     def __init__(self, mount: Mount, markers: Markers | None = None) -> None:
         self.mount = mount
-        self.markers = markers or Markers()
+        self.markers = markers or mount.markers
         self.lower_root = mount.lower_root()
         self.changes: list[Change] = []
 
@@ -420,11 +446,16 @@ def _getxattr(path: bytes, name: bytes) -> bytes | None:
         return None
 
 
+def _read(path: bytes):
+    """A file of either layer, open for reading (the lower's atimes stay)."""
+    return os.fdopen(open_noatime(path), "rb")
+
+
 def _same_content(a: bytes, b: bytes) -> bool:
     try:
         if os.path.getsize(a) != os.path.getsize(b):
             return False
-        with open(a, "rb") as fa, open(b, "rb") as fb:
+        with _read(a) as fa, _read(b) as fb:
             while True:
                 x, y = fa.read(1 << 20), fb.read(1 << 20)
                 if x != y:
@@ -440,7 +471,7 @@ def _text(path: bytes | None) -> list[str] | None:
     if path is None:
         return []
     try:
-        with open(path, "rb") as f:
+        with _read(path) as f:
             data = f.read(4 << 20)
     except OSError:
         return None
@@ -524,7 +555,7 @@ def revert_offline(mount: Mount, rel: tuple[bytes, ...]) -> bool:
     index = os.open(mount.index, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) \
         if os.path.isdir(mount.index) else None
     try:
-        upper = UpperLayer(parent, work, Markers())
+        upper = UpperLayer(parent, work, mount.markers)
         if upper.try_stat(parent, rel[-1]) is None:
             return False
         keys: set[bytes] = set()
@@ -553,11 +584,10 @@ def check(state: str, repair: bool = False) -> tuple[list[Problem], list[str]]:
     """Problems in every mount of a state dir; with `repair`, fixed where safe."""
     problems: list[Problem] = []
     notes: list[str] = []
-    markers = Markers()
     for mount in mounts(state):
         lock = _locked_upper(mount) if repair else None
         try:
-            found = _check_mount(mount, markers)
+            found = _check_mount(mount, mount.markers)
             problems += found
             if repair:
                 for p in found:

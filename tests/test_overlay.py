@@ -12,7 +12,6 @@ from conftest import build_lower
 from rofs import state
 from rofs.errors import Counters, fuse_errors
 from rofs.inodes import UPPER_TAG
-from rofs.layers import Markers
 from rofs.overlay import Overlay
 
 
@@ -21,7 +20,7 @@ def ov(tmp_path):
     lower = tmp_path / "lower"
     lower.mkdir()
     build_lower(str(lower))
-    prepared = state.prepare(str(tmp_path / "state"), "/mnt", str(lower), Markers())
+    prepared = state.prepare(str(tmp_path / "state"), "/mnt", str(lower))
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd,
                       index_fd=prepared.index_fd)
     overlay.paths = {"lower": str(lower), "upper": prepared.upper_path,

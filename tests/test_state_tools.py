@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 from conftest import build_lower
-from helpers import ROFS, RofsProcess
+from helpers import ROFS, RofsProcess, manifest
 
 pytestmark = pytest.mark.fuse
 
@@ -69,12 +69,15 @@ def expected(m):
 
 def test_diff_live_and_offline(over_itself):
     etc, state = over_itself
+    lower = manifest(str(etc))
     with RofsProcess(str(etc), str(state)):
         make_changes(etc)
         live = rofs("diff", state)
         live_json = json.loads(rofs("diff", "--json", state))
         one = rofs("diff", state, etc / "d")
         patch = rofs("diff", "--patch", state, etc / "hosts")
+    offline = rofs("diff", "--patch", state)
+    assert manifest(str(etc)) == lower  # diff reads the lower without touching atimes
     offline = rofs("diff", state)
     m = str(etc)
     assert live == expected(m)
