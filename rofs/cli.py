@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--scratch", metavar="DIR",
                         help="where changes to scratch paths live until the next mount "
                         "(default: STATEDIR/.rofs/scratch; a tmpfs keeps them off the "
-                        "disk)")
+                        "disk; created if only its last component is missing)")
     policy.add_argument("--default", metavar="CLASS", choices=CLASS_NAMES,
                         help="class of every path no rule names: persistent (the "
                         "default), scratch or read-only")
@@ -306,8 +306,12 @@ def validate(args: argparse.Namespace):
     scratch = None
     if args.scratch is not None:
         scratch = os.path.realpath(args.scratch)
-        if not os.path.isdir(scratch):
-            raise UsageError("scratch dir %s does not exist or is not a directory" % scratch)
+        if os.path.lexists(scratch) and not os.path.isdir(scratch):
+            raise UsageError("scratch dir %s is not a directory" % scratch)
+        if not os.path.isdir(os.path.dirname(scratch)):
+            # Made (mode 0700) at the mount when only the last component is missing, as
+            # /run/rofs-scratch is after every boot.
+            raise UsageError("scratch dir %s does not exist, nor does its parent" % scratch)
         for other, what in ((lower, "the lower directory"), (mountpoint, "the mountpoint")):
             if _inside(scratch, other) or _inside(other, scratch):
                 raise UsageError("scratch dir %s and %s %s are nested" % (scratch, what,

@@ -3,10 +3,11 @@ STATE/.rofs/scratch, or a tmpfs given with --scratch), merged with persistent on
 
 import errno
 import os
+import stat
 import subprocess
 
 import pytest
-from helpers import RofsProcess
+from helpers import ROFS, RofsProcess
 
 pytestmark = pytest.mark.fuse
 
@@ -135,3 +136,23 @@ def test_persistent_file_moved_into_scratch_is_gone_after_remount(site):
     with RofsProcess(m, str(state), str(lower), args):
         assert not (mnt / "passwd").exists()  # the removal was persistent
         assert not (mnt / "var" / "passwd").exists()  # the scratch copy is gone
+
+
+def test_scratch_dir_made_when_missing(site, tmpfs):
+    """--scratch /run/rofs-scratch after a boot: the tmpfs is there, the directory not
+    yet; rofs makes it (mode 0700).  A missing parent is an error, nothing mounted."""
+    lower, mnt, state = site
+    policy = mnt.parent / "policy"
+    write(policy, "default scratch\n")
+    scratch = tmpfs / "rofs-scratch"
+    with RofsProcess(str(mnt), str(state), str(lower),
+                     ("--policy", str(policy), "--scratch", str(scratch))):
+        write(mnt / "hosts", "scratch\n")
+        assert stat.S_IMODE(os.stat(scratch).st_mode) == 0o700
+        assert read(scratch / "upper" / str(mnt).lstrip("/") / "hosts") == "scratch\n"
+    result = subprocess.run(ROFS + [str(mnt), "--state", str(state), "--lower", str(lower),
+                                    "--scratch", str(tmpfs / "no" / "such")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "does not exist, nor does its parent" in result.stderr
+    assert not os.path.ismount(mnt)
