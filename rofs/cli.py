@@ -147,6 +147,9 @@ def build_diff_parser() -> argparse.ArgumentParser:
     out.add_argument("--patch", action="store_true",
                      help="also a unified diff of each changed text file")
     out.add_argument("--json", action="store_true", help="the changes as JSON")
+    parser.add_argument("--lower", metavar="DIR",
+                        help="compare with DIR instead of the lower directory the mount "
+                        "recorded (a copy of a state dir, next to the image's directory)")
     return parser
 
 
@@ -176,6 +179,9 @@ def build_check_parser() -> argparse.ArgumentParser:
     parser.add_argument("state", metavar="STATEDIR")
     parser.add_argument("--repair", action="store_true",
                         help="fix what can be fixed safely (the mount must not be live)")
+    parser.add_argument("--lower", metavar="DIR",
+                        help="the lower directory is DIR, not the one the mount recorded "
+                        "(a copied state dir; whiteouts are judged against it)")
     return parser
 
 
@@ -353,7 +359,7 @@ def run_subcommand(name: str, argv: list[str]) -> int:
         if name == "diff":
             args = build_diff_parser().parse_args(argv)
             sys.stdout.write(tools.diff(args.state, args.path, as_json=args.json,
-                                        with_patch=args.patch))
+                                        with_patch=args.patch, lower=args.lower))
             return 0
         if name == "revert":
             args = build_revert_parser().parse_args(argv)
@@ -362,7 +368,7 @@ def run_subcommand(name: str, argv: list[str]) -> int:
             return 0
         if name == "check":
             args = build_check_parser().parse_args(argv)
-            problems, notes = tools.check(args.state, repair=args.repair)
+            problems, notes = tools.check(args.state, repair=args.repair, lower=args.lower)
             for p in problems:
                 print(p.line() + ("" if p.repair or not args.repair else
                                   "  (not repaired: decide by hand)"))

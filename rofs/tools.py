@@ -159,6 +159,10 @@ class Mount:
             why = "" if run_dir() is not None else " ($XDG_RUNTIME_DIR is not set)"
             raise ToolError("%s is mounted by rofs but its daemon cannot be reached%s; "
                             "unmount it first" % (self.mountpoint, why))
+        if not os.path.isdir(self.lower):
+            raise ToolError("the lower directory %s of the mount %s is not there (a copied "
+                            "state dir? give the lower with --lower DIR)"
+                            % (self.lower, self.mountpoint))
         return self.lower
 
 
@@ -500,11 +504,15 @@ def patch(differ: Differ, change: Change) -> str:
 
 
 def diff(state: str, path: str | None, *, as_json: bool = False,
-         with_patch: bool = False) -> str:
+         with_patch: bool = False, lower: str | None = None) -> str:
+    """The changes of a state dir.  `lower`: compare with this directory instead of the
+    lower layer the mount recorded (a copied state dir, next to the image it is for)."""
     if path is None:
         selected = [(m, ()) for m in mounts(state)]
     else:
         selected = [mount_for(state, path)]
+    if lower is not None:
+        _use_lower([m for m, _ in selected], lower, "name a PATH to say which one")
     out, records = [], []
     for mount, rel in selected:
         differ = Differ(mount)
@@ -518,6 +526,16 @@ def diff(state: str, path: str | None, *, as_json: bool = False,
     if as_json:
         return json.dumps(records, indent=1) + "\n"
     return "".join(out)
+
+
+def _use_lower(selected: list[Mount], lower: str, hint: str) -> None:
+    """--lower DIR: the one selected mount's lower layer is DIR (not the recorded one)."""
+    if len(selected) != 1:
+        raise ToolError("the state dir serves %d mounts: %s --lower is for"
+                        % (len(selected), hint))
+    if not os.path.isdir(lower):
+        raise ToolError("lower directory %s does not exist" % lower)
+    selected[0].lower, selected[0].live = os.path.realpath(lower), None
 
 
 # ---------------------------------------------------------------- revert (offline)
@@ -580,11 +598,16 @@ class Problem:
         return "%s: %s" % (self.where, self.what)
 
 
-def check(state: str, repair: bool = False) -> tuple[list[Problem], list[str]]:
-    """Problems in every mount of a state dir; with `repair`, fixed where safe."""
+def check(state: str, repair: bool = False,
+          lower: str | None = None) -> tuple[list[Problem], list[str]]:
+    """Problems in every mount of a state dir; with `repair`, fixed where safe.
+    `lower`: as for diff (a state dir of one mount only)."""
     problems: list[Problem] = []
     notes: list[str] = []
-    for mount in mounts(state):
+    selected = mounts(state)
+    if lower is not None:
+        _use_lower(selected, lower, "check them one by one; cannot tell which one")
+    for mount in selected:
         lock = _locked_upper(mount) if repair else None
         try:
             found = _check_mount(mount, mount.markers)

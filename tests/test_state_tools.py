@@ -90,6 +90,27 @@ def test_diff_live_and_offline(over_itself):
     assert "+10.0.0.1 db\n" in patch
 
 
+def test_diff_of_a_copied_state_against_the_image(over_itself, tmp_path):
+    """A state dir copied to an image builder, next to the image's directory: --lower
+    says where the lower is now (docs/readonly-root.md, folding state back)."""
+    etc, state = over_itself
+    with RofsProcess(str(etc), str(state)):
+        make_changes(etc)
+    original = rofs("diff", state)
+    builder = tmp_path / "builder"
+    builder.mkdir()
+    subprocess.run(["cp", "-a", str(state), str(builder / "state")], check=True)
+    subprocess.run(["cp", "-a", str(etc), str(builder / "etc")], check=True)
+    shutil.rmtree(etc)  # the recorded lower is gone on the builder
+    assert rofs("diff", "--lower", builder / "etc", builder / "state") == original
+    # Without --lower the recorded lower is missing: an error, not every path "added",
+    # and not every whiteout "over nothing" for check --repair to delete.
+    rofs("diff", builder / "state", code=2)
+    rofs("check", "--repair", builder / "state", code=2)
+    rofs("diff", "--lower", builder / "nothing", builder / "state", code=2)
+    assert rofs("check", "--lower", builder / "etc", builder / "state") == ""
+
+
 def test_revert_every_kind_while_mounted(over_itself):
     etc, state = over_itself
     lower_hosts = read(etc / "hosts")
