@@ -39,6 +39,8 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet -e '.[test,bench]'
-# The command where systemd units and mount(8) helpers look for it.
+# The command where systemd units and mount(8) helpers look for it, and the unit where
+# systemd looks for locally installed ones (enabling it is the admin's decision).
 ln -sf "$(pwd)/.venv/bin/rofs" /usr/local/bin/rofs
+install -D -m 644 rofs/systemd/rofs@.service /usr/local/lib/systemd/system/rofs@.service
 echo "setup.sh: ready: $(.venv/bin/rofs --version) in $(pwd)/.venv"

@@ -76,6 +76,28 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+class _JournalFormatter(logging.Formatter):
+    """Lines for the journal: each with its syslog priority as a "<N>" prefix, which
+    journald reads from a service's stderr (sd-daemon(3))."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "<%d>" % self.PRIORITY.get(record.levelno, 6)
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is the journal's stream: systemd says so in $JOURNAL_STREAM."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
+
+
 def _setup_logging(config: Config, background: bool) -> None:
     level = logging.DEBUG if config.debug else logging.INFO
     root = logging.getLogger()
@@ -89,7 +111,9 @@ def _setup_logging(config: Config, background: bool) -> None:
         handler = logging.NullHandler()
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("rofs: %(levelname)s %(name)s: %(message)s"))
+        journal = _stderr_is_journal()  # under systemd: the journal gets priorities
+        handler.setFormatter((_JournalFormatter if journal else logging.Formatter)(
+            "rofs: %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     if not config.debug:

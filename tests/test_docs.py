@@ -9,8 +9,9 @@ missing there, or an entry matching no block, fails test_every_block_is_known.
 Runnable blocks run in a private mount namespace that looks like the machine the docs
 talk about, without touching this one: `/etc` is a copy of this machine's `/etc`
 (bound read-only, or writable where the docs edit the image), and tmpfs covers
-/var/lib/stateless, /srv, /mnt, /run, /opt and /usr/local/bin (with the `rofs` command
-of this checkout, and the checkout at /opt/rofs).  A *situation* prepares what the
+/var/lib (but dpkg's database), /srv, /mnt, /run, /opt, /usr/local/bin and
+/usr/local/lib (with the `rofs` command of this checkout, and the checkout at
+/opt/rofs).  A *situation* prepares what the
 block expects (rofs mounted with changes, a dead mount, a copied state on an image
 builder); `check` is run after the block.  Every process left in the namespace is
 killed at the end.
@@ -103,10 +104,9 @@ BLOCKS: dict[str, Block] = {
     "mount -t overlay overlay -o lowerdir=/etc,upperdir=/var/lib/stateless/state/etc,"
     "workdir=/var/lib/stateless/state/.rofs/work/etc,redirect_dir=on /etc": Block(
         "unmounted", check="grep -q 10.0.0.1 /etc/hosts && umount /etc"),
-    "cp rofs/systemd/rofs@.service /etc/systemd/system/": Block(
-        "image-checkout", skip_lines={"systemctl enable --now rofs@etc.service": SYSTEMD},
-        check="test -f /etc/systemd/system/rofs@.service && grep -qx "
-        "ROFS_STATE=/var/lib/stateless/state /etc/default/rofs"),
+    "echo 'ROFS_STATE=/var/lib/stateless/state' > /etc/default/rofs": Block(
+        "image", skip_lines={"systemctl enable --now rofs@etc.service": SYSTEMD},
+        check="grep -qx ROFS_STATE=/var/lib/stateless/state /etc/default/rofs"),
     "mount -t fuse.rofs rofs /etc -o state=/var/lib/stateless/state": Block(
         "policy-in-image", replace={
             "mount -t fuse.rofs rofs /etc -o state=/var/lib/stateless/state":
@@ -158,9 +158,9 @@ BLOCKS: dict[str, Block] = {
         reason="the README's ./setup.sh, run above from the checkout"),
     "mkfs.ext4 -L stateless-state /dev/sdb1": Block(
         reason="formats a disk and edits the boot fstab"),
-    "cp /opt/rofs/rofs/systemd/rofs@.service /etc/systemd/system/": Block(
-        "image", skip_lines={"systemctl enable rofs@etc.service": SYSTEMD},
-        check="test -f /etc/systemd/system/rofs@.service && test -f /etc/default/rofs"),
+    "printf 'ROFS_STATE=/var/lib/stateless/state\\nROFS_OPTIONS=\\n' > /etc/default/rofs":
+        Block("image", skip_lines={"systemctl enable rofs@etc.service": SYSTEMD},
+              check="grep -qx ROFS_OPTIONS= /etc/default/rofs"),
     "UUID=...  /  ext4  ro,errors=remount-ro  0  1": Block(
         reason="an fstab line for the root filesystem"),
     "findmnt /etc                     # fuse.rofs": Block(
@@ -202,7 +202,6 @@ MOUNT = ("mkdir -p /var/lib/stateless && printf 'read-only /etc/issue\\n' > /run
 SITUATIONS = {
     "checkout": "cd $CHECKOUT",
     "image": "",
-    "image-checkout": "cd $CHECKOUT",
     "policy-in-image": "mkdir -p /etc/rofs /run/rofs-scratch && "
                        "printf 'default scratch\\npersistent /etc/shadow\\n' > "
                        "/etc/rofs/etc.policy && mount -o remount,bind,ro /etc",
@@ -236,7 +235,7 @@ fails() {  # `! cmd` does not stop a `set -e` script
 }
 echo $(readlink /proc/self/ns/mnt) > "$BASE/ns"
 mount --bind /var/lib/dpkg "$BASE/dpkg"   # (setup.sh asks dpkg what is installed)
-for d in /usr/local/bin /var/lib /srv /mnt /run /opt; do
+for d in /usr/local/bin /usr/local/lib /var/lib /srv /mnt /run /opt; do
     mount -t tmpfs -o mode=755 rofs-docs "$d"
 done
 mkdir /var/lib/dpkg && mount --bind "$BASE/dpkg" /var/lib/dpkg
@@ -316,7 +315,7 @@ def test_block_runs(key):
                            ("ssh/ssh_host_ed25519_key", "image-key\n")):
             with open(os.path.join(etc, name), "w") as f:
                 f.write(text)
-        if spec.situation not in ("image", "image-checkout", "policy-in-image",
+        if spec.situation not in ("image", "policy-in-image",
                                   "bad-policy", "rwtab"):
             # the image's /etc, read-only, as on the machine the docs describe
             prepare = "mount -o remount,bind,ro /etc\n"

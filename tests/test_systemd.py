@@ -58,7 +58,10 @@ def test_unit_start_notifies_only_once_live_and_stop_unmounts(tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
     output = open(tmp_path / "output", "wb")
-    proc = subprocess.Popen(start, env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+    # systemd connects stderr to the journal and says so in $JOURNAL_STREAM
+    st = os.fstat(output.fileno())
+    proc = subprocess.Popen(start, env={**os.environ, "NOTIFY_SOCKET": str(notify),
+                                        "JOURNAL_STREAM": "%d:%d" % (st.st_dev, st.st_ino)},
                             stdout=output, stderr=subprocess.STDOUT)
     try:
         message = receive(sock)
@@ -78,4 +81,18 @@ def test_unit_start_notifies_only_once_live_and_stop_unmounts(tmp_path):
         proc.wait()
         sock.close()
         output.close()
-    assert b"Traceback" not in (tmp_path / "output").read_bytes()
+    logged = (tmp_path / "output").read_text()
+    assert "Traceback" not in logged
+    # journald reads each line's priority from its "<N>" prefix
+    assert "<6>rofs: INFO rofs.mount: mounted %s" % mnt in logged
+    assert all(line.startswith("<") for line in logged.splitlines()), logged
+
+
+def test_setup_installs_the_unit():
+    """setup.sh (which test.sh runs first) puts the shipped unit where systemd looks for
+    locally installed units, next to /usr/local/bin/rofs, which its ExecStart runs."""
+    installed = "/usr/local/lib/systemd/system/rofs@.service"
+    with open(installed) as f:
+        assert f.read() == resources.files("rofs.systemd").joinpath(
+            "rofs@.service").read_text()
+    assert os.path.realpath("/usr/local/bin/rofs").endswith("/.venv/bin/rofs")
