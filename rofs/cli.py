@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import errno
+import json
 import os
 import sys
 import textwrap
@@ -38,7 +38,8 @@ user.overlay.* (see docs/unprivileged.md).
 
 Other commands (each with --help): `rofs report` (who wrote where, from the
 write logs), `rofs diff` (what changed), `rofs revert` (drop a change),
-`rofs check` (find and repair damage in a state dir).
+`rofs check` (find and repair damage in a state dir), `rofs status` (the live
+mounts and their health).
 A MOUNTPOINT named like a command must be written as ./report.
 
 example:  rofs /etc --state /var/lib/stateless/state"""
@@ -185,7 +186,25 @@ def build_check_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS = {"report", "diff", "revert", "check"}
+def build_status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rofs status", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("What each live rofs mount says of itself: its daemon, state dir, "
+        "layers, policy, write log, and what it holds now (nodes, open files, copy-ups "
+        "running, internal errors).  A mount whose daemon is gone shows as dead.  Exit "
+        "status 0: every mount is live and has had no internal error; 1 otherwise (for "
+        "monitoring)."),
+        epilog="examples:\n  rofs status\n  rofs status --json /etc")
+    parser.add_argument("mountpoints", metavar="MOUNTPOINT", nargs="*",
+                        help="only these mounts (default: every rofs mount)")
+    parser.add_argument("--json", action="store_true", help="the status as JSON")
+    return parser
+
+
+# Every command besides mounting, with its parser (the man page is made from these).
+SUBCOMMANDS = {"report": build_report_parser, "diff": build_diff_parser,
+               "revert": build_revert_parser, "check": build_check_parser,
+               "status": build_status_parser}
 
 
 class UsageError(Exception):
@@ -208,11 +227,8 @@ def _inside(path: str, root: str) -> bool:
 
 def _dead_mount(path: str) -> bool:
     """A FUSE mount whose daemon is gone ("Transport endpoint is not connected")."""
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
+    from rofs.tools import dead_mount
+    return dead_mount(path)
 
 
 # -o options that stand for rofs's own arguments (as in an fstab line), and mount(8)'s
@@ -366,6 +382,13 @@ def run_subcommand(name: str, argv: list[str]) -> int:
             for line in tools.revert(args.paths, args.state):
                 print(line)
             return 0
+        if name == "status":
+            import time
+            args = build_status_parser().parse_args(argv)
+            entries = tools.status(args.mountpoints)
+            sys.stdout.write(json.dumps(entries, indent=1) + "\n" if args.json
+                             else tools.format_status(entries, time.time()))
+            return 0 if all(e["ok"] and not e["internal_errors"] for e in entries) else 1
         if name == "check":
             args = build_check_parser().parse_args(argv)
             problems, notes = tools.check(args.state, repair=args.repair, lower=args.lower)

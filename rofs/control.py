@@ -6,7 +6,7 @@ connection, one JSON line each way:
 
     {"op": "revert", "path": ["ssh", "sshd_config"]}   ->  {"ok": true, "reverted": true}
     {"op": "ping"}                                     ->  {"ok": true, "pid": 1234}
-    {"op": "status"}                                   ->  {"ok": true, "nodes": ..., ...}
+    {"op": "status"}          ->  {"ok": true, "state": ..., "nodes": ..., ...} (rofs status)
 
 Errors come back as {"ok": false, "error": "..."}.
 """
@@ -35,8 +35,9 @@ class ControlError(Exception):
 # ---------------------------------------------------------------- the daemon's side
 
 
-async def serve(path: str, overlay) -> None:
-    """Answer control requests until cancelled."""
+async def serve(path: str, overlay, describe=dict) -> None:
+    """Answer control requests until cancelled.  `describe()`: the mount's settings and
+    counters for `status`."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -46,7 +47,7 @@ async def serve(path: str, overlay) -> None:
     os.chmod(path, 0o600)
     sock.listen(8)
     try:
-        await trio.serve_listeners(lambda stream: _handle(stream, overlay),
+        await trio.serve_listeners(lambda stream: _handle(stream, overlay, describe),
                                    [trio.SocketListener(sock)])
     finally:
         try:
@@ -61,7 +62,7 @@ def _peer_uid(stream) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-async def _handle(stream, overlay) -> None:
+async def _handle(stream, overlay, describe) -> None:
     async with stream:
         try:
             if _peer_uid(stream) not in (0, os.getuid()):
@@ -73,7 +74,7 @@ async def _handle(stream, overlay) -> None:
                     if not chunk:
                         break
                     data += chunk
-                reply = await _answer(json.loads(data), overlay)
+                reply = await _answer(json.loads(data), overlay, describe)
         except Exception as e:  # a bad request must not take the mount down
             log.exception("control request failed")
             reply = {"ok": False, "error": str(e) or type(e).__name__}
@@ -83,12 +84,12 @@ async def _handle(stream, overlay) -> None:
             pass
 
 
-async def _answer(request: dict, overlay) -> dict:
+async def _answer(request: dict, overlay, describe) -> dict:
     op = request.get("op")
     if op == "ping":
         return {"ok": True, "pid": os.getpid()}
     if op == "status":
-        return {"ok": True, "pid": os.getpid(), **overlay.stats()}
+        return {"ok": True, "pid": os.getpid(), **describe(), **overlay.stats()}
     if op == "revert":
         path = tuple(os.fsencode(c) for c in request["path"])
         try:

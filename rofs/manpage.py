@@ -58,8 +58,7 @@ def render() -> str:
         "rofs \\- copy\\-on\\-write FUSE overlay for read\\-only roots",
         ".SH SYNOPSIS",
     ]
-    parsers = [main, cli.build_report_parser(), cli.build_diff_parser(),
-               cli.build_revert_parser(), cli.build_check_parser()]
+    parsers = [main] + [build() for build in cli.SUBCOMMANDS.values()]
     for parser in parsers:
         lines += [".PP", "\\fB%s\\fR" % _roff(_usage(parser))]
     lines += [".SH DESCRIPTION", _roff(" ".join(main.description.split())), ".SH OPTIONS"]
@@ -72,9 +71,13 @@ def render() -> str:
         ".TP", "\\fISTATEDIR\\fR/\\fIMOUNTPOINT\\fR/", "the upper layer (kernel overlayfs format)",
         ".TP", "\\fISTATEDIR\\fR/.rofs/", "format, work, index, scratch layer, write log, mount "
         "records",
-        ".TP", "/run/rofs/", "live mounts' control sockets",
+        ".TP", "/run/rofs/", "live mounts' records and control sockets "
+        "(\\fB$XDG_RUNTIME_DIR\\fR/rofs/ for a user's mounts)",
+        ".TP", "/usr/local/lib/systemd/system/rofs@.service", "the systemd template unit "
+        "(installed by setup.sh; the instance is the escaped mountpoint)",
         ".SH SEE ALSO",
-        "mount.fuse3(8), fusermount3(1), the docs/ directory of the rofs sources.",
+        "mount.fuse3(8), fusermount3(1), systemd.service(5), the docs/ directory of the "
+        "rofs sources.",
     ]
     return "\n".join(lines) + "\n"
 

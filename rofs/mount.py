@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -120,7 +121,7 @@ def _setup_logging(config: Config, background: bool) -> None:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
-async def _serve(ops: RofsOperations, control_path: str | None) -> None:
+async def _serve(ops: RofsOperations, control_path: str | None, describe) -> None:
     async def watch_signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
@@ -130,7 +131,7 @@ async def _serve(ops: RofsOperations, control_path: str | None) -> None:
 
     async def control_socket() -> None:
         try:
-            await control.serve(control_path, ops.overlay)
+            await control.serve(control_path, ops.overlay, describe)
         except OSError as e:
             log.warning("no control socket %s (rofs revert will not work on this mount): "
                         "%s", control_path, e.strerror)
@@ -291,9 +292,26 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
     log.info("mounted %s (lower %s, upper %s)", config.mountpoint, config.lower,
              prepared.upper_path)
     published = tools.publish_live(config.mountpoint, config.state, prepared.lower_fd)
+    started = time.time()
+
+    def describe() -> dict:
+        """This mount, for `rofs status`."""
+        counts: dict[str, int] = {}
+        for rule in config.policy.rules.values():
+            counts[rule.cls.value] = counts.get(rule.cls.value, 0) + 1
+        return {"mountpoint": config.mountpoint, "state": config.state,
+                "lower": config.lower, "upper": prepared.upper_path,
+                "scratch": prepared.scratch_path or None,
+                "markers": markers.prefix.decode() + "*", "started": started,
+                "default_class": config.policy.default.value, "rules": counts,
+                "internal_errors": ops.counters.internal_errors,
+                "log": writelog.path if writelog is not None else None,
+                "log_written": writelog.written if writelog is not None else 0,
+                "log_dropped": writelog.dropped if writelog is not None else 0}
+
     try:
         trio.run(_serve, ops, tools.runtime_path(config.mountpoint, ".sock")
-                 if published is not None else None)
+                 if published is not None else None, describe)
     finally:
         sd_notify("STOPPING=1")
         if published is not None:

@@ -186,6 +186,74 @@ def rofs_mount_containing(path: str) -> str | None:
     return best
 
 
+def dead_mount(path: str) -> bool:
+    """A FUSE mount whose daemon is gone ("Transport endpoint is not connected").  statfs
+    always asks the daemon; stat may be answered from the kernel's attribute cache."""
+    try:
+        os.statvfs(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def status(mountpoints: list[str]) -> list[dict]:
+    """What each live rofs mount says of itself (all of them when none is named):
+    {"mountpoint", "ok", ...}; "ok" False with an "error" for a dead or silent one."""
+    from rofs import control
+    names = [os.path.realpath(m) for m in mountpoints] or sorted(_rofs_mounts())
+    out = []
+    for mnt in names:
+        entry: dict = {"mountpoint": mnt, "ok": False}
+        out.append(entry)
+        if dead_mount(mnt):
+            entry["error"] = ("dead: the daemon is gone; run `fusermount3 -u %s` and mount "
+                              "again" % mnt)
+            continue
+        if not _is_rofs_mount(mnt):
+            entry["error"] = "not a rofs mount"
+            continue
+        socket_path = runtime_path(mnt, ".sock")
+        if socket_path is None:
+            entry["error"] = "no runtime dir to reach the daemon ($XDG_RUNTIME_DIR)"
+            continue
+        try:
+            reply = control.request(socket_path, {"op": "status"}, timeout=10)
+        except control.ControlError as e:
+            entry["error"] = str(e)
+            continue
+        reply.pop("ok", None)
+        entry.update(reply, ok=True)
+    return out
+
+
+def format_status(entries: list[dict], now: float) -> str:
+    if not entries:
+        return "no rofs mounts\n"
+    lines = []
+    for e in entries:
+        if not e["ok"]:
+            lines.append("%s: %s" % (e["mountpoint"], e["error"]))
+            continue
+        up = int(now - e["started"])
+        lines.append("%s: live, pid %d, up %dd %02d:%02d:%02d" % (
+            e["mountpoint"], e["pid"], up // 86400, up // 3600 % 24, up // 60 % 60, up % 60))
+        lines.append("  state    %s (upper %s, %s markers)" % (e["state"], e["upper"],
+                                                              e["markers"]))
+        lines.append("  lower    %s" % e["lower"])
+        rules = ", ".join("%d %s" % (n, c) for c, n in sorted(e["rules"].items()))
+        lines.append("  policy   default %s%s" % (e["default_class"],
+                                                  "; rules: " + rules if rules else ""))
+        if e["scratch"]:
+            lines.append("  scratch  %s" % e["scratch"])
+        lines.append("  log      %s" % ("%s (%d events written, %d dropped)" % (
+            e["log"], e["log_written"], e["log_dropped"]) if e["log"] else "off"))
+        lines.append("  now      %d nodes, %d open files, %d open directories, %d copy-ups "
+                     "running, %d internal errors" % (e["nodes"], e["open_files"],
+                                                      e["open_dirs"], e["copy_ups"],
+                                                      e["internal_errors"]))
+    return "\n".join(lines) + "\n"
+
+
 def revert(paths: list[str], state: str | None) -> list[str]:
     """Revert each path; returns one line per path saying what happened."""
     from rofs import control

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from rofs import cli
+
 pytestmark = pytest.mark.fuse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +133,9 @@ BLOCKS: dict[str, Block] = {
     "rofs revert /etc/hosts /etc/ssh": Block(
         "mounted", replace={REVERT_OFFLINE: "umount /etc && " + REVERT_OFFLINE},
         check="fails grep -q 10.0.0.1 /var/lib/stateless/state/etc/hosts"),
+    "rofs status\nrofs status --json /etc": Block("mounted"),
+    "/etc: live, pid 812, up 0d 03:12:55": Block(
+        reason="sample output; tests/test_state_tools.py checks its lines"),
     # docs/troubleshooting.md
     "fusermount3 -u /etc         # or: umount -l /etc": Block("dead", check=MOUNTED),
     "rofs report /var/lib/stateless/state | grep REFUSED": Block("mounted"),
@@ -234,6 +239,8 @@ fails() {  # `! cmd` does not stop a `set -e` script
     if "$@" 2>/dev/null; then echo "should have failed: $*" >&2; exit 1; fi
 }
 echo $(readlink /proc/self/ns/mnt) > "$BASE/ns"
+# rofs mounts of this machine (other tests) are not the docs' machine's: drop the copies
+for m in $(findmnt -rn -t fuse.rofs -o TARGET); do umount -l "$m"; done
 mount --bind /var/lib/dpkg "$BASE/dpkg"   # (setup.sh asks dpkg what is installed)
 for d in /usr/local/bin /usr/local/lib /var/lib /srv /mnt /run /opt; do
     mount -t tmpfs -o mode=755 rofs-docs "$d"
@@ -289,8 +296,7 @@ def test_synopsis():
     text = key_block("rofs MOUNTPOINT --state STATEDIR")
     for line in text.splitlines():
         words = line.split()
-        sub = words[1] if len(words) > 1 and words[1] in ("report", "diff", "revert",
-                                                           "check") else None
+        sub = words[1] if len(words) > 1 and words[1] in cli.SUBCOMMANDS else None
         command = ["rofs"] + ([sub] if sub else []) + ["--help"]
         helptext = subprocess.run(command, capture_output=True, text=True).stdout
         for option in re.findall(r"(?<![\w=])(--?[a-z][-a-z]*)", line):

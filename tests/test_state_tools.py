@@ -199,3 +199,34 @@ def test_check_finds_and_repairs_damage(over_itself):
         assert read(etc / "hosts").endswith("10.0.0.1 db\n")
         assert read(etc / "added") == "new file\n"
         assert not os.path.lexists(etc / "nothing-here")
+
+
+def test_status_of_live_and_dead_mounts(over_itself, tmp_path):
+    """rofs status: what each live mount says of itself; exit 1 (for monitoring) once a
+    request failed inside the daemon, or when a daemon is gone."""
+    etc, state = over_itself
+    policy = tmp_path / "policy"
+    policy.write_text("scratch %s/d\nread-only %s/passwd\n" % (etc, etc))
+    daemon = RofsProcess(str(etc), str(state), args=("--policy", str(policy)),
+                         env={"ROFS_FAULT_NAME": "boom"}).start()
+    try:
+        (etc / "hosts").write_text("changed\n")
+        text = rofs("status")
+        assert "%s: live, pid %d, up 0d 00:00:" % (etc, daemon.proc.pid) in text
+        assert "  state    %s (upper %s/%s, trusted.overlay.* markers)" % (
+            state, state, str(etc).lstrip("/")) in text
+        assert "  policy   default persistent; rules: 1 read-only, 1 scratch" in text
+        assert "0 internal errors" in text
+        (entry,) = json.loads(rofs("status", "--json", etc))
+        assert entry["ok"] and entry["lower"] == str(etc) and entry["nodes"] > 1
+        assert entry["log"] == str(state / ".rofs" / "log" / str(etc).lstrip("/")) + ".jsonl"
+        with pytest.raises(OSError):
+            os.stat(etc / "boom")
+        (entry,) = json.loads(rofs("status", "--json", etc, code=1))
+        assert entry["internal_errors"] == 1
+        daemon.proc.kill()
+        daemon.proc.wait()
+        assert "dead: the daemon is gone" in rofs("status", etc, code=1)
+    finally:
+        daemon.stop()
+    assert rofs("status", etc, code=1) == "%s: not a rofs mount\n" % etc
