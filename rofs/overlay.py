@@ -1023,6 +1023,18 @@ class Overlay:
                 flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE):
             raise _err(errno.EINVAL)
         exchange = bool(flags & RENAME_EXCHANGE)
+        prepared: list = []  # a big file's copy for a move across layers, made off the loop
+        try:
+            await self._rename(src_parent, src_name, dst_parent, dst_name, flags, exchange,
+                               prepared)
+        finally:
+            for tmp, _, layer in prepared:
+                self._discard(tmp, layer)
+
+    async def _rename(self, src_parent: Node, src_name: bytes, dst_parent: Node,
+                      dst_name: bytes, flags: int, exchange: bool, prepared: list) -> None:
+        """rename's work.  `prepared` holds (tmp, signature, layer) of a copy made for a
+        move across layers, which the caller discards unless the move consumed it."""
         while True:
             src = self.lookup(src_parent, src_name)
             if src is None:
@@ -1054,10 +1066,14 @@ class Overlay:
             if not exchange and dst is not None and self._lower_hard_link(dst):
                 await self.copy_up(dst)
                 continue
+            if layer is not self._lay(src) and not prepared and \
+                    await self._prepare_across(src, src_parent, src_name, layer, prepared):
+                continue  # the world may have changed while the data was copied
             break
         # Synchronous from here: nothing else runs until the rename is done.
         if layer is not self._lay(src):
-            self._move_across(src, src_parent, src_name, dst, dst_parent, dst_name, layer)
+            self._move_across(src, src_parent, src_name, dst, dst_parent, dst_name, layer,
+                              prepared)
             return
         sup = self.upper_dirfd(src_parent, layer)
         dup = self.upper_dirfd(dst_parent, layer)
@@ -1092,13 +1108,41 @@ class Overlay:
             self.table.remove_link(dst, dst_parent, dst_name)
         self.table.move_link(src, src_parent, src_name, dst_parent, dst_name)
 
+    async def _prepare_across(self, src: Node, src_parent: Node, src_name: bytes,
+                              layer: UpperLayer, prepared: list) -> bool:
+        """For a big regular file about to move across layers: copy its data into the
+        destination layer's work dir in a worker thread (and fsync it), so the event loop
+        keeps serving meanwhile.  _move_across uses the copy if the file has not changed
+        since (same signature), else copies again."""
+        sup = self.upper_dirfd(src_parent, self._lay(src))
+        st = os.stat(src_name, dir_fd=sup, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or st.st_size <= INLINE_COPY:
+            return False
+        fd_in = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sup)
+        tmp = layer.temp_name()
+        prepared.append((tmp, _signature(st), layer))
+        try:
+            fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                             dir_fd=layer.work_fd)
+            try:
+                await trio.to_thread.run_sync(copyup.copy_data, fd_in, fd_out, st.st_size)
+                await trio.to_thread.run_sync(os.fsync, fd_out)
+            finally:
+                os.close(fd_out)
+        finally:
+            os.close(fd_in)
+        return True
+
     def _move_across(self, src: Node, src_parent: Node, src_name: bytes, dst: Node | None,
-                     dst_parent: Node, dst_name: bytes, layer: UpperLayer) -> None:
+                     dst_parent: Node, dst_name: bytes, layer: UpperLayer,
+                     prepared: list) -> None:
         """Rename a non-directory from one layer to the other (a scratch temporary over
         a persistent file: passwd's nshadow over shadow).  A copy is made complete in
         the destination layer's work dir and renamed over the destination, so readers of
         the destination see the old or the new file; then the source name goes.  The
-        node keeps its inode number; descriptors opened before keep the old copy."""
+        node keeps its inode number; descriptors opened before keep the old copy.
+        `prepared`: the data of a big file, copied off the loop (_prepare_across); used
+        when the file is still the same, and taken from the list when it is."""
         old = self._lay(src)
         sup = self.upper_dirfd(src_parent, old)
         dup = self.upper_dirfd(dst_parent, layer)
@@ -1106,10 +1150,17 @@ class Overlay:
         work, tmp = layer.work_fd, layer.temp_name()
         extra = {self.markers.ino: b"%d" % src.ino} if layer is self.upper else None
         source = proc_path(sup, src_name)
+        ready = None
+        if prepared and prepared[0][1] == _signature(st) and prepared[0][2] is layer:
+            ready = prepared.pop()[0]
         if dst is not None:
             self._losing_name(dst)
         try:
-            if stat.S_ISREG(st.st_mode):
+            if ready is not None:
+                tmp = ready
+                copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private, source,
+                                 extra=extra)
+            elif stat.S_ISREG(st.st_mode):
                 fd_in = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                 dir_fd=sup)
                 try:
@@ -1378,6 +1429,11 @@ class Overlay:
         for fh in list(self.files):
             self.release(fh)
         self.fds.close()
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    """What tells that a file is still the same, with the same data and metadata."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _parse_ino(value: bytes | None) -> tuple[int | None, bytes | None]:

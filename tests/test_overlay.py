@@ -9,9 +9,10 @@ import pytest
 import trio
 from conftest import build_lower
 
-from rofs import state
+from rofs import copyup, policy, state
 from rofs.errors import Counters, fuse_errors
 from rofs.inodes import UPPER_TAG
+from rofs.layers import UpperLayer
 from rofs.overlay import Overlay
 
 
@@ -242,3 +243,46 @@ def test_reused_number_gets_next_generation(ov):
                                  backing=node.backing)
     assert fresh is not node and fresh.ino == node.ino
     assert fresh.generation == node.generation + 1 and fresh.lookups == 3
+
+
+def test_move_across_classes_copies_again_when_the_file_changed(tmp_path, monkeypatch):
+    """A big file moving to the other layer is copied off the event loop first; when it
+    changed meanwhile (a write through a descriptor still open), the move copies it
+    again, so the destination gets what the file holds at the rename."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    build_lower(str(lower))
+    (tmp_path / "policy").write_text("default scratch\npersistent /mnt/kept\n")
+    rules = policy.load("/mnt", str(lower), policy_file=str(tmp_path / "policy"))
+    prepared = state.prepare(str(tmp_path / "state"), "/mnt", str(lower))
+    state.prepare_scratch(prepared, str(tmp_path / "state"), "/mnt", None, prepared.markers)
+    ov = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, prepared.markers,
+                 index_fd=prepared.index_fd)
+    scratch = UpperLayer(prepared.scratch_upper_fd, prepared.scratch_work_fd,
+                         prepared.markers, tag="S")
+    scratch.index_fd = prepared.scratch_index_fd
+    ov.set_policy(rules, scratch)
+    big = os.path.join(prepared.scratch_path, "huge")
+    with open(big, "wb") as f:
+        f.write(b"x" * (2 << 20))
+    real_copy, calls = copyup.copy_data, []
+
+    def copy_then_write(src, dst, size):
+        real_copy(src, dst, size)
+        calls.append(size)
+        if len(calls) == 1:  # the copy off the loop: the file changes right after it
+            with open(big, "ab") as f:
+                f.write(b"appended")
+
+    monkeypatch.setattr(copyup, "copy_data", copy_then_write)
+    try:
+        trio.run(ov.rename, ov.root, b"huge", ov.root, b"kept")
+        assert calls == [2 << 20, (2 << 20) + 8]
+        with open(os.path.join(prepared.upper_path, "kept"), "rb") as f:
+            assert f.read() == b"x" * (2 << 20) + b"appended"
+        assert not os.path.lexists(big)
+        assert os.listdir(prepared.work_path) == []
+        assert os.listdir(tmp_path / "state" / ".rofs" / "scratch" / "work" / "mnt") == []
+    finally:
+        ov.close()
+        prepared.close()

@@ -5,6 +5,8 @@ import errno
 import os
 import stat
 import subprocess
+import threading
+import time
 
 import pytest
 from helpers import ROFS, RofsProcess
@@ -156,3 +158,37 @@ def test_scratch_dir_made_when_missing(site, tmpfs):
     assert result.returncode == 2
     assert "does not exist, nor does its parent" in result.stderr
     assert not os.path.ismount(mnt)
+
+
+def test_big_file_moves_across_classes_off_the_event_loop(site):
+    """A big scratch file renamed over a persistent one is copied by a worker thread:
+    while its copy is in the state's work dir, the mount answers other requests.  Then
+    the file is whole in the persistent layer, and survives a remount."""
+    lower, mnt, state = site
+    policy = mnt.parent / "policy"
+    write(policy, "default scratch\npersistent %s/big-kept\n" % mnt)
+    work = state / ".rofs" / "work" / str(mnt).lstrip("/")
+    data = os.urandom(1 << 20) * 256  # 256 MiB
+    with RofsProcess(str(mnt), str(state), str(lower), ("--policy", str(policy))):
+        with open(mnt / "big-new", "wb") as f:
+            f.write(data)
+        # (looked up before: the kernel itself holds lookups in the directories of a
+        # rename until it returns)
+        os.stat(mnt / "d")
+        mover = threading.Thread(target=os.rename, args=(mnt / "big-new", mnt / "big-kept"))
+        mover.start()
+        try:
+            while mover.is_alive() and not os.listdir(work):
+                time.sleep(0.001)
+            copying = bool(os.listdir(work))
+            answered = sorted(os.listdir(mnt / "d"))  # served during the copy
+            still_copying = mover.is_alive() and bool(os.listdir(work))
+        finally:
+            mover.join()
+        assert copying and still_copying, "the move held up the mount"
+        assert answered == ["file", "sub"]
+        assert not (mnt / "big-new").exists()
+        assert os.listdir(work) == []
+    with RofsProcess(str(mnt), str(state), str(lower), ("--policy", str(policy))):
+        with open(mnt / "big-kept", "rb") as f:
+            assert f.read() == data
