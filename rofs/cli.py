@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or upperdir=DIR,workdir=DIR like the kernel's overlay; lowerdir=DIR, "
                         "policy=FILE, rwtab[=DIR], default=CLASS, scratch=DIR, nolog, "
                         "userxattr: user.overlay.* markers in a new state dir, the default "
-                        "when not root), "
+                        "when not root; redirect_dir=on|follow|nofollow|off as the kernel's: "
+                        "all but on make renaming a directory with lower content EXDEV; "
+                        "index, xino, metacopy, nfs_export, uuid, volatile, verity: "
+                        "accepted, no effect), "
                         "mount(8)'s (defaults, auto, noauto, nofail, _netdev, x-*: "
                         "ignored), the rest passed to FUSE (e.g. noatime)")
     parser.add_argument("--version", action="version", version="rofs " + __version__)
@@ -238,6 +241,10 @@ OPTION_ARGS = {"state": "state", "lowerdir": "lower", "policy": "policy", "rwtab
                "workdir": "workdir"}
 MOUNT_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users",
               "rw"}
+# The kernel overlay's options that change nothing for rofs, so that a command line
+# written for `mount -t overlay` works with `-t fuse.rofs`: rofs always indexes copied-up
+# hard links, keeps inode numbers and copies up whole files, and syncs what it must.
+OVERLAY_NOOPS = {"index", "xino", "metacopy", "nfs_export", "uuid", "volatile", "verity"}
 
 
 def apply_mount_options(args: argparse.Namespace) -> list[str]:
@@ -255,6 +262,15 @@ def apply_mount_options(args: argparse.Namespace) -> list[str]:
             args.no_log = True
         elif key == "userxattr":
             args.userxattr = True
+        elif key == "redirect_dir":
+            # As the kernel: only "on" creates redirects; "follow", "nofollow" and "off"
+            # make renaming a directory with lower content EXDEV.  rofs always follows.
+            if value not in ("on", "follow", "nofollow", "off"):
+                raise UsageError("-o redirect_dir=%s: expected on, follow, nofollow or off"
+                                 % value)
+            args.redirects = value == "on"
+        elif key in OVERLAY_NOOPS:
+            continue
         elif key in MOUNT_ONLY or key.startswith(("x-", "comment=")):
             continue
         else:
@@ -265,7 +281,7 @@ def apply_mount_options(args: argparse.Namespace) -> list[str]:
 def validate(args: argparse.Namespace):
     from rofs.mount import Config
 
-    args.upperdir = args.workdir = args.userxattr = None
+    args.upperdir = args.workdir = args.userxattr = args.redirects = None
     options = apply_mount_options(args)
     overlay = None
     if args.upperdir or args.workdir:
@@ -280,6 +296,9 @@ def validate(args: argparse.Namespace):
         if _inside(overlay[0], overlay[1]) or _inside(overlay[1], overlay[0]):
             raise UsageError("upperdir %s and workdir %s are nested" % overlay)
         args.state = overlay[1]  # rofs's own files go to WORKDIR/.rofs
+    if args.userxattr and args.redirects:
+        raise UsageError("-o userxattr and redirect_dir=on conflict (as for the kernel: "
+                         "user.overlay.redirect is never followed)")
     if not args.state:
         raise UsageError("the state dir is required: --state STATEDIR (or -o state=STATEDIR, "
                          "or -o upperdir=DIR,workdir=DIR)")
@@ -344,7 +363,7 @@ def validate(args: argparse.Namespace):
     return Config(mountpoint=mountpoint, lower=lower, state=state,
                   foreground=args.foreground, debug=args.debug, fuse_options=options,
                   policy=rules, write_log=not args.no_log, scratch=scratch,
-                  overlay=overlay, userxattr=args.userxattr)
+                  overlay=overlay, userxattr=args.userxattr, redirects=args.redirects)
 
 
 def _use_c_allocator(argv: list[str]) -> None:

@@ -52,6 +52,9 @@ class Config:
     # -o userxattr: user.overlay.* markers (as the kernel's option); None: as the state
     # dir says, and for a new one, user.overlay.* unless root mounts.
     userxattr: bool | None = None
+    # -o redirect_dir=: False makes directory renames that need a redirect EXDEV (as the
+    # kernel without redirect_dir=on); None: as the markers allow (trusted: redirects).
+    redirects: bool | None = None
 
 
 class MountError(Exception):
@@ -150,6 +153,13 @@ def run(config: Config) -> int:
     prepared = state.prepare(config.state, config.mountpoint, config.lower, config.overlay,
                              config.userxattr)
     markers = prepared.markers
+    if config.redirects is not None:
+        if config.redirects and not markers.redirects:
+            prepared.close()
+            raise state.StateError("redirect_dir=on needs trusted.overlay.* markers: this "
+                                   "state dir has user.overlay.* (the kernel does not "
+                                   "follow user.overlay.redirect either)")
+        markers.redirects = config.redirects
     try:
         tools.record_mount(config.state, config.mountpoint, config.lower, config.overlay)
     except OSError as e:

@@ -86,3 +86,36 @@ mount -t fuse.rofs rofs {mnt} -o lowerdir={lower},upperdir={tmp_path}
 """)
     assert result.returncode != 0
     assert "upperdir= and -o workdir= go together" in result.stderr
+
+
+def test_kernel_overlay_options(layers, tmp_path):
+    """A command line written for the kernel's overlay works with -t fuse.rofs: index,
+    xino, metacopy... change nothing; redirect_dir=off (or follow, nofollow) makes
+    renaming a directory with lower content EXDEV, as on the kernel, and mv copies."""
+    lower, mnt, _ = layers
+    (lower / "dir").mkdir()
+    (lower / "dir" / "f").write_text("f\n")
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir(mode=0o700)
+    options = "lowerdir=%s,upperdir=%s,workdir=%s" % (lower, upper, work)
+    rename = "python3 -c 'import os, sys; os.rename(sys.argv[1], sys.argv[2])'"
+    result = in_namespace(f"""
+mount -t fuse.rofs rofs {mnt} -o {options},redirect_dir=on,index=on,xino=auto,metacopy=off
+{rename} {mnt}/dir {mnt}/moved
+umount {mnt}
+mount -t fuse.rofs rofs {mnt} -o {options},redirect_dir=off,index=off
+if {rename} {mnt}/moved {mnt}/again 2>/dev/null; then exit 3; fi
+mv {mnt}/moved {mnt}/again
+cat {mnt}/again/f
+umount {mnt}
+mount -t overlay overlay {mnt} -o {options},redirect_dir=on
+cat {mnt}/again/f
+ls {mnt}
+umount {mnt}
+""")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "f\nf\nagain\nhostname\n"
+    bad = subprocess.run(["rofs", str(mnt), "--state", str(tmp_path / "s"), "-o",
+                          "userxattr,redirect_dir=on"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "conflict" in bad.stderr
