@@ -321,6 +321,9 @@ def validate(args: argparse.Namespace):
                          "directory they can write to (fusermount3's rule)" % mountpoint)
     lower = os.path.realpath(args.lower) if args.lower else mountpoint
     if not os.path.isdir(lower):
+        if ":" in args.lower and all(os.path.isdir(p) for p in args.lower.split(":") if p):
+            raise UsageError("lowerdir=%s names several lower layers; rofs has one (stack "
+                             "them with the kernel's overlay first)" % args.lower)
         raise UsageError("lower directory %s does not exist or is not a directory" % lower)
     state = os.path.abspath(args.state)
     if os.path.lexists(state):

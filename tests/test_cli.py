@@ -122,6 +122,15 @@ def test_missing_lower(layers):
     assert not os.path.exists(layers["state"])
 
 
+def test_several_lower_layers(layers):
+    """lowerdir=A:B, as the kernel's overlay stacks them: rofs has one lower layer."""
+    lowers = "%s:%s" % (layers["lower"], layers["mnt"])
+    result = rofs("rofs", layers["mnt"], "-o", "state=%s,lowerdir=%s" % (layers["state"],
+                                                                       lowers))
+    assert_refused(result, layers, "names several lower layers")
+    assert not os.path.exists(layers["state"])
+
+
 def test_missing_state_parent(layers):
     state = os.path.join(str(layers["tmp"]), "no", "such", "state")
     result = rofs(layers["mnt"], "--state", state, "--lower", layers["lower"])
