@@ -279,3 +279,26 @@ def test_man_page_agrees_with_help():
         for action in parser._actions:
             for option in action.option_strings:
                 assert option in text, option
+
+
+def test_pip_install_gives_the_command_and_the_unit(tmp_path):
+    """`pip install .` (the wheel it builds) brings the `rofs` command and the systemd
+    unit as package data, not only the checkout's editable install."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(pip + ["wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheel"), root],
+                   check=True, capture_output=True)
+    (wheel,) = os.listdir(tmp_path / "wheel")
+    site = tmp_path / "site"
+    subprocess.run(pip + ["install", "--no-deps", "-q", "--target", str(site),
+                          str(tmp_path / "wheel" / wheel)], check=True, capture_output=True)
+    env = dict(os.environ, PYTHONPATH=str(site))
+    version = subprocess.run([str(site / "bin" / "rofs"), "--version"], env=env,
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert version.stdout.startswith("rofs "), version.stderr
+    probe = ("import rofs, importlib.resources as r; print(rofs.__file__); "
+             "print(r.files('rofs.systemd').joinpath('rofs@.service').read_text())")
+    shown = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                           text=True, check=True, cwd=tmp_path).stdout
+    assert shown.startswith(str(site / "rofs" / "__init__.py"))
+    assert "Type=notify" in shown and "ExecStart=/usr/local/bin/rofs" in shown
