@@ -84,7 +84,7 @@ class Block:
 SYSTEMD = "needs systemd as PID 1 (tests/test_systemd.py runs the unit's ExecStart/ExecStop)"
 SYNOPSIS = "synopsis with placeholders; test_synopsis checks every option it names"
 FSTAB = ("printf '%s\\n' 'rofs  /etc  fuse.rofs  state=/var/lib/stateless/state,"
-         "policy=/etc/rofs/etc.policy,x-systemd.requires-mounts-for=/var/lib  0 0' "
+         "policy=/etc/rofs/etc.policy,x-systemd.requires-mounts-for=/var/lib/stateless/state  0 0' "
          "> /run/fstab && mount -T /run/fstab /etc && findmnt -no FSTYPE /etc | grep -qx "
          "fuse.rofs && umount /etc")
 MOUNTED = "findmnt -no FSTYPE /etc | grep -qx fuse.rofs"
@@ -115,7 +115,7 @@ BLOCKS: dict[str, Block] = {
                 "mount -t fuse.rofs rofs /etc -o state=/var/lib/stateless/state && "
                 + MOUNTED + " && umount /etc",
             "rofs  /etc  fuse.rofs  state=/var/lib/stateless/state,policy=/etc/rofs/etc."
-            "policy,x-systemd.requires-mounts-for=/var/lib  0 0": FSTAB}),
+            "policy,x-systemd.requires-mounts-for=/var/lib/stateless/state  0 0": FSTAB}),
     # docs/performance.md
     ".venv/bin/python benchmarks/run.py            # 3 rounds, full sizes, ~8 minutes":
         Block(reason="8 minutes; its --quick form is run by tests/test_benchmarks.py"),
