@@ -135,14 +135,20 @@ def _para(text: str) -> str:
     return textwrap.fill(text, 80)
 
 
+def _command_parser(name: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of `rofs NAME` (description wrapped, examples in the epilog as given)."""
+    return argparse.ArgumentParser(
+        prog="rofs " + name, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para(description), epilog=epilog)
+
+
 def build_diff_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rofs diff", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_para("What the state dir changed against the lower layer, mounted or not: "
+    parser = _command_parser(
+        "diff", "What the state dir changed against the lower layer, mounted or not: "
         "A added, M modified (saying what: content, mode, owner, mtime, xattrs, target), "
         "D deleted, R replaced (another type, or an opaque directory hiding the lower "
-        "one); a renamed directory is an A with \"renamed from\" and a D."),
-        epilog="examples:\n  rofs diff /var/lib/stateless/state\n"
+        "one); a renamed directory is an A with \"renamed from\" and a D.",
+        "examples:\n  rofs diff /var/lib/stateless/state\n"
         "  rofs diff --patch /var/lib/stateless/state /etc/ssh")
     parser.add_argument("state", metavar="STATEDIR")
     parser.add_argument("path", metavar="PATH", nargs="?",
@@ -158,12 +164,11 @@ def build_diff_parser() -> argparse.ArgumentParser:
 
 
 def build_revert_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rofs revert", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_para("Drop the changes at each PATH (a whole tree for a directory), so the "
+    parser = _command_parser(
+        "revert", "Drop the changes at each PATH (a whole tree for a directory), so the "
         "lower layer shows through again.  On a live mount the daemon does it and the "
-        "kernel's caches follow; otherwise name the state dir with --state."),
-        epilog="examples:\n  rofs revert /etc/hosts /etc/ssh\n"
+        "kernel's caches follow; otherwise name the state dir with --state.",
+        "examples:\n  rofs revert /etc/hosts /etc/ssh\n"
         "  rofs revert --state /var/lib/stateless/state /etc/hosts   (not mounted)")
     parser.add_argument("paths", metavar="PATH", nargs="+",
                         help="path as the mount shows it (e.g. /etc/hosts)")
@@ -173,13 +178,12 @@ def build_revert_parser() -> argparse.ArgumentParser:
 
 
 def build_check_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rofs check", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_para("Find what a crash or a hand edit can leave in a state dir: leftover "
+    parser = _command_parser(
+        "check", "Find what a crash or a hand edit can leave in a state dir: leftover "
         "work files, markers on the wrong kind of object or with wrong values, whiteouts "
         "over nothing, redirects to nowhere.  Exit status 0: clean (or repaired), 1: "
-        "problems found."),
-        epilog="example:\n  rofs check --repair /var/lib/stateless/state")
+        "problems found.",
+        "example:\n  rofs check --repair /var/lib/stateless/state")
     parser.add_argument("state", metavar="STATEDIR")
     parser.add_argument("--repair", action="store_true",
                         help="fix what can be fixed safely (the mount must not be live)")
@@ -190,14 +194,13 @@ def build_check_parser() -> argparse.ArgumentParser:
 
 
 def build_status_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rofs status", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_para("What each live rofs mount says of itself: its daemon, state dir, "
+    parser = _command_parser(
+        "status", "What each live rofs mount says of itself: its daemon, state dir, "
         "layers, policy, write log, and what it holds now (nodes, open files, copy-ups "
         "running, internal errors).  A mount whose daemon is gone shows as dead.  Exit "
         "status 0: every mount is live and has had no internal error; 1 otherwise (for "
-        "monitoring)."),
-        epilog="examples:\n  rofs status\n  rofs status --json /etc")
+        "monitoring).",
+        "examples:\n  rofs status\n  rofs status --json /etc")
     parser.add_argument("mountpoints", metavar="MOUNTPOINT", nargs="*",
                         help="only these mounts (default: every rofs mount)")
     parser.add_argument("--json", action="store_true", help="the status as JSON")
