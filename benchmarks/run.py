@@ -64,13 +64,25 @@ QUICK = Sizes(etc_copies=1, small_files=300, big_mib=4, big_dir=300, open_read=3
               many_files=2_000)
 
 
-def build_lower(root: str, sizes: Sizes) -> None:
-    marker = os.path.join(root, ".complete")
-    if os.path.exists(marker):
-        return
+def _start_tree(root: str) -> bool:
+    """Whether the tree at root must be built: False when a complete one is there (its
+    `.complete` marker), else root is emptied and True."""
+    if os.path.exists(os.path.join(root, ".complete")):
+        return False
     if os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(root)
+    return True
+
+
+def _finish_tree(root: str) -> None:
+    with open(os.path.join(root, ".complete"), "w") as f:
+        f.write("ok")
+
+
+def build_lower(root: str, sizes: Sizes) -> None:
+    if not _start_tree(root):
+        return
     for i in range(sizes.etc_copies):
         subprocess.run(["cp", "-a", "--no-preserve=links", "/etc", os.path.join(root, "etc%d" % i)],
                        check=False, stderr=subprocess.DEVNULL)
@@ -92,24 +104,19 @@ def build_lower(root: str, sizes: Sizes) -> None:
         chunk = os.urandom(1 << 20)
         for _ in range(sizes.big_mib):
             f.write(chunk)
-    with open(marker, "w") as f:
-        f.write("ok")
+    _finish_tree(root)
 
 
 def build_many(root: str, files: int) -> None:
     """The memory pass's tree: `files` empty files, 1,000 per directory."""
-    marker = os.path.join(root, ".complete")
-    if os.path.exists(marker):
+    if not _start_tree(root):
         return
-    if os.path.exists(root):
-        shutil.rmtree(root)
     for i in range(files):
         d = os.path.join(root, "d%03d" % (i // 1000))
         if i % 1000 == 0:
             os.makedirs(d)
         os.close(os.open(os.path.join(d, "f%04d" % (i % 1000)), os.O_CREAT | os.O_WRONLY, 0o644))
-    with open(marker, "w") as f:
-        f.write("ok")
+    _finish_tree(root)
 
 
 # ---------------------------------------------------------------- filesystems
