@@ -231,12 +231,6 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _dead_mount(path: str) -> bool:
-    """A FUSE mount whose daemon is gone ("Transport endpoint is not connected")."""
-    from rofs.tools import dead_mount
-    return dead_mount(path)
-
-
 # -o options that stand for rofs's own arguments (as in an fstab line), and mount(8)'s
 # own options, which are not FUSE's business.
 OPTION_ARGS = {"state": "state", "lowerdir": "lower", "policy": "policy", "rwtab": "rwtab",
@@ -309,7 +303,8 @@ def validate(args: argparse.Namespace):
         raise UsageError("unknown class %r (expected %s)" % (args.default,
                                                             ", ".join(CLASS_NAMES)))
     mountpoint = os.path.abspath(args.mountpoint)
-    if _dead_mount(mountpoint):
+    from rofs.tools import dead_mount
+    if dead_mount(mountpoint):
         raise UsageError("%s is a dead FUSE mount (its daemon was killed): run "
                          "`fusermount3 -u %s` (or `umount -l`), then mount again; the "
                          "state dir keeps everything that was written"
