@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 
 from rofs import __version__
 from rofs.policy import CLASS_NAMES, PolicyError
@@ -117,8 +118,9 @@ def build_report_parser() -> argparse.ArgumentParser:
         prog="rofs report", description=REPORT_DESCRIPTION,
         epilog=REPORT_EPILOG % " ".join(DEFAULT_EXCEPTIONS),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("logs", metavar="LOG", nargs="+",
+    parser.add_argument("logs", metavar="LOG", nargs="*",
                         help="state dir, log directory or log file")
+    _state_option(parser, "a state dir whose logs to read (the same as naming it as a LOG)")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="the report as JSON")
     out.add_argument("--suggest", action="store_true",
@@ -133,6 +135,26 @@ def build_report_parser() -> argparse.ArgumentParser:
 
 def _para(text: str) -> str:
     return textwrap.fill(text, 80)
+
+
+def _state_option(parser: argparse.ArgumentParser, text: str) -> None:
+    """--state STATEDIR, which every command that reads a state dir takes (where it also
+    takes the state dir as its first operand, as before, either way works)."""
+    parser.add_argument("--state", metavar="STATEDIR", help=text)
+
+
+def take_state(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               operands: list[str], most: int) -> list[str]:
+    """args.state from --state or else the first operand; the other operands (at most
+    `most` of them)."""
+    if args.state is None:
+        if not operands:
+            parser.error("the state dir is required: STATEDIR or --state STATEDIR")
+        args.state, operands = operands[0], operands[1:]
+    if len(operands) > most:
+        parser.error("unexpected argument%s: %s" % ("s" if len(operands) - most > 1 else "",
+                                                   " ".join(operands[most:])))
+    return operands
 
 
 def _command_parser(name: str, description: str, epilog: str) -> argparse.ArgumentParser:
@@ -150,9 +172,10 @@ def build_diff_parser() -> argparse.ArgumentParser:
         "one); a renamed directory is an A with \"renamed from\" and a D.",
         "examples:\n  rofs diff /var/lib/stateless/state\n"
         "  rofs diff --patch /var/lib/stateless/state /etc/ssh")
-    parser.add_argument("state", metavar="STATEDIR")
-    parser.add_argument("path", metavar="PATH", nargs="?",
-                        help="only this path (and below), as the mount shows it")
+    parser.add_argument("operands", metavar="STATEDIR [PATH]", nargs="*",
+                        help="the state dir (unless --state names it), and optionally "
+                        "only this path (and below), as the mount shows it")
+    _state_option(parser, "the state dir")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--patch", action="store_true",
                      help="also a unified diff of each changed text file")
@@ -184,7 +207,9 @@ def build_check_parser() -> argparse.ArgumentParser:
         "over nothing, redirects to nowhere.  Exit status 0: clean (or repaired), 1: "
         "problems found.",
         "example:\n  rofs check --repair /var/lib/stateless/state")
-    parser.add_argument("state", metavar="STATEDIR")
+    parser.add_argument("operands", metavar="STATEDIR", nargs="*",
+                        help="the state dir (unless --state names it)")
+    _state_option(parser, "the state dir")
     parser.add_argument("--repair", action="store_true",
                         help="fix what can be fixed safely (the mount must not be live)")
     parser.add_argument("--lower", metavar="DIR",
@@ -207,10 +232,32 @@ def build_status_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_attic_parser() -> argparse.ArgumentParser:
+    parser = _command_parser(
+        "attic", "Saved changes that rofs moved aside instead of deleting them: when a new "
+        "policy makes scratch a path whose changes the state dir holds, the mount moves "
+        "them to STATEDIR/.rofs/attic/ and says so.  Without an action, list the sets "
+        "(ID, mount, when, why, paths).  --restore puts a set's entries (or only the "
+        "PATHs named) back, through the daemon on a live mount; --drop deletes a set.",
+        "examples:\n  rofs attic /var/lib/stateless/state\n"
+        "  rofs attic --restore 20261128T050000Z /var/lib/stateless/state\n"
+        "  rofs attic --restore 20261128T050000Z /var/lib/stateless/state /etc/passwd\n"
+        "  rofs attic --drop 20261128T050000Z --state /var/lib/stateless/state")
+    parser.add_argument("operands", metavar="STATEDIR [PATH ...]", nargs="*",
+                        help="the state dir (unless --state names it); for --restore, "
+                        "only these paths of the set, as the mount shows them")
+    _state_option(parser, "the state dir")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--restore", metavar="ID",
+                        help="put the entries of set ID back into the upper layer")
+    action.add_argument("--drop", metavar="ID", help="delete set ID for good")
+    return parser
+
+
 # Every command besides mounting, with its parser (the man page is made from these).
 SUBCOMMANDS = {"report": build_report_parser, "diff": build_diff_parser,
                "revert": build_revert_parser, "check": build_check_parser,
-               "status": build_status_parser}
+               "status": build_status_parser, "attic": build_attic_parser}
 
 
 class UsageError(Exception):
@@ -391,11 +438,38 @@ def run_subcommand(name: str, argv: list[str]) -> int:
     try:
         if name == "report":
             from rofs import report
-            return report.main(build_report_parser().parse_args(argv))
+            parser = build_report_parser()
+            args = parser.parse_args(argv)
+            args.logs += [args.state] if args.state else []
+            if not args.logs:
+                parser.error("name a state dir, log directory or log file (LOG or --state)")
+            return report.main(args)
         if name == "diff":
-            args = build_diff_parser().parse_args(argv)
-            sys.stdout.write(tools.diff(args.state, args.path, as_json=args.json,
+            parser = build_diff_parser()
+            args = parser.parse_args(argv)
+            path = (take_state(parser, args, args.operands, 1) or [None])[0]
+            sys.stdout.write(tools.diff(args.state, path, as_json=args.json,
                                         with_patch=args.patch, lower=args.lower))
+            return 0
+        if name == "attic":
+            from rofs import attic
+            parser = build_attic_parser()
+            args = parser.parse_args(argv)
+            paths = take_state(parser, args, args.operands, 1 << 30)
+            tools.mounts(args.state)  # a clear error for what is not a state dir
+            if paths and not args.restore:
+                parser.error("PATHs go with --restore")
+            if args.restore:
+                done, errors = attic.restore(args.state, args.restore, paths)
+                for line in done:
+                    print(line)
+                for line in errors:
+                    print("rofs attic: %s" % line, file=sys.stderr)
+                return 1 if errors else 0
+            if args.drop:
+                print("\n".join(attic.drop(args.state, args.drop)))
+                return 0
+            sys.stdout.write(attic.format_sets(attic.sets(args.state)))
             return 0
         if name == "revert":
             args = build_revert_parser().parse_args(argv)
@@ -403,14 +477,15 @@ def run_subcommand(name: str, argv: list[str]) -> int:
                 print(line)
             return 0
         if name == "status":
-            import time
             args = build_status_parser().parse_args(argv)
             entries = tools.status(args.mountpoints)
             sys.stdout.write(json.dumps(entries, indent=1) + "\n" if args.json
                              else tools.format_status(entries, time.time()))
             return 0 if all(e["ok"] and not e["internal_errors"] for e in entries) else 1
         if name == "check":
-            args = build_check_parser().parse_args(argv)
+            parser = build_check_parser()
+            args = parser.parse_args(argv)
+            take_state(parser, args, args.operands, 0)
             problems, notes = tools.check(args.state, repair=args.repair, lower=args.lower)
             for p in problems:
                 print(p.line() + ("" if p.repair or not args.repair else

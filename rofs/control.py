@@ -7,6 +7,8 @@ connection, one JSON line each way:
     {"op": "revert", "path": ["ssh", "sshd_config"]}   ->  {"ok": true, "reverted": true}
     {"op": "ping"}                                     ->  {"ok": true, "pid": 1234}
     {"op": "status"}          ->  {"ok": true, "state": ..., "nodes": ..., ...} (rofs status)
+    {"op": "restore", "path": [...], "source": "STATE/.rofs/attic/.../tree/..."}
+                              ->  {"ok": true}   (rofs attic restore; rofs.attic)
 
 Errors come back as {"ok": false, "error": "..."}.
 """
@@ -23,13 +25,20 @@ import struct
 import pyfuse3
 import trio
 
+from rofs.layers import open_listable
+from rofs.names import quote_path
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
 
 
 class ControlError(Exception):
-    pass
+    """The daemon could not be reached, or refused; `errno` when it said which."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
 
 
 # ---------------------------------------------------------------- the daemon's side
@@ -99,8 +108,22 @@ async def _answer(request: dict, overlay, describe) -> dict:
         if entry is not None:
             # In a thread: the kernel may need this daemon to answer requests first.
             await trio.to_thread.run_sync(_invalidate, *entry)
-        log.info("reverted /%s", b"/".join(path).decode(errors="replace"))
+        log.info("reverted %s", quote_path(path))
         return {"ok": True, "reverted": entry is not None}
+    if op == "restore":
+        path = tuple(os.fsencode(c) for c in request["path"])
+        source = os.fsencode(request["source"])
+        parent_fd = open_listable(None, os.path.dirname(source))
+        try:
+            entry = overlay.restore(path, parent_fd, os.path.basename(source))
+        except OSError as e:
+            code = e.errno or errno.EIO
+            return {"ok": False, "error": os.strerror(code), "errno": code}
+        finally:
+            os.close(parent_fd)
+        await trio.to_thread.run_sync(_invalidate, *entry)
+        log.info("restored %s from the attic", quote_path(path))
+        return {"ok": True}
     return {"ok": False, "error": "unknown request %r" % op}
 
 
@@ -140,5 +163,6 @@ def request(path: str, message: dict, timeout: float = 60.0) -> dict:
     except ValueError:
         raise ControlError("no answer from the rofs daemon at %s" % path) from None
     if not reply.get("ok"):
-        raise ControlError(reply.get("error", "failed"))
+        code = reply.get("errno")
+        raise ControlError(reply.get("error", "failed"), code if isinstance(code, int) else None)
     return reply

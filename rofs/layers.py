@@ -75,6 +75,65 @@ def open_listable(parent_fd: int | None, name: bytes) -> int:
                    dir_fd=parent_fd)
 
 
+def lstat_below(root_fd: int, path: tuple[bytes, ...]) -> os.stat_result | None:
+    """lstat of root/path, walking one component at a time without following symlinks;
+    None if it is not there."""
+    fd = root_fd
+    try:
+        for name in path[:-1]:
+            child = open_dir_fd(fd, name)
+            if fd != root_fd:
+                os.close(fd)
+            fd = child
+        if not path:
+            return os.fstat(root_fd)
+        return os.stat(path[-1], dir_fd=fd, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def walk_tree(dir_fd: int, name: bytes):
+    """Every entry at dir_fd/name and below, depth first (a directory before what it
+    holds), as (descriptor of its directory, name, lstat result); the descriptor is only
+    valid until the next step.  Iterative, with one open directory per level, so a tree
+    of any depth a user made is walked without recursion."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    yield dir_fd, name, st
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    stack = []
+    try:
+        fd = open_listable(dir_fd, name)
+        with os.scandir(fd) as entries:
+            names = [os.fsencode(e.name) for e in entries]
+        stack.append((fd, iter(names)))
+        while stack:
+            fd, rest = stack[-1]
+            child = next(rest, None)
+            if child is None:
+                os.close(fd)
+                stack.pop()
+                continue
+            try:
+                st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield fd, child, st
+            if stat.S_ISDIR(st.st_mode):
+                sub = open_listable(fd, child)
+                with os.scandir(sub) as entries:
+                    names = [os.fsencode(e.name) for e in entries]
+                stack.append((sub, iter(names)))
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+
+
 class LowerLayer:
     """The read-only layer.  Nothing here writes; paths are tuples of name components."""
 

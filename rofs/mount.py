@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from rofs import control, scratch, state, tools
-from rofs.layers import Markers, UpperLayer
+from rofs import attic, control, scratch, state, tools
+from rofs.layers import Markers, UpperLayer, lstat_below
+from rofs.names import quote, quote_path
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
 from rofs.policy import Policy
@@ -167,14 +168,21 @@ def run(config: Config) -> int:
         raise MountError("cannot write to the state dir %s: %s" % (config.state, e)) from None
     try:
         upper = UpperLayer(prepared.upper_fd, prepared.work_fd, markers)
-        prepared.wiped = scratch.wipe(config.policy, upper, prepared.index_fd)
+        upper.index_fd = prepared.index_fd
+        prepared.moved = scratch.set_aside(
+            config.policy, upper, prepared.index_fd,
+            attic.attic_dir(config.state, config.mountpoint), config.mountpoint)
+    except OSError as e:
+        prepared.close()
+        raise MountError("cannot move the saved changes the policy makes scratch out of %s "
+                         "(nothing was deleted): %s" % (prepared.upper_path, e)) from None
+    try:
         if config.policy.has_scratch:
             state.prepare_scratch(prepared, config.state, config.mountpoint, config.scratch,
                                   markers)
     except OSError as e:
         prepared.close()
-        raise MountError("cannot wipe the scratch paths in %s: %s"
-                         % (prepared.upper_path, e)) from None
+        raise MountError("cannot empty the scratch layer: %s" % e) from None
     except state.StateError:
         prepared.close()
         raise
@@ -261,6 +269,36 @@ def _open_write_log(config: Config) -> WriteLog | None:
     return WriteLog(path, config.mountpoint)
 
 
+def _report_moved(config: Config, moved) -> None:
+    """Say loudly that the policy moved saved changes aside, where, and how to get them
+    back (WARNING: on the terminal, and in the journal)."""
+    shown = [quote_path(p, quote(config.mountpoint)) for p in moved.paths]
+    more = len(shown) - MOVED_SHOWN
+    log.warning("policy: %d saved change%s under paths this policy makes scratch moved to "
+                "%s instead of being deleted: %s%s.  List them with `rofs attic %s`, put "
+                "them back with `rofs attic --restore %s %s`",
+                len(shown), "" if len(shown) == 1 else "s", quote(moved.set_dir),
+                " ".join(shown[:MOVED_SHOWN]), " and %d more" % more if more > 0 else "",
+                quote(config.state), os.path.basename(moved.set_dir), quote(config.state))
+
+
+MOVED_SHOWN = 10  # paths named in the warning
+
+
+def unmatched_rules(policy: Policy, prepared: state.Prepared) -> list[str]:
+    """Notes about rules whose path exists neither in the lower layer nor in the state:
+    most likely a typo, which would quietly leave the intended path in the default
+    class."""
+    notes = []
+    for path, rule in sorted(policy.rules.items()):
+        if path and lstat_below(prepared.lower_fd, path) is None and \
+                lstat_below(prepared.upper_fd, path) is None:
+            notes.append("%s: %s %s matches nothing in the lower layer or the state (a typo?)"
+                         % (rule.source, rule.cls.value if rule.kind == "files" else rule.kind,
+                            quote_path(path, quote(policy.mountpoint))))
+    return notes
+
+
 def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                      ready) -> int:
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
@@ -273,9 +311,10 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
     overlay.set_policy(config.policy, scratch_layer)
     if scratch_layer is not None:
         log.info("scratch changes go to %s until the next mount", prepared.scratch_path)
-    if prepared.wiped:
-        log.info("wiped %d scratch paths of the last session", len(prepared.wiped))
-    for note in config.policy.notes + scratch.lay_out(config.policy, overlay):
+    if prepared.moved is not None:
+        _report_moved(config, prepared.moved)
+    for note in config.policy.notes + unmatched_rules(config.policy, prepared) + \
+            scratch.lay_out(config.policy, overlay):
         log.warning("policy: %s", note)
     writelog = _open_write_log(config)
 
@@ -317,7 +356,10 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                 "internal_errors": ops.counters.internal_errors,
                 "log": writelog.path if writelog is not None else None,
                 "log_written": writelog.written if writelog is not None else 0,
-                "log_dropped": writelog.dropped if writelog is not None else 0}
+                "log_dropped": writelog.dropped if writelog is not None else 0,
+                "moved_at_mount": {"count": len(prepared.moved.paths),
+                                   "set": prepared.moved.set_dir} if prepared.moved else None,
+                "attic": attic.summary(config.state, config.mountpoint)}
 
     try:
         trio.run(_serve, ops, tools.runtime_path(config.mountpoint, ".sock")

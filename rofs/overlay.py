@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import trio
 
-from rofs import copyup, scratch
+from rofs import attic, copyup, scratch
 from rofs._sys import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -974,6 +974,21 @@ class Overlay:
         Nodes under `path` lose their names, as if unlinked: open files keep working,
         and the next lookup finds the lower object afresh.
         """
+        parent = self._walk_to_parent(path)
+        name = path[-1]
+        layer = self.layer_for(parent, name)
+        up = self.upper_dirfd(parent, layer, create=False) if (
+            parent.upper or layer is not self._lay(parent)) else None
+        if up is None or layer.try_stat(up, name) is None:
+            return None
+        affected = self._names_below(parent, name)
+        keys: set[bytes] = set()
+        scratch.detach(layer, up, name, keys)
+        scratch.drop_index_keys(layer, layer.index_fd, keys)
+        self._unname(affected)
+        return parent.ino, name
+
+    def _walk_to_parent(self, path: tuple[bytes, ...]) -> Node:
         if not path:
             raise _err(errno.EINVAL)
         parent = self.root
@@ -981,33 +996,60 @@ class Overlay:
             parent = self.lookup(parent, name)
             if parent is None or not parent.is_dir:
                 raise _err(errno.ENOENT)
-        name = path[-1]
-        layer = self.layer_for(parent, name)
-        up = self.upper_dirfd(parent, layer, create=False) if (
-            parent.upper or layer is not self._lay(parent)) else None
-        if up is None or layer.try_stat(up, name) is None:
-            return None
+        return parent
+
+    def _names_below(self, parent: Node, name: bytes) -> list[tuple[Node, bytes, Node]]:
+        """The names the node table knows at parent/name and below, which an entry
+        replaced behind the kernel's back takes away (EBUSY while one of them is
+        being copied up).  The caller replaces the entry, then calls _unname."""
         top = self.table.dentries.get((parent.ino, name))
         affected: list[tuple[Node, bytes, Node]] = []
-        if top is not None:
-            children: dict[int, list[tuple[bytes, Node]]] = {}
-            if top.is_dir:
-                for (pino, cname), child in self.table.dentries.items():
-                    children.setdefault(pino, []).append((cname, child))
-            pending = [(parent, name, top)]
-            while pending:
-                p, n, node = pending.pop()
-                if node.ino in self._copying:
-                    raise _err(errno.EBUSY)
-                affected.append((p, n, node))
-                pending += [(node, c, child) for c, child in children.get(node.ino, ())]
-            self._losing_name(top)
-        keys: set[bytes] = set()
-        scratch.detach(layer, up, name, keys)
-        scratch.drop_index_keys(layer, layer.index_fd, keys)
+        if top is None:
+            return affected
+        children: dict[int, list[tuple[bytes, Node]]] = {}
+        if top.is_dir:
+            for (pino, cname), child in self.table.dentries.items():
+                children.setdefault(pino, []).append((cname, child))
+        pending = [(parent, name, top)]
+        while pending:
+            p, n, node = pending.pop()
+            if node.ino in self._copying:
+                raise _err(errno.EBUSY)
+            affected.append((p, n, node))
+            pending += [(node, c, child) for c, child in children.get(node.ino, ())]
+        self._losing_name(top)
+        return affected
+
+    def _unname(self, affected: list[tuple[Node, bytes, Node]]) -> None:
+        """Nodes lose the names _names_below found, as if unlinked: open files keep
+        working, and the next lookup finds what is on disk now."""
         for p, n, node in reversed(affected):
             self._drop_dirfds(node)
             self.table.remove_link(node, p, n)
+
+    def restore(self, path: tuple[bytes, ...], src_fd: int, src_name: bytes
+                ) -> tuple[int, bytes]:
+        """Put an entry set aside (rofs.attic) back at `path` in the persistent upper
+        layer: src_fd/src_name is renamed there.  Returns the (parent inode, name) entry
+        the kernel must forget.
+
+        EEXIST when the upper layer has an entry of its own there now (a change made
+        since), EXDEV when this mount's policy makes `path` scratch (it would not be
+        seen, and the next mount would set it aside again), ENOENT when its parent
+        directory is gone from the merged view.
+        """
+        parent = self._walk_to_parent(path)
+        name = path[-1]
+        if self.layer_for(parent, name) is not self.upper:
+            raise _err(errno.EXDEV)
+        up = self.upper_dirfd(parent, self.upper, create=False)
+        if up is not None and self.upper.try_stat(up, name) is not None:
+            raise _err(errno.EEXIST)
+        affected = self._names_below(parent, name)
+        up = self.upper_dirfd(parent, self.upper)
+        renameat2(src_fd, src_name, up, name, RENAME_NOREPLACE)
+        attic.relink_index(self.upper, up, name)
+        self._unname(affected)
         return parent.ino, name
 
     # ---------------------------------------------------------------- rename

@@ -13,15 +13,21 @@ else the default.  Rules come from rofs's own policy file and, when asked, from 
 Fedora files rwtab, rwtab.d/*, statetab and statetab.d/*.  Paths are absolute, as the
 system sees them; a rule outside the mount is ignored with a note.
 
-Parsing is strict: a malformed line is an error naming the file and the line, and
-nothing is mounted.
+Lines end at `\n` only; words are separated by spaces and tabs; a word starting with
+`#` comments out the rest of its line; a class or rwtab line may name several paths;
+paths are in the escaped form of rofs.names (`\x20` for a space), the form every rofs
+command prints, so a name can never be read as syntax.  Parsing is strict: a malformed
+line is an error naming the file and the line, and nothing is mounted.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import re
 from dataclasses import dataclass, field
+
+from rofs.names import quote, unquote
 
 Path = tuple[bytes, ...]  # components below the mount; () is the mount itself
 
@@ -90,53 +96,73 @@ class Policy:
         n = len(path)
         return [r for p, r in self.rules.items() if len(p) > n and p[:n] == path]
 
-    def add(self, absolute: str, cls: Class, kind: str, source: str) -> None:
+    def add(self, absolute: bytes, cls: Class, kind: str, source: str) -> None:
         path = self.relative(absolute)
         if path is None:
             self.notes.append("%s: %s is outside the mount %s: ignored"
-                              % (source, absolute, self.mountpoint))
+                              % (source, quote(absolute), quote(self.mountpoint)))
             return
         self.rules[path] = Rule(path, cls, kind, source)
 
-    def relative(self, absolute: str) -> Path | None:
+    def relative(self, absolute: bytes) -> Path | None:
         """`absolute` as components below the mountpoint, or None if outside it."""
         norm = os.path.normpath(absolute)
-        mnt = self.mountpoint.rstrip("/")
-        if norm == mnt or (mnt == "" and norm == "/"):
+        mnt = os.fsencode(self.mountpoint).rstrip(b"/")
+        if norm == mnt or (mnt == b"" and norm == b"/"):
             return ()
-        if not norm.startswith(mnt + "/"):
+        if not norm.startswith(mnt + b"/"):
             return None
-        return tuple(os.fsencode(part) for part in norm[len(mnt) + 1:].split("/"))
-
+        return tuple(norm[len(mnt) + 1:].split(b"/"))
 
 
 # ---------------------------------------------------------------- parsing
 
+# Words are separated by spaces and tabs only (str.split would also split on the
+# Unicode separators a name may hold); a word starting with `#` begins a comment.
+_WORD = re.compile(r"[^ \t]+")
+
 
 def _lines(path: str):
-    """(line number, stripped text) of the meaningful lines of a config file."""
+    """(line number, words) of the meaningful lines of a config file: lines end at
+    `\n` only, a `#` starting a word comments out the rest of the line, and words are
+    in the escaped form of rofs.names (checked by the callers that read paths)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise PolicyError("cannot read %s: %s" % (path, e.strerror)) from None
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]  # a file written on Windows
+        try:
+            line = raw.decode()
+        except UnicodeDecodeError:
+            raise PolicyError("%s:%d: not valid UTF-8 (write other bytes as \\xHH)"
+                              % (path, number)) from None
+        words = []
+        for word in _WORD.findall(line):
+            if word.startswith("#"):
+                break
+            words.append(word)
+        for ch in " ".join(words):
+            if not ch.isprintable() and ch != " ":
+                raise PolicyError("%s:%d: character U+%04X in the line: write it as "
+                                  "\\xHH (its UTF-8 bytes)" % (path, number, ord(ch)))
+        if words:
+            yield number, words
+
+
+def _path_arg(where: str, value: str) -> bytes:
+    """An absolute path written in the escaped form, as bytes."""
     try:
-        text = data.decode()
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise PolicyError("%s:%d: not valid UTF-8" % (path, line)) from None
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if line and not line.startswith("#"):
-            yield number, line
-
-
-def _path_arg(path: str, number: int, value: str) -> str:
-    if not value.startswith("/"):
-        raise PolicyError("%s:%d: %r is not an absolute path" % (path, number, value))
-    if "\0" in value:
-        raise PolicyError("%s:%d: path contains a NUL byte" % (path, number))
-    return value
+        path = unquote(value)
+    except ValueError as e:
+        raise PolicyError("%s: %s" % (where, e)) from None
+    if not path.startswith(b"/"):
+        raise PolicyError("%s: %s is not an absolute path" % (where, quote(path)))
+    if b"\0" in path:
+        raise PolicyError("%s: path contains a NUL byte" % where)
+    return path
 
 
 def parse_class(value: str) -> Class:
@@ -149,20 +175,26 @@ def parse_class(value: str) -> Class:
 
 def read_rwtab(policy: Policy, path: str) -> None:
     """Fedora rwtab: `empty PATH`, `dirs PATH`, `files PATH`, all scratch."""
-    for number, line in _lines(path):
-        parts = line.split(None, 1)
-        if len(parts) != 2 or parts[0] not in KINDS:
-            raise PolicyError("%s:%d: expected `empty|dirs|files PATH`, got %r"
-                              % (path, number, line))
-        policy.add(_path_arg(path, number, parts[1]), Class.SCRATCH, parts[0],
-                   "%s:%d" % (path, number))
+    for number, words in _lines(path):
+        where = "%s:%d" % (path, number)
+        if len(words) != 2 or words[0] not in KINDS:
+            raise PolicyError("%s: expected `empty|dirs|files PATH`, got %r%s"
+                              % (where, " ".join(words), _SPACES_HINT
+                                 if len(words) > 2 and words[0] in KINDS else ""))
+        policy.add(_path_arg(where, words[1]), Class.SCRATCH, words[0], where)
 
 
 def read_statetab(policy: Policy, path: str) -> None:
     """Fedora statetab: one path per line, all persistent."""
-    for number, line in _lines(path):
-        policy.add(_path_arg(path, number, line), Class.PERSISTENT, "files",
-                   "%s:%d" % (path, number))
+    for number, words in _lines(path):
+        where = "%s:%d" % (path, number)
+        if len(words) != 1:
+            raise PolicyError("%s: one path per line, got %r%s"
+                              % (where, " ".join(words), _SPACES_HINT))
+        policy.add(_path_arg(where, words[0]), Class.PERSISTENT, "files", where)
+
+
+_SPACES_HINT = " (a space in a path is written \\x20)"
 
 
 def _conf_files(etc: str, name: str) -> list[str]:
@@ -179,7 +211,7 @@ def read_fedora(policy: Policy, etc: str) -> None:
     exist; none at all is worth a note, not an error)."""
     rwtab, statetab = _conf_files(etc, "rwtab"), _conf_files(etc, "statetab")
     if not rwtab and not statetab:
-        policy.notes.append("no rwtab or statetab in %s" % etc)
+        policy.notes.append("no rwtab or statetab in %s" % quote(etc))
     for path in rwtab:
         read_rwtab(policy, path)
     for path in statetab:
@@ -190,33 +222,33 @@ def read_policy_file(policy: Policy, path: str, fedora_etc) -> None:
     """rofs's own format (docs/policy.md):
 
         default persistent|scratch|read-only
-        persistent|scratch|read-only PATH
-        empty|dirs|files PATH          (rwtab lines: scratch)
-        rwtab [ETCDIR]                 (read the Fedora files from ETCDIR)
+        persistent|scratch|read-only PATH [PATH...]
+        empty|dirs|files PATH [PATH...]     (rwtab lines: scratch)
+        rwtab [ETCDIR]                      (read the Fedora files from ETCDIR)
 
     `fedora_etc(argument)` resolves the directory of an `rwtab` line.
     """
-    for number, line in _lines(path):
-        parts = line.split(None, 1)
-        word, value = parts[0], parts[1].strip() if len(parts) > 1 else ""
+    for number, words in _lines(path):
+        word, args = words[0], words[1:]
         where = "%s:%d" % (path, number)
         if word == "default":
-            if value not in CLASS_NAMES:
+            if len(args) != 1 or args[0] not in CLASS_NAMES:
                 raise PolicyError("%s: `default` takes one of %s, got %r"
-                                  % (where, ", ".join(CLASS_NAMES), value))
-            policy.default = Class(value)
+                                  % (where, ", ".join(CLASS_NAMES), " ".join(args)))
+            policy.default = Class(args[0])
         elif word == "rwtab":
-            if value and not value.startswith("/"):
-                raise PolicyError("%s: %r is not an absolute path" % (where, value))
-            read_fedora(policy, fedora_etc(value or None))
-        elif word in CLASS_NAMES:
-            if not value:
+            if len(args) > 1:
+                raise PolicyError("%s: `rwtab` takes at most one directory, got %r%s"
+                                  % (where, " ".join(args), _SPACES_HINT))
+            etc = os.fsdecode(_path_arg(where, args[0])) if args else None
+            read_fedora(policy, fedora_etc(etc))
+        elif word in CLASS_NAMES or word in KINDS:
+            if not args:
                 raise PolicyError("%s: `%s` needs a PATH" % (where, word))
-            policy.add(_path_arg(path, number, value), Class(word), "files", where)
-        elif word in KINDS:
-            if not value:
-                raise PolicyError("%s: `%s` needs a PATH" % (where, word))
-            policy.add(_path_arg(path, number, value), Class.SCRATCH, word, where)
+            cls, kind = (Class(word), "files") if word in CLASS_NAMES else \
+                (Class.SCRATCH, word)
+            for arg in args:
+                policy.add(_path_arg(where, arg), cls, kind, where)
         else:
             raise PolicyError("%s: unknown keyword %r (expected default, rwtab, %s or %s)"
                               % (where, word, ", ".join(CLASS_NAMES), ", ".join(KINDS)))

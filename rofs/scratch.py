@@ -1,12 +1,13 @@
-"""Scratch paths at mount time: wipe last session's changes, then lay out rwtab dirs.
+"""Scratch paths at mount time: set aside what an older policy saved, lay out rwtab dirs.
 
-Runs before the mount serves anything, on the upper layer directly:
-1. `wipe`: every upper entry whose path is scratch (and holds no path of another class)
-   is renamed into the work dir, one atomic rename each, then deleted; a crash in
-   between leaves a work-dir temporary, removed at the next mount like any other.
-   The lower layer shows through again.  A directory that holds a persistent or
-   read-only path is kept as it is (its metadata, and whether it hides the lower
-   directory's other entries); only its other entries are wiped.
+Runs before the mount serves anything, on the persistent upper layer directly (the
+scratch layer itself is simply emptied, rofs.state.prepare_scratch):
+1. `set_aside`: every upper entry whose path the policy now makes scratch (and that
+   holds no path of another class) was saved under an older policy, so it is moved
+   into the attic (rofs.attic), one atomic rename each, never deleted.  The lower
+   layer shows through again.  A directory that holds a persistent or read-only path
+   is kept as it is (its metadata, and whether it hides the lower directory's other
+   entries); only its other entries move.
 2. `lay_out`: rwtab `empty` and `dirs` paths start out as an empty directory, or as
    the lower directory's tree of directories without their files: built in the work
    dir (opaque, with the lower directories' owner, mode, times and xattrs) and renamed
@@ -17,39 +18,40 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 
-from rofs import copyup
+from rofs import attic, copyup
 from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
 from rofs.layers import UpperLayer, open_dir_fd, open_listable
+from rofs.names import quote, quote_path
 from rofs.policy import Class, Path, Policy
 
 log = logging.getLogger(__name__)
 
 
-def show(path: Path) -> str:
-    return "/" + b"/".join(path).decode(errors="replace")
+def set_aside(policy: Policy, upper: UpperLayer, index_fd: int | None, attic_base: str,
+              mountpoint: str) -> attic.Moved | None:
+    """Move what the persistent upper layer holds under paths the policy makes scratch
+    into the attic (None: nothing to move).
 
-
-def wipe(policy: Policy, upper: UpperLayer, index_fd: int | None = None) -> list[Path]:
-    """Remove last session's scratch changes; returns the paths wiped.
-
-    A copied-up lower hard link whose every upper name was wiped also leaves the index,
-    so its other lower names show the lower content again; one that still has an upper
-    name (a persistent one) keeps its copy there.
+    Since scratch changes have a layer of their own, whatever the upper layer holds
+    there was saved under an older policy: it is the host's data, so it goes to the
+    attic, never away.  A copied-up lower hard link whose every upper name moved also
+    leaves the index, so its other lower names show the lower content again.
     """
-    wiped: list[Path] = []
     if policy.trivial:
-        return wiped
-    keys: set[bytes] = set()
-    # The upper root itself always stays (it is the mount's root).
+        return None
+    targets: list[Path] = []
     root = open_listable(upper.root_fd, b".")
     try:
-        _wipe_children(policy, upper, root, (), wiped, keys)
+        _scratch_entries(policy, root, (), targets)
     finally:
         os.close(root)
-    drop_index_keys(upper, index_fd, keys)
-    return wiped
+    if not targets:
+        return None
+    rules = sorted({policy.rule_for(p).source if policy.rule_for(p) else
+                    "the default class" for p in targets})
+    reason = "the policy makes these paths scratch (%s)" % ", ".join(rules)
+    return attic.move_aside(upper, index_fd, targets, attic_base, quote(mountpoint), reason)
 
 
 def drop_index_keys(upper: UpperLayer, index_fd: int | None, keys: set[bytes]) -> None:
@@ -62,8 +64,10 @@ def drop_index_keys(upper: UpperLayer, index_fd: int | None, keys: set[bytes]) -
             os.unlink(key, dir_fd=index_fd)
 
 
-def _wipe_children(policy: Policy, upper: UpperLayer, dir_fd: int, path: Path,
-                   wiped: list[Path], keys: set[bytes]) -> None:
+def _scratch_entries(policy: Policy, dir_fd: int, path: Path, out: list[Path]) -> None:
+    """The topmost entries below dir_fd (at `path`) whose class is scratch and that
+    hold no path of another class.  Recursion follows the policy's rules only, never
+    the depth of a user's tree."""
     with os.scandir(dir_fd) as entries:
         names = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in entries]
     for name, is_dir in names:
@@ -71,12 +75,11 @@ def _wipe_children(policy: Policy, upper: UpperLayer, dir_fd: int, path: Path,
         scratch = policy.classify(child) is Class.SCRATCH
         below = policy.rules_below(child)
         if scratch and not any(r.cls is not Class.SCRATCH for r in below):
-            detach(upper, dir_fd, name, keys)
-            wiped.append(child)
+            out.append(child)
         elif is_dir and (below or scratch):
             fd = open_listable(dir_fd, name)
             try:
-                _wipe_children(policy, upper, fd, child, wiped, keys)
+                _scratch_entries(policy, fd, child, out)
             finally:
                 os.close(fd)
 
@@ -86,29 +89,8 @@ def detach(upper: UpperLayer, dir_fd: int, name: bytes, keys: set[bytes]) -> Non
     the work dir, then the deletion; `keys` gets the index names of hard links in it."""
     tmp = upper.temp_name()
     renameat2(dir_fd, name, upper.work_fd, tmp, RENAME_NOREPLACE)
-    _index_keys(upper, upper.work_fd, tmp, keys)
+    keys.update(attic.index_keys(upper, upper.work_fd, tmp))
     upper.remove_tree(upper.work_fd, tmp)
-
-
-def _index_keys(upper: UpperLayer, dir_fd: int, name: bytes, keys: set[bytes]) -> None:
-    """Index names of the indexed hard links at dir_fd/name and below."""
-    st = upper.try_stat(dir_fd, name)
-    if st is None:
-        return
-    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-        value = upper.get_marker(dir_fd, name, upper.markers.ino)
-        parts = value.split() if value else []
-        if len(parts) == 2:
-            keys.add(parts[1])
-    elif stat.S_ISDIR(st.st_mode):
-        fd = open_listable(dir_fd, name)
-        try:
-            with os.scandir(fd) as entries:
-                names = [os.fsencode(e.name) for e in entries]
-            for child in names:
-                _index_keys(upper, fd, child, keys)
-        finally:
-            os.close(fd)
 
 
 def lay_out(policy: Policy, overlay) -> list[str]:
@@ -120,7 +102,7 @@ def lay_out(policy: Policy, overlay) -> list[str]:
             continue
         reason = _start_dir(overlay, path, rule.kind == "dirs")
         if reason:
-            notes.append("%s: %s %s: %s" % (rule.source, rule.kind, show(path), reason))
+            notes.append("%s: %s %s: %s" % (rule.source, rule.kind, quote_path(path), reason))
     return notes
 
 

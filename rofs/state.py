@@ -47,7 +47,7 @@ class Prepared:
     work_path: str
     markers: Markers
     created: list[str] = field(default_factory=list)
-    wiped: list = field(default_factory=list)  # scratch paths wiped at this mount
+    moved: object = None  # rofs.attic.Moved: saved changes set aside at this mount
     # The scratch layer (see prepare_scratch), when the policy has scratch paths.
     scratch_upper_fd: int = -1
     scratch_work_fd: int = -1

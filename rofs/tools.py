@@ -245,6 +245,15 @@ def format_status(entries: list[dict], now: float) -> str:
                                                   "; rules: " + rules if rules else ""))
         if e["scratch"]:
             lines.append("  scratch  %s" % e["scratch"])
+        attic = e.get("attic") or {}
+        if attic.get("sets"):
+            lines.append("  attic    %s: %s moved aside in %s (newest %s): `rofs attic %s`"
+                         % (attic["dir"], _count(attic["paths"], "saved change"),
+                            _count(attic["sets"], "set"), attic["newest"], e["state"]))
+        moved = e.get("moved_at_mount")
+        if moved:
+            lines.append("  WARNING  this mount moved %s the policy makes scratch into %s"
+                         % (_count(moved["count"], "saved change"), moved["set"]))
         lines.append("  log      %s" % ("%s (%d events written, %d dropped)" % (
             e["log"], e["log_written"], e["log_dropped"]) if e["log"] else "off"))
         lines.append("  now      %d nodes, %d open files, %d open directories, %d copy-ups "
@@ -252,6 +261,10 @@ def format_status(entries: list[dict], now: float) -> str:
                                                       e["open_dirs"], e["copy_ups"],
                                                       e["internal_errors"]))
     return "\n".join(lines) + "\n"
+
+
+def _count(n: int, noun: str) -> str:
+    return "%d %s%s" % (n, noun, "" if n == 1 else "s")
 
 
 def revert(paths: list[str], state: str | None) -> list[str]:
@@ -609,7 +622,7 @@ def _use_lower(selected: list[Mount], lower: str, hint: str) -> None:
 # ---------------------------------------------------------------- revert (offline)
 
 
-def _locked_upper(mount: Mount) -> int:
+def locked_upper(mount: Mount) -> int:
     """The upper dir, locked like a mount locks it (refused while mounted)."""
     fd = os.open(mount.upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -625,7 +638,7 @@ def revert_offline(mount: Mount, rel: tuple[bytes, ...]) -> bool:
     from rofs import scratch
     if not rel:
         raise ToolError("cannot revert the mount's root; name a path below it")
-    lock = _locked_upper(mount)
+    lock = locked_upper(mount)
     try:
         parent = open_listable(None, os.fsencode(
             os.path.join(mount.upper, *map(os.fsdecode, rel[:-1]))))
@@ -676,7 +689,7 @@ def check(state: str, repair: bool = False,
     if lower is not None:
         _use_lower(selected, lower, "check them one by one; cannot tell which one")
     for mount in selected:
-        lock = _locked_upper(mount) if repair else None
+        lock = locked_upper(mount) if repair else None
         try:
             found = _check_mount(mount, mount.markers)
             problems += found

@@ -94,6 +94,7 @@ POLICY_MOUNTS = [
     "rofs /etc --state /var/lib/stateless/state --policy /etc/rofs/etc.policy",
     "rofs /etc --state /var/lib/stateless/state --rwtab --default scratch",
     "rofs /etc --state /var/lib/stateless/state --rwtab --scratch /run/rofs-scratch"]
+ATTIC_RESTORE = "rofs attic --restore 20261128T050000Z /var/lib/stateless/state"
 REVERT_OFFLINE = ("rofs revert --state /var/lib/stateless/state /etc/hosts     "
                   "# not mounted")
 
@@ -129,11 +130,20 @@ BLOCKS: dict[str, Block] = {
         "/etc/rofs/etc.policy"),
     "DIR/upper/<MOUNTPOINT without its leading slash>/   the scratch changes": Block(
         reason="a layout, not a command (test_scratch_layer checks it)"),
+    "rofs: WARNING rofs.mount: policy: /etc/rofs/etc.policy:3: persistent /etc/shadw":
+        Block(reason="sample output; tests/test_attic.py checks this warning"),
+    "STATEDIR/.rofs/attic/<MOUNTPOINT without its leading slash>/<ID>/tree/...": Block(
+        reason="a layout, not a command (tests/test_attic.py checks it)"),
     # docs/state-tools.md
     "rofs revert /etc/hosts /etc/ssh": Block(
         "mounted", replace={REVERT_OFFLINE: "umount /etc && " + REVERT_OFFLINE},
         check="fails grep -q 10.0.0.1 /var/lib/stateless/state/etc/hosts"),
     "rofs status\nrofs status --json /etc": Block("mounted"),
+    "rofs attic /var/lib/stateless/state": Block("attic", replace={
+        ATTIC_RESTORE: "rofs attic --restore $(rofs attic /var/lib/stateless/state | "
+                       "awk 'NR == 1 {print $1}') /var/lib/stateless/state"},
+        check="grep -q 10.0.0.1 /etc/hosts && test ! -e /var/lib/stateless/state/.rofs/"
+              "attic/etc/* && umount /etc"),
     "/etc: live, pid 812, up 0d 03:12:55": Block(
         reason="sample output; tests/test_state_tools.py checks its lines"),
     # docs/troubleshooting.md
@@ -224,6 +234,11 @@ SITUATIONS = {
     "builder": MOUNT + CHANGES + "umount /etc\nmkdir -p /srv/image/rootfs /srv/host1 && "
                "cp -a /etc /srv/image/rootfs/ && "
                "cp -a /var/lib/stateless/state /srv/host1/",
+    # A state that kept everything, then mounted with a policy that makes it scratch.
+    "attic": MOUNT + CHANGES + "umount /etc\n" + "printf "
+             "'default scratch\\npersistent /etc/shadow\\n' > /run/stateless.policy && "
+             "rofs /etc --state /var/lib/stateless/state --policy /run/stateless.policy && "
+             "fails grep -q 10.0.0.1 /etc/hosts",
     "rwtab": "mkdir -p /etc/rwtab.d /etc/statetab.d\n"
              "printf 'files /etc/resolv.conf\\ndirs /var/cache/man\\nempty /etc/empty\\n'"
              " > /etc/rwtab.d/test\n"

@@ -89,6 +89,53 @@ def test_malformed_policy_lines_name_file_and_line(tmp_path, text, message):
     assert "%s:2:" % pol in str(e.value) and message in str(e.value)
 
 
+def test_comments_several_paths_and_escapes(tmp_path):
+    """What the issue saw accepted as one path with spaces, which matched nothing."""
+    pol = tmp_path / "policy"
+    pol.write_bytes(b"default scratch   # forget the rest\n"
+                    b"persistent /etc/shadow    # keep password changes\n"
+                    b"persistent /etc/gshadow\t/etc/subuid /etc/my\\x20file\r\n"
+                    b"read-only /etc/back\\\\slash /etc/caf\\xe9 /etc/caf\xc3\xa9/x#not-a-comment\n"
+                    b"  # an indented comment\n")
+    p = load("/etc", str(tmp_path), policy_file=str(pol))
+    assert p.default is Class.SCRATCH
+    assert {path: r.cls for path, r in p.rules.items()} == {
+        (b"shadow",): Class.PERSISTENT, (b"gshadow",): Class.PERSISTENT,
+        (b"subuid",): Class.PERSISTENT, (b"my file",): Class.PERSISTENT,
+        (b"back\\slash",): Class.READ_ONLY, (b"caf\xe9",): Class.READ_ONLY,
+        (b"caf\xc3\xa9", b"x#not-a-comment"): Class.READ_ONLY}
+    assert p.rules[(b"subuid",)].source == "%s:3" % pol
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"persistent /etc/a\\q", "a backslash starts an escape"),
+    (b"persistent /etc/a\\x0", "a backslash starts an escape"),
+    (b"persistent /etc/a\\x00b", "NUL"),
+    (b"persistent /etc/a\xc2\x85b", "U+0085"),  # NEL: str.splitlines splits on it
+    (b"persistent /etc/a\xe2\x80\xa8b", "U+2028"),  # LINE SEPARATOR
+    (b"persistent /etc/a\x0bb", "U+000B"),
+    (b"persistent /etc/\xff", "not valid UTF-8"),
+    (b"default scratch persistent", "`default` takes one of"),
+])
+def test_names_are_never_syntax(tmp_path, line, message):
+    """A character that is a line break to someone (or not printable) is an error in a
+    policy line, not a new line: names are written in the escaped form."""
+    pol = tmp_path / "policy"
+    pol.write_bytes(b"# first\n" + line + b"\n")
+    with pytest.raises(PolicyError) as e:
+        load("/etc", str(tmp_path), policy_file=str(pol))
+    assert "%s:2:" % pol in str(e.value) and message in str(e.value)
+
+
+def test_fedora_files_take_one_path_per_line(tmp_path):
+    write(tmp_path / "statetab", "/etc/shadow /etc/gshadow\n")
+    with pytest.raises(PolicyError, match=r"statetab:1: one path per line.*\\x20"):
+        load("/etc", str(tmp_path), rwtab=str(tmp_path))
+    write(tmp_path / "statetab", "/etc/shadow   # comment\n/etc/my\\x20key\n")
+    p = load("/etc", str(tmp_path), rwtab=str(tmp_path))
+    assert set(p.rules) == {(b"shadow",), (b"my key",)}
+
+
 def test_malformed_rwtab_line(tmp_path):
     write(tmp_path / "rwtab", "files /etc/a\nbind /etc/b\n")
     with pytest.raises(PolicyError, match=r"rwtab:2: expected `empty\|dirs\|files PATH`"):

@@ -1,0 +1,421 @@
+"""The attic: saved changes that rofs had to take out of the upper layer, kept aside.
+
+No change of policy may delete what a host saved.  When a mount's policy makes scratch
+a path whose changes the persistent upper layer holds (they were saved under an older
+policy), the mount moves them here instead of deleting them, and says so:
+
+    STATE/.rofs/attic/<MOUNTPOINT without leading />/<ID>/info.json
+    STATE/.rofs/attic/<MOUNTPOINT ...>/<ID>/tree/...
+
+`tree/` holds the moved entries at their paths below the mount, in the upper layer's
+format (files, whiteouts, opaque and redirected directories, markers and all); the
+directories above them are plain directories with the owner, mode and markers of the
+upper directories they came from.  `info.json` says when, why, and which paths (escaped
+as rofs.names writes them).  ID is the UTC time of the move, `YYYYmmddTHHMMSSZ` (with
+`-2`, `-3`... when taken).  Each entry moves with one rename on the state filesystem,
+so at every moment it is either in the upper layer or in the attic.
+
+A set stays until the admin drops it (`rofs attic drop`); `rofs attic restore` puts
+entries back into the upper layer (through the daemon of a live mount, whose kernel
+caches it invalidates, or under the upper layer's lock when nothing is mounted).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+from rofs import copyup
+from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
+from rofs.layers import UpperLayer, open_listable, walk_tree
+from rofs.names import quote, quote_path, unquote
+from rofs.state import PRIVATE_DIR, mount_name
+
+log = logging.getLogger(__name__)
+
+ATTIC_DIR = "attic"
+INFO = "info.json"
+TREE = "tree"
+
+Path = tuple[bytes, ...]
+
+
+def attic_dir(state: str, mountpoint: str) -> str:
+    return os.path.join(state, PRIVATE_DIR, ATTIC_DIR, mount_name(mountpoint))
+
+
+def _new_id(base: str) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name, n = stamp, 1
+    while os.path.lexists(os.path.join(base, name)):
+        n += 1
+        name = "%s-%d" % (stamp, n)
+    return name
+
+
+def _write_info(directory: str, info: dict) -> None:
+    path = os.path.join(directory, INFO)
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def index_keys(upper: UpperLayer, dir_fd: int, name: bytes) -> collections.Counter:
+    """Index names of the indexed hard links at dir_fd/name and below, with how many of
+    their names are there."""
+    keys: collections.Counter = collections.Counter()
+    for parent, child, st in walk_tree(dir_fd, name):
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            value = upper.get_marker(parent, child, upper.markers.ino)
+            parts = value.split() if value else []
+            if len(parts) == 2:
+                keys[parts[1]] += 1
+    return keys
+
+
+def drop_index_entries(upper: UpperLayer, index_fd: int | None,
+                       moved: collections.Counter) -> None:
+    """Remove the index entries of copied-up hard links that have no name left in the
+    upper layer once `moved` (key -> names taken out) went elsewhere, so their other
+    lower names show the lower file again."""
+    if index_fd is None:
+        return
+    for key, names in moved.items():
+        st = upper.try_stat(index_fd, key)
+        if st is not None and st.st_nlink - names <= 1:
+            os.unlink(key, dir_fd=index_fd)
+
+
+def relink_index(upper: UpperLayer, dir_fd: int, name: bytes) -> None:
+    """After entries came back into the upper layer: link the indexed hard links among
+    them into the index again, where their entry was dropped when they moved out."""
+    if upper.index_fd is None:
+        return
+    for parent, child, st in walk_tree(dir_fd, name):
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 1:
+            continue
+        value = upper.get_marker(parent, child, upper.markers.ino)
+        parts = value.split() if value else []
+        # Only while some of its lower names are still outside the upper layer (the
+        # nlink marker); once none is, the index entry has no more use.
+        if len(parts) == 2 and upper.get_marker(parent, child, upper.markers.nlink) and \
+                upper.try_stat(upper.index_fd, parts[1]) is None:
+            os.link(child, parts[1], src_dir_fd=parent, dst_dir_fd=upper.index_fd,
+                    follow_symlinks=False)
+
+
+@dataclass
+class Moved:
+    """What one mount moved into the attic."""
+
+    set_dir: str
+    paths: list[Path] = field(default_factory=list)
+
+
+def move_aside(upper: UpperLayer, index_fd: int | None, paths: list[Path], base: str,
+               mountpoint: str, reason: str) -> Moved | None:
+    """Move the upper entries at `paths` (none inside another) into a new attic set
+    under `base`; None when `paths` is empty."""
+    if not paths:
+        return None
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    if os.stat(base).st_dev != upper.dev:
+        raise OSError(errno.EXDEV, "the attic %s is not on the upper layer's filesystem"
+                      % base)
+    set_dir = os.path.join(base, _new_id(base))
+    os.mkdir(set_dir, 0o700)
+    os.mkdir(os.path.join(set_dir, TREE), 0o755)
+    shown = [quote_path(p, mountpoint) for p in paths]
+    info = {"id": os.path.basename(set_dir), "time": time.time(), "mountpoint": mountpoint,
+            "reason": reason, "paths": shown, "complete": False}
+    _write_info(set_dir, info)
+    tree = os.open(os.path.join(set_dir, TREE), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    moved = Moved(set_dir)
+    keys: collections.Counter = collections.Counter()
+    try:
+        for path in paths:
+            src = _walk(upper.root_fd, path[:-1])
+            try:
+                dst = _attic_parents(upper, tree, path[:-1])
+                try:
+                    keys += index_keys(upper, src, path[-1])
+                    renameat2(src, path[-1], dst, path[-1], RENAME_NOREPLACE)
+                    moved.paths.append(path)
+                finally:
+                    if dst != tree:
+                        os.close(dst)
+            finally:
+                if src != upper.root_fd:
+                    os.close(src)
+    finally:
+        os.close(tree)
+        drop_index_entries(upper, index_fd, keys)
+        info["complete"] = len(moved.paths) == len(paths)
+        _write_info(set_dir, info)
+    return moved
+
+
+def _walk(root_fd: int, path: Path) -> int:
+    """A descriptor of the directory root/path (the root itself is returned as is)."""
+    fd = root_fd
+    for name in path:
+        child = open_listable(fd, name)
+        if fd != root_fd:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+def _attic_parents(upper: UpperLayer, tree: int, path: Path) -> int:
+    """The attic directory for `path` (made like the upper directories on the way)."""
+    fd = tree
+    up = upper.root_fd
+    opened = []
+    try:
+        for name in path:
+            up_child = open_listable(up, name)
+            opened.append(up_child)
+            if upper.try_stat(fd, name) is None:
+                os.mkdir(name, 0o700, dir_fd=fd)
+                markers = upper.markers
+                extra = {}
+                for marker in (markers.opaque, markers.redirect):
+                    value = upper.get_marker(up, name, marker)
+                    if value is not None:
+                        extra[marker] = value
+                copyup.copy_meta(os.fstat(up_child), proc_path(fd, name),
+                                 markers.is_private, None, extra=extra)
+            child = open_listable(fd, name)
+            if fd != tree:
+                os.close(fd)
+            fd = child
+            up = up_child
+        return fd
+    finally:
+        for o in opened:
+            os.close(o)
+
+
+# ---------------------------------------------------------------- the tools' side
+
+
+@dataclass
+class AtticSet:
+    """One set of entries moved aside, as `rofs attic list` shows it."""
+
+    mountpoint: str  # escaped
+    id: str
+    directory: str
+    time: float
+    reason: str
+    paths: list[str]  # escaped, as the mount shows them
+    present: list[str]  # those still in the attic (not restored)
+    complete: bool
+
+    @property
+    def tree(self) -> str:
+        return os.path.join(self.directory, TREE)
+
+    def relative(self, shown: str) -> Path:
+        """The components below the mount of one of this set's paths."""
+        base = self.mountpoint.rstrip("/")
+        return tuple(c for c in unquote(shown[len(base) + 1:]).split(b"/") if c)
+
+    def source(self, shown: str) -> bytes:
+        """Where the entry for `shown` is in the attic."""
+        return os.path.join(os.fsencode(self.tree), *self.relative(shown))
+
+
+def sets(state: str) -> list[AtticSet]:
+    """Every attic set of a state dir, oldest first."""
+    top = os.path.join(state, PRIVATE_DIR, ATTIC_DIR)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        if INFO not in filenames:
+            continue
+        dirnames[:] = []  # a set's tree is not searched for more sets
+        try:
+            with open(os.path.join(dirpath, INFO)) as f:
+                info = json.load(f)
+            mountpoint, paths = info["mountpoint"], list(info["paths"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        s = AtticSet(mountpoint, os.path.basename(dirpath), dirpath,
+                     float(info.get("time", 0)), str(info.get("reason", "")), paths, [],
+                     bool(info.get("complete", True)))
+        s.present = [p for p in paths if os.path.lexists(s.source(p))]
+        out.append(s)
+    out.sort(key=lambda s: (s.time, s.mountpoint, s.id))
+    return out
+
+
+def summary(state: str, mountpoint: str) -> dict:
+    """For `rofs status`: how many sets and entries the attic holds for a mount."""
+    mine = [s for s in sets(state) if s.mountpoint == quote(mountpoint) and s.present]
+    return {"sets": len(mine), "paths": sum(len(s.present) for s in mine),
+            "newest": mine[-1].id if mine else None,
+            "dir": attic_dir(state, mountpoint)}
+
+
+def _select(state: str, set_id: str) -> list[AtticSet]:
+    from rofs.tools import ToolError
+    chosen = [s for s in sets(state) if s.id == set_id]
+    if not chosen:
+        known = ", ".join(s.id for s in sets(state)) or "none"
+        raise ToolError("%s has no attic set %s (sets: %s)" % (state, set_id, known))
+    return chosen
+
+
+def format_sets(found: list[AtticSet]) -> str:
+    """`rofs attic list`: each set, then its paths still there."""
+    if not found:
+        return "the attic is empty\n"
+    lines = []
+    for s in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time))
+        restored = len(s.paths) - len(s.present)
+        lines.append("%s  %s  %s, %d path%s%s%s" % (
+            s.id, s.mountpoint, when, len(s.present), "" if len(s.present) == 1 else "s",
+            " (%d restored)" % restored if restored else "",
+            "" if s.complete else " (the move was interrupted)"))
+        lines.append("  why: %s" % s.reason)
+        lines += ["  %s" % p for p in s.present]
+    return "\n".join(lines) + "\n"
+
+
+def restore(state: str, set_id: str, wanted: list[str]) -> tuple[list[str], list[str]]:
+    """Put a set's entries (or those named in `wanted`, as the mount shows them) back
+    into the upper layer.  Returns (lines for what was restored, errors)."""
+    from rofs.names import quote
+    from rofs.tools import ToolError, mounts
+    done, errors = [], []
+    chosen = _select(state, set_id)
+    by_mount = {quote(m.mountpoint): m for m in mounts(state)}
+    known = {p for s in chosen for p in s.present}
+    for path in wanted:
+        if path not in known:
+            raise ToolError("%s is not in attic set %s (see `rofs attic list`)"
+                            % (path, set_id))
+    for s in chosen:
+        mount = by_mount.get(s.mountpoint)
+        if mount is None:
+            raise ToolError("%s: no recorded mount %s in %s" % (s.id, s.mountpoint, state))
+        for shown in s.present:
+            if wanted and shown not in wanted:
+                continue
+            try:
+                if mount.live is not None:
+                    _restore_live(mount, s, shown)
+                else:
+                    _restore_offline(mount, s, shown)
+            except (OSError, ToolError) as e:
+                errors.append("%s: %s" % (shown, _why(e)))
+                continue
+            done.append("restored %s" % shown)
+        _drop_if_empty(s)
+    return done, errors
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, OSError) and e.errno == errno.EEXIST:
+        return ("it has changes of its own since it was set aside: keep them, or drop "
+                "them with `rofs revert` and restore again")
+    if isinstance(e, OSError) and e.errno == errno.EXDEV:
+        return ("the live mount's policy makes it scratch: change the policy and mount "
+                "again, then restore")
+    if isinstance(e, OSError) and e.errno == errno.ENOENT:
+        return "its parent directory no longer exists"
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e)
+
+
+def _restore_live(mount, s: AtticSet, shown: str) -> None:
+    from rofs import control
+    from rofs.tools import ToolError
+    try:
+        control.request(mount.live.socket, {
+            "op": "restore", "path": [os.fsdecode(c) for c in s.relative(shown)],
+            "source": os.fsdecode(s.source(shown))})
+    except control.ControlError as e:
+        if e.errno is not None:
+            raise OSError(e.errno, str(e)) from None
+        raise ToolError(str(e)) from None
+
+
+def _restore_offline(mount, s: AtticSet, shown: str) -> None:
+    from rofs.tools import locked_upper
+    rel = s.relative(shown)
+    lock = locked_upper(mount)
+    opened: list[int] = []
+    try:
+        upper = UpperLayer(lock, lock, mount.markers)
+        if mount.index and os.path.isdir(mount.index):
+            upper.index_fd = os.open(mount.index, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            opened.append(upper.index_fd)
+        fd, attic_fd = lock, open_listable(None, os.fsencode(s.tree))
+        opened.append(attic_fd)
+        for name in rel[:-1]:
+            attic_fd = open_listable(attic_fd, name)
+            opened.append(attic_fd)
+            if upper.try_stat(fd, name) is None:
+                # The upper directory went (reverted?): made again like the one set aside.
+                os.mkdir(name, 0o700, dir_fd=fd)
+                extra = {}
+                for marker in (upper.markers.opaque, upper.markers.redirect):
+                    value = upper.get_marker(attic_fd, b".", marker)
+                    if value is not None:
+                        extra[marker] = value
+                copyup.copy_meta(os.fstat(attic_fd), proc_path(fd, name),
+                                 upper.markers.is_private, None, extra=extra)
+            fd = open_listable(fd, name)
+            opened.append(fd)
+        if upper.try_stat(fd, rel[-1]) is not None:
+            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+        renameat2(attic_fd, rel[-1], fd, rel[-1], RENAME_NOREPLACE)
+        relink_index(upper, fd, rel[-1])
+    finally:
+        for o in reversed(opened):
+            os.close(o)
+        os.close(lock)
+
+
+def _drop_if_empty(s: AtticSet) -> None:
+    """A set whose every entry went back is removed (only directories are left)."""
+    if any(os.path.lexists(s.source(p)) for p in s.paths):
+        return
+    tree = open_listable(None, os.fsencode(s.directory))
+    try:
+        if any(not stat.S_ISDIR(st.st_mode) for _, _, st in walk_tree(tree, TREE.encode())):
+            return
+    finally:
+        os.close(tree)
+    drop_set(s)
+
+
+def drop_set(s: AtticSet) -> None:
+    parent = open_listable(None, os.fsencode(os.path.dirname(s.directory)))
+    try:
+        UpperLayer(parent, parent, None).remove_tree(parent, os.fsencode(
+            os.path.basename(s.directory)))
+    finally:
+        os.close(parent)
+
+
+def drop(state: str, set_id: str) -> list[str]:
+    """Delete an attic set for good (the admin's decision)."""
+    out = []
+    for s in _select(state, set_id):
+        drop_set(s)
+        out.append("dropped %s (%s, %d path%s)" % (s.id, s.mountpoint, len(s.present),
+                                                   "" if len(s.present) == 1 else "s"))
+    return out
