@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
@@ -46,14 +47,18 @@ def mount_table() -> list[tuple[str, str]]:
     (a later entry for the same point is on top); empty if /proc is not there."""
     out = []
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
-                fields = line.split()
-                target = fields[4].encode().decode("unicode_escape")
-                out.append((target, fields[fields.index("-") + 1]))
+                fields = line.split(b" ")
+                # The kernel writes space, tab, newline and backslash as octal escapes.
+                target = _OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4])
+                out.append((os.fsdecode(target), os.fsdecode(fields[fields.index(b"-") + 1])))
     except OSError:
         pass
     return out
+
+
+_OCTAL = re.compile(rb"\\([0-7]{3})")
 
 
 def proc_path(dir_fd: int, name: bytes | None = None) -> bytes:

@@ -130,7 +130,19 @@ def build_report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exceptions", metavar="FILE",
                         help="paths or patterns to leave out, one per line (replaces the "
                         "default list)")
+    _ignore_options(parser)
+    parser.add_argument("--summary", action="store_true",
+                        help="only the summary: changes per program and per top directory")
     return parser
+
+
+def _ignore_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ignore", metavar="PATTERN", action="append",
+                        help="leave out paths matching PATTERN and everything below them "
+                        "(a glob: * and ? within a name, ** across names, e.g. "
+                        "'/etc/.git/**'; repeatable)")
+    parser.add_argument("--ignore-file", metavar="FILE", action="append",
+                        help="patterns to leave out, one per line, # comments (repeatable)")
 
 
 def _para(text: str) -> str:
@@ -183,6 +195,9 @@ def build_diff_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lower", metavar="DIR",
                         help="compare with DIR instead of the lower directory the mount "
                         "recorded (a copy of a state dir, next to the image's directory)")
+    _ignore_options(parser)
+    parser.add_argument("--summary", action="store_true",
+                        help="only counts per top directory and status")
     return parser
 
 
@@ -448,8 +463,12 @@ def run_subcommand(name: str, argv: list[str]) -> int:
             parser = build_diff_parser()
             args = parser.parse_args(argv)
             path = (take_state(parser, args, args.operands, 1) or [None])[0]
+            from rofs.report import patterns_of
+            ignore = patterns_of(args, exceptions=False) if args.ignore or \
+                args.ignore_file else None
             sys.stdout.write(tools.diff(args.state, path, as_json=args.json,
-                                        with_patch=args.patch, lower=args.lower))
+                                        with_patch=args.patch, lower=args.lower,
+                                        ignore=ignore, summary=args.summary))
             return 0
         if name == "attic":
             from rofs import attic
@@ -473,9 +492,12 @@ def run_subcommand(name: str, argv: list[str]) -> int:
             return 0
         if name == "revert":
             args = build_revert_parser().parse_args(argv)
-            for line in tools.revert(args.paths, args.state):
+            done, errors = tools.revert(args.paths, args.state)
+            for line in done:
                 print(line)
-            return 0
+            for line in errors:
+                print("rofs revert: error: %s" % line, file=sys.stderr)
+            return 1 if errors else 0
         if name == "status":
             args = build_status_parser().parse_args(argv)
             entries = tools.status(args.mountpoints)

@@ -104,7 +104,8 @@ async def _answer(request: dict, overlay, describe) -> dict:
         try:
             entry = overlay.revert(path)
         except OSError as e:
-            return {"ok": False, "error": os.strerror(e.errno or errno.EIO)}
+            code = e.errno or errno.EIO
+            return {"ok": False, "error": os.strerror(code), "errno": code}
         if entry is not None:
             # In a thread: the kernel may need this daemon to answer requests first.
             await trio.to_thread.run_sync(_invalidate, *entry)

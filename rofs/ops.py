@@ -87,6 +87,12 @@ class RofsOperations(pyfuse3.Operations):
         return _Record(self, op, ctx.pid, ctx.uid, self._path(node, name),
                        self._path(node2, name2) if node2 is not None else None, only_failures)
 
+    def _absent(self, parent, name: bytes) -> bool:
+        try:
+            return self.overlay.lookup(parent, name) is None
+        except OSError:
+            return False
+
     def _class(self, path) -> tuple[str, tuple | None]:
         """The class of a path, and the rule that decided it (None: the default)."""
         rule = self.policy.rule_for(path) if path is not None else None
@@ -193,7 +199,10 @@ class RofsOperations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         src, dst = self._node(parent_inode_old), self.overlay.node(parent_inode_new)
         with self._change("exchange" if flags & RENAME_EXCHANGE else "rename", ctx, src,
-                          name_old, dst, name_new):
+                          name_old, dst, name_new) as record:
+            if record is not None and not flags & RENAME_EXCHANGE:
+                # Whether the destination is a new name (for `report --suggest`).
+                record.new = self._absent(dst, name_new)
             await self.overlay.rename(src, name_old, dst, name_new, flags)
 
     @fuse_errors
@@ -325,11 +334,12 @@ class RofsOperations(pyfuse3.Operations):
 class _Record:
     """Records one change in the write log when the handler is done (see _change)."""
 
-    __slots__ = ("ops", "op", "pid", "uid", "path", "path2", "only_failures")
+    __slots__ = ("ops", "op", "pid", "uid", "path", "path2", "only_failures", "new")
 
     def __init__(self, ops, op, pid, uid, path, path2, only_failures) -> None:
         self.ops, self.op, self.pid, self.uid = ops, op, pid, uid
         self.path, self.path2, self.only_failures = path, path2, only_failures
+        self.new = False  # a rename whose destination did not exist
 
     def __enter__(self) -> _Record:
         return self
@@ -343,7 +353,7 @@ class _Record:
             code = getattr(exc, "errno", None)
             result = errno.errorcode.get(code, "EIO") if code else "EIO"
         self.ops.writelog.record(self.op, self.pid, self.uid, self.path, self.path2, result,
-                                 *self.ops._class(self.path))
+                                 *self.ops._class(self.path), new=self.new)
         return False
 
 

@@ -969,7 +969,8 @@ class Overlay:
     def revert(self, path: tuple[bytes, ...]) -> tuple[int, bytes] | None:
         """Drop every change at `path` (a whole tree for a directory): its upper entry
         goes, so the lower shows through again.  Returns the (parent inode, name) entry
-        the kernel must forget, or None if nothing at `path` had changed.
+        the kernel must forget, or None if nothing at `path` had changed (ENOENT when
+        there is nothing at `path` at all).
 
         Nodes under `path` lose their names, as if unlinked: open files keep working,
         and the next lookup finds the lower object afresh.
@@ -980,6 +981,8 @@ class Overlay:
         up = self.upper_dirfd(parent, layer, create=False) if (
             parent.upper or layer is not self._lay(parent)) else None
         if up is None or layer.try_stat(up, name) is None:
+            if self.lookup(parent, name) is None:
+                raise _err(errno.ENOENT)  # a typo, not "unchanged"
             return None
         affected = self._names_below(parent, name)
         keys: set[bytes] = set()

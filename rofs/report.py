@@ -1,26 +1,36 @@
 """`rofs report`: who wrote where, from one or many write logs (docs/write-log.md).
 
-The report groups the changes by program (its executable, else its command name): the
-paths it changed, how often and with which operations, first and last time, and the
-changes the read-only class refused.  Logs of several hosts merge into one report.
-Paths matching the exceptions list (rolo's idea: /tmp and the like) are left out.
+The report starts with a summary (changes per program, per top directory), then groups
+the changes by program (the script an interpreter ran, else its executable, else its
+command name): the paths it changed, how often and with which operations, first and
+last time, and the changes the read-only class refused.  Logs of several hosts merge
+into one report.  Paths matching the exceptions list (rolo's idea: /tmp and the like)
+or an --ignore pattern are left out.
 
-`--suggest` replays the changes in time order and prints the policy that keeps exactly
-what the workload changed for good, and nothing it only used for a while (a temporary
-file renamed over another, a lock created and removed): a rofs policy file whose
-`default` is scratch, with the Fedora statetab/rwtab equivalents as comments.
+`--suggest` replays the changes in time order and prints the policy that keeps what the
+workload changed for good, and nothing it only used for a while (a temporary file
+renamed over another, a lock created and removed): a rofs policy file whose `default`
+is scratch, with the Fedora statetab/rwtab equivalents as comments.  A directory in
+which the workload created files that stayed (a spool, a cron.d, a git repository's
+objects) is kept whole, so the files the same programs create there next time are kept
+too; a version-control directory (.git, ...) is kept whole wherever it changed.
+
+Every name in the input and the output is in the escaped form of rofs.names, so that a
+name is one field on one line and a suggested policy parses back as it was meant.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
+import re
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rofs.writelog import log_files
+from rofs.names import quote
+from rofs.writelog import log_files, script_of
 
 # Paths that are expected to be written and are not worth reporting (rolo shipped a
 # similar list).  A pattern matches a path and everything below it.
@@ -29,41 +39,109 @@ DEFAULT_EXCEPTIONS = ["/tmp", "/var/tmp", "/run", "/var/run", "/dev", "/proc", "
 
 CREATES = {"create", "mknod", "mkdir", "symlink", "link"}
 REMOVES = {"unlink", "rmdir"}
+# Directories that one program keeps changing as a whole: kept whole by --suggest.
+REPOSITORIES = {".git", ".hg", ".svn", ".bzr", "_darcs"}
 
 
 class ReportError(Exception):
     pass
 
 
-def read_exceptions(path: str) -> list[str]:
+def read_patterns(path: str) -> list[str]:
+    """Patterns from a file: one per line (lines end at \\n only), `#` comments."""
     out = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                if not line.startswith("/") and not line.startswith("*"):
-                    raise ReportError("%s:%d: %r is not an absolute path or pattern"
-                                      % (path, number, line))
-                out.append(line.rstrip("/") or "/")
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ReportError("cannot read %s: %s" % (path, e.strerror)) from None
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.decode("utf-8", "replace").strip(" \t\r")
+        if not line or line.startswith("#"):
+            continue
+        try:
+            check_pattern(line)
+        except ReportError as e:
+            raise ReportError("%s:%d: %s" % (path, number, e)) from None
+        out.append(line)
     return out
 
 
-def _under(path: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + "/*")
+def check_pattern(pattern: str) -> str:
+    if not pattern.startswith(("/", "*")):
+        raise ReportError("%r is not an absolute path or pattern" % pattern)
+    return pattern
 
 
-def excepted(event: dict, key: str, patterns: list[str]) -> bool:
-    """Whether event[key] is left out.  A pattern covering the whole mount (a mount
-    inside /tmp) would leave out everything, so it does not apply to that mount."""
-    path = event.get(key)
-    if path is None:
-        return False
-    mount = event.get("mount") or ""
-    return any(_under(path, p) and not _under(mount, p) for p in patterns)
+def compile_pattern(pattern: str) -> re.Pattern:
+    """A glob over escaped paths: `*` and `?` within one component, `**` across any
+    number, `[...]` a class; it also matches everything below what it matches."""
+    pattern = pattern.rstrip("/") or "/"
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[%s%s]" % ("^" if body.startswith("!") else "",
+                                   re.escape(body.lstrip("!"))))
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    body = "".join(out)
+    if body.endswith("/.*"):  # `DIR/**` is DIR and everything below it
+        body = body[:-3]
+    return re.compile("(?:%s)(?:/.*)?" % body, re.S)
+
+
+class Patterns:
+    """Paths left out: the exceptions list and --ignore patterns."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.patterns = list(patterns)
+        self._compiled = [compile_pattern(p) for p in patterns]
+
+    def match(self, path: str) -> bool:
+        return any(c.fullmatch(path) for c in self._compiled)
+
+    def leaves_out(self, path: str | None, mount: str = "") -> bool:
+        """Whether `path` is left out.  A pattern covering the whole mount (a mount
+        inside /tmp) would leave out everything, so it does not apply to that mount."""
+        if path is None:
+            return False
+        return any(c.fullmatch(path) and not (mount and c.fullmatch(mount))
+                   for c in self._compiled)
+
+
+def excepted(event: dict, key: str, patterns: Patterns) -> bool:
+    return patterns.leaves_out(event.get(key), event.get("mount") or "")
+
+
+def normalize(event: dict) -> dict:
+    """A log line written before names were escaped (no "v": their text was decoded
+    with surrogateescape), in today's form."""
+    if event.get("v", 1) >= 2:
+        return event
+    for key in ("path", "path2", "rule", "mount", "exe", "comm", "host"):
+        if isinstance(event.get(key), str):
+            event[key] = quote(event[key])
+    cmd = event.get("cmd")
+    if isinstance(cmd, list):
+        raw = [os.fsencode(a) for a in cmd if isinstance(a, str)]
+        script = script_of(os.fsencode(event.get("exe") or ""), raw)
+        event["script"] = quote(script) if script is not None else None
+        event["cmd"] = [quote(a) for a in raw]
+    return event
 
 
 def load_events(sources: list[str]) -> tuple[list[dict], list[str], int]:
@@ -86,7 +164,7 @@ def load_events(sources: list[str]) -> tuple[list[dict], list[str], int]:
                         bad += 1  # a line cut short by a crash, or not ours
                         continue
                     if isinstance(event, dict) and "op" in event and "t" in event:
-                        events.append(event)
+                        events.append(normalize(event))
                     else:
                         bad += 1
         except OSError as e:
@@ -96,7 +174,29 @@ def load_events(sources: list[str]) -> tuple[list[dict], list[str], int]:
 
 
 def program_of(event: dict) -> str:
-    return event.get("exe") or event.get("comm") or "?"
+    """Who made a change: the script an interpreter ran, else the executable."""
+    return event.get("script") or event.get("exe") or event.get("comm") or "?"
+
+
+def name_of(event: dict) -> str:
+    """The program's own name: the last component of its argv[0] (the kernel's comm is
+    cut at 15 characters), else comm."""
+    cmd = event.get("cmd")
+    if event.get("script"):
+        return event["script"].rsplit("/", 1)[-1]
+    if isinstance(cmd, list) and cmd and cmd[0]:
+        return cmd[0].rsplit("/", 1)[-1]
+    return event.get("comm") or "?"
+
+
+def top_of(event: dict, path: str) -> str:
+    """The top directory of a path below its mount (the mount itself for the files
+    directly in it)."""
+    mount = (event.get("mount") or "").rstrip("/")
+    rest = path[len(mount) + 1:] if path.startswith(mount + "/") else ""
+    if "/" not in rest:
+        return mount or "/"
+    return mount + "/" + rest.split("/", 1)[0]
 
 
 @dataclass
@@ -120,18 +220,26 @@ class ProgramStats:
     paths: dict = field(default_factory=dict)
 
 
-def summarize(events: list[dict], exceptions: list[str]) -> tuple[list[ProgramStats], int]:
+@dataclass
+class Summary:
+    programs: list[ProgramStats]
+    ignored: int  # events left out by the exceptions list and --ignore
+    tops: dict[str, Counter]  # top directory -> {"changes": n, "refused": n}
+
+
+def summarize(events: list[dict], patterns: Patterns) -> Summary:
     programs: dict[str, ProgramStats] = {}
+    tops: dict[str, Counter] = {}
     ignored = 0
     for e in events:
-        if excepted(e, "path", exceptions):
+        if excepted(e, "path", patterns):
             ignored += 1
             continue
         name = program_of(e)
         p = programs.get(name)
         if p is None:
             p = programs[name] = ProgramStats(name, first=e["t"])
-        p.names.add(e.get("comm") or "?")
+        p.names.add(name_of(e))
         p.hosts.add(e.get("host") or "?")
         p.last = e["t"]
         result = e.get("result", "ok")
@@ -141,6 +249,9 @@ def summarize(events: list[dict], exceptions: list[str]) -> tuple[list[ProgramSt
             p.failed += 1
         else:
             p.changes += 1
+        if e.get("path") is not None and result in ("ok", "EROFS"):
+            top = tops.setdefault(top_of(e, e["path"]), Counter())
+            top["changes" if result == "ok" else "refused"] += 1
         for key in ("path", "path2"):
             path = e.get(key)
             if path is None or (key == "path2" and e["op"] == "link"):
@@ -154,7 +265,7 @@ def summarize(events: list[dict], exceptions: list[str]) -> tuple[list[ProgramSt
             if result == "EROFS":
                 s.denied += 1
     ordered = sorted(programs.values(), key=lambda p: (-(p.changes + p.denied), p.program))
-    return ordered, ignored
+    return Summary(ordered, ignored, tops)
 
 
 def _count(n: int, noun: str) -> str:
@@ -165,7 +276,15 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def render(programs: list[ProgramStats], files: list[str], bad: int, ignored: int) -> str:
+def _table(rows: list[tuple[int, int, str]]) -> list[str]:
+    lines = ["  %7s %7s  %s" % ("changes", "refused", "")]
+    lines += ["  %7d %7d  %s" % row for row in rows]
+    lines[0] = lines[0].rstrip()
+    return lines
+
+
+def render(summary: Summary, files: list[str], bad: int, only_summary: bool = False) -> str:
+    programs = summary.programs
     lines = []
     total = sum(p.changes for p in programs)
     denied = sum(p.denied for p in programs)
@@ -174,10 +293,21 @@ def render(programs: list[ProgramStats], files: list[str], bad: int, ignored: in
         _count(total, "change"), _count(denied, "refused write"),
         _count(len(programs), "program"), _count(len(hosts), "host"),
         _count(len(files), "log file")))
-    if ignored:
-        lines.append("%d events left out by the exceptions list" % ignored)
+    if summary.ignored:
+        lines.append("%s left out by the exceptions list and --ignore"
+                     % _count(summary.ignored, "event"))
     if bad:
-        lines.append("%d log lines were not events (cut short?) and were skipped" % bad)
+        lines.append("1 log line was not an event (cut short?) and was skipped" if bad == 1
+                     else "%d log lines were not events (cut short?) and were skipped" % bad)
+    if programs:
+        lines += ["", "By program:"]
+        lines += _table([(p.changes, p.denied, "%s (%s)" % (p.program, ", ".join(
+            sorted(p.names)))) for p in programs])
+        lines += ["", "By directory:"]
+        lines += _table([(c["changes"], c["refused"], top) for top, c in sorted(
+            summary.tops.items(), key=lambda item: (-sum(item[1].values()), item[0]))])
+    if only_summary:
+        return "\n".join(lines) + "\n"
     for p in programs:
         lines.append("")
         extra = []
@@ -185,8 +315,8 @@ def render(programs: list[ProgramStats], files: list[str], bad: int, ignored: in
             extra.append("%d refused" % p.denied)
         if p.failed:
             extra.append("%d failed" % p.failed)
-        lines.append("%s (%s): %d changes%s, %s .. %s, %s" % (
-            p.program, ", ".join(sorted(p.names)), p.changes,
+        lines.append("%s (%s): %s%s, %s .. %s, %s" % (
+            p.program, ", ".join(sorted(p.names)), _count(p.changes, "change"),
             " (%s)" % ", ".join(extra) if extra else "", _when(p.first), _when(p.last),
             "hosts " + ", ".join(sorted(p.hosts)) if len(p.hosts) > 1
             else "host " + next(iter(p.hosts))))
@@ -198,16 +328,18 @@ def render(programs: list[ProgramStats], files: list[str], bad: int, ignored: in
     return "\n".join(lines) + "\n"
 
 
-def as_json(programs: list[ProgramStats], files: list[str], bad: int, ignored: int) -> str:
+def as_json(summary: Summary, files: list[str], bad: int) -> str:
     return json.dumps({
-        "files": files, "skipped_lines": bad, "ignored_by_exceptions": ignored,
+        "files": files, "skipped_lines": bad, "ignored": summary.ignored,
+        "directories": {top: {"changes": c["changes"], "refused": c["refused"]}
+                        for top, c in sorted(summary.tops.items())},
         "programs": [{
             "program": p.program, "names": sorted(p.names), "hosts": sorted(p.hosts),
             "changes": p.changes, "refused": p.denied, "failed": p.failed,
             "first": p.first, "last": p.last,
             "paths": {path: {"ops": dict(s.ops), "refused": s.denied, "first": s.first,
                              "last": s.last} for path, s in sorted(p.paths.items())}}
-            for p in programs]}, indent=1) + "\n"
+            for p in summary.programs]}, indent=1) + "\n"
 
 
 # ---------------------------------------------------------------- suggestions
@@ -223,8 +355,8 @@ class Fate:
     programs: set = field(default_factory=set)
 
 
-def replay(events: list[dict], exceptions: list[str]) -> tuple[dict[str, Fate], dict[str, set],
-                                                                set[str]]:
+def replay(events: list[dict], patterns: Patterns
+           ) -> tuple[dict[str, Fate], dict[str, set], set[str]]:
     """Per path: its fate; the paths the read-only class refused (with programs); and
     the paths an explicit scratch rule covers (left scratch)."""
     fates: dict[str, Fate] = {}
@@ -239,7 +371,7 @@ def replay(events: list[dict], exceptions: list[str]) -> tuple[dict[str, Fate], 
 
     for e in events:
         path, op = e.get("path"), e["op"]
-        if path is None or excepted(e, "path", exceptions):
+        if path is None or excepted(e, "path", patterns):
             continue
         program = program_of(e)
         if e.get("result") == "EROFS":
@@ -251,11 +383,13 @@ def replay(events: list[dict], exceptions: list[str]) -> tuple[dict[str, Fate], 
             explicit_scratch.add(path)
         if op in ("rename", "exchange"):
             src, dst = path, e.get("path2")
-            if dst is None or excepted(e, "path2", exceptions):
+            if dst is None or excepted(e, "path2", patterns):
                 continue
             s, d = fate(src, op), fates.get(dst)
             if d is None:
-                d = fates[dst] = Fate(existed=None)
+                # Since log version 2 a rename says when its destination was new.
+                existed = None if e.get("v", 1) < 2 else not e.get("new", False)
+                d = fates[dst] = Fate(existed=existed)
             d.exists = d.changed = True
             d.programs.add(program)
             if op == "exchange":
@@ -277,22 +411,60 @@ def replay(events: list[dict], exceptions: list[str]) -> tuple[dict[str, Fate], 
     return fates, refused, explicit_scratch
 
 
-def suggest(events: list[dict], exceptions: list[str], files: list[str]) -> str:
-    fates, refused, explicit_scratch = replay(events, exceptions)
-    keep = sorted(p for p, f in fates.items() if f.changed and p not in explicit_scratch)
-    # A kept directory covers everything below it.
-    covered = []
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def _below(path: str, directory: str) -> bool:
+    return path.startswith(directory.rstrip("/") + "/")
+
+
+def kept_whole(fates: dict[str, Fate], keep: list[str], mounts: set[str]
+               ) -> dict[str, str]:
+    """Directories to keep whole, and why: those in which files that stayed were
+    created (a program makes new entries there: a spool, a cron.d, git's objects), and
+    version-control directories that changed.  A mount's root is never one (keeping
+    it whole is `default persistent`)."""
+    whole: dict[str, str] = {}
     for path in keep:
-        if not any(path.startswith(k.rstrip("/") + "/") for k in covered):
+        parts = path.split("/")
+        for i, part in enumerate(parts):
+            if part in REPOSITORIES:
+                repo = "/".join(parts[:i + 1])
+                if any(_below(repo, m) for m in mounts):
+                    whole.setdefault(repo, "a %s repository" % part)
+                break
+    created_in: dict[str, set] = {}
+    for path in keep:
+        f = fates[path]
+        if f.existed is False and f.exists and any(_below(_parent(path), m) for m in mounts):
+            created_in.setdefault(_parent(path), set()).update(f.programs)
+    for parent, programs in sorted(created_in.items()):
+        whole.setdefault(parent, "new entries appeared in it (%s)"
+                         % ", ".join(sorted(programs)))
+    return whole
+
+
+def suggest(events: list[dict], patterns: Patterns, files: list[str]) -> str:
+    fates, refused, explicit_scratch = replay(events, patterns)
+    mounts = {e.get("mount") or "/" for e in events}
+    keep = sorted(p for p, f in fates.items() if f.changed and p not in explicit_scratch)
+    whole = kept_whole(fates, keep, mounts)
+    # A kept directory covers everything below it.
+    covered: list[str] = []
+    for path in sorted(set(keep) | set(whole)):
+        if not any(_below(path, k) for k in covered):
             covered.append(path)
     transient = sorted(p for p, f in fates.items() if not f.changed)
-    lines = ["# rofs policy suggested by `rofs report --suggest` from %d events in %s."
-             % (len(events), ", ".join(files) or "no log"),
+    lines = ["# rofs policy suggested by `rofs report --suggest` from %s in %s."
+             % (_count(len(events), "event"), ", ".join(quote(f) for f in files) or
+                "no log"),
              "# Changes to these paths are kept; everything else is wiped at the next "
              "mount.",
              "default scratch"]
     for path in covered:
-        lines.append("persistent %s" % path)
+        why = whole.get(path)
+        lines.append("persistent %s%s" % (path, "   # whole: %s" % why if why else ""))
     if transient:
         lines.append("# Written but nothing to keep (temporary, or removed again): "
                      "scratch is enough.")
@@ -314,14 +486,25 @@ def suggest(events: list[dict], exceptions: list[str], files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def patterns_of(args, exceptions: bool = True) -> Patterns:
+    """The exceptions list (or --exceptions FILE; none without `exceptions`) plus
+    --ignore and --ignore-file."""
+    found = [] if not exceptions else DEFAULT_EXCEPTIONS if args.exceptions is None else \
+        read_patterns(args.exceptions)
+    found = found + [check_pattern(p) for p in args.ignore or []]
+    for path in args.ignore_file or []:
+        found += read_patterns(path)
+    return Patterns(found)
+
+
 def main(args) -> int:
-    exceptions = DEFAULT_EXCEPTIONS if args.exceptions is None else \
-        read_exceptions(args.exceptions)
+    patterns = patterns_of(args)
     events, files, bad = load_events(args.logs)
     if args.suggest:
-        out = suggest(events, exceptions, files)
+        out = suggest(events, patterns, files)
+    elif args.json:
+        out = as_json(summarize(events, patterns), files, bad)
     else:
-        programs, ignored = summarize(events, exceptions)
-        out = (as_json if args.json else render)(programs, files, bad, ignored)
-    os.write(1, out.encode())
+        out = render(summarize(events, patterns), files, bad, args.summary)
+    sys.stdout.write(out)
     return 0

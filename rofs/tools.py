@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from rofs._sys import mount_table, open_noatime
 from rofs.layers import Markers, UpperLayer, is_whiteout, open_listable
+from rofs.names import quote, quote_path, unquote
 from rofs.state import PRIVATE_DIR, layer_paths, mount_name, read_markers
 
 RUN_DIR = "/run/rofs"  # root's; another user's is $XDG_RUNTIME_DIR/rofs
@@ -205,6 +206,11 @@ def status(mountpoints: list[str]) -> list[dict]:
     for mnt in names:
         entry: dict = {"mountpoint": mnt, "ok": False}
         out.append(entry)
+        if not _is_rofs_mount(mnt):
+            outer = rofs_mount_containing(mnt)
+            if outer is not None:  # a path inside a mount: that mount's status
+                entry.update(mountpoint=outer, asked=mnt)
+                mnt = outer
         if dead_mount(mnt):
             entry["error"] = ("dead: the daemon is gone; run `fusermount3 -u %s` and mount "
                               "again" % mnt)
@@ -231,31 +237,36 @@ def format_status(entries: list[dict], now: float) -> str:
         return "no rofs mounts\n"
     lines = []
     for e in entries:
+        if e.get("asked"):
+            lines.append("%s is inside the rofs mount %s:" % (quote(e["asked"]),
+                                                             quote(e["mountpoint"])))
         if not e["ok"]:
-            lines.append("%s: %s" % (e["mountpoint"], e["error"]))
+            lines.append("%s: %s" % (quote(e["mountpoint"]), e["error"]))
             continue
         up = int(now - e["started"])
         lines.append("%s: live, pid %d, up %dd %02d:%02d:%02d" % (
-            e["mountpoint"], e["pid"], up // 86400, up // 3600 % 24, up // 60 % 60, up % 60))
-        lines.append("  state    %s (upper %s, %s markers)" % (e["state"], e["upper"],
-                                                              e["markers"]))
-        lines.append("  lower    %s" % e["lower"])
+            quote(e["mountpoint"]), e["pid"], up // 86400, up // 3600 % 24, up // 60 % 60,
+            up % 60))
+        lines.append("  state    %s (upper %s, %s markers)" % (
+            quote(e["state"]), quote(e["upper"]), e["markers"]))
+        lines.append("  lower    %s" % quote(e["lower"]))
         rules = ", ".join("%d %s" % (n, c) for c, n in sorted(e["rules"].items()))
         lines.append("  policy   default %s%s" % (e["default_class"],
                                                   "; rules: " + rules if rules else ""))
         if e["scratch"]:
-            lines.append("  scratch  %s" % e["scratch"])
+            lines.append("  scratch  %s" % quote(e["scratch"]))
         attic = e.get("attic") or {}
         if attic.get("sets"):
             lines.append("  attic    %s: %s moved aside in %s (newest %s): `rofs attic %s`"
-                         % (attic["dir"], _count(attic["paths"], "saved change"),
-                            _count(attic["sets"], "set"), attic["newest"], e["state"]))
+                         % (quote(attic["dir"]), _count(attic["paths"], "saved change"),
+                            _count(attic["sets"], "set"), attic["newest"],
+                            quote(e["state"])))
         moved = e.get("moved_at_mount")
         if moved:
             lines.append("  WARNING  this mount moved %s the policy makes scratch into %s"
-                         % (_count(moved["count"], "saved change"), moved["set"]))
+                         % (_count(moved["count"], "saved change"), quote(moved["set"])))
         lines.append("  log      %s" % ("%s (%d events written, %d dropped)" % (
-            e["log"], e["log_written"], e["log_dropped"]) if e["log"] else "off"))
+            quote(e["log"]), e["log_written"], e["log_dropped"]) if e["log"] else "off"))
         lines.append("  now      %d nodes, %d open files, %d open directories, %d copy-ups "
                      "running, %d internal errors" % (e["nodes"], e["open_files"],
                                                       e["open_dirs"], e["copy_ups"],
@@ -267,47 +278,69 @@ def _count(n: int, noun: str) -> str:
     return "%d %s%s" % (n, noun, "" if n == 1 else "s")
 
 
-def revert(paths: list[str], state: str | None) -> list[str]:
-    """Revert each path; returns one line per path saying what happened."""
-    from rofs import control
-    out = []
+def revert(paths: list[str], state: str | None) -> tuple[list[str], list[str]]:
+    """Revert each path; returns a line per path saying what happened, and the errors
+    (a path that is nowhere is one: a typo must not look like success)."""
+    out, errors = [], []
     for path in paths:
-        shown = os.path.normpath(os.path.abspath(path))
-        if state is not None:
-            mount, rel = mount_for(state, path)
-            live_socket = mount.live.socket if mount.live is not None else None
-        else:
-            mnt = rofs_mount_containing(path)
-            if mnt is None:
-                raise ToolError("%s is not on a live rofs mount; name its state dir with "
-                                "--state" % shown)
-            rel = tuple(os.fsencode(c) for c in shown[len(mnt.rstrip("/")) + 1:].split("/")
-                        if c)
-            live_socket = runtime_path(mnt, ".sock")
-            if live_socket is None:
-                raise ToolError("cannot reach the daemon of %s ($XDG_RUNTIME_DIR is not "
-                                "set): unmount it and use --state" % mnt)
-            mount = None
-        if not rel:
-            raise ToolError("%s is a mount's root: name paths below it" % shown)
-        if live_socket is not None:
-            try:
-                reply = control.request(live_socket, {"op": "revert",
-                                                      "path": [os.fsdecode(c) for c in rel]})
-            except control.ControlError as e:
-                raise ToolError("%s: %s" % (shown, e)) from None
-            done = reply["reverted"]
-        else:
-            done = revert_offline(mount, rel)
-        out.append("%s %s" % ("reverted" if done else "unchanged", shown))
-    return out
+        try:
+            out.append(_revert_one(path, state))
+        except NoSuchPath as e:
+            errors.append(str(e))
+    return out, errors
+
+
+class NoSuchPath(ToolError):
+    """A path that is in neither layer (the other paths are still done; exit code 1)."""
+
+
+NOWHERE = "no such file or directory in the lower layer or the state"
+
+
+def _revert_one(path: str, state: str | None) -> str:
+    from rofs import control
+    shown = os.path.normpath(os.path.abspath(path))
+    if state is not None:
+        mount, rel = mount_for(state, path)
+        live_socket = mount.live.socket if mount.live is not None else None
+    else:
+        mnt = rofs_mount_containing(path)
+        if mnt is None:
+            raise ToolError("%s is not on a live rofs mount; name its state dir with "
+                            "--state" % quote(shown))
+        rel = tuple(os.fsencode(c) for c in shown[len(mnt.rstrip("/")) + 1:].split("/")
+                    if c)
+        live_socket = runtime_path(mnt, ".sock")
+        if live_socket is None:
+            raise ToolError("cannot reach the daemon of %s ($XDG_RUNTIME_DIR is not "
+                            "set): unmount it and use --state" % mnt)
+        mount = None
+    if not rel:
+        raise ToolError("%s is a mount's root: name paths below it" % quote(shown))
+    if live_socket is not None:
+        try:
+            reply = control.request(live_socket, {"op": "revert",
+                                                  "path": [os.fsdecode(c) for c in rel]})
+        except control.ControlError as e:
+            if e.errno == errno.ENOENT:
+                raise NoSuchPath("%s: %s" % (quote(shown), NOWHERE)) from None
+            raise ToolError("%s: %s" % (quote(shown), e)) from None
+        done = reply["reverted"]
+    else:
+        done = revert_offline(mount, rel)
+        if not done and not os.path.lexists(os.path.join(
+                mount.lower_root(), *map(os.fsdecode, rel))):
+            raise NoSuchPath("%s: %s" % (quote(shown), NOWHERE))
+    return "%s %s" % ("reverted" if done else "unchanged", quote(shown))
 
 
 def mounts(state: str) -> list[Mount]:
     """The mounts a state dir has served (from their records)."""
     state = os.path.realpath(state)
+    if not os.path.isdir(state):
+        raise ToolError("%s: no such directory" % quote(state))
     if not os.path.isdir(os.path.join(state, PRIVATE_DIR)):
-        raise ToolError("%s is not a rofs state dir (no %s/)" % (state, PRIVATE_DIR))
+        raise ToolError("%s is not a rofs state dir (no %s/)" % (quote(state), PRIVATE_DIR))
     d = os.path.join(state, PRIVATE_DIR, MOUNTS_DIR)
     out = []
     for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
@@ -391,8 +424,7 @@ class Differ:
         self.changes: list[Change] = []
 
     def _show(self, rel: tuple[bytes, ...]) -> str:
-        base = self.mount.mountpoint.rstrip("/")
-        return base + "/" + os.fsdecode(b"/".join(rel)) if rel else (base or "/")
+        return quote_path(rel, quote(self.mount.mountpoint))
 
     def _lower(self, rel: tuple[bytes, ...] | None) -> bytes | None:
         if rel is None:
@@ -572,9 +604,9 @@ def patch(differ: Differ, change: Change) -> str:
     if change.status == "M" and "content" not in change.what:
         return ""
     mount = differ.mount
-    rel = change.path[len(mount.mountpoint.rstrip("/")) + 1:]
-    comps = tuple(os.fsencode(c) for c in rel.split("/"))
-    upper = os.fsencode(mount.upper) + b"/" + os.fsencode(rel)
+    rel = unquote(change.path[len(quote(mount.mountpoint).rstrip("/")) + 1:])
+    comps = tuple(rel.split(b"/"))
+    upper = os.fsencode(mount.upper) + b"/" + rel
     parent = differ._parent_lower(comps)
     lower = differ._lower(parent + (comps[-1],)) if parent is not None else None
     old = _text(lower if change.status != "A" else None)
@@ -585,9 +617,12 @@ def patch(differ: Differ, change: Change) -> str:
 
 
 def diff(state: str, path: str | None, *, as_json: bool = False,
-         with_patch: bool = False, lower: str | None = None) -> str:
+         with_patch: bool = False, lower: str | None = None, ignore=None,
+         summary: bool = False) -> str:
     """The changes of a state dir.  `lower`: compare with this directory instead of the
-    lower layer the mount recorded (a copied state dir, next to the image it is for)."""
+    lower layer the mount recorded (a copied state dir, next to the image it is for).
+    `ignore`: a rofs.report.Patterns of paths to leave out; `summary`: counts per top
+    directory and status instead of the changes."""
     if path is None:
         selected = [(m, ()) for m in mounts(state)]
     else:
@@ -595,18 +630,45 @@ def diff(state: str, path: str | None, *, as_json: bool = False,
     if lower is not None:
         _use_lower([m for m, _ in selected], lower, "name a PATH to say which one")
     out, records = [], []
+    tops: dict[str, dict[str, int]] = {}
+    left_out = 0
     for mount, rel in selected:
         differ = Differ(mount)
+        base = quote(mount.mountpoint).rstrip("/")
         for change in differ.run(rel):
+            if ignore is not None and ignore.match(change.path):
+                left_out += 1
+                continue
+            rest = change.path[len(base) + 1:]
+            top = base + "/" + rest.split("/", 1)[0] if "/" in rest else (base or "/")
+            counts = tops.setdefault(top, {})
+            counts[change.status] = counts.get(change.status, 0) + 1
             records.append({"path": change.path, "status": change.status,
                             "kind": change.kind, "what": change.what,
                             "renamed_from": change.renamed_from})
             out.append(change.line() + "\n")
             if with_patch:
                 out.append(patch(differ, change))
+    if summary:
+        return _diff_summary(tops, len(records), left_out, as_json)
     if as_json:
         return json.dumps(records, indent=1) + "\n"
     return "".join(out)
+
+
+def _diff_summary(tops: dict[str, dict[str, int]], total: int, left_out: int,
+                  as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"changes": total, "ignored": left_out, "directories": tops},
+                          indent=1) + "\n"
+    lines = ["%s (A added, M modified, D deleted, R replaced)%s"
+             % (_count(total, "change"), ", %d left out by --ignore" % left_out
+                if left_out else "")]
+    lines.append("  %6s %6s %6s %6s  %s" % ("A", "M", "D", "R", "directory"))
+    for top, c in sorted(tops.items(), key=lambda item: (-sum(item[1].values()), item[0])):
+        lines.append("  %6d %6d %6d %6d  %s" % (c.get("A", 0), c.get("M", 0), c.get("D", 0),
+                                                 c.get("R", 0), top))
+    return "\n".join(lines) + "\n"
 
 
 def _use_lower(selected: list[Mount], lower: str, hint: str) -> None:
@@ -711,7 +773,7 @@ def _check_mount(mount: Mount, markers: Markers) -> list[Problem]:
         for name in sorted(os.listdir(work)):
             if name.startswith("#rofs."):
                 path = os.path.join(work, name)
-                problems.append(Problem(path, "left over by an interrupted operation",
+                problems.append(Problem(quote(path), "left over by an interrupted operation",
                                         lambda p=path: _remove(p)))
     differ_lower = mount.lower_root()
     upper = mount.upper
@@ -727,7 +789,7 @@ def _check_mount(mount: Mount, markers: Markers) -> list[Problem]:
             child = os.path.join(os.fsencode(path), name)
             crel = rel + (name,)
             st = os.lstat(child)
-            shown = os.fsdecode(child)
+            shown = quote(child)
             counterpart = None if lower_dir is None else lower_dir + (name,)
             opaque = _getxattr(child, markers.opaque)
             redirect = _getxattr(child, markers.redirect)

@@ -26,9 +26,12 @@ import collections
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
+
+from rofs.names import quote, quote_path
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,9 @@ MAX_BYTES = 8 << 20  # rotate above this size
 KEEP = 4  # rotated files kept: NAME.1 .. NAME.4
 FLUSH_SECONDS = 1.0
 RECHECK_SECONDS = 1.0  # how long a pid's identity is trusted without looking again
+# 2: every name (paths, comm, exe, cmd, script, host) in the escaped form of rofs.names;
+# lines without "v" hold names decoded with surrogateescape (rofs.report reads both).
+LOG_VERSION = 2
 
 
 class ProcessCache:
@@ -71,25 +77,79 @@ def _start_time(pid: int) -> bytes:
     return fields[19] if len(fields) > 19 else b""
 
 
-def _read_process(pid: int) -> tuple[str, str, list[str]]:
+MAX_CMDLINE = 4096  # bytes of a command line kept (argv is the caller's to choose)
+
+# Programs that run a script named on their command line: a change they make is the
+# script's (the kernel passes a #! script's path as an argument to its interpreter).
+# Per family: the options whose next argument is inline code (no script), and those
+# whose next argument is something else.
+_INTERPRETERS = [
+    (re.compile(rb"((ba|da|k|mk|z|c|tc|fi|y)?sh|busybox)"), {b"-c"}, {b"-o", b"+o"}),
+    (re.compile(rb"(perl|ruby)[0-9.]*"), {b"-e", b"-E"}, {b"-I", b"-r"}),
+    (re.compile(rb"(python|pypy)[0-9.]*"), {b"-c", b"-m"}, {b"-W", b"-X"}),
+    (re.compile(rb"node(js)?"), {b"-e", b"--eval", b"-p", b"--print"}, {b"-r", b"--require"}),
+    (re.compile(rb"(php|lua|luajit|tclsh|wish|Rscript|guile)[0-9.]*"), {b"-e", b"-r", b"-c"},
+     set()),
+]
+
+
+def script_of(exe: bytes, cmd: list[bytes]) -> bytes | None:
+    """The script an interpreter runs, from its command line (None: not an interpreter,
+    or inline code).  Relative paths stay relative (the caller resolves them)."""
+    name = os.path.basename(exe)
+    family = next((f for f in _INTERPRETERS if f[0].fullmatch(name)), None)
+    if family is None:
+        if re.fullmatch(rb"[gmn]?awk", name):  # awk -f SCRIPT; otherwise inline code
+            return next((cmd[i + 1] for i, arg in enumerate(cmd[1:-1], 1) if arg == b"-f"),
+                        None)
+        return None
+    _, inline, with_argument = family
+    args = iter(cmd[1:])
+    for arg in args:
+        if arg in inline:
+            return None
+        if arg == b"--":
+            return next(args, None)
+        if arg in with_argument:
+            next(args, None)
+        elif not arg.startswith((b"-", b"+")):
+            return arg
+    return None
+
+
+def _read_process(pid: int) -> tuple[bytes, bytes, list[bytes], bytes | None]:
+    """(comm, exe, command line, script) of a process, as the system has them (bytes);
+    the command line cut at MAX_CMDLINE bytes, with a last element saying so."""
     base = "/proc/%d/" % pid
-    comm = exe = ""
-    cmd: list[str] = []
+    comm = exe = b""
+    cmd: list[bytes] = []
     try:
         with open(base + "comm", "rb") as f:
-            comm = os.fsdecode(f.read().rstrip(b"\n"))
+            comm = f.read().rstrip(b"\n")
     except OSError:
         pass
     try:
-        exe = os.readlink(base + "exe")
+        exe = os.readlink(base + "exe").encode("utf-8", "surrogateescape")
     except OSError:
         pass
     try:
         with open(base + "cmdline", "rb") as f:
-            cmd = [os.fsdecode(a) for a in f.read().split(b"\0")[:-1]]
+            data = f.read(MAX_CMDLINE + 1)
+        cmd = data[:MAX_CMDLINE].split(b"\0")
+        if len(data) > MAX_CMDLINE:
+            cmd.append(b"...(cut at %d bytes)" % MAX_CMDLINE)
+        elif cmd and cmd[-1] == b"":
+            cmd.pop()
     except OSError:
         pass
-    return comm, exe, cmd
+    script = script_of(exe, cmd)
+    if script is not None and not script.startswith(b"/"):
+        try:
+            script = os.path.join(os.readlink(base + "cwd").encode("utf-8", "surrogateescape"),
+                                  script)
+        except OSError:
+            pass
+    return comm, exe, cmd, script
 
 
 class WriteLog:
@@ -101,7 +161,8 @@ class WriteLog:
         self.mountpoint = mountpoint.rstrip("/") or "/"
         self.max_bytes = max_bytes
         self.keep = keep
-        self.host = socket.gethostname()
+        self.host = quote(socket.gethostname())
+        self._mount = quote(self.mountpoint)
         self.processes = ProcessCache()
         self.dropped = 0
         self.written = 0
@@ -115,16 +176,14 @@ class WriteLog:
         self._thread.start()
 
     def absolute(self, path: tuple[bytes, ...]) -> str:
-        rel = os.fsdecode(b"/".join(path))
-        if not rel:
-            return self.mountpoint
-        return (self.mountpoint if self.mountpoint != "/" else "") + "/" + rel
+        """The escaped absolute path of a path below the mount."""
+        return quote_path(path, self._mount)
 
     def record(self, op: str, pid: int, uid: int, path: tuple[bytes, ...] | None,
                path2: tuple[bytes, ...] | None, result: str, cls: str,
-               rule: tuple[bytes, ...] | None = None) -> None:
+               rule: tuple[bytes, ...] | None = None, new: bool = False) -> None:
         self._pending.append((time.time(), pid, uid, self.processes.info(pid), op,
-                              path, path2, result, cls, rule))
+                              path, path2, result, cls, rule, new))
 
     def _run(self) -> None:
         while not self._stop:
@@ -141,14 +200,19 @@ class WriteLog:
             if not events:
                 return
             lines = []
-            for t, pid, uid, (comm, exe, cmd), op, path, path2, result, cls, rule in events:
-                event = {"t": round(t, 6), "host": self.host, "mount": self.mountpoint,
-                         "pid": pid, "uid": uid, "comm": comm, "exe": exe, "cmd": cmd,
+            for t, pid, uid, process, op, path, path2, result, cls, rule, new in events:
+                comm, exe, cmd, script = process
+                event = {"v": LOG_VERSION, "t": round(t, 6), "host": self.host,
+                         "mount": self._mount, "pid": pid, "uid": uid, "comm": quote(comm),
+                         "exe": quote(exe), "cmd": [quote(a) for a in cmd],
+                         "script": quote(script) if script is not None else None,
                          "op": op, "path": self.absolute(path) if path is not None else None,
                          "result": result, "class": cls,
                          "rule": self.absolute(rule) if rule is not None else None}
                 if path2 is not None:
                     event["path2"] = self.absolute(path2)
+                if new:
+                    event["new"] = True
                 lines.append(json.dumps(event, separators=(",", ":")))
             data = ("\n".join(lines) + "\n").encode()
             try:

@@ -309,9 +309,11 @@ def test_every_block_is_known():
 def test_synopsis():
     """The README's synopsis names only options the commands have."""
     text = key_block("rofs MOUNTPOINT --state STATEDIR")
+    sub = None
     for line in text.splitlines():
         words = line.split()
-        sub = words[1] if len(words) > 1 and words[1] in cli.SUBCOMMANDS else None
+        if not line.startswith(" "):  # an indented line continues the one above
+            sub = words[1] if len(words) > 1 and words[1] in cli.SUBCOMMANDS else None
         command = ["rofs"] + ([sub] if sub else []) + ["--help"]
         helptext = subprocess.run(command, capture_output=True, text=True).stdout
         for option in re.findall(r"(?<![\w=])(--?[a-z][-a-z]*)", line):

@@ -230,3 +230,31 @@ def test_status_of_live_and_dead_mounts(over_itself, tmp_path):
     finally:
         daemon.stop()
     assert rofs("status", etc, code=1) == "%s: not a rofs mount\n" % etc
+
+
+def test_typos_fail_and_a_path_inside_a_mount_is_its_mount(over_itself, tmp_path):
+    """A typo must not look like success: revert of a path that is nowhere fails (the
+    other paths are still reverted), check of a missing dir says so; status of a path
+    inside a mount shows that mount."""
+    etc, state = over_itself
+
+    def run(*args):
+        return subprocess.run(ROFS + [str(a) for a in args], capture_output=True,
+                              text=True, timeout=60)
+
+    with RofsProcess(str(etc), str(state)):
+        (etc / "hosts").write_text("changed\n")
+        result = run("revert", etc / "hots", etc / "hosts", etc / "passwd")
+        assert result.returncode == 1
+        assert result.stdout == "reverted %s/hosts\nunchanged %s/passwd\n" % (etc, etc)
+        assert result.stderr == ("rofs revert: error: %s/hots: no such file or directory in "
+                                 "the lower layer or the state\n" % etc)
+        status = rofs("status", etc / "ssh")
+        assert status.startswith("%s/ssh is inside the rofs mount %s:\n%s: live"
+                                 % (etc, etc, etc))
+    result = run("revert", "--state", state, etc / "nope")
+    assert result.returncode == 1 and "nope: no such file or directory" in result.stderr
+    result = run("check", tmp_path / "nonexistent")
+    assert result.returncode == 2
+    assert result.stderr == "rofs check: error: %s: no such directory\n" % (
+        tmp_path / "nonexistent")

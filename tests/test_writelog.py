@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -9,6 +10,7 @@ import pytest
 from helpers import ROFS, RofsProcess
 
 from rofs import state
+from rofs.policy import Class, load
 from rofs.report import load_events
 from rofs.writelog import ProcessCache, WriteLog
 
@@ -109,13 +111,14 @@ def test_rotation_keeps_every_event_readable(tmp_path):
 def test_process_cache_notices_a_new_process_behind_the_same_pid(monkeypatch):
     cache = ProcessCache()
     me = cache.info(os.getpid())
-    assert me[1] == os.readlink("/proc/self/exe")
+    assert me[1] == os.fsencode(os.readlink("/proc/self/exe"))
     # Pretend time passed and the pid now belongs to a process with another start time.
     from rofs import writelog
     monkeypatch.setattr(writelog, "RECHECK_SECONDS", -1)
     monkeypatch.setattr(writelog, "_start_time", lambda pid: b"other")
-    monkeypatch.setattr(writelog, "_read_process", lambda pid: ("new", "/bin/new", ["new"]))
-    assert cache.info(os.getpid()) == ("new", "/bin/new", ["new"])
+    new = (b"new", b"/bin/new", [b"new"], None)
+    monkeypatch.setattr(writelog, "_read_process", lambda pid: new)
+    assert cache.info(os.getpid()) == new
 
 
 # ---------------------------------------------------- the report, the learn run
@@ -183,31 +186,34 @@ def test_learn_run_report_and_suggested_policy(tmp_path, etc_copy):
     assert str(etc / "hosts") in sed["paths"] and sed["refused"] == 0
 
     suggested = rofs("report", "--suggest", str(learn_state)).stdout
-    lines = [line for line in suggested.splitlines() if not line.startswith("#")]
-    assert lines[0] == "default scratch"
-    kept = {line.split(None, 1)[1] for line in lines[1:]}
-    for name in ("passwd", "shadow", "group", "gshadow", "hosts", "ssh/ssh_host_rofs_key",
-                 "ssh/ssh_host_rofs_key.pub"):
-        assert str(etc / name) in kept, suggested
-    assert not any("/scratch" in k for k in kept), suggested  # its own rule: scratch
+    policy = tmp_path / "suggested.policy"
+    policy.write_text(suggested)
+    parsed = load(str(etc), str(lower), policy_file=str(policy))
+    assert parsed.default is Class.SCRATCH
+    assert all(r.cls is Class.PERSISTENT for r in parsed.rules.values())
+    kept = {b"/".join(path).decode() for path in parsed.rules}
+    for name in ("passwd", "shadow", "group", "gshadow", "hosts"):
+        assert name in kept, suggested
+    # ssh-keygen made new files in the existing ssh/: the directory is kept whole, so the
+    # next key a program makes there is kept too.
+    assert "ssh" in kept and "# whole: new entries appeared in it" in suggested
+    assert not any(k.startswith("scratch") for k in kept), suggested  # its own rule
     # Temporaries and locks are not kept (the backups passwd- etc. are real changes).
-    assert not any(k.endswith(("+", ".lock")) or "/sed" in k or k[-1].isdigit()
+    assert not any(k.endswith(("+", ".lock")) or "sed" in k or k[-1].isdigit()
                    for k in kept), suggested
 
     # The suggested policy, from a fresh state: the workload keeps exactly that.
-    policy = tmp_path / "suggested.policy"
-    policy.write_text(suggested)
     fresh = tmp_path / "state"
     with RofsProcess(str(etc), str(fresh), str(lower), ("--policy", str(policy))):
         workload(root, etc / "scratch")
     with RofsProcess(str(etc), str(fresh), str(lower), ("--policy", str(policy))):
         check_kept(etc, lower)
         upper = fresh / str(etc).lstrip("/")
-        found = {os.path.join(dirpath, name)[len(str(upper)):]
+        found = {os.path.join(dirpath, name)[len(str(upper)) + 1:]
                  for dirpath, _, names in os.walk(upper) for name in names}
         # Exactly the suggested paths hold changes; the scratch stamp and the
         # temporaries are gone.
-        assert found == {k[len(str(etc)):] for k in kept}
+        assert {f.split("/")[0] if f.startswith("ssh/") else f for f in found} == kept
 
 
 def test_report_merges_the_logs_of_several_hosts(tmp_path):
@@ -230,3 +236,58 @@ def test_report_merges_the_logs_of_several_hosts(tmp_path):
     data = json.loads(rofs("report", "--json", str(tmp_path)).stdout)
     (sed,) = data["programs"]
     assert sed["first"] == 50.0 and sed["last"] == 102.0 and sed["hosts"] == ["web1", "web2"]
+
+
+def test_report_names_scripts_summarizes_and_ignores(tmp_path):
+    """Changes a script makes are its own (not /usr/bin/dash's, not a 15-character
+    comm); the report starts with a summary; --ignore and --ignore-file leave paths out;
+    one change is "1 change"."""
+    lower, mnt, st = tmp_path / "lower", tmp_path / "mnt", tmp_path / "state"
+    (lower / ".git" / "objects").mkdir(parents=True)
+    (lower / "ssl").mkdir()
+    mnt.mkdir()
+    script = tmp_path / "bin" / "update-ca-certificates"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh -e\necho cert > \"$1/ssl/ca.pem\"\n")
+    script.chmod(0o755)
+    with RofsProcess(str(mnt), str(st), str(lower)):
+        subprocess.run([str(script), str(mnt)], check=True)
+        subprocess.run(["sh", "-c", "echo a > %s/.git/objects/a && echo b > %s/.git/HEAD"
+                        % (mnt, mnt)], check=True)
+    report = rofs("report", "--state", str(st)).stdout
+    m = str(mnt)
+    lines = report.splitlines()
+    assert lines[0] == "3 changes and 0 refused writes by 2 programs on 1 host, from 1 " \
+                       "log file"
+    assert lines[2] == "By program:" and "By directory:" in lines
+    assert "%s (update-ca-certificates): 1 change," % script in report, report
+    assert re.search(r"^ +1 +0  %s \(update-ca-certificates\)$" % re.escape(str(script)),
+                     report, re.M), report
+    assert re.search(r"^ +2 +0  %s/\.git$" % re.escape(m), report, re.M), report
+    ignored = rofs("report", "--ignore", m + "/.git/**", str(st)).stdout
+    assert m + "/.git" not in ignored and m + "/ssl/ca.pem  create" in ignored
+    assert "2 events left out by the exceptions list and --ignore" in ignored
+    patterns = tmp_path / "ignore"
+    patterns.write_text("# per-machine churn\n%s/*/objects\n" % m)
+    ignored = rofs("report", "--ignore-file", str(patterns), str(st)).stdout
+    assert m + "/.git/objects" not in ignored and m + "/.git/HEAD" in ignored
+    summary = rofs("report", "--summary", str(st)).stdout
+    assert "By directory:" in summary and "    " + m + "/ssl/ca.pem" not in summary
+    # The same patterns for rofs diff, and its summary.
+    diff = rofs("diff", "--ignore", m + "/.git", "--state", str(st)).stdout
+    assert diff == "A %s/ssl/ca.pem\n" % m
+    diff = rofs("diff", "--summary", str(st)).stdout.splitlines()
+    assert diff[0].startswith("3 changes (A added") and diff[2].split() == [
+        "2", "0", "0", "0", m + "/.git"]
+
+
+def test_script_of_interpreters():
+    from rofs.writelog import script_of
+    assert script_of(b"/usr/bin/dash", [b"/bin/sh", b"-e", b"/usr/sbin/update-ca"]) == \
+        b"/usr/sbin/update-ca"
+    assert script_of(b"/usr/bin/perl", [b"/usr/bin/perl", b"-w", b"--", b"/usr/sbin/x"]) \
+        == b"/usr/sbin/x"
+    assert script_of(b"/usr/bin/python3.11", [b"python3", b"-W", b"ignore", b"./tool"]) \
+        == b"./tool"
+    assert script_of(b"/usr/bin/bash", [b"bash", b"-c", b"echo > /etc/x"]) is None
+    assert script_of(b"/usr/bin/sed", [b"sed", b"-i", b"s/a/b/", b"/etc/hosts"]) is None
