@@ -1,7 +1,8 @@
 #!/bin/sh
-# Install everything rofs needs on a Debian/Ubuntu machine: system packages (FUSE 3,
-# headers to build pyfuse3), a virtualenv in .venv, and rofs itself with its test extra.
-# Idempotent: packages already present are not reinstalled.
+# Install what rofs needs to run on a Debian/Ubuntu machine: system packages (FUSE 3,
+# headers to build pyfuse3), a virtualenv in .venv with rofs in it, the command in
+# /usr/local/bin, the systemd unit and the man page.  `./setup.sh --test` also installs
+# what the tests need (test.sh runs it so).  Idempotent: what is there is kept.
 set -eu
 cd "$(dirname "$0")"
 
@@ -9,38 +10,72 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (it installs system packages)" >&2
     exit 1
 fi
+testing=
+case "${1:-}" in
+    --test) testing=1 ;;
+    "") ;;
+    *) echo "usage: setup.sh [--test]" >&2; exit 2 ;;
+esac
 
 PYTHON=${PYTHON:-python3}
-packages="fuse3 libfuse3-dev pkg-config gcc util-linux passwd openssh-client"
-# Users other than root run rofs too (docs/unprivileged.md).  If the interpreter the venv
-# is made from is out of their reach (a pyenv under /root), they get Debian's python3
-# with pyfuse3 and trio, run as `python3 -m rofs` (tests/test_unprivileged.py does).
-interpreter=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable))' \
-              2>/dev/null || true)
-if [ -n "$interpreter" ] && ! setpriv --reuid=65534 --regid=65534 --clear-groups \
-        env -i "$interpreter" -c pass 2>/dev/null; then
-    packages="$packages python3-pyfuse3 python3-trio"
+packages="fuse3 libfuse3-dev pkg-config gcc util-linux"
+if [ -n "$testing" ]; then
+    # useradd and ssh-keygen for the learning-run tests, git for etckeeper's case.
+    packages="$packages passwd openssh-client git"
 fi
-need=""
-for pkg in $packages; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
-done
-command -v "$PYTHON" >/dev/null 2>&1 || need="$need python3"
+
+# Whether user nobody can run "$@" (a venv or checkout under /root, mode 0700 on
+# Debian, is out of other users' reach).
+others_can() {
+    setpriv --reuid=65534 --regid=65534 --clear-groups env -i "$@" >/dev/null 2>&1
+}
+
+install_packages() {
+    need=""
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" ||
+            need="$need $pkg"
+    done
+    if [ -n "$need" ]; then
+        echo "setup.sh: installing$need"
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $need
+    fi
+}
+
+extra=""
+command -v "$PYTHON" >/dev/null 2>&1 || extra="$extra python3"
 if ! "$PYTHON" -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
-    need="$need python3-dev python3-venv"
+    extra="$extra python3-dev python3-venv"
 fi
-if [ -n "$need" ]; then
-    echo "setup.sh: installing$need"
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $need
-fi
+install_packages $packages $extra
 
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet -e '.[test,bench]'
-# The command where systemd units and mount(8) helpers look for it, and the unit where
-# systemd looks for locally installed ones (enabling it is the admin's decision).
+if [ -n "$testing" ]; then
+    .venv/bin/python -m pip install --quiet -e '.[test]'
+else
+    .venv/bin/python -m pip install --quiet -e .
+fi
+# The command where systemd units and mount(8) helpers look for it, the unit where
+# systemd looks for locally installed ones (enabling it is the admin's decision), and
+# the man page the unit points to.
 ln -sf "$(pwd)/.venv/bin/rofs" /usr/local/bin/rofs
 install -D -m 644 rofs/systemd/rofs@.service /usr/local/lib/systemd/system/rofs@.service
+install -D -m 644 docs/rofs.1 /usr/local/share/man/man1/rofs.1
+
+# Users other than root run rofs too (docs/unprivileged.md), from this venv if they can
+# reach it.
+if ! others_can "$(pwd)/.venv/bin/python" -c 'import rofs, pyfuse3, trio'; then
+    echo "setup.sh: note: $(pwd)/.venv is out of other users' reach (it, or the Python it was made from," \
+         "is under a directory closed to them, like /root): only root can run rofs" \
+         "from it; for other users, put the checkout where they can read it (e.g." \
+         "/opt/rofs) and run setup.sh there" >&2
+    if [ -n "$testing" ]; then
+        # tests/test_unprivileged.py runs a copy of the package as nobody, with
+        # Debian's python3 and its pyfuse3 and trio.
+        install_packages python3-pyfuse3 python3-trio
+    fi
+fi
 echo "setup.sh: ready: $(.venv/bin/rofs --version) in $(pwd)/.venv"

@@ -315,7 +315,11 @@ def ensure_peers(wanted: list[str] | None) -> list[str]:
 
 class RequestCounter:
     """Counts FUSE requests per opcode with the kernel's fuse:fuse_request_send
-    tracepoint, filtered on one connection.  Used in a separate, untimed pass."""
+    tracepoint, filtered on one connection.  Used in a separate, untimed pass.
+
+    It traces in an instance of its own (tracefs instances/), with its own ring buffer,
+    removed at the end: the machine's global trace buffer, its size and its events are
+    left as they were."""
 
     TRACING = "/sys/kernel/tracing"
     EVENT = "events/fuse/fuse_request_send"
@@ -323,7 +327,7 @@ class RequestCounter:
     def __init__(self) -> None:
         self.mounted_here = False
         self.reason: str | None = None
-        self.old_size: str | None = None
+        self.instance: str | None = None
         if not os.path.isdir(os.path.join(self.TRACING, "events")):
             if subprocess.run(["mount", "-t", "tracefs", "nodev", self.TRACING],
                               capture_output=True).returncode == 0:
@@ -331,11 +335,17 @@ class RequestCounter:
         if not os.path.isdir(os.path.join(self.TRACING, self.EVENT)):
             self.reason = "no fuse:fuse_request_send tracepoint (kernel too old or no tracefs)"
             return
-        self.old_size = self._read("buffer_size_kb").strip()
+        instance = os.path.join(self.TRACING, "instances", "rofs-bench-%d" % os.getpid())
+        try:
+            os.mkdir(instance)
+        except OSError as e:
+            self.reason = "no tracefs instance (%s)" % e.strerror
+            return
+        self.instance = instance
         self._write("buffer_size_kb", "65536")
 
     def _path(self, name: str) -> str:
-        return os.path.join(self.TRACING, name)
+        return os.path.join(self.instance, name)
 
     def _read(self, name: str) -> str:
         with open(self._path(name)) as f:
@@ -369,10 +379,13 @@ class RequestCounter:
         return counts, overrun
 
     def close(self) -> None:
-        if self.reason is None:
-            self._write(self.EVENT + "/filter", "0")
-            if self.old_size:
-                self._write("buffer_size_kb", self.old_size)
+        if self.instance is not None:
+            try:
+                self._write(self.EVENT + "/enable", "0")
+            except OSError:
+                pass
+            os.rmdir(self.instance)  # its buffer and events go with it
+            self.instance = None
         if self.mounted_here:
             subprocess.run(["umount", self.TRACING], capture_output=True)
 

@@ -10,6 +10,7 @@ import textwrap
 import time
 
 from rofs import __version__
+from rofs.names import quote
 from rofs.policy import CLASS_NAMES, PolicyError
 
 EXIT_USAGE = 2
@@ -25,8 +26,8 @@ EPILOG = """\
 STATEDIR is created (mode 0700) if it does not exist but its parent does.
 The command returns once the mount is live; errors before that are printed here
 with a non-zero exit code (2 for bad arguments or an unusable state dir).
-Unmount with `umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`; SIGTERM and
-SIGINT unmount cleanly too.
+Unmount with `umount MOUNTPOINT` (a user other than root: `fusermount3 -u
+MOUNTPOINT`); SIGTERM, SIGINT and SIGHUP unmount cleanly too.
 
 As mount(8)'s helper (mount -t fuse.rofs, or an fstab line):
   rofs SOURCE MOUNTPOINT -o state=STATEDIR[,lowerdir=DIR,policy=FILE,...]
@@ -279,6 +280,14 @@ class UsageError(Exception):
     pass
 
 
+def unmount_command(mountpoint: str) -> str:
+    """How the user running this unmounts a (dead) mount: root needs no fusermount3
+    (which takes a lock file inside /etc, on the very mount it unmounts)."""
+    if os.geteuid() == 0:
+        return "umount -l %s" % quote(mountpoint)
+    return "fusermount3 -u -z %s" % quote(mountpoint)
+
+
 def _mountinfo_top(path: str) -> str | None:
     """Filesystem type of the topmost mount at `path`, if `path` is a mount point."""
     from rofs._sys import mount_table
@@ -306,12 +315,26 @@ MOUNT_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser
 OVERLAY_NOOPS = {"index", "xino", "metacopy", "nfs_export", "uuid", "volatile", "verity"}
 
 
+def _without_implicit(options: list[str]) -> list[str]:
+    """The options of a mount(8) run without the `dev` and `suid` that mount.fuse3 always
+    appends (mount(8)'s defaults, unless `nodev`/`nosuid` were given), so that
+    `mount -t fuse.rofs` mounts nosuid,nodev like `rofs` itself; a `dev` or `suid` the
+    admin wrote stays (mount.fuse3 then appends a second one)."""
+    options = list(options)
+    for implicit in ("suid", "dev"):
+        if options and options[-1] == implicit:
+            options.pop()
+    return options
+
+
 def apply_mount_options(args: argparse.Namespace) -> list[str]:
     """Move rofs's own -o options into args; returns the options left for FUSE."""
+    options = [o for group in args.options for o in group.split(",") if o]
     if args.helper_target is not None:  # rofs SOURCE MOUNTPOINT: the source is a name
         args.mountpoint = args.helper_target
+        options = _without_implicit(options)
     fuse = []
-    for option in (o for group in args.options for o in group.split(",") if o):
+    for option in options:
         key, _, value = option.partition("=")
         if key in OPTION_ARGS:
             if key != "rwtab" and not value:
@@ -367,10 +390,9 @@ def validate(args: argparse.Namespace):
     mountpoint = os.path.abspath(args.mountpoint)
     from rofs.tools import dead_mount
     if dead_mount(mountpoint):
-        raise UsageError("%s is a dead FUSE mount (its daemon was killed): run "
-                         "`fusermount3 -u %s` (or `umount -l`), then mount again; the "
-                         "state dir keeps everything that was written"
-                         % (mountpoint, mountpoint))
+        raise UsageError("%s is a dead FUSE mount (its daemon was killed): run `%s`, "
+                         "then mount again; the state dir keeps everything that was "
+                         "written" % (quote(mountpoint), unmount_command(mountpoint)))
     if not os.path.isdir(mountpoint):
         raise UsageError("mountpoint %s does not exist or is not a directory" % mountpoint)
     mountpoint = os.path.realpath(mountpoint)
@@ -440,8 +462,14 @@ def _use_c_allocator(argv: list[str]) -> None:
     if "PYTHONMALLOC" in os.environ:
         return
     env = dict(os.environ, PYTHONMALLOC="malloc")
+    # Not `python -m rofs`: that puts the current directory first on sys.path, and a
+    # directory named rofs there (a checkout in ~, /etc/rofs/ for policies) would be
+    # imported instead of this package.  The new process imports this very package.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bootstrap = ("import sys; sys.path[0] = %r; from rofs.cli import entry; "
+                 "sys.exit(entry())" % here)
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "rofs", *argv], env)
+        os.execve(sys.executable, [sys.executable, "-c", bootstrap, *argv], env)
     except OSError:
         return  # keep going with the default allocator
 

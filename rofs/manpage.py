@@ -70,9 +70,12 @@ def render() -> str:
         ".SH FILES",
         ".TP", "\\fISTATEDIR\\fR/\\fIMOUNTPOINT\\fR/", "the upper layer (kernel overlayfs format)",
         ".TP", "\\fISTATEDIR\\fR/.rofs/", "format, work, index, scratch layer, write log, mount "
-        "records",
+        "records, attic (saved changes a policy change moved aside)",
         ".TP", "/run/rofs/", "live mounts' records and control sockets "
         "(\\fB$XDG_RUNTIME_DIR\\fR/rofs/ for a user's mounts)",
+        ".SH ENVIRONMENT",
+        ".TP", "ROFS_RUN_DIR", "where live mounts publish their records and control sockets, "
+        "instead of /run/rofs/ (the tests use it; daemons and tools must agree)",
         ".TP", "/usr/local/lib/systemd/system/rofs@.service", "the systemd template unit "
         "(installed by setup.sh; the instance is the escaped mountpoint)",
         ".SH SEE ALSO",

@@ -29,7 +29,7 @@ from rofs.layers import Markers, UpperLayer, lstat_below
 from rofs.names import quote, quote_path
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
-from rofs.policy import Policy
+from rofs.policy import BUILT_IN_SOURCE, Policy
 from rofs.writelog import WriteLog
 
 log = logging.getLogger(__name__)
@@ -291,6 +291,8 @@ def unmatched_rules(policy: Policy, prepared: state.Prepared) -> list[str]:
     class."""
     notes = []
     for path, rule in sorted(policy.rules.items()):
+        if rule.source.startswith(BUILT_IN_SOURCE):
+            continue
         if path and lstat_below(prepared.lower_fd, path) is None and \
                 lstat_below(prepared.upper_fd, path) is None:
             notes.append("%s: %s %s matches nothing in the lower layer or the state (a typo?)"
@@ -310,7 +312,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         scratch_layer.index_fd = prepared.scratch_index_fd
     overlay.set_policy(config.policy, scratch_layer)
     if scratch_layer is not None:
-        log.info("scratch changes go to %s until the next mount", prepared.scratch_path)
+        log.info("scratch changes go to %s until the next mount", quote(prepared.scratch_path))
     if prepared.moved is not None:
         _report_moved(config, prepared.moved)
     for note in config.policy.notes + unmatched_rules(config.policy, prepared) + \
@@ -338,8 +340,8 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
             hint = (" (/dev/fuse is not open to uid %d; distributions make it mode 0666, "
                     "and fusermount3 does the mount)" % os.geteuid())
         raise MountError("cannot mount %s: %s%s" % (config.mountpoint, e, hint)) from None
-    log.info("mounted %s (lower %s, upper %s)", config.mountpoint, config.lower,
-             prepared.upper_path)
+    log.info("mounted %s (lower %s, upper %s)", quote(config.mountpoint),
+             quote(config.lower), quote(prepared.upper_path))
     published = tools.publish_live(config.mountpoint, config.state, prepared.lower_fd)
     started = time.time()
 
@@ -347,7 +349,8 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         """This mount, for `rofs status`."""
         counts: dict[str, int] = {}
         for rule in config.policy.rules.values():
-            counts[rule.cls.value] = counts.get(rule.cls.value, 0) + 1
+            if not rule.source.startswith(BUILT_IN_SOURCE):
+                counts[rule.cls.value] = counts.get(rule.cls.value, 0) + 1
         return {"mountpoint": config.mountpoint, "state": config.state,
                 "lower": config.lower, "upper": prepared.upper_path,
                 "scratch": prepared.scratch_path or None,
@@ -376,7 +379,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
             writelog.close()
         overlay.close()
         prepared.close()
-    log.info("unmounted %s", config.mountpoint)
+    log.info("unmounted %s", quote(config.mountpoint))
     if ops.counters.internal_errors:
         log.warning("%d requests failed with internal errors", ops.counters.internal_errors)
     return 0

@@ -47,6 +47,16 @@ CLASS_NAMES = [c.value for c in Class]
 KINDS = ("files", "empty", "dirs")
 
 
+# Rules every mount has (a policy file may override them): fusermount3 takes its lock
+# in /etc/mtab.fuselock when /etc/mtab is not a symlink, so `fusermount3 -u /etc` would
+# hold a file open on the very mount it unmounts (EBUSY) and leave the lock in the
+# state.  On a read-only /etc the open fails and fusermount3 goes on without it; rofs
+# answers the same.
+BUILT_IN = [(b"/etc/mtab.fuselock", Class.READ_ONLY, "fusermount3's lock file, as on a "
+             "read-only /etc")]
+BUILT_IN_SOURCE = "built in: "
+
+
 @dataclass(frozen=True)
 class Rule:
     path: Path
@@ -98,6 +108,8 @@ class Policy:
 
     def add(self, absolute: bytes, cls: Class, kind: str, source: str) -> None:
         path = self.relative(absolute)
+        if path is None and source.startswith(BUILT_IN_SOURCE):
+            return
         if path is None:
             self.notes.append("%s: %s is outside the mount %s: ignored"
                               % (source, quote(absolute), quote(self.mountpoint)))
@@ -263,6 +275,8 @@ def load(mountpoint: str, lower: str, *, policy_file: str | None = None,
     over /etc, so the image's own files; /etc otherwise), or a directory.
     """
     policy = Policy(mountpoint=os.path.normpath(mountpoint))
+    for path, cls, why in BUILT_IN:
+        policy.add(path, cls, "files", BUILT_IN_SOURCE + why)
 
     def fedora_etc(arg: str | None) -> str:
         if arg:

@@ -64,7 +64,11 @@ def record_mount(state: str, mountpoint: str, lower: str,
 
 
 def run_dir() -> str | None:
-    """Where live daemons of this user say where they are (None: nowhere)."""
+    """Where live daemons of this user say where they are (None: nowhere).
+    $ROFS_RUN_DIR, when set, overrides the default for daemons and tools alike."""
+    override = os.environ.get("ROFS_RUN_DIR")
+    if override and os.path.isabs(override):
+        return override
     if os.geteuid() == 0:
         return RUN_DIR
     base = os.environ.get("XDG_RUNTIME_DIR")
@@ -88,6 +92,7 @@ def publish_live(mountpoint: str, state: str, lower_fd: int) -> str | None:
         return None
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        sweep_stale(os.path.dirname(path))
         with open(path + ".tmp", "w") as f:
             json.dump({"pid": os.getpid(), "lower_fd": lower_fd, "state": state,
                        "mountpoint": mountpoint,
@@ -96,6 +101,28 @@ def publish_live(mountpoint: str, state: str, lower_fd: int) -> str | None:
     except OSError:
         return None
     return path
+
+
+def sweep_stale(directory: str) -> None:
+    """Remove the records and sockets of daemons that are gone (killed: a clean exit
+    removes its own), so the run dir does not fill up with them."""
+    for name in os.listdir(directory):
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            pid, fd = int(info["pid"]), int(info["lower_fd"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if os.path.exists("/proc/%d/fd/%d" % (pid, fd)):
+            continue
+        for stale in (path, path[:-len(".json")] + ".sock"):
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
 
 
 @dataclass
@@ -212,8 +239,9 @@ def status(mountpoints: list[str]) -> list[dict]:
                 entry.update(mountpoint=outer, asked=mnt)
                 mnt = outer
         if dead_mount(mnt):
-            entry["error"] = ("dead: the daemon is gone; run `fusermount3 -u %s` and mount "
-                              "again" % mnt)
+            from rofs.cli import unmount_command
+            entry["error"] = ("dead: the daemon is gone; run `%s` and mount again"
+                              % unmount_command(mnt))
             continue
         if not _is_rofs_mount(mnt):
             entry["error"] = "not a rofs mount"

@@ -2,6 +2,7 @@ import os
 import shutil
 import stat
 import sys
+import tempfile
 
 import pytest
 
@@ -11,6 +12,15 @@ from helpers import RofsProcess, fuse_missing  # noqa: E402
 
 # In CI a missing prerequisite must fail the run, not quietly skip the mount tests.
 REQUIRE_FUSE = os.environ.get("ROFS_REQUIRE_FUSE") == "1"
+
+# Live mounts of the tests publish their records and control sockets here, not in the
+# machine's /run/rofs (a test that kills a daemon would leave them there).
+RUN_DIR = tempfile.mkdtemp(prefix="rofs-test-run-")
+os.environ["ROFS_RUN_DIR"] = RUN_DIR
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,7 @@ that run inside private mount namespaces.
 
 A mount is started in the foreground as a subprocess, awaited until it shows up in
 /proc/self/mountinfo (failing at once if the process died), and always torn down:
-`fusermount3 -u`, lazily if it must, then the process is reaped.
+`umount` (a user: `fusermount3 -u`), lazily if it must, then the process is reaped.
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ def unmount(path: str) -> None:
     path = os.path.realpath(path)
     if not is_rofs_mounted(path):
         return
-    if subprocess.run(["fusermount3", "-u", path], capture_output=True).returncode != 0:
-        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+    # Root needs no fusermount3 (its lock file in /etc is on the mount when it is /etc).
+    command = ["umount"] if os.geteuid() == 0 else ["fusermount3", "-u"]
+    if subprocess.run(command + [path], capture_output=True).returncode != 0:
+        subprocess.run(command + ["-l" if os.geteuid() == 0 else "-z", path],
+                       capture_output=True)
     deadline = time.monotonic() + 10
     while is_rofs_mounted(path) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -13,12 +13,23 @@ pytestmark = pytest.mark.fuse
 RUN = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run.py")
 
 
+def trace_settings():
+    """The machine's global trace buffer size and instances (None without tracefs)."""
+    try:
+        with open("/sys/kernel/tracing/buffer_size_kb") as f:
+            return f.read(), sorted(os.listdir("/sys/kernel/tracing/instances"))
+    except OSError:
+        return None
+
+
 def test_quick_benchmark_runs_and_reports(tmp_path):
+    before = trace_settings()
     result = subprocess.run(
         [sys.executable, RUN, "--quick", "--only", "native,kernel-overlayfs,rofs",
          "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "results")],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert trace_settings() == before  # counting requests left the machine as it was
     assert "rofs vs peers" in result.stdout
     with open(tmp_path / "results" / "quick.json") as f:
         data = json.load(f)

@@ -147,7 +147,8 @@ BLOCKS: dict[str, Block] = {
     "/etc: live, pid 812, up 0d 03:12:55": Block(
         reason="sample output; tests/test_state_tools.py checks its lines"),
     # docs/troubleshooting.md
-    "fusermount3 -u /etc         # or: umount -l /etc": Block("dead", check=MOUNTED),
+    "umount -l /etc              # a user's own mount: fusermount3 -u -z MOUNTPOINT":
+        Block("dead", check=MOUNTED),
     "rofs report /var/lib/stateless/state | grep REFUSED": Block("mounted"),
     "rofs report --suggest /var/lib/stateless/state": Block("mounted"),
     "rofs diff /var/lib/stateless/state          # A, M (and what), D, R per path": Block(
@@ -257,7 +258,7 @@ echo $(readlink /proc/self/ns/mnt) > "$BASE/ns"
 # rofs mounts of this machine (other tests) are not the docs' machine's: drop the copies
 for m in $(findmnt -rn -t fuse.rofs -o TARGET); do umount -l "$m"; done
 mount --bind /var/lib/dpkg "$BASE/dpkg"   # (setup.sh asks dpkg what is installed)
-for d in /usr/local/bin /usr/local/lib /var/lib /srv /mnt /run /opt; do
+for d in /usr/local/bin /usr/local/lib /usr/local/share /var/lib /srv /mnt /run /opt; do
     mount -t tmpfs -o mode=755 rofs-docs "$d"
 done
 mkdir /var/lib/dpkg && mount --bind "$BASE/dpkg" /var/lib/dpkg
@@ -352,6 +353,7 @@ def test_block_runs(key):
                                                       .splitlines()),
                             checked(body), checked([spec.check]), "exit 0"])
         env = dict(os.environ, BASE=base, CHECKOUT=ROOT)
+        env.pop("ROFS_RUN_DIR", None)  # the docs' machine: /run/rofs (a tmpfs here)
         result = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c",
                                  script], capture_output=True, text=True, env=env,
                                 timeout=300)

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from helpers import ROFS, RofsProcess, is_rofs_mounted
 
-from rofs.policy import Class, PolicyError, load
+from rofs.policy import BUILT_IN_SOURCE, Class, PolicyError, load
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "policy.md")
 
@@ -41,6 +41,21 @@ def doc_block(name):
 # ------------------------------------------------------------------ parsing
 
 
+def mine(policy):
+    """The rules that came from the files, not the built-in ones."""
+    return [r for r in policy.rules.values() if not r.source.startswith(BUILT_IN_SOURCE)]
+
+
+def test_built_in_rule_for_fusermount3s_lock_only_over_etc(tmp_path):
+    p = load("/etc", str(tmp_path))
+    assert p.classify((b"mtab.fuselock",)) is Class.READ_ONLY and not mine(p)
+    assert load("/srv", str(tmp_path)).rules == {}
+    pol = tmp_path / "policy"
+    write(pol, "persistent /etc/mtab.fuselock\n")
+    p = load("/etc", str(tmp_path), policy_file=str(pol))
+    assert p.classify((b"mtab.fuselock",)) is Class.PERSISTENT
+
+
 def test_classes_follow_the_longest_rule(tmp_path):
     pol = tmp_path / "policy"
     write(pol, "# comment\n\ndefault scratch\npersistent /etc/ssh\n"
@@ -65,7 +80,7 @@ def test_fedora_files_every_line_type(tmp_path):
     write(etc / "statetab", "/etc/ssh\n# nothing\n")
     write(etc / "statetab.d" / "more", "/etc/machine-id\n")
     p = load("/etc", str(tmp_path), rwtab=str(etc))
-    kinds = {r.path: (r.cls, r.kind) for r in p.rules.values()}
+    kinds = {r.path: (r.cls, r.kind) for r in mine(p)}
     assert kinds == {(b"spool",): (Class.SCRATCH, "dirs"),
                      (b"cache",): (Class.SCRATCH, "empty"),
                      (b"adjtime",): (Class.SCRATCH, "files"),
@@ -99,7 +114,7 @@ def test_comments_several_paths_and_escapes(tmp_path):
                     b"  # an indented comment\n")
     p = load("/etc", str(tmp_path), policy_file=str(pol))
     assert p.default is Class.SCRATCH
-    assert {path: r.cls for path, r in p.rules.items()} == {
+    assert {r.path: r.cls for r in mine(p)} == {
         (b"shadow",): Class.PERSISTENT, (b"gshadow",): Class.PERSISTENT,
         (b"subuid",): Class.PERSISTENT, (b"my file",): Class.PERSISTENT,
         (b"back\\slash",): Class.READ_ONLY, (b"caf\xe9",): Class.READ_ONLY,
@@ -133,7 +148,7 @@ def test_fedora_files_take_one_path_per_line(tmp_path):
         load("/etc", str(tmp_path), rwtab=str(tmp_path))
     write(tmp_path / "statetab", "/etc/shadow   # comment\n/etc/my\\x20key\n")
     p = load("/etc", str(tmp_path), rwtab=str(tmp_path))
-    assert set(p.rules) == {(b"shadow",), (b"my key",)}
+    assert {r.path for r in mine(p)} == {(b"shadow",), (b"my key",)}
 
 
 def test_malformed_rwtab_line(tmp_path):

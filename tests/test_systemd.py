@@ -90,9 +90,14 @@ def test_unit_start_notifies_only_once_live_and_stop_unmounts(tmp_path):
 
 def test_setup_installs_the_unit():
     """setup.sh (which test.sh runs first) puts the shipped unit where systemd looks for
-    locally installed units, next to /usr/local/bin/rofs, which its ExecStart runs."""
+    locally installed units, next to /usr/local/bin/rofs, which its ExecStart runs, and
+    the man page the unit's Documentation= names."""
     installed = "/usr/local/lib/systemd/system/rofs@.service"
     with open(installed) as f:
-        assert f.read() == resources.files("rofs.systemd").joinpath(
-            "rofs@.service").read_text()
+        unit = f.read()
+    assert unit == resources.files("rofs.systemd").joinpath("rofs@.service").read_text()
     assert os.path.realpath("/usr/local/bin/rofs").endswith("/.venv/bin/rofs")
+    assert "man:rofs(1)" in unit
+    with open("/usr/local/share/man/man1/rofs.1") as f, open(os.path.join(
+            os.path.dirname(__file__), "..", "docs", "rofs.1")) as page:
+        assert f.read() == page.read()
