@@ -156,6 +156,14 @@ def _state_option(parser: argparse.ArgumentParser, text: str) -> None:
     parser.add_argument("--state", metavar="STATEDIR", help=text)
 
 
+def _state_operands(parser: argparse.ArgumentParser, metavar: str, more: str = "") -> None:
+    """The operands of a command whose first operand is the state dir (unless --state
+    names it), then what `more` says; split by take_state."""
+    parser.add_argument("operands", metavar=metavar, nargs="*",
+                        help="the state dir (unless --state names it)" + more)
+    _state_option(parser, "the state dir")
+
+
 def take_state(parser: argparse.ArgumentParser, args: argparse.Namespace,
                operands: list[str], most: int) -> list[str]:
     """args.state from --state or else the first operand; the other operands (at most
@@ -185,10 +193,8 @@ def build_diff_parser() -> argparse.ArgumentParser:
         "one); a renamed directory is an A with \"renamed from\" and a D.",
         "examples:\n  rofs diff /var/lib/stateless/state\n"
         "  rofs diff --patch /var/lib/stateless/state /etc/ssh")
-    parser.add_argument("operands", metavar="STATEDIR [PATH]", nargs="*",
-                        help="the state dir (unless --state names it), and optionally "
-                        "only this path (and below), as the mount shows it")
-    _state_option(parser, "the state dir")
+    _state_operands(parser, "STATEDIR [PATH]", ", and optionally only this path (and "
+                    "below), as the mount shows it")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--patch", action="store_true",
                      help="also a unified diff of each changed text file")
@@ -223,9 +229,7 @@ def build_check_parser() -> argparse.ArgumentParser:
         "over nothing, redirects to nowhere.  Exit status 0: clean (or repaired), 1: "
         "problems found.",
         "example:\n  rofs check --repair /var/lib/stateless/state")
-    parser.add_argument("operands", metavar="STATEDIR", nargs="*",
-                        help="the state dir (unless --state names it)")
-    _state_option(parser, "the state dir")
+    _state_operands(parser, "STATEDIR")
     parser.add_argument("--repair", action="store_true",
                         help="fix what can be fixed safely (the mount must not be live)")
     parser.add_argument("--lower", metavar="DIR",
@@ -259,10 +263,8 @@ def build_attic_parser() -> argparse.ArgumentParser:
         "  rofs attic --restore 20261128T050000Z /var/lib/stateless/state\n"
         "  rofs attic --restore 20261128T050000Z /var/lib/stateless/state /etc/passwd\n"
         "  rofs attic --drop 20261128T050000Z --state /var/lib/stateless/state")
-    parser.add_argument("operands", metavar="STATEDIR [PATH ...]", nargs="*",
-                        help="the state dir (unless --state names it); for --restore, "
-                        "only these paths of the set, as the mount shows them")
-    _state_option(parser, "the state dir")
+    _state_operands(parser, "STATEDIR [PATH ...]", "; for --restore, only these paths of "
+                    "the set, as the mount shows them")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--restore", metavar="ID",
                         help="put the entries of set ID back into the upper layer")

@@ -46,17 +46,24 @@ def save_changes(m):
     os.chmod(m / "ssh", 0o755)
 
 
+def saved_then(etc, state, policy, text):
+    """Changes saved with no policy; then the policy file `text`.  What the saved changes
+    looked like."""
+    with RofsProcess(str(etc), str(state)):
+        save_changes(etc)
+        saved = view(etc)
+    policy.write_text(text)
+    return saved
+
+
 def test_a_policy_change_moves_saved_changes_aside_and_they_come_back(etc):
     etc, state, tmp = etc
     m = str(etc)
-    with RofsProcess(m, str(state)):
-        save_changes(etc)
-        saved = view(etc)
     # The policy the issue saw deleting data: end-of-line comments, two paths on a line.
     policy = tmp / "stateless.policy"
-    policy.write_text("default scratch   # forget the rest\n"
-                      "persistent %s/shadow    # keep password changes\n"
-                      "persistent %s/gshadow %s/subuid\n" % (m, m, m))
+    saved = saved_then(etc, state, policy, "default scratch   # forget the rest\n"
+                       "persistent %s/shadow    # keep password changes\n"
+                       "persistent %s/gshadow %s/subuid\n" % (m, m, m))
     with RofsProcess(m, str(state), args=("--policy", str(policy))) as proc:
         assert (etc / "shadow").read_text() == "root:$6$new:20000:0:99999:7:::\n"
         assert "alice" not in (etc / "passwd").read_text()
@@ -96,11 +103,8 @@ def test_a_policy_change_moves_saved_changes_aside_and_they_come_back(etc):
 def test_offline_restore_of_some_paths_and_drop(etc):
     etc, state, tmp = etc
     m = str(etc)
-    with RofsProcess(m, str(state)):
-        save_changes(etc)
-        saved = view(etc)
     policy = tmp / "p"
-    policy.write_text("scratch %s/passwd %s/cron.d\n" % (m, m))
+    saved = saved_then(etc, state, policy, "scratch %s/passwd %s/cron.d\n" % (m, m))
     with RofsProcess(m, str(state), args=("--policy", str(policy))):
         assert "alice" not in (etc / "passwd").read_text()
     set_id = rofs("attic", state).stdout.split()[0]
