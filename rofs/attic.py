@@ -147,8 +147,9 @@ def move_aside(upper: UpperLayer, index_fd: int | None, paths: list[Path], base:
             try:
                 dst = _attic_parents(upper, tree, path[:-1])
                 try:
-                    keys += index_keys(upper, src, path[-1])
+                    inside = index_keys(upper, src, path[-1])
                     renameat2(src, path[-1], dst, path[-1], RENAME_NOREPLACE)
+                    keys += inside  # only once they have moved
                     moved.paths.append(path)
                 finally:
                     if dst != tree:

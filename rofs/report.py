@@ -127,10 +127,15 @@ def excepted(event: dict, key: str, patterns: Patterns) -> bool:
     return patterns.leaves_out(event.get(key), event.get("mount") or "")
 
 
+def _version(event: dict) -> int:
+    v = event.get("v")
+    return v if isinstance(v, int) else 1
+
+
 def normalize(event: dict) -> dict:
     """A log line written before names were escaped (no "v": their text was decoded
     with surrogateescape), in today's form."""
-    if event.get("v", 1) >= 2:
+    if _version(event) >= 2:
         return event
     for key in ("path", "path2", "rule", "mount", "exe", "comm", "host"):
         if isinstance(event.get(key), str):
@@ -388,7 +393,7 @@ def replay(events: list[dict], patterns: Patterns
             s, d = fate(src, op), fates.get(dst)
             if d is None:
                 # Since log version 2 a rename says when its destination was new.
-                existed = None if e.get("v", 1) < 2 else not e.get("new", False)
+                existed = not e.get("new", False) if _version(e) >= 2 else None
                 d = fates[dst] = Fate(existed=existed)
             d.exists = d.changed = True
             d.programs.add(program)

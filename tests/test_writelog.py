@@ -291,3 +291,16 @@ def test_script_of_interpreters():
         == b"./tool"
     assert script_of(b"/usr/bin/bash", [b"bash", b"-c", b"echo > /etc/x"]) is None
     assert script_of(b"/usr/bin/sed", [b"sed", b"-i", b"s/a/b/", b"/etc/hosts"]) is None
+
+
+def test_logs_written_before_names_were_escaped_are_read_the_same(tmp_path):
+    """Lines without "v" held names decoded with surrogateescape; the report escapes
+    them like today's, and finds the script of an interpreter in their command line."""
+    event = {"t": 1.0, "host": "old", "mount": "/etc", "pid": 1, "uid": 0, "comm": "sh",
+             "exe": "/usr/bin/dash", "cmd": ["/bin/sh", "/usr/sbin/update-ca"],
+             "op": "create", "path": "/etc/caf\udce9\nD x", "result": "ok",
+             "class": "persistent", "rule": None}
+    (tmp_path / "old.jsonl").write_text(json.dumps(event) + "\n")
+    report = rofs("report", str(tmp_path / "old.jsonl")).stdout
+    assert "    /etc/caf\\xe9\\x0aD\\x20x  create\n" in report
+    assert "/usr/sbin/update-ca (update-ca): 1 change," in report
