@@ -335,7 +335,7 @@ def render(summary: Summary, files: list[str], bad: int, only_summary: bool = Fa
 
 def as_json(summary: Summary, files: list[str], bad: int) -> str:
     return json.dumps({
-        "files": files, "skipped_lines": bad, "ignored": summary.ignored,
+        "files": [quote(f) for f in files], "skipped_lines": bad, "ignored": summary.ignored,
         "directories": {top: {"changes": c["changes"], "refused": c["refused"]}
                         for top, c in sorted(summary.tops.items())},
         "programs": [{
