@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from rofs import copyup
 from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
-from rofs.layers import UpperLayer, open_listable, walk_tree
+from rofs.layers import UpperLayer, open_listable, remove_tree, walk_tree
 from rofs.names import quote, quote_path, unquote
 from rofs.state import PRIVATE_DIR, mount_name
 
@@ -406,8 +406,7 @@ def _drop_if_empty(s: AtticSet) -> None:
 def drop_set(s: AtticSet) -> None:
     parent = open_listable(None, os.fsencode(os.path.dirname(s.directory)))
     try:
-        UpperLayer(parent, parent, None).remove_tree(parent, os.fsencode(
-            os.path.basename(s.directory)))
+        remove_tree(parent, os.fsencode(os.path.basename(s.directory)))
     finally:
         os.close(parent)
 

@@ -134,6 +134,94 @@ def walk_tree(dir_fd: int, name: bytes):
             os.close(fd)
 
 
+SKIP = object()  # walk_sorted: do not walk into this entry
+
+
+def walk_sorted(top_fd: int, rel: tuple[bytes, ...], context, visit) -> None:
+    """Visit every entry below the directory top_fd, depth first and in name order:
+    visit(dir_fd, name, rel, context) returns SKIP, or the context to walk that entry (a
+    directory) with; dir_fd is valid during the call, so visit may use
+    proc_path(dir_fd, name), which stays short however deep the tree is.  Iterative,
+    with one descriptor per level (top_fd stays the caller's)."""
+    def names(fd: int):
+        return iter(sorted(os.fsencode(n) for n in os.listdir(fd)))
+
+    stack = [(top_fd, rel, context, names(top_fd))]
+    try:
+        while stack:
+            fd, rel, ctx, rest = stack[-1]
+            name = next(rest, None)
+            if name is None:
+                if fd != top_fd:
+                    os.close(fd)
+                stack.pop()
+                continue
+            sub = visit(fd, name, rel + (name,), ctx)
+            if sub is not SKIP:
+                child = open_listable(fd, name)
+                try:
+                    stack.append((child, rel + (name,), sub, names(child)))
+                except BaseException:
+                    os.close(child)
+                    raise
+    finally:
+        for fd, *_ in stack:
+            if fd != top_fd:
+                os.close(fd)
+
+
+def open_below(root_fd: int, path: tuple[bytes, ...]) -> int:
+    """A new readable descriptor of the directory root/path, walked one component at a
+    time without following symlinks (path () opens root itself again)."""
+    fd = open_listable(root_fd, b".")
+    for name in path:
+        try:
+            child = open_listable(fd, name)
+        finally:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+def remove_tree(dir_fd: int, name: bytes) -> None:
+    """Remove `name` (a file or a whole directory tree) below dir_fd, fd-relative and
+    iteratively: one descriptor per level and each directory listed once, so a tree of
+    any depth or width a user made goes in time linear in its size."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+
+    def frame(parent: int, child: bytes):
+        fd = open_listable(parent, child)
+        with os.scandir(fd) as entries:
+            listed = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False))
+                      for e in entries]
+        return parent, child, fd, iter(listed)
+
+    stack = [frame(dir_fd, name)]
+    try:
+        while stack:
+            parent, child, fd, rest = stack[-1]
+            entry = next(rest, None)
+            if entry is None:
+                os.close(fd)
+                stack.pop()
+                os.rmdir(child, dir_fd=parent)
+                continue
+            ename, is_dir = entry
+            if is_dir:
+                stack.append(frame(fd, ename))
+            else:
+                os.unlink(ename, dir_fd=fd)
+    finally:
+        for _, _, fd, _ in stack:
+            os.close(fd)
+
+
 class LowerLayer:
     """The read-only layer.  Nothing here writes; paths are tuples of name components."""
 
@@ -291,29 +379,4 @@ class UpperLayer:
 
     def remove_tree(self, dir_fd: int, name: bytes) -> None:
         """Remove `name` (a file or a whole directory tree) below dir_fd, fd-relative."""
-        st = self.try_stat(dir_fd, name)
-        if st is None:
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(name, dir_fd=dir_fd)
-            return
-        stack = [(dir_fd, name, None)]
-        while stack:
-            parent, child, fd = stack[-1]
-            if fd is None:
-                fd = open_listable(parent, child)
-                stack[-1] = (parent, child, fd)
-            pushed = False
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    ename = os.fsencode(entry.name)
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append((fd, ename, None))
-                        pushed = True
-                        break
-                    os.unlink(ename, dir_fd=fd)
-            if pushed:
-                continue
-            os.close(fd)
-            stack.pop()
-            os.rmdir(child, dir_fd=parent)
+        remove_tree(dir_fd, name)

@@ -71,6 +71,7 @@ class Policy:
     default: Class = Class.PERSISTENT
     rules: dict[Path, Rule] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # rules ignored, and why
+    _depth: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def trivial(self) -> bool:
@@ -88,10 +89,20 @@ class Policy:
         return self.default is Class.READ_ONLY or any(
             r.cls is Class.READ_ONLY for r in self.rules.values())
 
+    @property
+    def depth(self) -> int:
+        """Components of the longest rule's path: no prefix longer can match, so the
+        cost of a lookup is bounded by the policy, not by how deep a user's tree is."""
+        if self._depth is None:
+            self._depth = max(map(len, self.rules), default=0)
+        return self._depth
+
     def rule_for(self, path: Path) -> Rule | None:
         """The rule deciding `path`: the longest one naming it or a parent."""
         rules = self.rules
-        for end in range(len(path), -1, -1):
+        if not rules:
+            return None
+        for end in range(min(len(path), self.depth), -1, -1):
             rule = rules.get(path[:end])
             if rule is not None:
                 return rule
@@ -115,6 +126,7 @@ class Policy:
                               % (source, quote(absolute), quote(self.mountpoint)))
             return
         self.rules[path] = Rule(path, cls, kind, source)
+        self._depth = None
 
     def relative(self, absolute: bytes) -> Path | None:
         """`absolute` as components below the mountpoint, or None if outside it."""

@@ -18,13 +18,21 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import stat
 import urllib.parse
 from dataclasses import dataclass, field
 
-from rofs._sys import mount_table, open_noatime
-from rofs.layers import Markers, UpperLayer, is_whiteout, open_listable
+from rofs._sys import mount_table, open_noatime, proc_path
+from rofs.layers import (
+    SKIP,
+    Markers,
+    UpperLayer,
+    is_whiteout,
+    open_below,
+    open_listable,
+    remove_tree,
+    walk_sorted,
+)
 from rofs.names import quote, quote_path, unquote
 from rofs.state import PRIVATE_DIR, layer_paths, mount_name, read_markers
 
@@ -475,24 +483,50 @@ class Differ:
         return out
 
     def run(self, start: tuple[bytes, ...] = ()) -> list[Change]:
-        upper = os.fsencode(self.mount.upper)
-        path = upper + b"".join(b"/" + c for c in start)
-        if not os.path.lexists(path):
-            return self.changes  # nothing changed there
-        if start:
-            parent_lower = self._parent_lower(start)
-            self._entry(start, path, parent_lower)
-        else:
-            self._walk((), path, ())
+        """The changes at `start` and below.  The upper tree is walked with descriptors,
+        one per level, never recursively: a user may have made it any depth."""
+        root = open_listable(None, os.fsencode(self.mount.upper))
+        try:
+            if not start:
+                walk_sorted(root, (), (), self._entry)
+                return self.changes
+            try:
+                parent = open_below(root, start[:-1])
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    return self.changes  # nothing changed there
+                raise
+            try:
+                if not os.path.lexists(proc_path(parent, start[-1])):
+                    return self.changes
+                merged = self._entry(parent, start[-1], start, self._parent_lower(root, start))
+                if merged is not SKIP:
+                    top = open_listable(parent, start[-1])
+                    try:
+                        walk_sorted(top, start, merged, self._entry)
+                    finally:
+                        os.close(top)
+            finally:
+                os.close(parent)
+        finally:
+            os.close(root)
         return self.changes
 
-    def _parent_lower(self, rel):
+    def _parent_lower(self, root: int, rel):
         """The lower directory merged with rel's parent, following the upper's markers."""
-        upper = os.fsencode(self.mount.upper)
         lower_dir: tuple[bytes, ...] | None = ()
-        for i in range(len(rel) - 1):
-            lower_dir = self._merged(upper + b"".join(b"/" + c for c in rel[:i + 1]),
-                                     rel[:i + 1], lower_dir)
+        fd = open_listable(root, b".")
+        try:
+            for i in range(len(rel) - 1):
+                lower_dir = self._merged(proc_path(fd, rel[i]), rel[:i + 1], lower_dir)
+                try:
+                    child = open_listable(fd, rel[i])
+                except OSError:
+                    break
+                os.close(fd)
+                fd = child
+        finally:
+            os.close(fd)
         return lower_dir
 
     def _merged(self, upper_path: bytes, rel, parent_lower):
@@ -512,11 +546,11 @@ class Differ:
             return None if parent_lower is None else parent_lower + (redirect,)
         return None if parent_lower is None else parent_lower + (rel[-1],)
 
-    def _walk(self, rel, upper_path: bytes, lower_dir) -> None:
-        for name in sorted(os.listdir(upper_path)):
-            self._entry(rel + (name,), upper_path + b"/" + name, lower_dir)
-
-    def _entry(self, rel, upper_path: bytes, parent_lower) -> None:
+    def _entry(self, dir_fd: int, name: bytes, rel, parent_lower):
+        """Record the change at upper entry dir_fd/name (merged path `rel`); for a
+        directory, return the lower directory it merges with (what to walk it with),
+        else SKIP."""
+        upper_path = proc_path(dir_fd, name)
         ust = os.lstat(upper_path)
         lower_counterpart = None if parent_lower is None else parent_lower + (rel[-1],)
         lpath = self._lower(lower_counterpart)
@@ -528,10 +562,12 @@ class Differ:
         if is_whiteout(ust):
             if lst is not None:
                 self.changes.append(Change(show, "D", kind=_kind(lst.st_mode)))
-            return
+            return SKIP
         kind = _kind(ust.st_mode)
         if stat.S_ISDIR(ust.st_mode):
             merged = self._merged(upper_path, rel, parent_lower)
+            if merged == lower_counterpart and (lst is None or not stat.S_ISDIR(lst.st_mode)):
+                merged = None  # nothing below to merge with (a new directory)
             redirect = _getxattr(upper_path, self.markers.redirect)
             opaque = _getxattr(upper_path, self.markers.opaque) == b"y"
             if redirect is not None and merged is not None:
@@ -547,8 +583,7 @@ class Differ:
                 what = self._meta(upper_path, ust, lpath, lst, directory=True)
                 if what:
                     self.changes.append(Change(show, "M", what, kind=kind))
-            self._walk(rel, upper_path, merged)
-            return
+            return merged
         if lst is None:
             self.changes.append(Change(show, "A", kind=kind))
         elif _kind(lst.st_mode) != kind:
@@ -566,6 +601,7 @@ class Differ:
             what += self._meta(upper_path, ust, lpath, lst, directory=False)
             if what:
                 self.changes.append(Change(show, "M", what, kind=kind))
+        return SKIP
 
     def _meta(self, upper_path, ust, lpath, lst, directory: bool) -> list[str]:
         what = []
@@ -634,11 +670,21 @@ def patch(differ: Differ, change: Change) -> str:
     mount = differ.mount
     rel = unquote(change.path[len(quote(mount.mountpoint).rstrip("/")) + 1:])
     comps = tuple(rel.split(b"/"))
-    upper = os.fsencode(mount.upper) + b"/" + rel
-    parent = differ._parent_lower(comps)
-    lower = differ._lower(parent + (comps[-1],)) if parent is not None else None
-    old = _text(lower if change.status != "A" else None)
-    new = _text(upper if change.status != "D" else None)
+    root = open_listable(None, os.fsencode(mount.upper))
+    try:
+        parent = differ._parent_lower(root, comps)
+        lower = differ._lower(parent + (comps[-1],)) if parent is not None else None
+        old = _text(lower if change.status != "A" else None)
+        if change.status == "D":
+            new = _text(None)
+        else:
+            upper_dir = open_below(root, comps[:-1])
+            try:
+                new = _text(proc_path(upper_dir, comps[-1]))
+            finally:
+                os.close(upper_dir)
+    finally:
+        os.close(root)
     if old is None or new is None:
         return "Binary file %s differs\n" % change.path
     return "".join(difflib.unified_diff(old, new, "a" + change.path, "b" + change.path))
@@ -804,69 +850,79 @@ def _check_mount(mount: Mount, markers: Markers) -> list[Problem]:
                 problems.append(Problem(quote(path), "left over by an interrupted operation",
                                         lambda p=path: _remove(p)))
     differ_lower = mount.lower_root()
-    upper = mount.upper
+    upper = os.fsencode(mount.upper)
 
     def lower_has(rel_lower) -> bool:
         if rel_lower is None:
             return False
         return os.path.lexists(os.path.join(differ_lower, *map(os.fsdecode, rel_lower)))
 
-    def walk(rel, lower_dir):
-        path = os.path.join(upper, *map(os.fsdecode, rel)) if rel else upper
-        for name in sorted(os.listdir(os.fsencode(path))):
-            child = os.path.join(os.fsencode(path), name)
-            crel = rel + (name,)
-            st = os.lstat(child)
-            shown = quote(child)
-            counterpart = None if lower_dir is None else lower_dir + (name,)
-            opaque = _getxattr(child, markers.opaque)
-            redirect = _getxattr(child, markers.redirect)
-            if not stat.S_ISDIR(st.st_mode):
-                for marker, value in ((markers.opaque, opaque), (markers.redirect, redirect)):
-                    if value is not None:
-                        problems.append(Problem(shown, "%s on a %s (only directories "
-                                                "carry it)" % (marker.decode(),
-                                                               _kind(st.st_mode)),
-                                                lambda c=child, m=marker: os.removexattr(
-                                                    c, m, follow_symlinks=False)))
-            if is_whiteout(st):
-                if not lower_has(counterpart):
-                    problems.append(Problem(shown, "whiteout over nothing (the lower has "
-                                            "no such entry)",
-                                            lambda c=child: os.unlink(c)))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if opaque not in (None, b"y"):
-                    problems.append(Problem(shown, "opaque marker with value %r" % opaque,
-                                            lambda c=child: os.setxattr(
-                                                c, markers.opaque, b"y",
-                                                follow_symlinks=False)))
-                if redirect is not None:
-                    target = tuple(c for c in redirect.split(b"/") if c) \
-                        if redirect.startswith(b"/") else \
-                        (None if lower_dir is None else lower_dir + (redirect,))
-                    if target is None or not os.path.isdir(
-                            os.path.join(differ_lower, *map(os.fsdecode, target))):
-                        problems.append(Problem(shown, "redirect to %r, which the lower "
-                                                "does not have" % redirect))
-                    walk(crel, target)
-                elif opaque == b"y":
-                    walk(crel, None)
-                else:
-                    walk(crel, counterpart)
-            ino = _getxattr(child, markers.ino)
-            if ino is not None and not (ino.split() and ino.split()[0].isdigit()):
-                problems.append(Problem(shown, "malformed %s marker %r"
-                                        % (markers.ino.decode(), ino),
-                                        lambda c=child: os.removexattr(
-                                            c, markers.ino, follow_symlinks=False)))
+    def at(rel, action):
+        """A repair of the upper entry at rel: found again when it runs (the walk's
+        descriptors are closed by then)."""
+        def repair() -> None:
+            top = open_listable(None, upper)
+            try:
+                parent = open_below(top, rel[:-1])
+            finally:
+                os.close(top)
+            try:
+                action(proc_path(parent, rel[-1]))
+            finally:
+                os.close(parent)
+        return repair
 
-    walk((), ())
+    def visit(dir_fd: int, name: bytes, crel, lower_dir):
+        child = proc_path(dir_fd, name)
+        st = os.lstat(child)
+        shown = quote(upper + b"/" + b"/".join(crel))
+        counterpart = None if lower_dir is None else lower_dir + (name,)
+        opaque = _getxattr(child, markers.opaque)
+        redirect = _getxattr(child, markers.redirect)
+        ino = _getxattr(child, markers.ino)
+        if ino is not None and not (ino.split() and ino.split()[0].isdigit()):
+            problems.append(Problem(shown, "malformed %s marker %r" % (markers.ino.decode(),
+                                                                       ino),
+                                    at(crel, lambda c: os.removexattr(
+                                        c, markers.ino, follow_symlinks=False))))
+        if not stat.S_ISDIR(st.st_mode):
+            for marker, value in ((markers.opaque, opaque), (markers.redirect, redirect)):
+                if value is not None:
+                    problems.append(Problem(shown, "%s on a %s (only directories carry it)"
+                                            % (marker.decode(), _kind(st.st_mode)),
+                                            at(crel, lambda c, m=marker: os.removexattr(
+                                                c, m, follow_symlinks=False))))
+            if is_whiteout(st) and not lower_has(counterpart):
+                problems.append(Problem(shown, "whiteout over nothing (the lower has no "
+                                        "such entry)", at(crel, os.unlink)))
+            return SKIP
+        if opaque not in (None, b"y"):
+            problems.append(Problem(shown, "opaque marker with value %r" % opaque,
+                                    at(crel, lambda c: os.setxattr(
+                                        c, markers.opaque, b"y", follow_symlinks=False))))
+        if redirect is not None:
+            target = tuple(c for c in redirect.split(b"/") if c) \
+                if redirect.startswith(b"/") else \
+                (None if lower_dir is None else lower_dir + (redirect,))
+            if target is None or not os.path.isdir(
+                    os.path.join(differ_lower, *map(os.fsdecode, target))):
+                problems.append(Problem(shown, "redirect to %r, which the lower does not "
+                                        "have" % redirect))
+            return target
+        return None if opaque == b"y" else counterpart
+
+    # Iterative, one descriptor per level: a user may have made the tree any depth.
+    root_fd = open_listable(None, upper)
+    try:
+        walk_sorted(root_fd, (), (), visit)
+    finally:
+        os.close(root_fd)
     return problems
 
 
 def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+    parent = open_listable(None, os.fsencode(os.path.dirname(path)))
+    try:
+        remove_tree(parent, os.fsencode(os.path.basename(path)))
+    finally:
+        os.close(parent)

@@ -1,0 +1,106 @@
+"""Hostile local users: what one user makes under the mount must not take it away from
+everyone (docs/reliability.md, the threat model).  Each attack runs as uid 65534."""
+
+import json
+import os
+import subprocess
+import tempfile
+
+import pytest
+from conftest import build_lower
+from helpers import ROFS, RofsProcess
+
+pytestmark = pytest.mark.fuse
+
+NOBODY = 65534
+PYTHON = "/usr/bin/python3"  # one every user can run (not a pyenv under /root)
+DEPTH = 2100  # directories "d/d/d/...": a path of 4200 bytes, beyond PATH_MAX / 2
+
+
+def as_nobody(*cmd, timeout=120):
+    return subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                           "--clear-groups", "--", *cmd], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def rofs(*args, code=0):
+    result = subprocess.run(ROFS + [str(a) for a in args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == code, result.stdout + result.stderr
+    return result.stdout
+
+
+DEEP = """
+import os, sys
+os.chdir(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    os.mkdir("d")
+    os.chdir("d")
+with open("leaf", "w") as f:
+    f.write("deep\\n")
+"""
+
+
+@pytest.fixture
+def public():
+    """Layers under a directory every uid can traverse, with world-writable sticky
+    directories: `pub` (persistent) and `tmp` (scratch by the policy)."""
+    base = tempfile.mkdtemp(prefix="rofs-hostile-", dir="/tmp")
+    os.chmod(base, 0o755)
+    lower, mnt, state = (os.path.join(base, n) for n in ("lower", "mnt", "state"))
+    os.mkdir(lower)
+    build_lower(lower)
+    os.chmod(lower, 0o755)
+    for name in ("pub", "tmp"):
+        os.mkdir(os.path.join(lower, name))
+        os.chmod(os.path.join(lower, name), 0o1777)
+    os.mkdir(mnt)
+    policy = os.path.join(base, "policy")
+    with open(policy, "w") as f:
+        f.write("scratch %s/tmp\n" % mnt)
+    try:
+        yield {"base": base, "lower": lower, "mnt": mnt, "state": state,
+               "args": ("--policy", policy)}
+    finally:
+        from helpers import kill_daemons, unmount
+        unmount(mnt)
+        kill_daemons(state)
+        subprocess.run(["rm", "-rf", base])  # shutil.rmtree recurses: too deep here
+
+
+def test_a_deep_tree_breaks_no_mount_and_no_tool(public):
+    """A user's tree deeper than PATH_MAX / 2, in a scratch directory (wiped at the next
+    mount) and in a persistent one (walked by diff, check and revert): every later mount
+    works, every tool finishes, nothing is left half-done."""
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    with RofsProcess(mnt, state, lower, public["args"]) as proc:
+        for where in ("tmp", "pub"):
+            result = as_nobody(PYTHON, "-c", DEEP, os.path.join(mnt, where), str(DEPTH))
+            assert result.returncode == 0, result.stderr
+        diff = rofs("diff", state).splitlines()
+        assert len(diff) == DEPTH + 1 and diff[-1].endswith("/d/leaf")
+        assert rofs("check", state) == ""
+        # A live revert of the whole tree (the daemon walks it for hard links).
+        assert rofs("revert", os.path.join(mnt, "pub", "d")) == \
+            "reverted %s/pub/d\n" % mnt
+        assert os.listdir(os.path.join(mnt, "pub")) == []
+        result = as_nobody(PYTHON, "-c", DEEP, os.path.join(mnt, "pub"), str(DEPTH))
+        assert result.returncode == 0, result.stderr
+    assert not proc.internal_errors(), proc.output()
+    upper = os.path.join(state, mnt.lstrip("/"))
+    work = os.path.join(state, ".rofs", "work", mnt.lstrip("/"))
+    assert os.listdir(work) == []  # the revert left nothing half-removed
+    # The next mount wipes the scratch tree (it used to die of RecursionError there and
+    # leave no /etc at all) and keeps the persistent one.
+    with RofsProcess(mnt, state, lower, public["args"]) as proc:
+        assert os.listdir(os.path.join(mnt, "tmp")) == []
+        assert os.listdir(os.path.join(mnt, "pub")) == ["d"]
+    assert not proc.internal_errors(), proc.output()
+    # Offline: check with repairs, then revert, walk and remove the whole tree.
+    deep = os.path.join(os.fsencode(upper), b"pub")
+    assert rofs("check", "--repair", state) == ""
+    assert rofs("revert", "--state", state, os.path.join(mnt, "pub", "d")) == \
+        "reverted %s/pub/d\n" % mnt
+    assert os.listdir(deep) == [] and os.listdir(work) == []
+    info = json.loads(rofs("diff", "--json", state))
+    assert info == []
