@@ -308,7 +308,14 @@ class RofsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode, ctx):
-        return self.overlay.listxattr(self._node(inode))
+        names = self.overlay.listxattr(self._node(inode))
+        if ctx.uid != 0:
+            # As the kernel's own filesystems do for a caller without CAP_SYS_ADMIN
+            # (the kernel already refuses to read their values): trusted.* is not theirs
+            # to see.  FUSE does not say which capabilities the caller has; uid 0 stands
+            # for them.
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @fuse_errors
     async def setxattr(self, inode, name, value, ctx):

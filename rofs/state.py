@@ -270,15 +270,15 @@ def prepare_scratch(prepared: Prepared, state: str, mountpoint: str, scratch: st
     prepared.scratch_path = upper_path
 
 
-def check_owner(state: str, what: str = "state dir") -> None:
+def check_owner(state: str, what: str = "state dir", doing: str = "mounting it") -> None:
     """Refuse a state (or scratch) dir that someone else could have prepared: it must
     belong to the user mounting (root, normally) and not be writable by group or
     others, or anyone able to write there could plant whiteouts, markers or files in
     the merged view."""
     st = os.stat(state)
     if st.st_uid != os.geteuid():
-        raise StateError("%s %s belongs to uid %d, not to uid %d mounting it"
-                         % (what, state, st.st_uid, os.geteuid()))
+        raise StateError("%s %s belongs to uid %d, not to uid %d %s"
+                         % (what, state, st.st_uid, os.geteuid(), doing))
     if st.st_mode & 0o022:
         who = ("group and others" if st.st_mode & 0o022 == 0o022 else
                "group" if st.st_mode & 0o020 else "others")

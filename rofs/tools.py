@@ -34,7 +34,14 @@ from rofs.layers import (
     walk_sorted,
 )
 from rofs.names import quote, quote_path, unquote
-from rofs.state import PRIVATE_DIR, layer_paths, mount_name, read_markers
+from rofs.state import (
+    PRIVATE_DIR,
+    StateError,
+    check_owner,
+    layer_paths,
+    mount_name,
+    read_markers,
+)
 
 RUN_DIR = "/run/rofs"  # root's; another user's is $XDG_RUNTIME_DIR/rofs
 MOUNTS_DIR = "mounts"
@@ -377,6 +384,12 @@ def mounts(state: str) -> list[Mount]:
         raise ToolError("%s: no such directory" % quote(state))
     if not os.path.isdir(os.path.join(state, PRIVATE_DIR)):
         raise ToolError("%s is not a rofs state dir (no %s/)" % (quote(state), PRIVATE_DIR))
+    # As the mount does: whoever can write the state dir wrote its records (which lower
+    # and upper directories), and acting on them would read or delete what they chose.
+    try:
+        check_owner(state, doing="running this")
+    except StateError as e:
+        raise ToolError("%s (run it as the state dir's owner)" % e) from None
     d = os.path.join(state, PRIVATE_DIR, MOUNTS_DIR)
     out = []
     for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:

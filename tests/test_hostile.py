@@ -104,3 +104,54 @@ def test_a_deep_tree_breaks_no_mount_and_no_tool(public):
     assert os.listdir(deep) == [] and os.listdir(work) == []
     info = json.loads(rofs("diff", "--json", state))
     assert info == []
+
+
+LIST = "import os, sys; print(sorted(os.listxattr(sys.argv[1], follow_symlinks=False)))"
+
+
+def test_trusted_xattr_names_are_hidden_from_users_as_the_kernel_hides_them(
+        public, kernel_overlay):
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    os.setxattr(os.path.join(lower, "d"), "user.shown", b"1")
+    with RofsProcess(mnt, state, lower):
+        seen_by_root = sorted(os.listxattr(os.path.join(mnt, "d")))
+        result = as_nobody(PYTHON, "-c", LIST, os.path.join(mnt, "d"))
+    assert seen_by_root == ["trusted.mark", "user.shown"]
+    assert result.returncode == 0 and result.stdout == "['user.shown']\n", result
+    # The oracle: kernel overlayfs over the same lower.
+    upper, work, merged = (os.path.join(public["base"], n) for n in ("ku", "kw", "km"))
+    for path in (upper, work, merged):
+        os.mkdir(path)
+    kernel_overlay(lower, upper, work, merged)
+    assert as_nobody(PYTHON, "-c", LIST, os.path.join(merged, "d")).stdout == \
+        "['user.shown']\n"
+
+
+def test_root_s_tools_refuse_a_state_dir_a_user_owns(public):
+    """A user's state dir holds records the user wrote: which lower to read and which
+    upper to change.  Root's rofs revert once followed them and deleted a root file the
+    user chose; rofs diff listed a root-only directory."""
+    base = public["base"]
+    victim = os.path.join(base, "victim")
+    os.mkdir(victim, 0o700)
+    with open(os.path.join(victim, "secret"), "w") as f:
+        f.write("root's\n")
+    state = os.path.join(base, "user-state")
+    os.makedirs(os.path.join(state, ".rofs", "mounts"), 0o700)
+    with open(os.path.join(state, ".rofs", "format"), "w") as f:
+        f.write("rofs-state 1 userxattr\n")
+    mnt = os.path.join(base, "user-mnt")
+    with open(os.path.join(state, ".rofs", "mounts", "x.json"), "w") as f:
+        json.dump({"mountpoint": mnt, "lower": victim, "upperdir": victim,
+                   "workdir": state}, f)
+    for dirpath, _, names in os.walk(state):
+        for path in [dirpath] + [os.path.join(dirpath, n) for n in names]:
+            os.chown(path, NOBODY, NOBODY)
+    for args in (("revert", "--state", state, mnt + "/secret"), ("diff", state),
+                 ("check", "--repair", state), ("attic", state)):
+        out = subprocess.run(ROFS + list(args), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert "belongs to uid %d, not to uid 0 running this" % NOBODY in out.stderr
+        assert "secret" not in out.stdout
+    with open(os.path.join(victim, "secret")) as f:
+        assert f.read() == "root's\n"
