@@ -18,6 +18,13 @@ event is one tuple appended to a list.  A background thread turns the list into 
 lines every second, appends them to STATE/.rofs/log/<mount>.jsonl and rotates the file
 by size (`.1` is the newest old one).  If the log cannot be written (full disk), events
 are dropped and counted; requests never fail because of the log.
+
+What a user controls costs bounded memory, disk and time (docs/reliability.md): a
+command line is kept to its first MAX_CMDLINE bytes; the process cache is an LRU bounded
+in bytes; events waiting for the writer are bounded (beyond, new ones are dropped and
+counted); the writer encodes BATCH events at a time and writes CHUNK bytes at a time,
+rotating between chunks, so no file grows far beyond max_bytes; and it leaves a reserve
+of the state filesystem free for the changes themselves.
 """
 
 from __future__ import annotations
@@ -38,6 +45,16 @@ log = logging.getLogger(__name__)
 MAX_BYTES = 8 << 20  # rotate above this size
 KEEP = 4  # rotated files kept: NAME.1 .. NAME.4
 FLUSH_SECONDS = 1.0
+MAX_CACHE_BYTES = 8 << 20  # what the process cache may hold
+# Events waiting for the writer: beyond this (events plus the path components they hold)
+# new ones are dropped and counted, so a process making changes faster than the log is
+# written costs no more memory than this.
+MAX_PENDING_COST = 1 << 20
+BATCH = 2000  # events encoded at a time
+CHUNK = 256 << 10  # bytes written at a time (rotation is checked between chunks)
+# Free space the log leaves on the state filesystem, for the changes themselves: 5% of
+# it, at least 1 MiB and at most 64 MiB.  Below that, events are dropped and counted.
+RESERVE_FRACTION, RESERVE_MIN, RESERVE_MAX = 0.05, 1 << 20, 64 << 20
 RECHECK_SECONDS = 1.0  # how long a pid's identity is trusted without looking again
 # 2: every name (paths, comm, exe, cmd, script, host) in the escaped form of rofs.names;
 # lines without "v" hold names decoded with surrogateescape (rofs.report reads both).
@@ -45,24 +62,38 @@ LOG_VERSION = 2
 
 
 class ProcessCache:
-    """pid -> (comm, exe, cmdline), for processes making changes."""
+    """pid -> (comm, exe, cmdline, script), for processes making changes: an LRU bounded
+    in bytes (what a process shows is its own to choose; a command line is cut at
+    MAX_CMDLINE, and many processes still make many entries)."""
 
-    def __init__(self) -> None:
-        self._cache: dict[int, tuple[float, bytes, tuple]] = {}
+    def __init__(self, max_bytes: int = MAX_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._cache: collections.OrderedDict[int, tuple[float, bytes, tuple, int]] = \
+            collections.OrderedDict()
 
     def info(self, pid: int) -> tuple:
         now = time.monotonic()
         entry = self._cache.get(pid)
         if entry is not None and now - entry[0] < RECHECK_SECONDS:
+            self._cache.move_to_end(pid)
             return entry[2]
         start = _start_time(pid)
         if entry is not None and entry[1] == start:
-            self._cache[pid] = (now, start, entry[2])
+            self._cache[pid] = (now, start, entry[2], entry[3])
+            self._cache.move_to_end(pid)
             return entry[2]
         info = _read_process(pid)
-        if len(self._cache) > 4096:
-            self._cache.clear()
-        self._cache[pid] = (now, start, info)
+        comm, exe, cmd, script = info
+        cost = 256 + len(comm) + len(exe) + len(script or b"") + sum(len(a) + 8 for a in cmd)
+        if entry is not None:
+            self.bytes -= entry[3]
+        self._cache[pid] = (now, start, info, cost)
+        self._cache.move_to_end(pid)
+        self.bytes += cost
+        while self.bytes > self.max_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self.bytes -= old[3]
         return info
 
 
@@ -164,11 +195,19 @@ class WriteLog:
         self.host = quote(socket.gethostname())
         self._mount = quote(self.mountpoint)
         self.processes = ProcessCache()
-        self.dropped = 0
+        # Events lost, counted by the writer (no space, an error) and by the request
+        # loop (the queue full), each in a counter only it writes; `dropped` sums them.
+        self._dropped_writer = 0
+        self._dropped_queue = 0
+        self._queue_warned = False
         self.written = 0
         # Appended by the request loop, drained by the writer thread (deque operations
-        # are atomic, so neither side takes a lock).
+        # are atomic, so neither side takes a lock).  Each side counts the cost of what
+        # it queued or took in a counter only it writes.
         self._pending: collections.deque[tuple] = collections.deque()
+        self._queued_cost = 0
+        self._drained_cost = 0
+        self._short_of_space = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -182,8 +221,14 @@ class WriteLog:
     def record(self, op: str, pid: int, uid: int, path: tuple[bytes, ...] | None,
                path2: tuple[bytes, ...] | None, result: str, cls: str,
                rule: tuple[bytes, ...] | None = None, new: bool = False) -> None:
+        cost = 1 + len(path or ()) + len(path2 or ())
+        if self._queued_cost - self._drained_cost + cost > MAX_PENDING_COST:
+            self._dropped_queue += 1
+            self._wake.set()
+            return
+        self._queued_cost += cost
         self._pending.append((time.time(), pid, uid, self.processes.info(pid), op,
-                              path, path2, result, cls, rule, new))
+                              path, path2, result, cls, rule, new, cost))
 
     def _run(self) -> None:
         while not self._stop:
@@ -192,38 +237,87 @@ class WriteLog:
             self.flush()
 
     def flush(self) -> None:
+        """Write out what is pending, BATCH events at a time (the request loop gets the
+        interpreter between batches)."""
         with self._lock:
-            events = []
             pending = self._pending
             while pending:
-                events.append(pending.popleft())
-            if not events:
-                return
-            lines = []
-            for t, pid, uid, process, op, path, path2, result, cls, rule, new in events:
+                events = []
+                while pending and len(events) < BATCH:
+                    events.append(pending.popleft())
+                self._drained_cost += sum(e[-1] for e in events)
+                self._write(self._encode(events))
+            if self._dropped_queue and not self._queue_warned:
+                self._queue_warned = True
+                log.warning("write log: changes come faster than the log is written; "
+                            "dropping (and counting) events until it catches up")
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped_writer + self._dropped_queue
+
+    def _encode(self, events: list[tuple]) -> list[bytes]:
+        lines = []
+        who: dict[int, str] = {}  # the JSON of each process's fields, once per batch
+        for t, pid, uid, process, op, path, path2, result, cls, rule, new, _ in events:
+            fields = who.get(id(process))
+            if fields is None:
                 comm, exe, cmd, script = process
-                event = {"v": LOG_VERSION, "t": round(t, 6), "host": self.host,
-                         "mount": self._mount, "pid": pid, "uid": uid, "comm": quote(comm),
-                         "exe": quote(exe), "cmd": [quote(a) for a in cmd],
-                         "script": quote(script) if script is not None else None,
-                         "op": op, "path": self.absolute(path) if path is not None else None,
-                         "result": result, "class": cls,
-                         "rule": self.absolute(rule) if rule is not None else None}
-                if path2 is not None:
-                    event["path2"] = self.absolute(path2)
-                if new:
-                    event["new"] = True
-                lines.append(json.dumps(event, separators=(",", ":")))
-            data = ("\n".join(lines) + "\n").encode()
+                fields = who[id(process)] = json.dumps({
+                    "comm": quote(comm), "exe": quote(exe), "cmd": [quote(a) for a in cmd],
+                    "script": quote(script) if script is not None else None},
+                    separators=(",", ":"))[1:-1]
+            event = {"v": LOG_VERSION, "t": round(t, 6), "host": self.host,
+                     "mount": self._mount, "pid": pid, "uid": uid,
+                     "op": op, "path": self.absolute(path) if path is not None else None,
+                     "result": result, "class": cls,
+                     "rule": self.absolute(rule) if rule is not None else None}
+            if path2 is not None:
+                event["path2"] = self.absolute(path2)
+            if new:
+                event["new"] = True
+            text = json.dumps(event, separators=(",", ":"))
+            lines.append((text[:-1] + "," + fields + "}\n").encode())
+        return lines
+
+    def _write(self, lines: list[bytes]) -> None:
+        """Append lines in chunks: rotated between chunks so that no file grows much
+        beyond max_bytes, and never into the state filesystem's reserve."""
+        i = 0
+        while i < len(lines):
+            chunk, n = [], 0
+            while i < len(lines) and (not chunk or n + len(lines[i]) <= CHUNK):
+                chunk.append(lines[i])
+                n += len(lines[i])
+                i += 1
             try:
-                self._append(data)
+                if not self._room_for(n):
+                    self._dropped_writer += len(chunk) + len(lines) - i
+                    return
+                self._append(b"".join(chunk))
             except OSError as e:
                 if not self.dropped:
                     log.warning("write log %s: %s; dropping events until it works again",
                                 self.path, e.strerror)
-                self.dropped += len(events)
+                self._dropped_writer += len(chunk) + len(lines) - i
                 return
-            self.written += len(events)
+            self.written += len(chunk)
+
+    def _room_for(self, n: int) -> bool:
+        """Whether writing n bytes leaves the state filesystem its reserve (one warning
+        when it stops, a note when it goes on again)."""
+        st = os.statvfs(os.path.dirname(self.path))
+        reserve = min(RESERVE_MAX, max(RESERVE_MIN, int(st.f_blocks * st.f_frsize *
+                                                        RESERVE_FRACTION)))
+        room = st.f_bavail * st.f_frsize - n >= reserve
+        if not room and not self._short_of_space:
+            log.warning("write log: less than %d MiB left on the state filesystem; "
+                        "dropping (and counting) events, so that the space stays for the "
+                        "changes themselves", reserve >> 20)
+        elif room and self._short_of_space:
+            log.info("write log: space again, writing events (%d dropped)", self.dropped)
+        self._short_of_space = not room
+        return room
 
     def _append(self, data: bytes) -> None:
         try:

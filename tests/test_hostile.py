@@ -10,6 +10,8 @@ import pytest
 from conftest import build_lower
 from helpers import ROFS, RofsProcess
 
+from rofs.names import unquote
+
 pytestmark = pytest.mark.fuse
 
 NOBODY = 65534
@@ -155,3 +157,71 @@ def test_root_s_tools_refuse_a_state_dir_a_user_owns(public):
         assert "secret" not in out.stdout
     with open(os.path.join(victim, "secret")) as f:
         assert f.read() == "root's\n"
+
+
+BOMB = """
+import os, sys, time
+os.chdir(sys.argv[1])
+end = time.monotonic() + float(sys.argv[2])
+n = 0
+while time.monotonic() < end:
+    name = "f%d" % n
+    os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.unlink(name)
+    n += 1
+print(n)
+"""
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_write_log_bomb_is_bounded_in_memory_disk_and_reserve(public):
+    """One process with a ~1.9 MB command line making tiny changes as fast as it can:
+    the daemon once grew to 7 GiB, wrote a 1 GiB log file and filled the state
+    filesystem, after which root's passwd failed with ENOSPC."""
+    from rofs import writelog
+    base, mnt, lower = public["base"], public["mnt"], public["lower"]
+    statefs = os.path.join(base, "statefs")
+    os.mkdir(statefs)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=755", "rofs-test",
+                    statefs], check=True)
+    state = os.path.join(statefs, "state")
+    try:
+        with RofsProcess(mnt, state, lower) as proc:
+            before = rss_kib(proc.proc.pid)
+            argv = ["x" * ((128 << 10) - 1)] * 15  # 15 arguments of 128 KiB: 1.9 MB
+            result = as_nobody(PYTHON, "-c", BOMB, os.path.join(mnt, "pub"), "6", *argv)
+            assert result.returncode == 0, result.stderr
+            changes = int(result.stdout)
+            grown = rss_kib(proc.proc.pid) - before
+            (status,) = json.loads(rofs("status", "--json", mnt))
+            # Root's own changes still fit: the log left the reserve alone.
+            with open(os.path.join(mnt, "nshadow"), "w") as f:
+                f.write("root:$6$after:20000:0:99999:7:::\n" * 100)
+            os.rename(os.path.join(mnt, "nshadow"), os.path.join(mnt, "shadow"))
+        assert not proc.internal_errors(), proc.output()
+        assert changes > 1000, changes  # the bomb ran
+        assert grown < 64 << 10, "daemon RSS grew by %d KiB" % grown
+        logs = os.path.join(state, ".rofs", "log")
+        sizes = [os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(logs)
+                 for n in names]
+        assert max(sizes) <= writelog.MAX_BYTES + writelog.CHUNK
+        assert len(sizes) <= writelog.KEEP + 1
+        st = os.statvfs(statefs)
+        assert st.f_bavail * st.f_frsize >= writelog.RESERVE_MIN - writelog.CHUNK
+        assert status["log_dropped"] > 0  # it did reach the reserve, and said so
+        assert "less than 1 MiB left on the state filesystem" in proc.output()
+        events = []
+        for d, _, names in os.walk(logs):
+            for n in names:
+                with open(os.path.join(d, n)) as f:
+                    events += [json.loads(line) for line in f]
+        bomb = [e for e in events if e["uid"] == NOBODY]
+        assert bomb and all(e["cmd"][-1] == "...(cut\\x20at\\x204096\\x20bytes)" and
+                            sum(len(unquote(a)) + 1 for a in e["cmd"][:-1]) <= 4097
+                            for e in bomb)
+    finally:
+        subprocess.run(["umount", "-l", statefs])
