@@ -76,6 +76,9 @@ def render() -> str:
         ".SH ENVIRONMENT",
         ".TP", "ROFS_RUN_DIR", "where live mounts publish their records and control sockets, "
         "instead of /run/rofs/ (the tests use it; daemons and tools must agree)",
+        ".TP", "ROFS_LISTING_BUDGET", "directory names the daemon may hold in readdir "
+        "snapshots for users other than root (default 2000000); past it their readdir "
+        "fails with ENOMEM",
         ".TP", "/usr/local/lib/systemd/system/rofs@.service", "the systemd template unit "
         "(installed by setup.sh; the instance is the escaped mountpoint)",
         ".SH SEE ALSO",

@@ -266,7 +266,7 @@ class RofsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode, ctx):
-        return self.overlay.opendir(self._node(inode))
+        return self.overlay.opendir(self._node(inode), ctx.uid)
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import inspect
 import itertools
 import logging
 import os
@@ -56,6 +58,11 @@ from rofs.policy import Class, Policy
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+# Names the listings of users other than root may hold at once (about 100 bytes each):
+# past it, a readdir that needs a new listing fails with ENOMEM for them.  Root's never
+# does.  $ROFS_LISTING_BUDGET overrides it (tests use a small one).
+LISTING_BUDGET = int(os.environ.get("ROFS_LISTING_BUDGET") or 2_000_000)
+TRIM_AFTER_NAMES = 10_000  # releasing a listing this big returns memory to the system
 # Copy-ups of files up to this size run inline: a thread hop costs more than the copy.
 INLINE_COPY = 1 << 20
 OPEN_KEEP_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC |
@@ -101,13 +108,40 @@ class FileHandle:
         self.uid = uid
 
 
-class DirHandle:
-    __slots__ = ("node", "names", "served")
+class Listing:
+    """A directory's names as one readdir pass sees them, shared by every handle that
+    starts a pass while the namespace is unchanged (Overlay.generation)."""
 
-    def __init__(self, node: Node) -> None:
+    __slots__ = ("names", "generation", "users")
+
+    def __init__(self, names: tuple[bytes, ...], generation: int) -> None:
+        self.names = names
+        self.generation = generation
+        self.users = 0
+
+
+class DirHandle:
+    __slots__ = ("node", "listing", "served", "uid")
+
+    def __init__(self, node: Node, uid: int = 0) -> None:
         self.node = node
-        self.names: list[bytes] | None = None
+        self.listing: Listing | None = None
         self.served = False
+        self.uid = uid  # who opened it: root's listings are never refused
+
+
+def _changes_names(method):
+    """Marks an Overlay method that adds, removes or moves names: listings taken before
+    it are not shared with passes that start after it."""
+    if inspect.iscoroutinefunction(method):
+        async def wrapper(self, *args, **kwargs):
+            self.generation += 1
+            return await method(self, *args, **kwargs)
+    else:
+        def wrapper(self, *args, **kwargs):
+            self.generation += 1
+            return method(self, *args, **kwargs)
+    return functools.wraps(method)(wrapper)
 
 
 class Overlay:
@@ -130,6 +164,12 @@ class Overlay:
         self._copying: dict[int, trio.Event] = {}
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
+        # Listings (readdir snapshots): shared per directory while nothing changed names
+        # (generation), and bounded in names held for users other than root.
+        self.generation = 0
+        self._listings: dict[int, Listing] = {}  # directory inode -> its newest
+        self.listed_names = 0  # names held by the listings of open handles
+        self.listing_budget = LISTING_BUDGET
         self._dir_ids = itertools.count(1)
         # Per-path policy: `policy` for the read-only class (None when nothing is
         # read-only); `classes` and `scratch_layer` when scratch paths have a layer of
@@ -210,7 +250,8 @@ class Overlay:
         """Sizes of the daemon's tables (for `rofs status` and leak hunting)."""
         return {"nodes": len(self.table.nodes), "dentries": len(self.table.dentries),
                 "dynamic_inos": len(self.table._dynamic), "open_files": len(self.files),
-                "open_dirs": len(self.dirs), "dir_fds": len(self.fds),
+                "open_dirs": len(self.dirs), "listed_names": self.listed_names,
+                "dir_fds": len(self.fds),
                 "copy_ups": len(self._copying),
                 "kept_deleted": sum(1 for n in self.table.nodes.values() if n.keep_fd >= 0)}
 
@@ -746,6 +787,7 @@ class Overlay:
         node.layer = None if layer is self.upper else layer
         return node
 
+    @_changes_names
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
                pid: int = 0) -> tuple[FileHandle, Node]:
         self.check_writable(parent, name)
@@ -770,6 +812,7 @@ class Overlay:
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
         return self._register(fd, node, flags, False, pid, uid), node
 
+    @_changes_names
     def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
         self.check_writable(parent, name)
         uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFDIR | mode)
@@ -782,6 +825,7 @@ class Overlay:
 
         return self._place(parent, name, True, make)
 
+    @_changes_names
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int,
               gid: int) -> Node:
         self.check_writable(parent, name)
@@ -801,6 +845,7 @@ class Overlay:
 
         return self._place(parent, name, False, make)
 
+    @_changes_names
     def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
         self.check_writable(parent, name)
         uid, gid, _ = self.owner_for(parent, uid, gid, stat.S_IFLNK)
@@ -811,6 +856,7 @@ class Overlay:
 
         return self._place(parent, name, False, make)
 
+    @_changes_names
     async def link(self, node: Node, parent: Node, name: bytes) -> Node:
         self.check_writable(parent, name)
         if node.is_dir:
@@ -849,6 +895,7 @@ class Overlay:
 
     # --------------------------------------------------------------- removal
 
+    @_changes_names
     async def unlink(self, parent: Node, name: bytes) -> None:
         self.check_writable(parent, name)
         while True:
@@ -883,6 +930,7 @@ class Overlay:
             node.keep_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
                                    dir_fd=self.upper_dirfd(parent, self._lay(node)))
 
+    @_changes_names
     def rmdir(self, parent: Node, name: bytes) -> None:
         self.check_writable(parent, name)
         node = self.lookup(parent, name)
@@ -966,6 +1014,7 @@ class Overlay:
 
     # ---------------------------------------------------------------- revert
 
+    @_changes_names
     def revert(self, path: tuple[bytes, ...]) -> tuple[int, bytes] | None:
         """Drop every change at `path` (a whole tree for a directory): its upper entry
         goes, so the lower shows through again.  Returns the (parent inode, name) entry
@@ -1030,6 +1079,7 @@ class Overlay:
             self._drop_dirfds(node)
             self.table.remove_link(node, p, n)
 
+    @_changes_names
     def restore(self, path: tuple[bytes, ...], src_fd: int, src_name: bytes
                 ) -> tuple[int, bytes]:
         """Put an entry set aside (rofs.attic) back at `path` in the persistent upper
@@ -1057,6 +1107,7 @@ class Overlay:
 
     # ---------------------------------------------------------------- rename
 
+    @_changes_names
     async def rename(self, src_parent: Node, src_name: bytes, dst_parent: Node,
                      dst_name: bytes, flags: int = 0) -> None:
         self.check_writable(src_parent, src_name)
@@ -1365,11 +1416,11 @@ class Overlay:
                 os.close(fd)
         return names
 
-    def opendir(self, node: Node) -> int:
+    def opendir(self, node: Node, uid: int = 0) -> int:
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
         dh = next(self._dir_ids)
-        self.dirs[dh] = DirHandle(node)
+        self.dirs[dh] = DirHandle(node, uid)
         return dh
 
     def readdir(self, dh: int, start: int) -> Iterator[tuple[int, bytes, Node]]:
@@ -1377,13 +1428,16 @@ class Overlay:
 
         The listing is a snapshot taken at the first read (and again on rewind), so
         concurrent creates and removals never shift offsets: nothing is returned twice
-        or skipped.  Names removed since the snapshot are left out.
+        or skipped.  Names removed since the snapshot are left out.  Handles that start
+        a pass while no name changed anywhere share one snapshot, so holding many
+        handles open on a big directory costs one listing; distinct listings held for
+        users other than root are bounded (LISTING_BUDGET names: past it, ENOMEM).
         """
         handle = self.dirs[dh]
-        if handle.names is None or (start == 0 and handle.served):
-            handle.names = self.list_names(handle.node)
+        if handle.listing is None or (start == 0 and handle.served):
+            self._take_listing(handle)
         handle.served = True
-        names = handle.names
+        names = handle.listing.names
         for index in range(start, len(names)):
             name = names[index]
             try:
@@ -1393,8 +1447,38 @@ class Overlay:
             if node is not None:
                 yield index + 1, name, node
 
+    def _take_listing(self, handle: DirHandle) -> None:
+        node = handle.node
+        listing = self._listings.get(node.ino)
+        if listing is None or listing.generation != self.generation:
+            names = tuple(self.list_names(node))
+            if handle.uid != 0 and self.listed_names + len(names) > self.listing_budget:
+                raise _err(errno.ENOMEM)
+            listing = Listing(names, self.generation)
+            self._listings[node.ino] = listing
+            self.listed_names += len(names)
+        listing.users += 1  # first: the handle may hold this very listing already
+        self._drop_listing(handle)
+        handle.listing = listing
+
+    def _drop_listing(self, handle: DirHandle) -> None:
+        listing, handle.listing = handle.listing, None
+        if listing is None:
+            return
+        listing.users -= 1
+        if listing.users:
+            return
+        self.listed_names -= len(listing.names)
+        if self._listings.get(handle.node.ino) is listing:
+            del self._listings[handle.node.ino]
+        if len(listing.names) >= TRIM_AFTER_NAMES:
+            del listing
+            malloc_trim()  # give a big listing's memory back to the system
+
     def releasedir(self, dh: int) -> None:
-        self.dirs.pop(dh, None)
+        handle = self.dirs.pop(dh, None)
+        if handle is not None:
+            self._drop_listing(handle)
 
     async def fsyncdir(self, node: Node, datasync: bool) -> None:
         if not node.upper:
