@@ -225,7 +225,7 @@ class RofsOperations(pyfuse3.Operations):
                 handle = await self.overlay.open(node, flags, ctx.pid, ctx.uid)
         else:
             handle = await self.overlay.open(node, flags, ctx.pid, ctx.uid)
-        return pyfuse3.FileInfo(fh=handle.fd, keep_cache=True)
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True)
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -233,8 +233,8 @@ class RofsOperations(pyfuse3.Operations):
         with self._change("create", ctx, parent, name):
             handle, node = self.overlay.create(parent, name, mode, flags, ctx.uid, ctx.gid,
                                                ctx.pid)
-        self._written.add(handle.fd)  # the create says it all
-        return pyfuse3.FileInfo(fh=handle.fd, keep_cache=True), self._reply_new(node)
+        self._written.add(handle.fh)  # the create says it all
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), self._reply_new(node)
 
     @fuse_errors
     async def read(self, fh, off, size):

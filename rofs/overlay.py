@@ -28,6 +28,7 @@ import inspect
 import itertools
 import logging
 import os
+import resource
 import stat
 from collections.abc import Iterator
 
@@ -95,17 +96,39 @@ class Attr:
         self.ctime_ns = st.st_ctime_ns
 
 
-class FileHandle:
-    __slots__ = ("fd", "node", "flags", "on_lower", "pid", "uid")
+class OpenFile:
+    """One daemon descriptor of a node's data, used by one or more file handles: all
+    the read-only handles of a node share one (reads give their offset), a writer has
+    its own."""
 
-    def __init__(self, fd: int, node: Node, flags: int, on_lower: bool, pid: int,
-                 uid: int) -> None:
+    __slots__ = ("fd", "on_lower", "users", "shared")
+
+    def __init__(self, fd: int, on_lower: bool, shared: bool) -> None:
         self.fd = fd
+        self.on_lower = on_lower
+        self.users = 0
+        self.shared = shared
+
+
+class FileHandle:
+    __slots__ = ("fh", "file", "node", "flags", "pid", "uid")
+
+    def __init__(self, fh: int, file: OpenFile, node: Node, flags: int, pid: int,
+                 uid: int) -> None:
+        self.fh = fh  # what the kernel knows the open file by
+        self.file = file
         self.node = node
         self.flags = flags
-        self.on_lower = on_lower
         self.pid = pid  # the opener: write() itself carries no caller
         self.uid = uid
+
+    @property
+    def fd(self) -> int:
+        return self.file.fd
+
+    @property
+    def on_lower(self) -> bool:
+        return self.file.on_lower
 
 
 class Listing:
@@ -150,7 +173,14 @@ class Overlay:
     def __init__(self, lower_fd: int, upper_fd: int, work_fd: int,
                  markers: Markers | None = None, *, index_fd: int | None = None,
                  fd_cache_size: int = 4096) -> None:
-        self.fds = DirFdCache(fd_cache_size)
+        # Descriptors: the directory cache gets a quarter of the limit (at most
+        # fd_cache_size), some stay for everything else, and open files get the rest;
+        # of those, users other than root may hold all but a reserve, so that however
+        # many files they keep open, root can still open, list and change /etc.
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fds = DirFdCache(max(16, min(fd_cache_size, limit // 4)))
+        self.file_limit = max(32, limit - self.fds.capacity - 64 - limit // 32)
+        self.user_file_limit = self.file_limit - max(16, self.file_limit // 8)
         self.lower = LowerLayer(lower_fd, self.fds)
         self.upper = UpperLayer(upper_fd, work_fd, markers or Markers())
         self.markers = self.upper.markers
@@ -162,7 +192,10 @@ class Overlay:
         self.root.lookups = 1
         self.table.add_root(self.root)
         self._copying: dict[int, trio.Event] = {}
-        self.files: dict[int, FileHandle] = {}
+        self.files: dict[int, FileHandle] = {}  # fh -> handle
+        self._open_files: dict[int, OpenFile] = {}  # fd -> its descriptor's record
+        self._readers: dict[int, OpenFile] = {}  # id(node) -> its shared read-only one
+        self._fhs = itertools.count(1)
         self.dirs: dict[int, DirHandle] = {}
         # Listings (readdir snapshots): shared per directory while nothing changed names
         # (generation), and bounded in names held for users other than root.
@@ -250,6 +283,7 @@ class Overlay:
         """Sizes of the daemon's tables (for `rofs status` and leak hunting)."""
         return {"nodes": len(self.table.nodes), "dentries": len(self.table.dentries),
                 "dynamic_inos": len(self.table._dynamic), "open_files": len(self.files),
+                "file_fds": len(self._open_files),
                 "open_dirs": len(self.dirs), "listed_names": self.listed_names,
                 "dir_fds": len(self.fds),
                 "copy_ups": len(self._copying),
@@ -715,15 +749,15 @@ class Overlay:
     def _repoint_readers(self, node: Node) -> None:
         """Read-only handles opened before the copy-up now read the upper copy."""
         for fd in node.open_fds:
-            handle = self.files.get(fd)
-            if handle is None or not handle.on_lower:
+            file = self._open_files.get(fd)
+            if file is None or not file.on_lower:
                 continue
             parent, name = node.links[0]
             new = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                           dir_fd=self.upper_dirfd(parent, self._lay(node)))
             os.dup2(new, fd, inheritable=False)
             os.close(new)
-            handle.on_lower = False
+            file.on_lower = False
 
     def _discard(self, tmp: bytes, layer: UpperLayer | None = None) -> None:
         layer = layer or self.upper
@@ -791,6 +825,7 @@ class Overlay:
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
                pid: int = 0) -> tuple[FileHandle, Node]:
         self.check_writable(parent, name)
+        self._check_files(uid)  # before the file exists: a refused create makes none
         uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFREG | mode)
         fds = []
 
@@ -1492,13 +1527,29 @@ class Overlay:
 
     # ----------------------------------------------------------------- files
 
+    def _check_files(self, uid: int) -> None:
+        """ENFILE when a new open file would take a descriptor this caller may not have
+        (users other than root stop short of a reserve that is root's)."""
+        if len(self._open_files) >= (self.file_limit if uid == 0 else
+                                     self.user_file_limit):
+            raise _err(errno.ENFILE)
+
     def _register(self, fd: int, node: Node, flags: int, on_lower: bool, pid: int,
-                  uid: int) -> FileHandle:
-        handle = FileHandle(fd, node, flags, on_lower, pid, uid)
-        self.files[fd] = handle
+                  uid: int, shared: bool = False) -> FileHandle:
+        file = OpenFile(fd, on_lower, shared)
+        self._open_files[fd] = file
+        if shared:
+            self._readers[id(node)] = file
         if not node.open_fds:
             node.open_fds = set()
         node.open_fds.add(fd)
+        return self._handle(file, node, flags, pid, uid)
+
+    def _handle(self, file: OpenFile, node: Node, flags: int, pid: int,
+                uid: int) -> FileHandle:
+        file.users += 1
+        handle = FileHandle(next(self._fhs), file, node, flags, pid, uid)
+        self.files[handle.fh] = handle
         return handle
 
     async def open(self, node: Node, flags: int, pid: int = 0, uid: int = 0) -> FileHandle:
@@ -1506,15 +1557,22 @@ class Overlay:
             raise _err(errno.EISDIR)
         flags &= OPEN_KEEP_FLAGS
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if not writing:
+            reader = self._readers.get(id(node))
+            if reader is not None and reader.on_lower == (not node.upper):
+                return self._handle(reader, node, flags, pid, uid)
+        self._check_files(uid)
         if writing:
             self.check_writable(node)
         if writing and not node.upper:
             await self.copy_up(node, data_limit=0 if flags & os.O_TRUNC else None)
+        # Read-only opens with no flag that changes how reads behave share a descriptor.
+        share = not writing and not flags & ~os.O_ACCMODE and id(node) not in self._readers
         if node.upper:
             fd = self._open_upper(node, flags)
-            return self._register(fd, node, flags, False, pid, uid)
+            return self._register(fd, node, flags, False, pid, uid, share)
         fd = self.lower.open(node.lower, flags & ~os.O_TRUNC)
-        return self._register(fd, node, flags, True, pid, uid)
+        return self._register(fd, node, flags, True, pid, uid, share)
 
     def _open_upper(self, node: Node, flags: int) -> int:
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1547,11 +1605,17 @@ class Overlay:
         handle = self.files.pop(fh, None)
         if handle is None:
             return
-        node = handle.node
-        node.open_fds.discard(handle.fd)
+        file, node = handle.file, handle.node
+        file.users -= 1
+        if file.users:
+            return
+        if file.shared and self._readers.get(id(node)) is file:
+            del self._readers[id(node)]
+        del self._open_files[file.fd]
+        node.open_fds.discard(file.fd)
         if not node.open_fds:
             node.open_fds = NO_FDS
-        os.close(handle.fd)
+        os.close(file.fd)
         self.table.maybe_drop(node)
 
     def close(self) -> None:

@@ -281,3 +281,64 @@ def test_listings_held_open_are_shared_and_bounded(public):
         (status,) = json.loads(rofs("status", "--json", mnt))
         assert status["open_dirs"] == 0 and status["listed_names"] == 0
     assert not proc.internal_errors(), proc.output()
+
+
+HOLD_FILES = """
+import errno, os, sys
+mine = os.path.join(sys.argv[1], "mine")
+shared = sys.argv[2]
+held = [os.open(shared, os.O_RDONLY) for _ in range(int(sys.argv[3]))]
+with open(mine, "w"):
+    pass
+error = None
+while len(held) < 100000:
+    try:
+        held.append(os.open(mine, os.O_RDWR))
+    except OSError as e:
+        error = errno.errorcode[e.errno]
+        break
+print(len(held), error, flush=True)
+sys.stdin.read()
+"""
+
+
+class LimitedRofs(RofsProcess):
+    """A daemon started with a small descriptor limit, so that a test can reach it."""
+
+    def command(self):
+        return ["prlimit", "--nofile=4096:4096", "--"] + super().command()
+
+
+def test_open_files_cannot_take_the_daemons_descriptors_from_root(public):
+    """Each open file was a daemon descriptor: a user holding files open drove the daemon
+    to EMFILE, and root could then neither read shadow nor list a directory.  Read-only
+    opens of one file share a descriptor; users stop short of a reserve that is root's."""
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    with LimitedRofs(mnt, state, lower) as proc:
+        child = subprocess.Popen(
+            ["prlimit", "--nofile=16384:16384", "--", "setpriv", "--reuid", str(NOBODY),
+             "--regid", str(NOBODY), "--clear-groups", "--", PYTHON, "-c", HOLD_FILES,
+             os.path.join(mnt, "pub"), os.path.join(mnt, "passwd"), "3000"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            held, error = child.stdout.readline().split()
+            (status,) = json.loads(rofs("status", "--json", mnt))
+            # 3,000 read-only opens of passwd: one descriptor.  Then the user's own
+            # file, opened for writing until refused, well before the daemon's limit.
+            assert error == "ENFILE" and 3000 + 2000 < int(held) < 3000 + 2880, held
+            assert status["open_files"] == int(held)
+            assert status["file_fds"] == int(held) - 3000 + 1
+            # Root, meanwhile: reads, lists, changes.
+            with open(os.path.join(mnt, "shadow")) as f:
+                assert f.read().startswith("root:")
+            assert "passwd" in os.listdir(mnt)
+            with open(os.path.join(mnt, "nshadow"), "w") as f:
+                f.write("root:$6$new:20000:0:99999:7:::\n")
+            os.rename(os.path.join(mnt, "nshadow"), os.path.join(mnt, "shadow"))
+            with open(os.path.join(mnt, "shadow")) as f:
+                assert f.read() == "root:$6$new:20000:0:99999:7:::\n"
+        finally:
+            child.communicate("")
+        (status,) = json.loads(rofs("status", "--json", mnt))
+        assert status["open_files"] == 0 and status["file_fds"] == 0
+    assert not proc.internal_errors(), proc.output()

@@ -43,9 +43,9 @@ def read_all(ov, node):
     async def go():
         handle = await ov.open(node, os.O_RDONLY)
         try:
-            return ov.read(handle.fd, 0, 1 << 24)
+            return ov.read(handle.fh, 0, 1 << 24)
         finally:
-            ov.release(handle.fd)
+            ov.release(handle.fh)
     return trio.run(go)
 
 
@@ -167,10 +167,10 @@ def test_read_after_copy_up_through_old_handle(ov):
     async def go():
         reader = await ov.open(node, os.O_RDONLY)
         writer = await ov.open(node, os.O_WRONLY)
-        ov.write(writer.fd, 0, b"NEW!")
-        data = ov.read(reader.fd, 0, 100)
-        ov.release(reader.fd)
-        ov.release(writer.fd)
+        ov.write(writer.fh, 0, b"NEW!")
+        data = ov.read(reader.fh, 0, 100)
+        ov.release(reader.fh)
+        ov.release(writer.fh)
         return data
 
     assert trio.run(go) == b"NEW!\n"
@@ -236,7 +236,7 @@ def test_reused_number_gets_next_generation(ov):
     first = ov.create(ov.root, b"a1", 0o644, os.O_WRONLY, 0, 0)[0]
     node = first.node
     ov.remember(node, 3)
-    ov.release(first.fd)
+    ov.release(first.fh)
     trio.run(ov.unlink, ov.root, b"a1")
     # pretend the filesystem reused the number: resolve a new object with that backing
     fresh = ov.table.find_or_add(ov.root, b"b1", stat.S_IFREG, upper=True, lower=None,
