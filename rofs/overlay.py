@@ -21,6 +21,7 @@ chosen so that they do not change what the old location shows.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import functools
@@ -99,15 +100,16 @@ class Attr:
 class OpenFile:
     """One daemon descriptor of a node's data, used by one or more file handles: all
     the read-only handles of a node share one (reads give their offset), a writer has
-    its own."""
+    its own.  It counts against the uid that opened it first."""
 
-    __slots__ = ("fd", "on_lower", "users", "shared")
+    __slots__ = ("fd", "on_lower", "users", "shared", "uid")
 
-    def __init__(self, fd: int, on_lower: bool, shared: bool) -> None:
+    def __init__(self, fd: int, on_lower: bool, shared: bool, uid: int) -> None:
         self.fd = fd
         self.on_lower = on_lower
         self.users = 0
         self.shared = shared
+        self.uid = uid
 
 
 class FileHandle:
@@ -181,6 +183,10 @@ class Overlay:
         self.fds = DirFdCache(max(16, min(fd_cache_size, limit // 4)))
         self.file_limit = max(32, limit - self.fds.capacity - 64 - limit // 32)
         self.user_file_limit = self.file_limit - max(16, self.file_limit // 8)
+        # ... and one user at most a quarter of what users may hold, so that one user
+        # holding files open does not shut the others out either.
+        self.uid_file_limit = max(16, self.user_file_limit // 4)
+        self._fds_by_uid: collections.Counter = collections.Counter()
         self.lower = LowerLayer(lower_fd, self.fds)
         self.upper = UpperLayer(upper_fd, work_fd, markers or Markers())
         self.markers = self.upper.markers
@@ -1529,15 +1535,19 @@ class Overlay:
 
     def _check_files(self, uid: int) -> None:
         """ENFILE when a new open file would take a descriptor this caller may not have
-        (users other than root stop short of a reserve that is root's)."""
+        (users other than root stop short of a reserve that is root's, and each of them
+        at a share of the rest)."""
         if len(self._open_files) >= (self.file_limit if uid == 0 else
                                      self.user_file_limit):
+            raise _err(errno.ENFILE)
+        if uid != 0 and self._fds_by_uid[uid] >= self.uid_file_limit:
             raise _err(errno.ENFILE)
 
     def _register(self, fd: int, node: Node, flags: int, on_lower: bool, pid: int,
                   uid: int, shared: bool = False) -> FileHandle:
-        file = OpenFile(fd, on_lower, shared)
+        file = OpenFile(fd, on_lower, shared, uid)
         self._open_files[fd] = file
+        self._fds_by_uid[uid] += 1
         if shared:
             self._readers[id(node)] = file
         if not node.open_fds:
@@ -1612,6 +1622,9 @@ class Overlay:
         if file.shared and self._readers.get(id(node)) is file:
             del self._readers[id(node)]
         del self._open_files[file.fd]
+        self._fds_by_uid[file.uid] -= 1
+        if not self._fds_by_uid[file.uid]:
+            del self._fds_by_uid[file.uid]
         node.open_fds.discard(file.fd)
         if not node.open_fds:
             node.open_fds = NO_FDS
