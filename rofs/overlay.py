@@ -135,14 +135,16 @@ class FileHandle:
 
 class Listing:
     """A directory's names as one readdir pass sees them, shared by every handle that
-    starts a pass while the namespace is unchanged (Overlay.generation)."""
+    starts a pass while the namespace is unchanged (Overlay.generation).  It counts
+    against the uid that took it."""
 
-    __slots__ = ("names", "generation", "users")
+    __slots__ = ("names", "generation", "users", "uid")
 
-    def __init__(self, names: tuple[bytes, ...], generation: int) -> None:
+    def __init__(self, names: tuple[bytes, ...], generation: int, uid: int) -> None:
         self.names = names
         self.generation = generation
         self.users = 0
+        self.uid = uid
 
 
 class DirHandle:
@@ -208,6 +210,7 @@ class Overlay:
         self.generation = 0
         self._listings: dict[int, Listing] = {}  # directory inode -> its newest
         self.listed_names = 0  # names held by the listings of open handles
+        self._listed_by_uid: collections.Counter = collections.Counter()
         self.listing_budget = LISTING_BUDGET
         self._dir_ids = itertools.count(1)
         # Per-path policy: `policy` for the read-only class (None when nothing is
@@ -1472,7 +1475,8 @@ class Overlay:
         or skipped.  Names removed since the snapshot are left out.  Handles that start
         a pass while no name changed anywhere share one snapshot, so holding many
         handles open on a big directory costs one listing; distinct listings held for
-        users other than root are bounded (LISTING_BUDGET names: past it, ENOMEM).
+        users other than root are bounded (LISTING_BUDGET names, a quarter of it for one
+        user: past it, ENOMEM).
         """
         handle = self.dirs[dh]
         if handle.listing is None or (start == 0 and handle.served):
@@ -1493,11 +1497,15 @@ class Overlay:
         listing = self._listings.get(node.ino)
         if listing is None or listing.generation != self.generation:
             names = tuple(self.list_names(node))
-            if handle.uid != 0 and self.listed_names + len(names) > self.listing_budget:
+            uid = handle.uid
+            if uid != 0 and (
+                    self.listed_names + len(names) > self.listing_budget or
+                    self._listed_by_uid[uid] + len(names) > self.listing_budget // 4):
                 raise _err(errno.ENOMEM)
-            listing = Listing(names, self.generation)
+            listing = Listing(names, self.generation, uid)
             self._listings[node.ino] = listing
             self.listed_names += len(names)
+            self._listed_by_uid[uid] += len(names)
         listing.users += 1  # first: the handle may hold this very listing already
         self._drop_listing(handle)
         handle.listing = listing
@@ -1510,6 +1518,9 @@ class Overlay:
         if listing.users:
             return
         self.listed_names -= len(listing.names)
+        self._listed_by_uid[listing.uid] -= len(listing.names)
+        if not self._listed_by_uid[listing.uid]:
+            del self._listed_by_uid[listing.uid]
         if self._listings.get(handle.node.ino) is listing:
             del self._listings[handle.node.ino]
         if len(listing.names) >= TRIM_AFTER_NAMES:

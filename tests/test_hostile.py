@@ -255,10 +255,11 @@ def test_listings_held_open_are_shared_and_bounded(public):
     os.mkdir(big)
     for i in range(20000):
         os.close(os.open(os.path.join(big, "entry-%05d" % i), os.O_CREAT | os.O_WRONLY))
-    with RofsProcess(mnt, state, lower, env={"ROFS_LISTING_BUDGET": "50000"}) as proc:
-        def hold(count, churn):
+    # A budget of 160,000 names: 40,000 for one user.
+    with RofsProcess(mnt, state, lower, env={"ROFS_LISTING_BUDGET": "160000"}) as proc:
+        def hold(count, churn, uid=NOBODY):
             child = subprocess.Popen(
-                ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                ["setpriv", "--reuid", str(uid), "--regid", str(uid),
                  "--clear-groups", "--", PYTHON, "-c", HOLD_LISTINGS,
                  os.path.join(mnt, "wide"), os.path.join(mnt, "pub"), str(count),
                  "1" if churn else "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -274,8 +275,14 @@ def test_listings_held_open_are_shared_and_bounded(public):
             child.communicate("")
         churner, seen = hold(3, churn=True)
         try:
-            assert seen == "[20000, 20000, 'ENOMEM']\n"  # the third is past the budget
+            assert seen == "[20000, 20000, 'ENOMEM']\n"  # the third is past its share
             assert len(os.listdir(os.path.join(mnt, "wide"))) == 20000  # root's works
+            # And another user's, in a listing of its own (a name changed since).
+            with open(os.path.join(mnt, "pub", "by-root"), "w"):
+                pass
+            other, seen = hold(1, churn=False, uid=NOBODY - 1)
+            other.communicate("")
+            assert seen == "[20000]\n"
         finally:
             churner.communicate("")
         (status,) = json.loads(rofs("status", "--json", mnt))
