@@ -159,11 +159,16 @@ class DirHandle:
 
 def _changes_names(method):
     """Marks an Overlay method that adds, removes or moves names: listings taken before
-    it are not shared with passes that start after it."""
+    it ends are not shared with passes that start after it.  (An async one may await a
+    copy-up before it changes anything, and a listing taken meanwhile would miss the
+    change: the generation moves when it ends too.)"""
     if inspect.iscoroutinefunction(method):
         async def wrapper(self, *args, **kwargs):
             self.generation += 1
-            return await method(self, *args, **kwargs)
+            try:
+                return await method(self, *args, **kwargs)
+            finally:
+                self.generation += 1
     else:
         def wrapper(self, *args, **kwargs):
             self.generation += 1
