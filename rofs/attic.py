@@ -15,7 +15,7 @@ as rofs.names writes them).  ID is the UTC time of the move, `YYYYmmddTHHMMSSZ` 
 `-2`, `-3`... when taken).  Each entry moves with one rename on the state filesystem,
 so at every moment it is either in the upper layer or in the attic.
 
-A set stays until the admin drops it (`rofs attic drop`); `rofs attic restore` puts
+A set stays until the admin drops it (`rofs attic --drop`); `rofs attic --restore` puts
 entries back into the upper layer (through the daemon of a live mount, whose kernel
 caches it invalidates, or under the upper layer's lock when nothing is mounted).
 """
@@ -33,8 +33,15 @@ from dataclasses import dataclass, field
 
 from rofs import copyup
 from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
-from rofs.layers import UpperLayer, open_listable, remove_tree, walk_tree
-from rofs.names import quote, quote_path, unquote
+from rofs.layers import (
+    UpperLayer,
+    getxattr_or_none,
+    open_below,
+    open_listable,
+    remove_path,
+    visit_tree,
+)
+from rofs.names import count, quote, quote_path, unquote
 from rofs.state import PRIVATE_DIR, mount_name
 
 log = logging.getLogger(__name__)
@@ -69,30 +76,39 @@ def _write_info(directory: str, info: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _index_name(upper: UpperLayer, dir_fd: int, name: bytes) -> bytes | None:
+    """The index name an upper file records (a copied-up lower hard link), if any."""
+    value = upper.get_marker(dir_fd, name, upper.markers.ino)
+    parts = value.split() if value else []
+    return parts[1] if len(parts) == 2 else None
+
+
 def index_keys(upper: UpperLayer, dir_fd: int, name: bytes) -> collections.Counter:
     """Index names of the indexed hard links at dir_fd/name and below, with how many of
     their names are there."""
     keys: collections.Counter = collections.Counter()
-    for parent, child, st in walk_tree(dir_fd, name):
+
+    def visit(parent: int, child: bytes, st: os.stat_result) -> None:
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            value = upper.get_marker(parent, child, upper.markers.ino)
-            parts = value.split() if value else []
-            if len(parts) == 2:
-                keys[parts[1]] += 1
+            key = _index_name(upper, parent, child)
+            if key is not None:
+                keys[key] += 1
+
+    visit_tree(dir_fd, name, visit)
     return keys
 
 
-def drop_index_entries(upper: UpperLayer, index_fd: int | None,
-                       moved: collections.Counter) -> None:
-    """Remove the index entries of copied-up hard links that have no name left in the
-    upper layer once `moved` (key -> names taken out) went elsewhere, so their other
-    lower names show the lower file again."""
-    if index_fd is None:
+def drop_index_entries(upper: UpperLayer, elsewhere: dict[bytes, int]) -> None:
+    """Remove the index entries (upper.index_fd) of copied-up hard links with no name
+    left in the upper layer, `elsewhere` (key -> names) being the names they have
+    outside it (in the attic, or none once deleted), so that their other lower names
+    show the lower file again."""
+    if upper.index_fd is None:
         return
-    for key, names in moved.items():
-        st = upper.try_stat(index_fd, key)
+    for key, names in elsewhere.items():
+        st = upper.try_stat(upper.index_fd, key)
         if st is not None and st.st_nlink - names <= 1:
-            os.unlink(key, dir_fd=index_fd)
+            os.unlink(key, dir_fd=upper.index_fd)
 
 
 def relink_index(upper: UpperLayer, dir_fd: int, name: bytes) -> None:
@@ -100,17 +116,19 @@ def relink_index(upper: UpperLayer, dir_fd: int, name: bytes) -> None:
     them into the index again, where their entry was dropped when they moved out."""
     if upper.index_fd is None:
         return
-    for parent, child, st in walk_tree(dir_fd, name):
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 1:
-            continue
-        value = upper.get_marker(parent, child, upper.markers.ino)
-        parts = value.split() if value else []
+
+    def visit(parent: int, child: bytes, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            return
+        key = _index_name(upper, parent, child)
         # Only while some of its lower names are still outside the upper layer (the
         # nlink marker); once none is, the index entry has no more use.
-        if len(parts) == 2 and upper.get_marker(parent, child, upper.markers.nlink) and \
-                upper.try_stat(upper.index_fd, parts[1]) is None:
-            os.link(child, parts[1], src_dir_fd=parent, dst_dir_fd=upper.index_fd,
+        if key is not None and upper.get_marker(parent, child, upper.markers.nlink) and \
+                upper.try_stat(upper.index_fd, key) is None:
+            os.link(child, key, src_dir_fd=parent, dst_dir_fd=upper.index_fd,
                     follow_symlinks=False)
+
+    visit_tree(dir_fd, name, visit)
 
 
 @dataclass
@@ -121,8 +139,8 @@ class Moved:
     paths: list[Path] = field(default_factory=list)
 
 
-def move_aside(upper: UpperLayer, index_fd: int | None, paths: list[Path], base: str,
-               mountpoint: str, reason: str) -> Moved | None:
+def move_aside(upper: UpperLayer, paths: list[Path], base: str, mountpoint: str,
+               reason: str) -> Moved | None:
     """Move the upper entries at `paths` (none inside another) into a new attic set
     under `base`; None when `paths` is empty."""
     if not paths:
@@ -143,7 +161,7 @@ def move_aside(upper: UpperLayer, index_fd: int | None, paths: list[Path], base:
     keys: collections.Counter = collections.Counter()
     try:
         for path in paths:
-            src = _walk(upper.root_fd, path[:-1])
+            src = open_below(upper.root_fd, path[:-1])
             try:
                 dst = _attic_parents(upper, tree, path[:-1])
                 try:
@@ -155,25 +173,27 @@ def move_aside(upper: UpperLayer, index_fd: int | None, paths: list[Path], base:
                     if dst != tree:
                         os.close(dst)
             finally:
-                if src != upper.root_fd:
-                    os.close(src)
+                os.close(src)
     finally:
         os.close(tree)
-        drop_index_entries(upper, index_fd, keys)
+        drop_index_entries(upper, keys)
         info["complete"] = len(moved.paths) == len(paths)
         _write_info(set_dir, info)
     return moved
 
 
-def _walk(root_fd: int, path: Path) -> int:
-    """A descriptor of the directory root/path (the root itself is returned as is)."""
-    fd = root_fd
-    for name in path:
-        child = open_listable(fd, name)
-        if fd != root_fd:
-            os.close(fd)
-        fd = child
-    return fd
+def _mkdir_like(markers, like: bytes, dir_fd: int, name: bytes) -> None:
+    """A plain directory dir_fd/name with the owner, mode, times and overlay markers
+    (opaque, redirect) of the directory at `like`: the directories above an entry set
+    aside, and made again above one restored."""
+    os.mkdir(name, 0o700, dir_fd=dir_fd)
+    extra = {}
+    for marker in (markers.opaque, markers.redirect):
+        value = getxattr_or_none(like, marker)
+        if value is not None:
+            extra[marker] = value
+    copyup.copy_meta(os.lstat(like), proc_path(dir_fd, name), markers.is_private, None,
+                     extra=extra)
 
 
 def _attic_parents(upper: UpperLayer, tree: int, path: Path) -> int:
@@ -186,15 +206,7 @@ def _attic_parents(upper: UpperLayer, tree: int, path: Path) -> int:
             up_child = open_listable(up, name)
             opened.append(up_child)
             if upper.try_stat(fd, name) is None:
-                os.mkdir(name, 0o700, dir_fd=fd)
-                markers = upper.markers
-                extra = {}
-                for marker in (markers.opaque, markers.redirect):
-                    value = upper.get_marker(up, name, marker)
-                    if value is not None:
-                        extra[marker] = value
-                copyup.copy_meta(os.fstat(up_child), proc_path(fd, name),
-                                 markers.is_private, None, extra=extra)
+                _mkdir_like(upper.markers, proc_path(up, name), fd, name)
             child = open_listable(fd, name)
             if fd != tree:
                 os.close(fd)
@@ -211,7 +223,7 @@ def _attic_parents(upper: UpperLayer, tree: int, path: Path) -> int:
 
 @dataclass
 class AtticSet:
-    """One set of entries moved aside, as `rofs attic list` shows it."""
+    """One set of entries moved aside, as `rofs attic` shows it."""
 
     mountpoint: str  # escaped
     id: str
@@ -277,15 +289,15 @@ def _select(state: str, set_id: str) -> list[AtticSet]:
 
 
 def format_sets(found: list[AtticSet]) -> str:
-    """`rofs attic list`: each set, then its paths still there."""
+    """`rofs attic`: each set, then its paths still there."""
     if not found:
         return "the attic is empty\n"
     lines = []
     for s in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time))
         restored = len(s.paths) - len(s.present)
-        lines.append("%s  %s  %s, %d path%s%s%s" % (
-            s.id, s.mountpoint, when, len(s.present), "" if len(s.present) == 1 else "s",
+        lines.append("%s  %s  %s, %s%s%s" % (
+            s.id, s.mountpoint, when, count(len(s.present), "path"),
             " (%d restored)" % restored if restored else "",
             "" if s.complete else " (the move was interrupted)"))
         lines.append("  why: %s" % s.reason)
@@ -296,7 +308,6 @@ def format_sets(found: list[AtticSet]) -> str:
 def restore(state: str, set_id: str, wanted: list[str]) -> tuple[list[str], list[str]]:
     """Put a set's entries (or those named in `wanted`, as the mount shows them) back
     into the upper layer.  Returns (lines for what was restored, errors)."""
-    from rofs.names import quote
     from rofs.tools import ToolError, mounts
     done, errors = [], []
     chosen = _select(state, set_id)
@@ -304,7 +315,7 @@ def restore(state: str, set_id: str, wanted: list[str]) -> tuple[list[str], list
     known = {p for s in chosen for p in s.present}
     for path in wanted:
         if path not in known:
-            raise ToolError("%s is not in attic set %s (see `rofs attic list`)"
+            raise ToolError("%s is not in attic set %s (see `rofs attic`)"
                             % (path, set_id))
     for s in chosen:
         mount = by_mount.get(s.mountpoint)
@@ -370,14 +381,7 @@ def _restore_offline(mount, s: AtticSet, shown: str) -> None:
             opened.append(attic_fd)
             if upper.try_stat(fd, name) is None:
                 # The upper directory went (reverted?): made again like the one set aside.
-                os.mkdir(name, 0o700, dir_fd=fd)
-                extra = {}
-                for marker in (upper.markers.opaque, upper.markers.redirect):
-                    value = upper.get_marker(attic_fd, b".", marker)
-                    if value is not None:
-                        extra[marker] = value
-                copyup.copy_meta(os.fstat(attic_fd), proc_path(fd, name),
-                                 upper.markers.is_private, None, extra=extra)
+                _mkdir_like(upper.markers, proc_path(attic_fd), fd, name)
             fd = open_listable(fd, name)
             opened.append(fd)
         if upper.try_stat(fd, rel[-1]) is not None:
@@ -394,28 +398,26 @@ def _drop_if_empty(s: AtticSet) -> None:
     """A set whose every entry went back is removed (only directories are left)."""
     if any(os.path.lexists(s.source(p)) for p in s.paths):
         return
-    tree = open_listable(None, os.fsencode(s.directory))
-    try:
-        if any(not stat.S_ISDIR(st.st_mode) for _, _, st in walk_tree(tree, TREE.encode())):
-            return
-    finally:
-        os.close(tree)
-    drop_set(s)
+    files: list[bytes] = []
 
+    def visit(fd: int, name: bytes, st: os.stat_result) -> None:
+        if not stat.S_ISDIR(st.st_mode):
+            files.append(name)
 
-def drop_set(s: AtticSet) -> None:
-    parent = open_listable(None, os.fsencode(os.path.dirname(s.directory)))
+    top = open_listable(None, os.fsencode(s.directory))
     try:
-        remove_tree(parent, os.fsencode(os.path.basename(s.directory)))
+        visit_tree(top, TREE.encode(), visit)
     finally:
-        os.close(parent)
+        os.close(top)
+    if not files:
+        remove_path(s.directory)
 
 
 def drop(state: str, set_id: str) -> list[str]:
     """Delete an attic set for good (the admin's decision)."""
     out = []
     for s in _select(state, set_id):
-        drop_set(s)
-        out.append("dropped %s (%s, %d path%s)" % (s.id, s.mountpoint, len(s.present),
-                                                   "" if len(s.present) == 1 else "s"))
+        remove_path(s.directory)
+        out.append("dropped %s (%s, %s)" % (s.id, s.mountpoint,
+                                            count(len(s.present), "path")))
     return out

@@ -282,14 +282,6 @@ class UsageError(Exception):
     pass
 
 
-def unmount_command(mountpoint: str) -> str:
-    """How the user running this unmounts a (dead) mount: root needs no fusermount3
-    (which takes a lock file inside /etc, on the very mount it unmounts)."""
-    if os.geteuid() == 0:
-        return "umount -l %s" % quote(mountpoint)
-    return "fusermount3 -u -z %s" % quote(mountpoint)
-
-
 def _mountinfo_top(path: str) -> str | None:
     """Filesystem type of the topmost mount at `path`, if `path` is a mount point."""
     from rofs._sys import mount_table
@@ -390,7 +382,7 @@ def validate(args: argparse.Namespace):
         raise UsageError("unknown class %r (expected %s)" % (args.default,
                                                             ", ".join(CLASS_NAMES)))
     mountpoint = os.path.abspath(args.mountpoint)
-    from rofs.tools import dead_mount
+    from rofs.tools import dead_mount, unmount_command
     if dead_mount(mountpoint):
         raise UsageError("%s is a dead FUSE mount (its daemon was killed): run `%s`, "
                          "then mount again; the state dir keeps everything that was "

@@ -8,7 +8,7 @@ connection, one JSON line each way:
     {"op": "ping"}                                     ->  {"ok": true, "pid": 1234}
     {"op": "status"}          ->  {"ok": true, "state": ..., "nodes": ..., ...} (rofs status)
     {"op": "restore", "path": [...], "source": "STATE/.rofs/attic/.../tree/..."}
-                              ->  {"ok": true}   (rofs attic restore; rofs.attic)
+                              ->  {"ok": true}   (rofs attic --restore; rofs.attic)
 
 Errors come back as {"ok": false, "error": "..."}.
 """

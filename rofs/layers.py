@@ -97,43 +97,6 @@ def lstat_below(root_fd: int, path: tuple[bytes, ...]) -> os.stat_result | None:
             os.close(fd)
 
 
-def walk_tree(dir_fd: int, name: bytes):
-    """Every entry at dir_fd/name and below, depth first (a directory before what it
-    holds), as (descriptor of its directory, name, lstat result); the descriptor is only
-    valid until the next step.  Iterative, with one open directory per level, so a tree
-    of any depth a user made is walked without recursion."""
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    yield dir_fd, name, st
-    if not stat.S_ISDIR(st.st_mode):
-        return
-    stack = []
-    try:
-        fd = open_listable(dir_fd, name)
-        with os.scandir(fd) as entries:
-            names = [os.fsencode(e.name) for e in entries]
-        stack.append((fd, iter(names)))
-        while stack:
-            fd, rest = stack[-1]
-            child = next(rest, None)
-            if child is None:
-                os.close(fd)
-                stack.pop()
-                continue
-            try:
-                st = os.stat(child, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            yield fd, child, st
-            if stat.S_ISDIR(st.st_mode):
-                sub = open_listable(fd, child)
-                with os.scandir(sub) as entries:
-                    names = [os.fsencode(e.name) for e in entries]
-                stack.append((sub, iter(names)))
-    finally:
-        for fd, _ in stack:
-            os.close(fd)
-
-
 SKIP = object()  # walk_sorted: do not walk into this entry
 
 
@@ -168,6 +131,26 @@ def walk_sorted(top_fd: int, rel: tuple[bytes, ...], context, visit) -> None:
         for fd, *_ in stack:
             if fd != top_fd:
                 os.close(fd)
+
+
+def visit_tree(dir_fd: int, name: bytes, visit) -> None:
+    """visit(directory descriptor, name, lstat result) for dir_fd/name and every entry
+    below it (walk_sorted's walk: iterative, one descriptor per level)."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    visit(dir_fd, name, st)
+    if not stat.S_ISDIR(st.st_mode):
+        return
+
+    def each(fd: int, child: bytes, rel, context):
+        st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+        visit(fd, child, st)
+        return None if stat.S_ISDIR(st.st_mode) else SKIP
+
+    top = open_listable(dir_fd, name)
+    try:
+        walk_sorted(top, (), None, each)
+    finally:
+        os.close(top)
 
 
 def open_below(root_fd: int, path: tuple[bytes, ...]) -> int:
@@ -220,6 +203,16 @@ def remove_tree(dir_fd: int, name: bytes) -> None:
     finally:
         for _, _, fd, _ in stack:
             os.close(fd)
+
+
+def remove_path(path: str | bytes) -> None:
+    """remove_tree of a path (its parent opened, the last component removed)."""
+    path = os.fsencode(path)
+    parent = open_listable(None, os.path.dirname(path))
+    try:
+        remove_tree(parent, os.path.basename(path))
+    finally:
+        os.close(parent)
 
 
 class LowerLayer:

@@ -26,7 +26,7 @@ import trio
 
 from rofs import attic, control, scratch, state, tools
 from rofs.layers import Markers, UpperLayer, lstat_below
-from rofs.names import quote, quote_path
+from rofs.names import count, quote, quote_path
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
 from rofs.policy import BUILT_IN_SOURCE, Policy
@@ -170,8 +170,8 @@ def run(config: Config) -> int:
         upper = UpperLayer(prepared.upper_fd, prepared.work_fd, markers)
         upper.index_fd = prepared.index_fd
         prepared.moved = scratch.set_aside(
-            config.policy, upper, prepared.index_fd,
-            attic.attic_dir(config.state, config.mountpoint), config.mountpoint)
+            config.policy, upper, attic.attic_dir(config.state, config.mountpoint),
+            config.mountpoint)
     except OSError as e:
         prepared.close()
         raise MountError("cannot move the saved changes the policy makes scratch out of %s "
@@ -274,10 +274,10 @@ def _report_moved(config: Config, moved) -> None:
     back (WARNING: on the terminal, and in the journal)."""
     shown = [quote_path(p, quote(config.mountpoint)) for p in moved.paths]
     more = len(shown) - MOVED_SHOWN
-    log.warning("policy: %d saved change%s under paths this policy makes scratch moved to "
-                "%s instead of being deleted: %s%s.  List them with `rofs attic %s`, put "
-                "them back with `rofs attic --restore %s %s`",
-                len(shown), "" if len(shown) == 1 else "s", quote(moved.set_dir),
+    log.warning("policy: %s under paths this policy makes scratch moved to %s instead "
+                "of being deleted: %s%s.  List them with `rofs attic %s`, put them back "
+                "with `rofs attic --restore %s %s`",
+                count(len(shown), "saved change"), quote(moved.set_dir),
                 " ".join(shown[:MOVED_SHOWN]), " and %d more" % more if more > 0 else "",
                 quote(config.state), os.path.basename(moved.set_dir), quote(config.state))
 

@@ -79,3 +79,18 @@ def unquote(text: str) -> bytes:
                          % rest[rest.index("\\"):rest.index("\\") + 4])
     out += rest.encode("utf-8", "surrogateescape")
     return bytes(out)
+
+
+def top_dir(base: str, path: str) -> str:
+    """The top directory of an escaped `path` below the escaped mountpoint `base`: its
+    first component, or `base` itself for what is directly in it (a summary's rows)."""
+    base = base.rstrip("/")
+    rest = path[len(base) + 1:] if path.startswith(base + "/") else ""
+    if "/" not in rest:
+        return base or "/"
+    return base + "/" + rest.split("/", 1)[0]
+
+
+def count(n: int, noun: str) -> str:
+    """ "1 change", "2 changes": how every rofs output counts things."""
+    return "%d %s%s" % (n, noun, "" if n == 1 else "s")

@@ -1059,7 +1059,7 @@ class Overlay:
                 continue
             up = self.upper_dirfd(parent, layer, create=False)
             if up is not None and layer.try_stat(up, name) is not None:
-                scratch.detach(layer, up, name, set())
+                scratch.detach(layer, up, name)
 
     # ---------------------------------------------------------------- revert
 
@@ -1083,9 +1083,7 @@ class Overlay:
                 raise _err(errno.ENOENT)  # a typo, not "unchanged"
             return None
         affected = self._names_below(parent, name)
-        keys: set[bytes] = set()
-        scratch.detach(layer, up, name, keys)
-        scratch.drop_index_keys(layer, layer.index_fd, keys)
+        scratch.detach(layer, up, name)
         self._unname(affected)
         return parent.ino, name
 

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rofs.names import quote
+from rofs.names import count, quote, top_dir
 from rofs.writelog import log_files, script_of
 
 # Paths that are expected to be written and are not worth reporting (rolo shipped a
@@ -194,16 +194,6 @@ def name_of(event: dict) -> str:
     return event.get("comm") or "?"
 
 
-def top_of(event: dict, path: str) -> str:
-    """The top directory of a path below its mount (the mount itself for the files
-    directly in it)."""
-    mount = (event.get("mount") or "").rstrip("/")
-    rest = path[len(mount) + 1:] if path.startswith(mount + "/") else ""
-    if "/" not in rest:
-        return mount or "/"
-    return mount + "/" + rest.split("/", 1)[0]
-
-
 @dataclass
 class PathStats:
     ops: Counter = field(default_factory=Counter)
@@ -255,7 +245,7 @@ def summarize(events: list[dict], patterns: Patterns) -> Summary:
         else:
             p.changes += 1
         if e.get("path") is not None and result in ("ok", "EROFS"):
-            top = tops.setdefault(top_of(e, e["path"]), Counter())
+            top = tops.setdefault(top_dir(e.get("mount") or "", e["path"]), Counter())
             top["changes" if result == "ok" else "refused"] += 1
         for key in ("path", "path2"):
             path = e.get(key)
@@ -271,10 +261,6 @@ def summarize(events: list[dict], patterns: Patterns) -> Summary:
                 s.denied += 1
     ordered = sorted(programs.values(), key=lambda p: (-(p.changes + p.denied), p.program))
     return Summary(ordered, ignored, tops)
-
-
-def _count(n: int, noun: str) -> str:
-    return "%d %s%s" % (n, noun, "" if n == 1 else "s")
 
 
 def _when(t: float) -> str:
@@ -295,12 +281,12 @@ def render(summary: Summary, files: list[str], bad: int, only_summary: bool = Fa
     denied = sum(p.denied for p in programs)
     hosts = set().union(*(p.hosts for p in programs)) if programs else set()
     lines.append("%s and %s by %s on %s, from %s" % (
-        _count(total, "change"), _count(denied, "refused write"),
-        _count(len(programs), "program"), _count(len(hosts), "host"),
-        _count(len(files), "log file")))
+        count(total, "change"), count(denied, "refused write"),
+        count(len(programs), "program"), count(len(hosts), "host"),
+        count(len(files), "log file")))
     if summary.ignored:
         lines.append("%s left out by the exceptions list and --ignore"
-                     % _count(summary.ignored, "event"))
+                     % count(summary.ignored, "event"))
     if bad:
         lines.append("1 log line was not an event (cut short?) and was skipped" if bad == 1
                      else "%d log lines were not events (cut short?) and were skipped" % bad)
@@ -321,7 +307,7 @@ def render(summary: Summary, files: list[str], bad: int, only_summary: bool = Fa
         if p.failed:
             extra.append("%d failed" % p.failed)
         lines.append("%s (%s): %s%s, %s .. %s, %s" % (
-            p.program, ", ".join(sorted(p.names)), _count(p.changes, "change"),
+            p.program, ", ".join(sorted(p.names)), count(p.changes, "change"),
             " (%s)" % ", ".join(extra) if extra else "", _when(p.first), _when(p.last),
             "hosts " + ", ".join(sorted(p.hosts)) if len(p.hosts) > 1
             else "host " + next(iter(p.hosts))))
@@ -462,7 +448,7 @@ def suggest(events: list[dict], patterns: Patterns, files: list[str]) -> str:
             covered.append(path)
     transient = sorted(p for p, f in fates.items() if not f.changed)
     lines = ["# rofs policy suggested by `rofs report --suggest` from %s in %s."
-             % (_count(len(events), "event"), ", ".join(quote(f) for f in files) or
+             % (count(len(events), "event"), ", ".join(quote(f) for f in files) or
                 "no log"),
              "# Changes to these paths are kept; everything else is wiped at the next "
              "mount.",

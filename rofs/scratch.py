@@ -28,7 +28,7 @@ from rofs.policy import Class, Path, Policy
 log = logging.getLogger(__name__)
 
 
-def set_aside(policy: Policy, upper: UpperLayer, index_fd: int | None, attic_base: str,
+def set_aside(policy: Policy, upper: UpperLayer, attic_base: str,
               mountpoint: str) -> attic.Moved | None:
     """Move what the persistent upper layer holds under paths the policy makes scratch
     into the attic (None: nothing to move).
@@ -48,20 +48,10 @@ def set_aside(policy: Policy, upper: UpperLayer, index_fd: int | None, attic_bas
         os.close(root)
     if not targets:
         return None
-    rules = sorted({policy.rule_for(p).source if policy.rule_for(p) else
-                    "the default class" for p in targets})
-    reason = "the policy makes these paths scratch (%s)" % ", ".join(rules)
-    return attic.move_aside(upper, index_fd, targets, attic_base, quote(mountpoint), reason)
-
-
-def drop_index_keys(upper: UpperLayer, index_fd: int | None, keys: set[bytes]) -> None:
-    """Remove the index entries of copied-up hard links left without any upper name."""
-    if index_fd is None:
-        return
-    for key in keys:
-        st = upper.try_stat(index_fd, key)
-        if st is not None and st.st_nlink == 1:
-            os.unlink(key, dir_fd=index_fd)
+    rules = {policy.rule_for(p) for p in targets}
+    reason = "the policy makes these paths scratch (%s)" % ", ".join(sorted(
+        "the default class" if rule is None else rule.source for rule in rules))
+    return attic.move_aside(upper, targets, attic_base, quote(mountpoint), reason)
 
 
 def _scratch_entries(policy: Policy, dir_fd: int, path: Path, out: list[Path]) -> None:
@@ -84,13 +74,16 @@ def _scratch_entries(policy: Policy, dir_fd: int, path: Path, out: list[Path]) -
                 os.close(fd)
 
 
-def detach(upper: UpperLayer, dir_fd: int, name: bytes, keys: set[bytes]) -> None:
+def detach(upper: UpperLayer, dir_fd: int, name: bytes) -> None:
     """Remove dir_fd/name (a whole tree) from the upper layer: one atomic rename into
-    the work dir, then the deletion; `keys` gets the index names of hard links in it."""
+    the work dir, then the deletion.  A copied-up lower hard link left without an upper
+    name leaves the index too (upper.index_fd), so its other lower names show the lower
+    file again."""
     tmp = upper.temp_name()
     renameat2(dir_fd, name, upper.work_fd, tmp, RENAME_NOREPLACE)
-    keys.update(attic.index_keys(upper, upper.work_fd, tmp))
+    keys = attic.index_keys(upper, upper.work_fd, tmp)
     upper.remove_tree(upper.work_fd, tmp)
+    attic.drop_index_entries(upper, dict.fromkeys(keys, 0))  # deleted: no names left
 
 
 def lay_out(policy: Policy, overlay) -> list[str]:

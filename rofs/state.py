@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from rofs import copyup
 from rofs._sys import RENAME_WHITEOUT, proc_path, renameat2
-from rofs.layers import Markers, UpperLayer, open_listable, remove_tree
+from rofs.layers import Markers, UpperLayer, remove_path
 
 FORMAT_VERSION = 1
 FORMAT_FILE = "format"
@@ -242,12 +242,7 @@ def prepare_scratch(prepared: Prepared, state: str, mountpoint: str, scratch: st
         check_owner(base, "scratch dir")
         for path in (upper_path, work_path, index_path):
             if os.path.lexists(path):
-                # What the last session left: a user may have made it any depth.
-                parent = open_listable(None, os.path.dirname(path).encode())
-                try:
-                    remove_tree(parent, os.path.basename(path).encode())
-                finally:
-                    os.close(parent)
+                remove_path(path)  # what the last session left, of any depth
             os.makedirs(path, mode=0o700)
         upper_fd = os.open(upper_path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW |
                            os.O_CLOEXEC)

@@ -30,10 +30,10 @@ from rofs.layers import (
     is_whiteout,
     open_below,
     open_listable,
-    remove_tree,
+    remove_path,
     walk_sorted,
 )
-from rofs.names import quote, quote_path, unquote
+from rofs.names import count, quote, quote_path, top_dir, unquote
 from rofs.state import (
     PRIVATE_DIR,
     StateError,
@@ -239,6 +239,14 @@ def dead_mount(path: str) -> bool:
     return False
 
 
+def unmount_command(mountpoint: str) -> str:
+    """How the user running this unmounts a (dead) mount: root needs no fusermount3
+    (which takes a lock file inside /etc, on the very mount it unmounts)."""
+    if os.geteuid() == 0:
+        return "umount -l %s" % quote(mountpoint)
+    return "fusermount3 -u -z %s" % quote(mountpoint)
+
+
 def status(mountpoints: list[str]) -> list[dict]:
     """What each live rofs mount says of itself (all of them when none is named):
     {"mountpoint", "ok", ...}; "ok" False with an "error" for a dead or silent one."""
@@ -254,7 +262,6 @@ def status(mountpoints: list[str]) -> list[dict]:
                 entry.update(mountpoint=outer, asked=mnt)
                 mnt = outer
         if dead_mount(mnt):
-            from rofs.cli import unmount_command
             entry["error"] = ("dead: the daemon is gone; run `%s` and mount again"
                               % unmount_command(mnt))
             continue
@@ -301,13 +308,13 @@ def format_status(entries: list[dict], now: float) -> str:
         attic = e.get("attic") or {}
         if attic.get("sets"):
             lines.append("  attic    %s: %s moved aside in %s (newest %s): `rofs attic %s`"
-                         % (quote(attic["dir"]), _count(attic["paths"], "saved change"),
-                            _count(attic["sets"], "set"), attic["newest"],
+                         % (quote(attic["dir"]), count(attic["paths"], "saved change"),
+                            count(attic["sets"], "set"), attic["newest"],
                             quote(e["state"])))
         moved = e.get("moved_at_mount")
         if moved:
             lines.append("  WARNING  this mount moved %s the policy makes scratch into %s"
-                         % (_count(moved["count"], "saved change"), quote(moved["set"])))
+                         % (count(moved["count"], "saved change"), quote(moved["set"])))
         lines.append("  log      %s" % ("%s (%d events written, %d dropped)" % (
             quote(e["log"]), e["log_written"], e["log_dropped"]) if e["log"] else "off"))
         lines.append("  now      %d nodes, %d open files, %d open directories, %d copy-ups "
@@ -315,10 +322,6 @@ def format_status(entries: list[dict], now: float) -> str:
                                                       e["open_dirs"], e["copy_ups"],
                                                       e["internal_errors"]))
     return "\n".join(lines) + "\n"
-
-
-def _count(n: int, noun: str) -> str:
-    return "%d %s%s" % (n, noun, "" if n == 1 else "s")
 
 
 def revert(paths: list[str], state: str | None) -> tuple[list[str], list[str]]:
@@ -726,9 +729,7 @@ def diff(state: str, path: str | None, *, as_json: bool = False,
             if ignore is not None and ignore.match(change.path):
                 left_out += 1
                 continue
-            rest = change.path[len(base) + 1:]
-            top = base + "/" + rest.split("/", 1)[0] if "/" in rest else (base or "/")
-            counts = tops.setdefault(top, {})
+            counts = tops.setdefault(top_dir(base, change.path), {})
             counts[change.status] = counts.get(change.status, 0) + 1
             records.append({"path": change.path, "status": change.status,
                             "kind": change.kind, "what": change.what,
@@ -749,7 +750,7 @@ def _diff_summary(tops: dict[str, dict[str, int]], total: int, left_out: int,
         return json.dumps({"changes": total, "ignored": left_out, "directories": tops},
                           indent=1) + "\n"
     lines = ["%s (A added, M modified, D deleted, R replaced)%s"
-             % (_count(total, "change"), ", %d left out by --ignore" % left_out
+             % (count(total, "change"), ", %d left out by --ignore" % left_out
                 if left_out else "")]
     lines.append("  %6s %6s %6s %6s  %s" % ("A", "M", "D", "R", "directory"))
     for top, c in sorted(tops.items(), key=lambda item: (-sum(item[1].values()), item[0])):
@@ -804,11 +805,10 @@ def revert_offline(mount: Mount, rel: tuple[bytes, ...]) -> bool:
         if os.path.isdir(mount.index) else None
     try:
         upper = UpperLayer(parent, work, mount.markers)
+        upper.index_fd = index
         if upper.try_stat(parent, rel[-1]) is None:
             return False
-        keys: set[bytes] = set()
-        scratch.detach(upper, parent, rel[-1], keys)
-        scratch.drop_index_keys(upper, index, keys)
+        scratch.detach(upper, parent, rel[-1])
         return True
     finally:
         for fd in (parent, work, lock) + ((index,) if index is not None else ()):
@@ -861,7 +861,7 @@ def _check_mount(mount: Mount, markers: Markers) -> list[Problem]:
             if name.startswith("#rofs."):
                 path = os.path.join(work, name)
                 problems.append(Problem(quote(path), "left over by an interrupted operation",
-                                        lambda p=path: _remove(p)))
+                                        lambda p=path: remove_path(p)))
     differ_lower = mount.lower_root()
     upper = os.fsencode(mount.upper)
 
@@ -933,9 +933,4 @@ def _check_mount(mount: Mount, markers: Markers) -> list[Problem]:
     return problems
 
 
-def _remove(path: str) -> None:
-    parent = open_listable(None, os.fsencode(os.path.dirname(path)))
-    try:
-        remove_tree(parent, os.fsencode(os.path.basename(path)))
-    finally:
-        os.close(parent)
+
