@@ -20,8 +20,9 @@ esac
 PYTHON=${PYTHON:-python3}
 packages="fuse3 libfuse3-dev pkg-config gcc util-linux"
 if [ -n "$testing" ]; then
-    # useradd and ssh-keygen for the learning-run tests, git for etckeeper's case.
-    packages="$packages passwd openssh-client git"
+    # useradd and ssh-keygen for the learning-run tests, git for etckeeper's case,
+    # setfacl and getfacl for the ACL tests.
+    packages="$packages passwd openssh-client git acl"
 fi
 
 # Whether user nobody can run "$@" (a venv or checkout under /root, mode 0700 on

@@ -96,8 +96,10 @@ def copy_xattrs(src: bytes | int, dst: bytes | int, is_private, *,
         try:
             os.setxattr(dst, bname, value, follow_symlinks=isinstance(dst, int))
         except OSError as e:
-            if e.errno in (errno.ENOTSUP, errno.EPERM) and (
-                    symlink or not bname.startswith((b"trusted.", b"user."))):
+            # An ACL is never dropped: a deny entry lost would open the copy to whom
+            # the original kept out.
+            if e.errno in (errno.ENOTSUP, errno.EPERM) and (symlink or not bname.startswith(
+                    (b"trusted.", b"user.", b"system.posix_acl_"))):
                 log.info("copy-up: xattr %r not copied: %s", bname, e.strerror)
                 continue
             raise

@@ -33,6 +33,8 @@ TIMEOUT = 365 * 24 * 3600.0
 class RofsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # FUSE_POSIX_ACL: the kernel checks the ACLs getxattr reports (rofs.acl).
+    enable_acl = True
 
     def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None, *,
                  writelog: WriteLog | None = None, policy: Policy | None = None) -> None:
@@ -166,14 +168,14 @@ class RofsOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         parent = self._node(parent_inode)
         with self._change("mknod", ctx, parent, name):
-            node = self.overlay.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid)
+            node = self.overlay.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid, ctx.umask)
         return self._reply_new(node)
 
     @fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
         parent = self._node(parent_inode)
         with self._change("mkdir", ctx, parent, name):
-            node = self.overlay.mkdir(parent, name, mode, ctx.uid, ctx.gid)
+            node = self.overlay.mkdir(parent, name, mode, ctx.uid, ctx.gid, ctx.umask)
         return self._reply_new(node)
 
     @fuse_errors
@@ -232,7 +234,7 @@ class RofsOperations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         with self._change("create", ctx, parent, name):
             handle, node = self.overlay.create(parent, name, mode, flags, ctx.uid, ctx.gid,
-                                               ctx.pid)
+                                               ctx.pid, ctx.umask)
         self._written.add(handle.fh)  # the create says it all
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), self._reply_new(node)
 

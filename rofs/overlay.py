@@ -35,7 +35,7 @@ from collections.abc import Iterator
 
 import trio
 
-from rofs import attic, copyup, scratch
+from rofs import acl, attic, copyup, scratch
 from rofs._sys import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -605,7 +605,14 @@ class Overlay:
         if self.markers.is_private(name):
             raise _err(errno.ENOTSUP)
         target, follow = self._any_target(node)
-        return os.getxattr(target, name, follow_symlinks=follow)
+        try:
+            return os.getxattr(target, name, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno == errno.ENOTSUP and name in acl.NAMES:
+                # A lower filesystem without ACLs: none set.  (EOPNOTSUPP would fail
+                # every permission check the kernel makes.)
+                raise _err(errno.ENODATA) from None
+            raise
 
     def listxattr(self, node: Node) -> list[bytes]:
         target, follow = self._any_target(node)
@@ -792,14 +799,34 @@ class Overlay:
             return False
         return True
 
-    def owner_for(self, parent: Node, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
-        """Owner and mode of a new entry: the caller's, or the group of a setgid dir."""
+    def new_entry(self, parent: Node, uid: int, gid: int, mode: int,
+                  umask: int = 0) -> tuple[int, int, int, dict[bytes, bytes]]:
+        """Owner, mode and ACL xattrs of a new entry: the caller's owner, or the group of
+        a setgid dir; the mode the parent's default ACL leaves, or `mode` less `umask`
+        (see rofs.acl)."""
         pst = self._stat(parent)
         if pst.st_mode & stat.S_ISGID:
             gid = pst.st_gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        return uid, gid, mode
+        acls: dict[bytes, bytes] = {}
+        if stat.S_ISLNK(mode):
+            return uid, gid, mode, acls
+        default = acl.default_of(*self._any_target(parent))
+        if default is None:
+            return uid, gid, mode & ~(umask & 0o777), acls
+        mode, access = acl.inherit(default, mode)
+        if access is not None:
+            acls[acl.ACCESS] = access
+        if stat.S_ISDIR(mode):
+            acls[acl.DEFAULT] = default
+        return uid, gid, mode, acls
+
+    @staticmethod
+    def _set_acls(target: bytes | int, acls: dict[bytes, bytes]) -> None:
+        # After the chmod: an access ACL sets the group class bits of the mode itself.
+        for name, value in acls.items():
+            os.setxattr(target, name, value, follow_symlinks=isinstance(target, int))
 
     def _place(self, parent: Node, name: bytes, is_dir: bool, make) -> Node:
         """Create a new entry: `make(layer, tmp)` builds it in the work dir of its layer,
@@ -837,10 +864,10 @@ class Overlay:
 
     @_changes_names
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
-               pid: int = 0) -> tuple[FileHandle, Node]:
+               pid: int = 0, umask: int = 0) -> tuple[FileHandle, Node]:
         self.check_writable(parent, name)
         self._check_files(uid)  # before the file exists: a refused create makes none
-        uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFREG | mode)
+        uid, gid, mode, acls = self.new_entry(parent, uid, gid, stat.S_IFREG | mode, umask)
         fds = []
 
         def make(layer: UpperLayer, tmp: bytes) -> None:
@@ -849,6 +876,7 @@ class Overlay:
             fds.append(fd)
             copyup.chown(fd, uid, gid)
             os.fchmod(fd, stat.S_IMODE(mode))
+            self._set_acls(fd, acls)
 
         try:
             node = self._place(parent, name, False, make)
@@ -862,23 +890,25 @@ class Overlay:
         return self._register(fd, node, flags, False, pid, uid), node
 
     @_changes_names
-    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
+    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int,
+              umask: int = 0) -> Node:
         self.check_writable(parent, name)
-        uid, gid, mode = self.owner_for(parent, uid, gid, stat.S_IFDIR | mode)
+        uid, gid, mode, acls = self.new_entry(parent, uid, gid, stat.S_IFDIR | mode, umask)
 
         def make(layer: UpperLayer, tmp: bytes) -> None:
             os.mkdir(tmp, 0o700, dir_fd=layer.work_fd)
             path = layer.work_path(tmp)
             copyup.chown(path, uid, gid, follow_symlinks=False)
             os.chmod(path, stat.S_IMODE(mode))
+            self._set_acls(path, acls)
 
         return self._place(parent, name, True, make)
 
     @_changes_names
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int,
-              gid: int) -> Node:
+              gid: int, umask: int = 0) -> Node:
         self.check_writable(parent, name)
-        uid, gid, mode = self.owner_for(parent, uid, gid, mode)
+        uid, gid, mode, acls = self.new_entry(parent, uid, gid, mode, umask)
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise _err(errno.EINVAL)
         if stat.S_ISCHR(mode) and rdev == 0:
@@ -891,13 +921,14 @@ class Overlay:
             path = layer.work_path(tmp)
             copyup.chown(path, uid, gid, follow_symlinks=False)
             os.chmod(path, stat.S_IMODE(mode))
+            self._set_acls(path, acls)
 
         return self._place(parent, name, False, make)
 
     @_changes_names
     def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
         self.check_writable(parent, name)
-        uid, gid, _ = self.owner_for(parent, uid, gid, stat.S_IFLNK)
+        uid, gid, _, _ = self.new_entry(parent, uid, gid, stat.S_IFLNK)
 
         def make(layer: UpperLayer, tmp: bytes) -> None:
             os.symlink(target, tmp, dir_fd=layer.work_fd)
