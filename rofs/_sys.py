@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import os
 import re
+import struct
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
@@ -28,6 +31,41 @@ def open_noatime(path: bytes | str, flags: int = os.O_RDONLY, *,
         return os.open(path, flags | O_NOATIME, dir_fd=dir_fd)
     except PermissionError:
         return os.open(path, flags, dir_fd=dir_fd)
+
+# Inode flags (chattr).  FS_IOC_GETFLAGS/SETFLAGS move an int, whatever size their
+# number encodes.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_SYNC_FL = 0x08
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+FS_NODUMP_FL = 0x40
+FS_NOATIME_FL = 0x80
+_NO_FLAGS = (errno.ENOTTY, errno.EINVAL, errno.ENOTSUP, errno.ENOSYS)
+
+
+def get_inode_flags(fd: int) -> int:
+    """FS_IOC_GETFLAGS of an open file or directory; 0 where the filesystem has none."""
+    try:
+        buf = fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))
+    except OSError as e:
+        if e.errno in _NO_FLAGS:
+            return 0
+        raise
+    return struct.unpack_from("I", buf)[0]
+
+
+def add_inode_flags(fd: int, flags: int) -> None:
+    """Set `flags` besides the ones the inode has; nothing where the filesystem (or the
+    caller's privilege) does not allow it."""
+    try:
+        old = get_inode_flags(fd)
+        if old | flags != old:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("I", old | flags) + bytes(4))
+    except OSError as e:
+        if e.errno not in _NO_FLAGS + (errno.EPERM, errno.EACCES):
+            raise
+
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _renameat2 = _libc.renameat2

@@ -36,7 +36,7 @@ SHRINK_MIN = 4096
 class Node:
     __slots__ = ("ino", "mode", "links", "lower", "upper", "lookups", "backing",
                  "open_fds", "kids", "index_key", "nlink_delta", "target", "generation", "keep_fd",
-                 "layer")
+                 "layer", "prot")
 
     def __init__(self, ino: int, mode: int, *, upper: bool,
                  lower: tuple[bytes, ...] | None, backing: tuple) -> None:
@@ -72,6 +72,8 @@ class Node:
         # The upper layer this node's changes go to (None: the persistent one; the
         # scratch layer for paths of the scratch class, see rofs.overlay).
         self.layer = None
+        # Its FS_IMMUTABLE_FL | FS_APPEND_FL, once asked (-1: not yet; Overlay.protection).
+        self.prot = -1
 
     @property
     def is_dir(self) -> bool:

@@ -21,7 +21,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from rofs._sys import open_noatime, proc_path
+from rofs._sys import get_inode_flags, open_noatime, proc_path
 
 DIR_OPEN_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -272,6 +272,17 @@ class LowerLayer:
     def readlink(self, path: tuple[bytes, ...]) -> bytes:
         return os.readlink(path[-1], dir_fd=self.dirfd(path[:-1]))
 
+    def inode_flags(self, path: tuple[bytes, ...]) -> int:
+        """The inode flags (chattr) of a lower regular file or directory; 0 if unknown."""
+        try:
+            fd = self.open(path, os.O_RDONLY | os.O_NONBLOCK) if path else self._open_root()
+        except PermissionError:  # a daemon other than root, on a file it cannot read
+            return 0
+        try:
+            return get_inode_flags(fd)
+        finally:
+            os.close(fd)
+
     def xattr_path(self, path: tuple[bytes, ...]) -> bytes:
         if not path:
             return proc_path(self.root_fd)
@@ -308,6 +319,10 @@ class Markers:
         # On a copied-up lower hard link while some of its lower names are not yet in
         # the upper layer: how many (they count in st_nlink; see Overlay._materialize).
         self.nlink = prefix + b"rofs.nlink"
+        # The immutable and append-only flags of a copied-up lower object ("i", "a"):
+        # kept here, not on the upper inode, so that the overlay can still link, move and
+        # remove its own copy.  The kernel reads and writes it alike.
+        self.protattr = prefix + b"protattr"
 
     def is_private(self, name: bytes) -> bool:
         return name.startswith(self.RESERVED)

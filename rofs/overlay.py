@@ -37,9 +37,15 @@ import trio
 
 from rofs import acl, attic, copyup, scratch
 from rofs._sys import (
+    FS_APPEND_FL,
+    FS_IMMUTABLE_FL,
+    FS_NOATIME_FL,
+    FS_NODUMP_FL,
+    FS_SYNC_FL,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
+    add_inode_flags,
     malloc_trim,
     proc_path,
     renameat2,
@@ -58,6 +64,10 @@ from rofs.layers import (
 from rofs.policy import Class, Policy
 
 log = logging.getLogger(__name__)
+
+PROTECTION_FLAGS = FS_IMMUTABLE_FL | FS_APPEND_FL
+# Inode flags a copy-up carries to the upper inode itself, as kernel overlayfs does.
+COPIED_FLAGS = FS_SYNC_FL | FS_NODUMP_FL | FS_NOATIME_FL
 
 NAME_MAX = 255
 # Names the listings of users other than root may hold at once (about 100 bytes each):
@@ -292,6 +302,38 @@ class Overlay:
         if path is not None and any(r.cls is Class.READ_ONLY
                                     for r in self.policy.rules_below(path + (name,))):
             raise _err(errno.EROFS)
+
+    def protection(self, node: Node) -> int:
+        """FS_IMMUTABLE_FL | FS_APPEND_FL of a regular file or directory, which rofs
+        enforces as the kernel does for local files (the kernel cannot: FUSE does not
+        carry inode flags): the lower object's own flags, or for an upper copy its
+        protattr marker (written at copy-up, the kernel overlayfs format)."""
+        if node.prot < 0:
+            prot = 0
+            if node.upper and (node.is_dir or stat.S_ISREG(node.mode)):
+                target, follow = self._upper_target(node)
+                try:
+                    value = os.getxattr(target, self.markers.protattr, follow_symlinks=follow)
+                except OSError as e:
+                    if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                        raise
+                    value = b""
+                prot = (FS_APPEND_FL if b"a" in value else 0) | \
+                    (FS_IMMUTABLE_FL if b"i" in value else 0)
+            elif node.lower is not None and (node.is_dir or stat.S_ISREG(node.mode)):
+                prot = self.lower.inode_flags(node.lower) & PROTECTION_FLAGS
+            node.prot = prot
+        return node.prot
+
+    def check_unprotected(self, *nodes: Node | None, appending: bool = False) -> None:
+        """EPERM for a change to an immutable node, or to an append-only one unless the
+        change only adds (`appending`: a write with O_APPEND, a new entry)."""
+        for node in nodes:
+            if node is None:
+                continue
+            prot = self.protection(node)
+            if prot & FS_IMMUTABLE_FL or (prot & FS_APPEND_FL and not appending):
+                raise _err(errno.EPERM)
 
     def stats(self) -> dict[str, int]:
         """Sizes of the daemon's tables (for `rofs status` and leak hunting)."""
@@ -558,6 +600,12 @@ class Overlay:
                       atime_ns: int | None = None, mtime_ns: int | None = None,
                       fh: int | None = None) -> Attr:
         self.check_writable(node)
+        if any(v is not None for v in (mode, uid, gid, size)):
+            self.check_unprotected(node)
+        elif atime_ns is not None or mtime_ns is not None:
+            # The times of an append-only object may change (touch); FUSE does not say
+            # whether they are "now" or given, which the kernel refuses (`touch -d`).
+            self.check_unprotected(node, appending=True)
         if any(v is not None for v in (mode, uid, gid, size, atime_ns, mtime_ns)):
             await self.copy_up(node, data_limit=size)
             target, follow = self._upper_target(node, fh)
@@ -621,6 +669,7 @@ class Overlay:
 
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
         self.check_writable(node)
+        self.check_unprotected(node)
         if self.markers.is_private(name):
             raise _err(errno.ENOTSUP)
         await self.copy_up(node)
@@ -629,6 +678,7 @@ class Overlay:
 
     async def removexattr(self, node: Node, name: bytes) -> None:
         self.check_writable(node)
+        self.check_unprotected(node)
         if self.markers.is_private(name):
             raise _err(errno.ENOTSUP)
         if not node.upper:
@@ -673,11 +723,19 @@ class Overlay:
         st = self.lower.stat(node.lower)
         work = layer.work_fd
         tmp = layer.temp_name()
+        flags = self._lower_flags(node)
         os.mkdir(tmp, 0o700, dir_fd=work)
         try:
             copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
                              self.lower.xattr_path(node.lower),
-                             extra={self.markers.ino: b"%d" % node.ino})
+                             extra={self.markers.ino: b"%d" % node.ino,
+                                    **self._protattr(flags)})
+            if flags & COPIED_FLAGS:
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=work)
+                try:
+                    add_inode_flags(fd, flags & COPIED_FLAGS)
+                finally:
+                    os.close(fd)
             new = os.stat(tmp, dir_fd=work, follow_symlinks=False)
             renameat2(work, tmp, self.upper_dirfd(parent, layer), name, RENAME_NOREPLACE)
         except BaseException:
@@ -685,6 +743,19 @@ class Overlay:
             raise
         node.upper = True
         self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
+
+    def _lower_flags(self, node: Node) -> int:
+        """The lower inode flags of a regular file or directory about to be copied up
+        (its protection is known from then on)."""
+        flags = self.lower.inode_flags(node.lower)
+        node.prot = flags & PROTECTION_FLAGS
+        return flags
+
+    def _protattr(self, flags: int) -> dict[bytes, bytes]:
+        """The protattr marker of a copy-up, if the lower object is protected."""
+        value = (b"a" if flags & FS_APPEND_FL else b"") + \
+            (b"i" if flags & FS_IMMUTABLE_FL else b"")
+        return {self.markers.protattr: value} if value else {}
 
     async def _copy_up_file(self, node: Node, data_limit: int | None) -> None:
         st = self.lower.stat(node.lower)
@@ -699,7 +770,10 @@ class Overlay:
         indexed = False
         try:
             if stat.S_ISREG(st.st_mode):
-                await self._copy_regular(node, st, tmp, data_limit, extra, layer)
+                flags = self._lower_flags(node)
+                extra.update(self._protattr(flags))
+                await self._copy_regular(node, st, tmp, data_limit, extra, layer,
+                                         flags & COPIED_FLAGS)
             elif stat.S_ISLNK(st.st_mode):
                 os.symlink(self.lower.readlink(node.lower), tmp, dir_fd=work)
                 copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
@@ -746,7 +820,7 @@ class Overlay:
 
     async def _copy_regular(self, node: Node, st: os.stat_result, tmp: bytes,
                             data_limit: int | None, extra: dict[bytes, bytes],
-                            layer: UpperLayer) -> None:
+                            layer: UpperLayer, flags: int) -> None:
         size = st.st_size if data_limit is None else min(st.st_size, data_limit)
         src = self.lower.open(node.lower) if size else -1
         try:
@@ -760,6 +834,8 @@ class Overlay:
                 # Metadata after the data: writing drops file capabilities.
                 copyup.copy_meta(st, dst, self.markers.is_private,
                                  self.lower.xattr_path(node.lower), extra=extra)
+                if flags:
+                    add_inode_flags(dst, flags)
                 await trio.to_thread.run_sync(os.fsync, dst)
             finally:
                 os.close(dst)
@@ -833,6 +909,7 @@ class Overlay:
         complete with owner and mode; one rename then makes it visible."""
         if self.lookup(parent, name) is not None:
             raise _err(errno.EEXIST)
+        self.check_unprotected(parent, appending=True)
         layer = self.layer_for(parent, name)
         up = self.upper_dirfd(parent, layer)
         work = layer.work_fd
@@ -860,6 +937,7 @@ class Overlay:
         node = self.table.find_or_add(parent, name, st.st_mode, upper=True, lower=None,
                                       backing=(layer.tag, st.st_dev, st.st_ino))
         node.layer = None if layer is self.upper else layer
+        node.prot = 0  # new: no inode flags
         return node
 
     @_changes_names
@@ -944,6 +1022,8 @@ class Overlay:
         while True:
             if self.lookup(parent, name) is not None:
                 raise _err(errno.EEXIST)
+            self.check_unprotected(node)
+            self.check_unprotected(parent, appending=True)
             if node.upper:
                 break
             await self.copy_up(node)
@@ -984,6 +1064,7 @@ class Overlay:
                 raise _err(errno.ENOENT)
             if node.is_dir:
                 raise _err(errno.EISDIR)
+            self.check_unprotected(parent, node)
             if not self._lower_hard_link(node):
                 break
             await self.copy_up(node)
@@ -1020,6 +1101,7 @@ class Overlay:
             raise _err(errno.ENOTDIR)
         if node is self.root or name in (b".", b".."):
             raise _err(errno.EBUSY if node is self.root else errno.EINVAL)
+        self.check_unprotected(parent, node)
         if self.list_names(node):
             raise _err(errno.ENOTEMPTY)
         self._losing_name(node)
@@ -1220,6 +1302,9 @@ class Overlay:
                 raise _err(errno.ENOENT)
             if dst is src:
                 return  # two names of one inode (or the same name): nothing to do
+            # The source loses a name; so does an exchanged or replaced destination.
+            self.check_unprotected(src_parent, src, dst)
+            self.check_unprotected(dst_parent, appending=dst is None)
             self._check_rename(src, src_parent, dst, dst_parent, exchange)
             layer = self.layer_for(dst_parent, dst_name)
             if layer is not self._lay(src) and (src.is_dir or exchange):
@@ -1619,6 +1704,8 @@ class Overlay:
         self._check_files(uid)
         if writing:
             self.check_writable(node)
+            self.check_unprotected(node, appending=flags & os.O_APPEND and
+                                   not flags & os.O_TRUNC)
         if writing and not node.upper:
             await self.copy_up(node, data_limit=0 if flags & os.O_TRUNC else None)
         # Read-only opens with no flag that changes how reads behave share a descriptor.

@@ -458,3 +458,114 @@ def test_a_default_acl_overrides_the_umask_as_on_the_kernel(public, kernel_overl
                             capture_output=True, text=True, timeout=60)
     assert theirs.stdout.split()[::2] == ["-rw-rw-r--", "drwxrwxr-x"], theirs
     assert ours.stdout.replace(mnt, merged) == theirs.stdout
+
+
+# Root tries every kind of change on lower objects marked immutable or append-only, and
+# prints what worked.  A change to a protected object is EPERM, for root too.
+PROTECTED = r"""
+cd "$1"
+try() { if out=$("$@" 2>&1); then echo "ok: $*"; else echo "no: $*: ${out##*: }"; fi; }
+try sh -c "echo x >> imm"
+try sh -c "echo x > imm"
+try truncate -s 0 imm
+try chmod 600 imm
+try chown 1:1 imm
+try touch imm
+try setfacl -m u:nobody:r imm
+try ln imm imm-link
+try mv imm imm-moved
+try rm -f imm
+try sh -c "echo appended >> app"
+try sh -c "echo x > app"
+try truncate -s 0 app
+try chmod 600 app
+try chown 1:1 app
+try setfacl -m u:nobody:r app
+try ln app app-link
+try mv app app-moved
+try rm -f app
+try touch immdir/new
+try mkdir immdir/newdir
+try ln -s x immdir/symlink
+try rm -f immdir/f
+try mv immdir/f immdir/g
+try mv immdir/f f-out
+try mv passwd immdir/passwd
+try sh -c "echo x >> immdir/f"
+try chmod 700 immdir
+try touch appdir/new
+try rm -f appdir/f
+try mv appdir/f appdir/g
+try mv shadow appdir/shadow
+try mv appdir/shadow shadow
+try rmdir appdir
+try sh -c "echo x >> appdir/f"
+cat app immdir/f appdir/f
+stat -c '%n %a %s' imm app immdir appdir  # (not %h: see semantics.md)
+ls immdir appdir
+"""
+
+
+@pytest.fixture
+def protected_lower(public):
+    """imm and app: a file marked immutable and one append-only (chattr +i, +a), and a
+    directory of each kind, in the lower layer; the flags are cleared afterwards."""
+    lower = public["lower"]
+    paths = []
+    for name, flag in (("imm", "+i"), ("app", "+a"), ("immdir", "+i"), ("appdir", "+a")):
+        path = os.path.join(lower, name)
+        if name.endswith("dir"):
+            os.mkdir(path)
+            with open(os.path.join(path, "f"), "w") as f:
+                f.write("in %s\n" % name)
+        else:
+            with open(path, "w") as f:
+                f.write("%s\n" % name)
+        paths.append(path)
+        result = subprocess.run(["chattr", flag, path], capture_output=True, text=True)
+        if result.returncode:
+            for done in paths:
+                subprocess.run(["chattr", "-ia", done])
+            pytest.skip("the lower filesystem has no inode flags: %s" % result.stderr)
+    try:
+        yield public
+    finally:
+        subprocess.run(["chattr", "-ia", *paths], check=True)
+
+
+def test_immutable_and_append_only_lower_objects_stay_so(protected_lower, kernel_overlay):
+    """chattr +i/+a on lower objects were ignored: a copy-up made a plain file that root
+    and users overwrote.  Kernel overlayfs over the same lower is the oracle, and its
+    record of the flags on a copy-up (overlay.protattr) is rofs's too."""
+    public = protected_lower
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    with RofsProcess(mnt, state, lower) as proc:
+        ours = subprocess.run(["bash", "-c", PROTECTED, "protected", mnt],
+                              capture_output=True, text=True, timeout=60)
+    assert not proc.internal_errors(), proc.output()
+    upper, work, merged = (os.path.join(public["base"], n) for n in ("ku", "kw", "km"))
+    for path in (upper, work, merged):
+        os.mkdir(path)
+    kernel_overlay(lower, upper, work, merged)
+    theirs = subprocess.run(["bash", "-c", PROTECTED, "protected", merged],
+                            capture_output=True, text=True, timeout=60)
+    assert ours.stdout == theirs.stdout
+    lines = ours.stdout.splitlines()
+    for line in ("ok: sh -c echo appended >> app", "no: sh -c echo x > app: Operation "
+                 "not permitted", "no: rm -f imm: Operation not permitted",
+                 "no: touch immdir/new: Operation not permitted", "ok: touch appdir/new",
+                 "no: rm -f appdir/f: Operation not permitted"):
+        assert line in lines, ours.stdout
+    # The append copied app up; the flag went with it, where the kernel keeps it too.
+    ours_up = os.path.join(state, mnt.lstrip("/"), "app")
+    assert os.getxattr(ours_up, "trusted.overlay.protattr") == \
+        os.getxattr(os.path.join(upper, "app"), "trusted.overlay.protattr") == b"a"
+    # After a remount the copy is protected by its marker alone.
+    with RofsProcess(mnt, state, lower) as proc:
+        with pytest.raises(PermissionError):
+            open(os.path.join(mnt, "app"), "w")
+        with open(os.path.join(mnt, "app"), "a") as f:
+            f.write("again\n")
+        with pytest.raises(PermissionError):
+            os.unlink(os.path.join(mnt, "immdir", "f"))  # immdir: a copy-up too
+    assert not proc.internal_errors(), proc.output()
