@@ -83,14 +83,21 @@ def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0
 def mount_table() -> list[tuple[str, str]]:
     """(mount point, filesystem type) of every mount this process sees, in mount order
     (a later entry for the same point is on top); empty if /proc is not there."""
+    return [(target, fstype) for target, fstype, _ in mount_entries()]
+
+
+def mount_entries() -> list[tuple[str, str, str]]:
+    """mount_table with each mount's superblock options (a FUSE mount's `user_id=`)."""
     out = []
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
-                fields = line.split(b" ")
+                fields = line.rstrip(b"\n").split(b" ")
                 # The kernel writes space, tab, newline and backslash as octal escapes.
                 target = _OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4])
-                out.append((os.fsdecode(target), os.fsdecode(fields[fields.index(b"-") + 1])))
+                rest = fields[fields.index(b"-") + 1:]
+                out.append((os.fsdecode(target), os.fsdecode(rest[0]),
+                            os.fsdecode(rest[2]) if len(rest) > 2 else ""))
     except OSError:
         pass
     return out

@@ -525,7 +525,7 @@ def run_subcommand(name: str, argv: list[str]) -> int:
             entries = tools.status(args.mountpoints)
             sys.stdout.write(json.dumps(entries, indent=1) + "\n" if args.json
                              else tools.format_status(entries, time.time()))
-            return 0 if all(e["ok"] and not e["internal_errors"] for e in entries) else 1
+            return 0 if all(e["ok"] and not e.get("internal_errors") for e in entries) else 1
         if name == "check":
             parser = build_check_parser()
             args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ import stat
 import urllib.parse
 from dataclasses import dataclass, field
 
-from rofs._sys import mount_table, open_noatime, proc_path
+from rofs._sys import mount_entries, mount_table, open_noatime, proc_path
 from rofs.layers import (
     SKIP,
     Markers,
@@ -213,6 +213,17 @@ def _rofs_mounts() -> list[str]:
     return [target for target, fstype in mount_table() if fstype == "fuse.rofs"]
 
 
+def _mount_owners() -> dict[str, int]:
+    """The uid that made each rofs mount (FUSE's `user_id=`)."""
+    owners = {}
+    for target, fstype, options in mount_entries():
+        if fstype == "fuse.rofs":
+            for option in options.split(","):
+                if option.startswith("user_id=") and option[8:].isdigit():
+                    owners[target] = int(option[8:])
+    return owners
+
+
 def _is_rofs_mount(path: str) -> bool:
     return os.path.realpath(path) in _rofs_mounts()
 
@@ -252,6 +263,7 @@ def status(mountpoints: list[str]) -> list[dict]:
     {"mountpoint", "ok", ...}; "ok" False with an "error" for a dead or silent one."""
     from rofs import control
     names = [os.path.realpath(m) for m in mountpoints] or sorted(_rofs_mounts())
+    owners = _mount_owners()
     out = []
     for mnt in names:
         entry: dict = {"mountpoint": mnt, "ok": False}
@@ -267,6 +279,14 @@ def status(mountpoints: list[str]) -> list[dict]:
             continue
         if not _is_rofs_mount(mnt):
             entry["error"] = "not a rofs mount"
+            continue
+        owner = owners.get(mnt, os.geteuid())
+        if owner != os.geteuid():
+            # Another user's mount (a user's own, or root's seen by a user): its daemon
+            # is alive, which is all this caller may rely on.  Root does not ask it
+            # either: what a user's daemon answers would be that user's words in root's
+            # terminal.
+            entry.update(ok=True, owner=owner)
             continue
         socket_path = runtime_path(mnt, ".sock")
         if socket_path is None:
@@ -292,6 +312,10 @@ def format_status(entries: list[dict], now: float) -> str:
                                                              quote(e["mountpoint"])))
         if not e["ok"]:
             lines.append("%s: %s" % (quote(e["mountpoint"]), e["error"]))
+            continue
+        if "owner" in e:
+            lines.append("%s: live, mounted by uid %d (`rofs status` as that user says "
+                         "more)" % (quote(e["mountpoint"]), e["owner"]))
             continue
         up = int(now - e["started"])
         lines.append("%s: live, pid %d, up %dd %02d:%02d:%02d" % (

@@ -103,19 +103,24 @@ def walk_state(root: str) -> dict:
     return out
 
 
+def fuse_for_users() -> str:
+    """Shell lines for a private namespace: /dev/fuse as users find it.  Distributions
+    make it 0666 (the kernel's own checks apply), containers sometimes 0600; then the
+    namespace gets a 0666 node of the same device, as a standard machine has.  The
+    host's /dev/fuse is not touched."""
+    if os.stat("/dev/fuse").st_mode & 0o006 == 0o006:
+        return ""
+    return ("mount -t tmpfs -o mode=755 tmpfs {b}/dev\n"
+            "mknod -m 666 {b}/dev/fuse c 10 229\n"
+            "mount --bind {b}/dev/fuse /dev/fuse\n")
+
+
 def test_unprivileged_mount(site):
     base, user, src = site
     lower = os.path.join(base, "lower")
     python = user_python(user.pw_uid, user.pw_gid, src)
     before = manifest(lower)
-    # /dev/fuse: distributions make it 0666 (the kernel's own checks apply), containers
-    # sometimes 0600; then the namespace gets a 0666 node of the same device, as a
-    # standard machine has.  The host's /dev/fuse is not touched.
-    script = "set -e\n"
-    if os.stat("/dev/fuse").st_mode & 0o006 != 0o006:
-        script += ("mount -t tmpfs -o mode=755 tmpfs {b}/dev\n"
-                   "mknod -m 666 {b}/dev/fuse c 10 229\n"
-                   "mount --bind {b}/dev/fuse /dev/fuse\n")
+    script = "set -e\n" + fuse_for_users()
     env = {"PATH": os.environ["PATH"], "HOME": base, "XDG_RUNTIME_DIR": base + "/run",
            "PYTHONPATH": src}
     command = as_user(user.pw_uid, user.pw_gid, env) + [
@@ -204,3 +209,36 @@ def test_unprivileged_mount(site):
                     if line[:2] in ("f ", "d ", "l ") and not line.endswith(" "))
     assert theirs == ours, (theirs, ours)
     assert kernel.stdout.endswith("mine\nchanged\nnew shadow\ndeep\n")
+
+
+def test_root_s_status_shows_a_user_s_mount_as_live_and_passes(site):
+    """A user's own rofs mount made root's `rofs status` fail (exit 1: no socket of
+    root's for it), and root's mount did the same to the user's."""
+    base, user, src = site
+    lower = os.path.join(base, "lower")
+    python = user_python(user.pw_uid, user.pw_gid, src)
+    env = {"PATH": os.environ["PATH"], "HOME": base, "XDG_RUNTIME_DIR": base + "/run",
+           "PYTHONPATH": src}
+    user_rofs = " ".join(as_user(user.pw_uid, user.pw_gid, env) + [python, "-m", "rofs"])
+    root_rofs = " ".join([sys.executable, "-m", "rofs"])
+    script = fuse_for_users() + (
+        "set -e\n"
+        "{user} {l} --state {b}/home/state\n"
+        "set +e\n"
+        "{root} status; echo \"root: exit $?\"\n"
+        "{root} status --json; echo\n"
+        "{user} status; echo \"user: exit $?\"\n"
+        "umount {l}\n")
+    result = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         script.format(b=base, l=lower, user=user_rofs, root=root_rofs)],
+        capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert "%s: live, mounted by uid %d (`rofs status` as that user says more)" % (
+        lower, user.pw_uid) in lines, result.stdout + result.stderr
+    assert "root: exit 0" in lines
+    start = lines.index("root: exit 0") + 1
+    entries = json.loads("\n".join(lines[start:lines.index("", start)]))
+    assert entries == [{"mountpoint": lower, "ok": True, "owner": user.pw_uid}]
+    # The user's own view says everything.
+    assert "user: exit 0" in lines and "%s: live, pid " % lower in result.stdout
