@@ -1,0 +1,22 @@
+"""rofs's own FUSE channel: the kernel's protocol spoken directly (no libfuse, no
+pyfuse3).  Knows nothing about overlays.
+
+- `rofs.fuse.proto`: the structures and constants of <linux/fuse.h>;
+- `rofs.fuse.mount`: mount(2) as root, fusermount3 for other users; unmounting;
+- `rofs.fuse.session`: the request loop, and how a handler waits for slow work
+  (`offload`, `Event`) without holding up the others.
+"""
+
+from rofs.fuse.session import (
+    Event,
+    FuseError,
+    Operations,
+    Request,
+    Session,
+    SetAttr,
+    offload,
+    run_inline,
+)
+
+__all__ = ["Event", "FuseError", "Operations", "Request", "Session", "SetAttr", "offload",
+           "run_inline"]

@@ -1,0 +1,596 @@
+"""The request loop: read a request from /dev/fuse, decode it, call the filesystem,
+write the reply.
+
+Concurrency, in one place.  One thread, the loop's, owns the filesystem's model: it reads
+every request and answers it inline, so no request ever sees another half-done.  A
+handler is a plain function, or a coroutine when part of its work is slow; such a
+coroutine may `await offload(fn, *args)`, which runs `fn` on a worker thread while the
+loop goes on answering other requests, and resumes the handler on the loop's thread
+with the result; or `await event.wait()` on an `Event` another handler sets.  Offloaded
+functions must not touch the model: they get descriptors and buffers, and do system
+calls.  Other threads (the control socket's) hand work to the loop with
+`call_soon_threadsafe`.  Replies and notifications may be written from any thread (one
+write(2) each); a notification that can wait on the kernel (inval_entry takes directory
+locks a request in flight may hold) must not be written from the loop's thread.
+
+Nothing here knows about overlays: `Operations` is the interface, with a method per
+request; each returns the reply's body as bytes (built with `rofs.fuse.proto`), or None
+for an empty one, or raises OSError (its errno goes to the kernel).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import errno
+import logging
+import os
+import select
+import types
+from collections.abc import Callable
+
+from rofs.fuse import proto
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE = 1 << 20  # bytes per WRITE request (256 pages)
+MAX_PAGES = MAX_WRITE // 4096
+WORKERS = 16  # threads for offloaded work (copy-ups of big files, fsync)
+
+
+class FuseError(OSError):
+    """An answer for the kernel: errno only."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code, os.strerror(code))
+
+
+class Request:
+    """Who asks: the caller's uid, gid and pid (and, for creates, its umask)."""
+
+    __slots__ = ("unique", "uid", "gid", "pid", "umask")
+
+    def __init__(self, unique: int, uid: int, gid: int, pid: int) -> None:
+        self.unique, self.uid, self.gid, self.pid = unique, uid, gid, pid
+        self.umask = 0
+
+
+class SetAttr:
+    """The fields of a SETATTR request; None: not to change.  `*_now`: the kernel asked
+    for the current time (touch), not a given one (touch -d)."""
+
+    __slots__ = ("mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "atime_now",
+                 "mtime_now", "fh", "kill_suidgid")
+
+    def __init__(self, body) -> None:
+        (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid,
+         gid, _) = proto.SETATTR_IN.unpack_from(body)
+        self.fh = fh if valid & proto.FATTR_FH else None
+        self.size = size if valid & proto.FATTR_SIZE else None
+        self.mode = mode if valid & proto.FATTR_MODE else None
+        self.uid = uid if valid & proto.FATTR_UID else None
+        self.gid = gid if valid & proto.FATTR_GID else None
+        self.atime_now = bool(valid & proto.FATTR_ATIME_NOW)
+        self.mtime_now = bool(valid & proto.FATTR_MTIME_NOW)
+        self.atime_ns = atime * 1_000_000_000 + atimensec \
+            if valid & proto.FATTR_ATIME and not self.atime_now else None
+        self.mtime_ns = mtime * 1_000_000_000 + mtimensec \
+            if valid & proto.FATTR_MTIME and not self.mtime_now else None
+        self.kill_suidgid = bool(valid & proto.FATTR_KILL_SUIDGID)
+
+
+class Offload:
+    """`await offload(fn, *args)`: fn(*args) on a worker thread (see the docstring)."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable, *args) -> None:
+        self.fn, self.args = fn, args
+
+    def __await__(self):
+        return (yield self)
+
+
+offload = Offload
+
+
+class Event:
+    """Set once; handlers that wait on it resume (on the loop's thread) when it is."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, []
+        for resume in waiters:
+            resume()
+
+    def wait(self) -> _Wait:
+        return _Wait(self)
+
+
+class _Wait:
+    __slots__ = ("event",)
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __await__(self):
+        if not self.event._set:
+            yield self
+
+
+def run_inline(coro):
+    """Run a coroutine to its end on this thread, offloaded work included (tests, and
+    callers outside the loop).  Waiting on an event nobody will set is an error."""
+    value = None
+    error = None
+    while True:
+        try:
+            step = coro.throw(error) if error is not None else coro.send(value)
+        except StopIteration as stop:
+            return stop.value
+        value = error = None
+        if isinstance(step, Offload):
+            try:
+                value = step.fn(*step.args)
+            except BaseException as e:
+                error = e
+        elif not (isinstance(step, _Wait) and step.event.is_set()):
+            raise RuntimeError("run_inline: %r would wait forever" % (step,))
+
+
+class Operations:
+    """What a filesystem answers.  Every method not overridden answers ENOSYS, which
+    tells the kernel not to ask again where the protocol says so (FLUSH, ...)."""
+
+    # FOPEN_* flags for OPENDIR replies.
+    opendir_flags = 0
+
+    def init(self, conn: dict) -> None:
+        """After INIT: the negotiated protocol, as a dict (major, minor, flags)."""
+
+    def destroy(self) -> None:
+        pass
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        pass
+
+
+class Session:
+    """Serves one mount: `run()` until it is unmounted or `stop()` is called."""
+
+    def __init__(self, fd: int, ops: Operations, *, want: int, counters=None,
+                 fault_name: bytes | None = None) -> None:
+        self.fd = fd
+        self.ops = ops
+        self.want = want  # INIT flags the filesystem asks for (if the kernel offers them)
+        self.flags = 0  # what was negotiated
+        self.minor = 0
+        self.counters = counters
+        self.fault_name = fault_name
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self._stopping = False
+        self._ready: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending = 0
+        self._handlers = self._table()
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def wakeup_fd(self) -> int:
+        """For signal.set_wakeup_fd: a signal then wakes the loop."""
+        return self._wake_w
+
+    def stop(self) -> None:
+        """End `run()` at the next wakeup (signal handlers call it)."""
+        self._stopping = True
+        self._wake()
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Run fn on the loop's thread, between requests."""
+        self._ready.append(fn)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already awake
+
+    # --------------------------------------------------------------- replies
+
+    def reply(self, unique: int, body: bytes | None = None) -> None:
+        if body is None:
+            self._write(proto.OUT_HEADER.pack(proto.OUT_HEADER.size, 0, unique))
+        else:
+            self._write(proto.OUT_HEADER.pack(proto.OUT_HEADER.size + len(body), 0, unique)
+                        + body)
+
+    def reply_error(self, unique: int, code: int) -> None:
+        self._write(proto.OUT_HEADER.pack(proto.OUT_HEADER.size, -code, unique))
+
+    def _write(self, data: bytes) -> None:
+        try:
+            os.write(self.fd, data)
+        except OSError as e:
+            # ENOENT: the request was interrupted and is gone; ENODEV: unmounted.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+
+    def _notify(self, code: int, body: bytes) -> int:
+        """An unsolicited message; returns 0 or the errno the kernel gave."""
+        try:
+            os.write(self.fd, proto.OUT_HEADER.pack(proto.OUT_HEADER.size + len(body), code,
+                                                    0) + body)
+        except OSError as e:
+            return e.errno or errno.EIO
+        return 0
+
+    def invalidate_inode(self, ino: int, offset: int = 0, length: int = 0) -> int:
+        """Forget cached attributes (and data from `offset`, all of it with length 0;
+        offset -1: attributes only).  Not from the loop's thread."""
+        return self._notify(proto.NOTIFY_INVAL_INODE,
+                            proto.NOTIFY_INVAL_INODE_OUT.pack(ino, offset, length))
+
+    def invalidate_entry(self, parent: int, name: bytes) -> int:
+        """Forget a cached name.  Not from the loop's thread (the kernel takes the
+        directory's lock, which a request waiting for the loop may hold)."""
+        return self._notify(proto.NOTIFY_INVAL_ENTRY, proto.NOTIFY_INVAL_ENTRY_OUT.pack(
+            parent, len(name), 0) + name + b"\0")
+
+    # ------------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        poll = select.epoll()
+        poll.register(self.fd, select.EPOLLIN)
+        poll.register(self._wake_r, select.EPOLLIN)
+        buffer = bytearray(MAX_WRITE + 4096)
+        view = memoryview(buffer)
+        fd, wake = self.fd, self._wake_r
+        try:
+            while not self._stopping:
+                while self._ready:
+                    self._ready.popleft()()
+                for ready_fd, _ in poll.poll():
+                    if ready_fd == wake:
+                        try:
+                            os.read(wake, 4096)
+                        except BlockingIOError:
+                            pass
+                        continue
+                    try:
+                        length = os.readv(fd, [buffer])
+                    except OSError as e:
+                        if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                            continue  # an interrupted request; try again
+                        if e.errno == errno.ENODEV:  # unmounted
+                            return
+                        raise
+                    if self._dispatch(view, length):
+                        return
+        finally:
+            poll.close()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def _dispatch(self, view: memoryview, length: int) -> bool:
+        """Handle one request; True when the session is over (DESTROY)."""
+        _, opcode, unique, nodeid, uid, gid, pid, _, _ = proto.IN_HEADER.unpack_from(view)
+        body = view[proto.IN_HEADER.size:length]
+        handler = self._handlers.get(opcode)
+        if handler is None:
+            if opcode == proto.INTERRUPT:
+                return False  # ignored: the request finishes normally
+            if opcode == proto.DESTROY:
+                self.ops.destroy()
+                self.reply(unique)
+                return True
+            self.reply_error(unique, errno.ENOSYS)
+            return False
+        req = Request(unique, uid, gid, pid)
+        if self.debug:
+            log.debug("%s #%d node %d uid %d pid %d", _NAMES.get(opcode, opcode), unique,
+                      nodeid, uid, pid)
+        try:
+            result = handler(req, nodeid, body)
+        except Exception as e:
+            self._fail(req, opcode, e)
+            return False
+        if type(result) is types.CoroutineType:
+            self._step(req, opcode, result, None, None)
+        elif result is not _NO_REPLY:
+            self.reply(unique, result)
+        return False
+
+    def _fail(self, req: Request, opcode: int, e: BaseException) -> None:
+        if isinstance(e, OSError):
+            self.reply_error(req.unique, e.errno or errno.EIO)
+            return
+        if self.counters is not None:
+            self.counters.internal_errors += 1
+        log.error("internal error in %s", _NAMES.get(opcode, opcode), exc_info=e)
+        self.reply_error(req.unique, errno.EIO)
+
+    def _step(self, req: Request, opcode: int, coro, value, error) -> None:
+        """Run a handler coroutine until it finishes or waits."""
+        try:
+            step = coro.throw(error) if error is not None else coro.send(value)
+        except StopIteration as stop:
+            if stop.value is not _NO_REPLY:
+                self.reply(req.unique, stop.value)
+            return
+        except Exception as e:
+            self._fail(req, opcode, e)
+            return
+        if isinstance(step, Offload):
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    WORKERS, thread_name_prefix="rofs-io")
+            future = self._pool.submit(step.fn, *step.args)
+
+            def done(future, req=req, opcode=opcode, coro=coro) -> None:
+                exc = future.exception()
+                self.call_soon_threadsafe(lambda: self._step(
+                    req, opcode, coro, None if exc else future.result(), exc))
+
+            future.add_done_callback(done)
+        elif isinstance(step, _Wait):
+            step.event._waiters.append(
+                lambda: self._ready.append(lambda: self._step(req, opcode, coro, None, None)))
+        else:
+            self._step(req, opcode, coro, None,
+                       RuntimeError("a handler awaited %r, not offload() or an Event" % step))
+
+    # ------------------------------------------------------------- decoding
+
+    def _table(self) -> dict:
+        ops = self.ops
+        fault = self.fault_name
+
+        def name_of(body, start: int = 0) -> bytes:
+            end = bytes(body[start:]).index(b"\0")
+            name = bytes(body[start:start + end])
+            if fault is not None and name == fault:
+                raise InjectedFault("injected fault for %r" % name)
+            return name
+
+        def names_of(body, start: int = 0) -> tuple[bytes, bytes]:
+            first = name_of(body, start)
+            return first, name_of(body, start + len(first) + 1)
+
+        def init(req, nodeid, body):
+            return self._init(body)
+
+        def lookup(req, nodeid, body):
+            return ops.lookup(req, nodeid, name_of(body))
+
+        def forget(req, nodeid, body):
+            ops.forget([(nodeid, proto.FORGET_IN.unpack_from(body)[0])])
+            return _NO_REPLY
+
+        def batch_forget(req, nodeid, body):
+            count = proto.BATCH_FORGET_IN.unpack_from(body)[0]
+            start = proto.BATCH_FORGET_IN.size
+            ops.forget([proto.FORGET_ONE.unpack_from(body, start + i * proto.FORGET_ONE.size)
+                        for i in range(count)])
+            return _NO_REPLY
+
+        def getattr_(req, nodeid, body):
+            flags, _, fh = proto.GETATTR_IN.unpack_from(body)
+            return ops.getattr(req, nodeid, fh if flags & proto.GETATTR_FH else None)
+
+        def setattr_(req, nodeid, body):
+            return ops.setattr(req, nodeid, SetAttr(body))
+
+        def readlink(req, nodeid, body):
+            return ops.readlink(req, nodeid)
+
+        def symlink(req, nodeid, body):
+            name, target = names_of(body)
+            return ops.symlink(req, nodeid, name, target)
+
+        def mknod(req, nodeid, body):
+            mode, rdev, umask, _ = proto.MKNOD_IN.unpack_from(body)
+            req.umask = umask
+            return ops.mknod(req, nodeid, name_of(body, proto.MKNOD_IN.size), mode, rdev)
+
+        def mkdir(req, nodeid, body):
+            mode, umask = proto.MKDIR_IN.unpack_from(body)
+            req.umask = umask
+            return ops.mkdir(req, nodeid, name_of(body, proto.MKDIR_IN.size), mode)
+
+        def unlink(req, nodeid, body):
+            return ops.unlink(req, nodeid, name_of(body))
+
+        def rmdir(req, nodeid, body):
+            return ops.rmdir(req, nodeid, name_of(body))
+
+        def rename(req, nodeid, body):
+            newdir = proto.RENAME_IN.unpack_from(body)[0]
+            old, new = names_of(body, proto.RENAME_IN.size)
+            return ops.rename(req, nodeid, old, newdir, new, 0)
+
+        def rename2(req, nodeid, body):
+            newdir, flags, _ = proto.RENAME2_IN.unpack_from(body)
+            old, new = names_of(body, proto.RENAME2_IN.size)
+            return ops.rename(req, nodeid, old, newdir, new, flags)
+
+        def link(req, nodeid, body):
+            old = proto.LINK_IN.unpack_from(body)[0]
+            return ops.link(req, old, nodeid, name_of(body, proto.LINK_IN.size))
+
+        def open_(req, nodeid, body):
+            flags, _ = proto.OPEN_IN.unpack_from(body)
+            return ops.open(req, nodeid, flags)
+
+        def read(req, nodeid, body):
+            fh, offset, size, _, _, _, _ = proto.READ_IN.unpack_from(body)
+            return ops.read(req, nodeid, fh, offset, size)
+
+        def write(req, nodeid, body):
+            fh, offset, size, _, _, _, _ = proto.WRITE_IN.unpack_from(body)
+            start = proto.WRITE_IN.size
+            return ops.write(req, nodeid, fh, offset, body[start:start + size])
+
+        def statfs(req, nodeid, body):
+            return ops.statfs(req, nodeid)
+
+        def release(req, nodeid, body):
+            fh, flags, _, _ = proto.RELEASE_IN.unpack_from(body)
+            return ops.release(req, nodeid, fh)
+
+        def fsync(req, nodeid, body):
+            fh, flags, _ = proto.FSYNC_IN.unpack_from(body)
+            return ops.fsync(req, nodeid, fh, bool(flags & proto.FSYNC_FDATASYNC))
+
+        def setxattr(req, nodeid, body):
+            head = proto.SETXATTR_IN if self.flags & proto.SETXATTR_EXT \
+                else proto.SETXATTR_IN_COMPAT
+            size, flags = head.unpack_from(body)[:2]
+            name = name_of(body, head.size)
+            start = head.size + len(name) + 1
+            return ops.setxattr(req, nodeid, name, bytes(body[start:start + size]), flags)
+
+        def getxattr(req, nodeid, body):
+            size, _ = proto.GETXATTR_IN.unpack_from(body)
+            value = ops.getxattr(req, nodeid, name_of(body, proto.GETXATTR_IN.size))
+            return _sized(value, size)
+
+        def listxattr(req, nodeid, body):
+            size, _ = proto.GETXATTR_IN.unpack_from(body)
+            names = ops.listxattr(req, nodeid)
+            return _sized(b"".join(n + b"\0" for n in names), size)
+
+        def removexattr(req, nodeid, body):
+            return ops.removexattr(req, nodeid, name_of(body))
+
+        def opendir(req, nodeid, body):
+            flags, _ = proto.OPEN_IN.unpack_from(body)
+            fh = ops.opendir(req, nodeid, flags)
+            return proto.OPEN_OUT.pack(fh, ops.opendir_flags, 0)
+
+        def readdir(req, nodeid, body):
+            fh, offset, size, _, _, _, _ = proto.READ_IN.unpack_from(body)
+            return ops.readdir(req, nodeid, fh, offset, size, False)
+
+        def readdirplus(req, nodeid, body):
+            fh, offset, size, _, _, _, _ = proto.READ_IN.unpack_from(body)
+            return ops.readdir(req, nodeid, fh, offset, size, True)
+
+        def releasedir(req, nodeid, body):
+            fh = proto.RELEASE_IN.unpack_from(body)[0]
+            return ops.releasedir(req, nodeid, fh)
+
+        def fsyncdir(req, nodeid, body):
+            fh, flags, _ = proto.FSYNC_IN.unpack_from(body)
+            return ops.fsyncdir(req, nodeid, fh, bool(flags & proto.FSYNC_FDATASYNC))
+
+        def access(req, nodeid, body):
+            mask, _ = proto.ACCESS_IN.unpack_from(body)
+            return ops.access(req, nodeid, mask)
+
+        def create(req, nodeid, body):
+            flags, mode, umask, _ = proto.CREATE_IN.unpack_from(body)
+            req.umask = umask
+            return ops.create(req, nodeid, name_of(body, proto.CREATE_IN.size), mode, flags)
+
+        def ioctl(req, nodeid, body):
+            fh, flags, cmd, arg, in_size, out_size = proto.IOCTL_IN.unpack_from(body)
+            start = proto.IOCTL_IN.size
+            return ops.ioctl(req, nodeid, fh, flags, cmd,
+                             bytes(body[start:start + in_size]), out_size)
+
+        def lseek(req, nodeid, body):
+            fh, offset, whence, _ = proto.LSEEK_IN.unpack_from(body)
+            return ops.lseek(req, nodeid, fh, offset, whence)
+
+        table = {proto.INIT: init, proto.LOOKUP: lookup, proto.FORGET: forget,
+                 proto.BATCH_FORGET: batch_forget, proto.GETATTR: getattr_,
+                 proto.SETATTR: setattr_, proto.READLINK: readlink, proto.SYMLINK: symlink,
+                 proto.MKNOD: mknod, proto.MKDIR: mkdir, proto.UNLINK: unlink,
+                 proto.RMDIR: rmdir, proto.RENAME: rename, proto.RENAME2: rename2,
+                 proto.LINK: link, proto.OPEN: open_, proto.READ: read, proto.WRITE: write,
+                 proto.STATFS: statfs, proto.RELEASE: release, proto.FSYNC: fsync,
+                 proto.SETXATTR: setxattr, proto.GETXATTR: getxattr,
+                 proto.LISTXATTR: listxattr, proto.REMOVEXATTR: removexattr,
+                 proto.OPENDIR: opendir, proto.READDIR: readdir,
+                 proto.READDIRPLUS: readdirplus, proto.RELEASEDIR: releasedir,
+                 proto.FSYNCDIR: fsyncdir, proto.ACCESS: access, proto.CREATE: create,
+                 proto.IOCTL: ioctl, proto.LSEEK: lseek}
+        # What the filesystem does not implement answers ENOSYS without decoding (but
+        # FORGET is never answered).
+        always = (proto.INIT, proto.FORGET, proto.BATCH_FORGET)
+        return {op: fn for op, fn in table.items()
+                if op in always or _implements(ops, _METHOD.get(op, ""))}
+
+    def _init(self, body) -> bytes:
+        major, minor, max_readahead, flags = proto.INIT_IN.unpack_from(body)
+        if major != proto.KERNEL_VERSION:
+            # A newer major: answer with ours and the kernel retries (or gives up).
+            return proto.INIT_OUT.pack(proto.KERNEL_VERSION, proto.KERNEL_MINOR_VERSION,
+                                       0, 0, 0, 0, 0, 0, 0, 0, 0)
+        if minor < proto.MIN_MINOR_VERSION:
+            log.error("the kernel speaks FUSE 7.%d; rofs needs 7.%d (Linux 5.4) or later",
+                      minor, proto.MIN_MINOR_VERSION)
+            raise FuseError(errno.EPROTO)
+        if flags & proto.INIT_EXT and len(body) >= proto.INIT_IN.size + 4:
+            flags |= int.from_bytes(body[16:20], "little") << 32
+        self.minor = min(minor, proto.KERNEL_MINOR_VERSION)
+        self.flags = flags & self.want
+        reply = proto.INIT_OUT.pack(
+            proto.KERNEL_VERSION, proto.KERNEL_MINOR_VERSION, max_readahead,
+            self.flags & 0xFFFFFFFF, 16, 12, MAX_WRITE, 1, MAX_PAGES, 0, self.flags >> 32)
+        self.ops.init({"major": major, "minor": self.minor, "flags": self.flags})
+        return reply
+
+
+class InjectedFault(Exception):
+    """Raised for a request naming the fault name (tests of the internal-error path)."""
+
+
+_NO_REPLY = object()  # FORGET and BATCH_FORGET are not answered
+
+_METHOD = {proto.LOOKUP: "lookup", proto.FORGET: "forget", proto.BATCH_FORGET: "forget",
+           proto.GETATTR: "getattr", proto.SETATTR: "setattr", proto.READLINK: "readlink",
+           proto.SYMLINK: "symlink", proto.MKNOD: "mknod", proto.MKDIR: "mkdir",
+           proto.UNLINK: "unlink", proto.RMDIR: "rmdir", proto.RENAME: "rename",
+           proto.RENAME2: "rename", proto.LINK: "link", proto.OPEN: "open",
+           proto.READ: "read", proto.WRITE: "write", proto.STATFS: "statfs",
+           proto.RELEASE: "release", proto.FSYNC: "fsync", proto.SETXATTR: "setxattr",
+           proto.GETXATTR: "getxattr", proto.LISTXATTR: "listxattr",
+           proto.REMOVEXATTR: "removexattr", proto.OPENDIR: "opendir",
+           proto.READDIR: "readdir", proto.READDIRPLUS: "readdir",
+           proto.RELEASEDIR: "releasedir", proto.FSYNCDIR: "fsyncdir",
+           proto.ACCESS: "access", proto.CREATE: "create", proto.IOCTL: "ioctl",
+           proto.LSEEK: "lseek"}
+_NAMES = {op: name.upper() for op, name in _METHOD.items()}
+_NAMES.update({proto.RENAME2: "RENAME2", proto.READDIRPLUS: "READDIRPLUS",
+               proto.BATCH_FORGET: "BATCH_FORGET", proto.INIT: "INIT"})
+
+
+def _implements(ops: Operations, name: str) -> bool:
+    method = getattr(type(ops), name, None)
+    return method is not None and method is not getattr(Operations, name, None)
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    """A GETXATTR/LISTXATTR answer: the size alone when asked with size 0."""
+    if size == 0:
+        return proto.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise FuseError(errno.ERANGE)
+    return value
