@@ -1,6 +1,7 @@
 #!/bin/sh
-# Install what rofs needs to run on a Debian/Ubuntu machine: system packages (FUSE 3,
-# headers to build pyfuse3), a virtualenv in .venv with rofs in it, the command in
+# Install what rofs needs to run on a Debian/Ubuntu machine: system packages (fuse3, for
+# fusermount3 and /etc/fuse.conf; rofs speaks the FUSE protocol itself, so no compiler
+# and no libfuse headers), a virtualenv in .venv with rofs in it, the command in
 # /usr/local/bin, the systemd unit and the man page.  `./setup.sh --test` also installs
 # what the tests need (test.sh runs it so).  Idempotent: what is there is kept.
 set -eu
@@ -18,7 +19,7 @@ case "${1:-}" in
 esac
 
 PYTHON=${PYTHON:-python3}
-packages="fuse3 libfuse3-dev pkg-config gcc util-linux"
+packages="fuse3 util-linux"
 if [ -n "$testing" ]; then
     # useradd and ssh-keygen for the learning-run tests, git for etckeeper's case,
     # setfacl and getfacl for the ACL tests.
@@ -46,8 +47,8 @@ install_packages() {
 
 extra=""
 command -v "$PYTHON" >/dev/null 2>&1 || extra="$extra python3"
-if ! "$PYTHON" -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
-    extra="$extra python3-dev python3-venv"
+if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    extra="$extra python3-venv"
 fi
 install_packages $packages $extra
 
@@ -68,15 +69,10 @@ install -D -m 644 docs/rofs.1 /usr/local/share/man/man1/rofs.1
 
 # Users other than root run rofs too (docs/unprivileged.md), from this venv if they can
 # reach it.
-if ! others_can "$(pwd)/.venv/bin/python" -c 'import rofs, pyfuse3, trio'; then
+if ! others_can "$(pwd)/.venv/bin/python" -c 'import rofs'; then
     echo "setup.sh: note: $(pwd)/.venv is out of other users' reach (it, or the Python it was made from," \
          "is under a directory closed to them, like /root): only root can run rofs" \
          "from it; for other users, put the checkout where they can read it (e.g." \
          "/opt/rofs) and run setup.sh there" >&2
-    if [ -n "$testing" ]; then
-        # tests/test_unprivileged.py runs a copy of the package as nobody, with
-        # Debian's python3 and its pyfuse3 and trio.
-        install_packages python3-pyfuse3 python3-trio
-    fi
 fi
 echo "setup.sh: ready: $(.venv/bin/rofs --version) in $(pwd)/.venv"

@@ -2,9 +2,9 @@
 
 A measurement prototype for docs/performance.md, not part of rofs: it mounts /dev/fuse
 itself, reads each request with one read(2), answers it with one write(2), and serves one
-file ("passwd") from memory.  Compare its open+read+close time with
-benchmarks/pyfuse3_floor.py (the same file through pyfuse3) and with fuse-overlayfs, to
-judge whether rofs should own its FUSE channel:
+file ("passwd") from memory.  It was the basis for rofs owning its FUSE channel (see
+docs/performance.md); it stays as the floor rofs's own loop (rofs/fuse/) is measured
+against:
 
     mkdir -p /tmp/raw && python benchmarks/raw_fuse_floor.py /tmp/raw &
     (time open+read+close of /tmp/raw/passwd)  ;  umount /tmp/raw

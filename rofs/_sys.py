@@ -55,6 +55,20 @@ def get_inode_flags(fd: int) -> int:
     return struct.unpack_from("I", buf)[0]
 
 
+# The flags a user may change (the kernel's FS_FL_USER_MODIFIABLE); others are the
+# filesystem's own (extents, inline data, ...).
+FS_FL_USER_MODIFIABLE = 0x604BC0FF
+
+
+def set_inode_flags(fd: int, flags: int) -> None:
+    """FS_IOC_SETFLAGS: the user-modifiable flags become `flags`; OSError as the
+    filesystem answers (ENOTTY/EOPNOTSUPP where it has none)."""
+    old = get_inode_flags(fd)
+    new = (old & ~FS_FL_USER_MODIFIABLE) | (flags & FS_FL_USER_MODIFIABLE)
+    if new != old:
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("I", new) + bytes(4))
+
+
 def add_inode_flags(fd: int, flags: int) -> None:
     """Set `flags` besides the ones the inode has; nothing where the filesystem (or the
     caller's privilege) does not allow it."""

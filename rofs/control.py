@@ -21,9 +21,7 @@ import logging
 import os
 import socket
 import struct
-
-import pyfuse3
-import trio
+import threading
 
 from rofs.layers import open_listable
 from rofs.names import quote_path
@@ -44,100 +42,131 @@ class ControlError(Exception):
 # ---------------------------------------------------------------- the daemon's side
 
 
-async def serve(path: str, overlay, describe=dict) -> None:
-    """Answer control requests until cancelled.  `describe()`: the mount's settings and
-    counters for `status`."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(8)
-    try:
-        await trio.serve_listeners(lambda stream: _handle(stream, overlay, describe),
-                                   [trio.SocketListener(sock)])
-    finally:
+class Server:
+    """The control socket, served by a thread of its own.  What a request changes in
+    the overlay runs on the FUSE loop's thread (`session.call_soon_threadsafe`), between
+    requests; the kernel's caches are invalidated afterwards from this thread, never the
+    loop's (the kernel may wait on the loop meanwhile)."""
+
+    def __init__(self, path: str, overlay, session, describe=dict) -> None:
+        self.path, self.overlay, self.session, self.describe = path, overlay, session, describe
         try:
             os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
+        self.sock.listen(8)
+        self.thread = threading.Thread(target=self._serve, name="rofs-control", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            os.unlink(self.path)
         except OSError:
             pass
 
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(30)
+                self._handle(conn)
 
-def _peer_uid(stream) -> int:
-    creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                     struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
-
-
-async def _handle(stream, overlay, describe) -> None:
-    async with stream:
+    def _handle(self, conn: socket.socket) -> None:
         try:
-            if _peer_uid(stream) not in (0, os.getuid()):
+            if _peer_uid(conn) not in (0, os.getuid()):
                 reply = {"ok": False, "error": "permission denied"}
             else:
                 data = b""
                 while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
-                    chunk = await stream.receive_some(65536)
+                    chunk = conn.recv(65536)
                     if not chunk:
                         break
                     data += chunk
-                reply = await _answer(json.loads(data), overlay, describe)
+                reply = self._answer(json.loads(data))
         except Exception as e:  # a bad request must not take the mount down
             log.exception("control request failed")
             reply = {"ok": False, "error": str(e) or type(e).__name__}
         try:
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
-        except trio.BrokenResourceError:
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
             pass
 
+    def _on_loop(self, fn):
+        """fn() on the FUSE loop's thread; its result or exception here."""
+        done = threading.Event()
+        box: list = []
 
-async def _answer(request: dict, overlay, describe) -> dict:
-    op = request.get("op")
-    if op == "ping":
-        return {"ok": True, "pid": os.getpid()}
-    if op == "status":
-        return {"ok": True, "pid": os.getpid(), **describe(), **overlay.stats()}
-    if op == "revert":
-        path = tuple(os.fsencode(c) for c in request["path"])
-        try:
-            entry = overlay.revert(path)
-        except OSError as e:
-            code = e.errno or errno.EIO
-            return {"ok": False, "error": os.strerror(code), "errno": code}
-        if entry is not None:
-            # In a thread: the kernel may need this daemon to answer requests first.
-            await trio.to_thread.run_sync(_invalidate, *entry)
-        log.info("reverted %s", quote_path(path))
-        return {"ok": True, "reverted": entry is not None}
-    if op == "restore":
-        path = tuple(os.fsencode(c) for c in request["path"])
-        source = os.fsencode(request["source"])
-        parent_fd = open_listable(None, os.path.dirname(source))
-        try:
-            entry = overlay.restore(path, parent_fd, os.path.basename(source))
-        except OSError as e:
-            code = e.errno or errno.EIO
-            return {"ok": False, "error": os.strerror(code), "errno": code}
-        finally:
-            os.close(parent_fd)
-        await trio.to_thread.run_sync(_invalidate, *entry)
-        log.info("restored %s from the attic", quote_path(path))
-        return {"ok": True}
-    return {"ok": False, "error": "unknown request %r" % op}
+        def call() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as e:
+                box.append((False, e))
+            done.set()
+
+        self.session.call_soon_threadsafe(call)
+        done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def _answer(self, request: dict) -> dict:
+        op = request.get("op")
+        overlay = self.overlay
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if op == "status":
+            return self._on_loop(lambda: {"ok": True, "pid": os.getpid(), **self.describe(),
+                                          **overlay.stats()})
+        if op == "revert":
+            path = tuple(os.fsencode(c) for c in request["path"])
+            try:
+                entry = self._on_loop(lambda: overlay.revert(path))
+            except OSError as e:
+                code = e.errno or errno.EIO
+                return {"ok": False, "error": os.strerror(code), "errno": code}
+            if entry is not None:
+                self._invalidate(*entry)
+            log.info("reverted %s", quote_path(path))
+            return {"ok": True, "reverted": entry is not None}
+        if op == "restore":
+            path = tuple(os.fsencode(c) for c in request["path"])
+            source = os.fsencode(request["source"])
+            parent_fd = open_listable(None, os.path.dirname(source))
+            try:
+                entry = self._on_loop(lambda: overlay.restore(path, parent_fd,
+                                                              os.path.basename(source)))
+            except OSError as e:
+                code = e.errno or errno.EIO
+                return {"ok": False, "error": os.strerror(code), "errno": code}
+            finally:
+                os.close(parent_fd)
+            self._invalidate(*entry)
+            log.info("restored %s from the attic", quote_path(path))
+            return {"ok": True}
+        return {"ok": False, "error": "unknown request %r" % op}
+
+    def _invalidate(self, parent_ino: int, name: bytes) -> None:
+        code = self.session.invalidate_entry(parent_ino, name)
+        if code not in (0, errno.ENOENT):  # ENOENT: the kernel did not know the entry
+            raise OSError(code, os.strerror(code))
+        self.session.invalidate_inode(parent_ino, -1)
 
 
-def _invalidate(parent_ino: int, name: bytes) -> None:
-    try:
-        pyfuse3.invalidate_entry(parent_ino, name)
-    except OSError as e:
-        if e.errno != errno.ENOENT:  # the kernel did not know the entry: nothing to do
-            raise
-    try:
-        pyfuse3.invalidate_inode(parent_ino, attr_only=True)
-    except OSError:
-        pass
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 # ---------------------------------------------------------------- the tools' side

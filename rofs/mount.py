@@ -1,4 +1,4 @@
-"""Mount and serve: open the layers, pyfuse3.init, run, unmount cleanly.
+"""Mount and serve: open the layers, mount (rofs.fuse), run the loop, unmount cleanly.
 
 Sequence (so that `rofs /etc --state S` works on /etc itself): the lower directory and
 the state dir are opened *before* the mount; afterwards rofs reaches them only through
@@ -21,13 +21,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import pyfuse3
-import trio
-
 from rofs import attic, control, scratch, state, tools
+from rofs import fuse as fuse_channel
+from rofs.fuse import mount as fuse_mount
 from rofs.layers import Markers, UpperLayer, lstat_below
 from rofs.names import count, quote, quote_path
-from rofs.ops import RofsOperations
+from rofs.ops import WANT, RofsOperations
 from rofs.overlay import Overlay
 from rofs.policy import BUILT_IN_SOURCE, Policy
 from rofs.writelog import WriteLog
@@ -62,16 +61,14 @@ class MountError(Exception):
     """The mount itself failed (after the state dir was accepted)."""
 
 
-def fuse_options(config: Config) -> set[str]:
-    options = set(pyfuse3.default_options)
-    options.update(BASE_OPTIONS)
+def fuse_options(config: Config) -> list[str]:
+    options = list(BASE_OPTIONS)
     if os.geteuid() == 0:
         # Everyone sees the mount, as with any filesystem root mounts.  A user's mount is
         # the user's alone unless they ask (-o allow_other, which fusermount3 allows only
         # with user_allow_other in /etc/fuse.conf).
-        options.add("allow_other")
-    options.update(config.fuse_options)
-    return options
+        options.append("allow_other")
+    return options + [o for o in config.fuse_options if o not in options]
 
 
 def _raise_nofile() -> None:
@@ -121,31 +118,23 @@ def _setup_logging(config: Config, background: bool) -> None:
             "rofs: %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
-    if not config.debug:
-        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
-async def _serve(ops: RofsOperations, control_path: str | None, describe) -> None:
-    async def watch_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for signum in sigs:
-                log.info("signal %d: unmounting", signum)
-                pyfuse3.terminate()
-                return
+def _serve(session: fuse_channel.Session) -> None:
+    """Run the loop until the mount goes or a signal asks to stop."""
+    def on_signal(signum, frame) -> None:
+        log.info("signal %d: unmounting", signum)
+        session.stop()
 
-    async def control_socket() -> None:
-        try:
-            await control.serve(control_path, ops.overlay, describe)
-        except OSError as e:
-            log.warning("no control socket %s (rofs revert will not work on this mount): "
-                        "%s", control_path, e.strerror)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals)
-        if control_path is not None:
-            nursery.start_soon(control_socket)
-        await pyfuse3.main(min_tasks=1, max_tasks=64)
-        nursery.cancel_scope.cancel()
+    previous = {sig: signal.signal(sig, on_signal)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    old_wakeup = signal.set_wakeup_fd(session.wakeup_fd)
+    try:
+        session.run()
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run(config: Config) -> int:
@@ -329,8 +318,8 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
 
     ops = RofsOperations(overlay, on_ready=live, writelog=writelog, policy=config.policy)
     try:
-        pyfuse3.init(ops, config.mountpoint, fuse_options(config))
-    except RuntimeError as e:
+        fd = fuse_mount.mount(config.mountpoint, fuse_options(config))
+    except fuse_mount.MountError as e:
         if writelog is not None:
             writelog.close()
         overlay.close()
@@ -340,6 +329,9 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
             hint = (" (/dev/fuse is not open to uid %d; distributions make it mode 0666, "
                     "and fusermount3 does the mount)" % os.geteuid())
         raise MountError("cannot mount %s: %s%s" % (config.mountpoint, e, hint)) from None
+    fault = os.environ.get("ROFS_FAULT_NAME")
+    session = fuse_channel.Session(fd, ops, want=WANT,
+                                   fault_name=os.fsencode(fault) if fault else None)
     log.info("mounted %s (lower %s, upper %s)", quote(config.mountpoint),
              quote(config.lower), quote(prepared.upper_path))
     published = tools.publish_live(config.mountpoint, config.state, prepared.lower_fd)
@@ -356,7 +348,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                 "scratch": prepared.scratch_path or None,
                 "markers": markers.prefix.decode() + "*", "started": started,
                 "default_class": config.policy.default.value, "rules": counts,
-                "internal_errors": ops.counters.internal_errors,
+                "internal_errors": session.internal_errors,
                 "log": writelog.path if writelog is not None else None,
                 "log_written": writelog.written if writelog is not None else 0,
                 "log_dropped": writelog.dropped if writelog is not None else 0,
@@ -364,22 +356,36 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                                    "set": prepared.moved.set_dir} if prepared.moved else None,
                 "attic": attic.summary(config.state, config.mountpoint)}
 
+    server = None
+    if published is not None:
+        control_path = tools.runtime_path(config.mountpoint, ".sock")
+        try:
+            server = control.Server(control_path, overlay, session, describe)
+        except OSError as e:
+            log.warning("no control socket %s (rofs revert will not work on this mount): "
+                        "%s", control_path, e.strerror)
     try:
-        trio.run(_serve, ops, tools.runtime_path(config.mountpoint, ".sock")
-                 if published is not None else None, describe)
+        _serve(session)
     finally:
         sd_notify("STOPPING=1")
+        if server is not None:
+            server.close()
         if published is not None:
             try:
                 os.unlink(published)
             except OSError:
                 pass
-        pyfuse3.close(unmount=True)
+        try:
+            fuse_mount.unmount(config.mountpoint, fd)
+        except fuse_mount.MountError as e:
+            log.warning("%s", e)
+        os.close(fd)
+        session.close()
         if writelog is not None:
             writelog.close()
         overlay.close()
         prepared.close()
     log.info("unmounted %s", quote(config.mountpoint))
-    if ops.counters.internal_errors:
-        log.warning("%d requests failed with internal errors", ops.counters.internal_errors)
+    if session.internal_errors:
+        log.warning("%d requests failed with internal errors", session.internal_errors)
     return 0

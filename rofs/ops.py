@@ -1,12 +1,13 @@
-"""The pyfuse3 adapter: inode numbers and request contexts in, overlay calls, FUSE out.
+"""The FUSE adapter: requests in (rofs.fuse), overlay calls, replies out.
 
 A protocol adapter only: every handler translates its arguments, calls the overlay and
-builds the reply.  The meaning lives in `rofs.overlay`; errno mapping in `rofs.errors`.
+packs the reply (rofs.fuse.proto).  The meaning lives in `rofs.overlay`; turning
+exceptions into errno values, in `rofs.fuse.session`.
 
 Kernel caching: every change to the merged view goes through this mount, so the kernel
 may keep names, negative lookups, attributes and file pages for as long as it likes
-(`TIMEOUT`, `keep_cache`).  Where rofs changes something behind the kernel's back it
-must invalidate; the core overlay never does.
+(`TIMEOUT`, `FOPEN_KEEP_CACHE`).  Where rofs changes something behind the kernel's back
+it must invalidate; the core overlay never does.
 """
 
 from __future__ import annotations
@@ -15,26 +16,60 @@ import errno
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable
 
-import pyfuse3
-
 from rofs._sys import RENAME_EXCHANGE
-from rofs.errors import Counters, fuse_errors
+from rofs.fuse import FuseError, Operations, proto
 from rofs.overlay import Attr, Overlay
 from rofs.policy import Policy
 from rofs.writelog import WriteLog
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 365 * 24 * 3600.0
+TIMEOUT = 365 * 24 * 3600
+
+# What rofs asks the kernel for at INIT (each only if the kernel offers it).
+WANT = (proto.ASYNC_READ | proto.ATOMIC_O_TRUNC | proto.EXPORT_SUPPORT | proto.BIG_WRITES
+        | proto.DONT_MASK | proto.AUTO_INVAL_DATA | proto.DO_READDIRPLUS
+        | proto.READDIRPLUS_AUTO | proto.ASYNC_DIO | proto.PARALLEL_DIROPS
+        | proto.POSIX_ACL | proto.MAX_PAGES | proto.SETXATTR_EXT | proto.HAS_IOCTL_DIR)
+
+# chattr and lsattr: FS_IOC_GETFLAGS/SETFLAGS, and their 32-bit forms (an int each way);
+# FS_IOC_FSGETXATTR/FSSETXATTR (struct fsxattr), which the kernel itself asks before it
+# sends a SETFLAGS.
+FLAG_IOCTLS = {0x80086601: "get", 0x80046601: "get", 0x40086602: "set", 0x40046602: "set",
+               0x801C581F: "xget", 0x401C5820: "xset"}
+FSXATTR = struct.Struct("<IIIII8x")
+# FS_*_FL <-> FS_XFLAG_*: immutable, append, sync, noatime, nodump.
+XFLAGS = ((0x10, 0x08), (0x20, 0x10), (0x08, 0x20), (0x80, 0x40), (0x40, 0x80))
+
+_NEGATIVE = proto.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
 
 
-class RofsOperations(pyfuse3.Operations):
-    supports_dot_lookup = True
-    enable_writeback_cache = False
-    # FUSE_POSIX_ACL: the kernel checks the ACLs getxattr reports (rofs.acl).
-    enable_acl = True
+def pack_attr(attr: Attr) -> tuple:
+    """The fields of a struct fuse_attr."""
+    a_s, a_ns = proto.split_ns(attr.atime_ns)
+    m_s, m_ns = proto.split_ns(attr.mtime_ns)
+    c_s, c_ns = proto.split_ns(attr.ctime_ns)
+    return (attr.ino, attr.size, attr.blocks, a_s, m_s, c_s, a_ns, m_ns, c_ns, attr.mode,
+            attr.nlink, attr.uid, attr.gid, attr.rdev & 0xFFFFFFFF, attr.blksize, 0)
+
+
+def entry_out(attr: Attr) -> bytes:
+    return proto.ENTRY_OUT.pack(attr.ino, attr.generation, TIMEOUT, TIMEOUT, 0, 0,
+                                *pack_attr(attr))
+
+
+def attr_out(attr: Attr) -> bytes:
+    return proto.ATTR_OUT.pack(TIMEOUT, 0, 0, *pack_attr(attr))
+
+
+def open_out(fh: int) -> bytes:
+    return proto.OPEN_OUT.pack(fh, proto.FOPEN_KEEP_CACHE, 0)
+
+
+class RofsOperations(Operations):
 
     def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None, *,
                  writelog: WriteLog | None = None, policy: Policy | None = None) -> None:
@@ -43,50 +78,26 @@ class RofsOperations(pyfuse3.Operations):
         self.writelog = writelog
         self.policy = policy or Policy()
         self._written: set[int] = set()  # file handles whose first write was logged
-        self.counters = Counters()
-        fault = os.environ.get("ROFS_FAULT_NAME")
-        if fault:
-            self.counters.fault_name = os.fsencode(fault)
         self._on_ready = on_ready
 
-    def init(self) -> None:
-        # Called once the kernel's FUSE_INIT arrived: the mount now answers requests.
+    def init(self, conn: dict) -> None:
+        # The kernel's INIT arrived: the mount now answers requests.
         if self._on_ready is not None:
             self._on_ready()
 
     # ----------------------------------------------------------------- helpers
 
-    @staticmethod
-    def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = attr.ino
-        entry.generation = attr.generation
-        entry.entry_timeout = TIMEOUT
-        entry.attr_timeout = TIMEOUT
-        entry.st_mode = attr.mode
-        entry.st_nlink = attr.nlink
-        entry.st_uid = attr.uid
-        entry.st_gid = attr.gid
-        entry.st_rdev = attr.rdev
-        entry.st_size = attr.size
-        entry.st_blksize = attr.blksize
-        entry.st_blocks = attr.blocks
-        entry.st_atime_ns = attr.atime_ns
-        entry.st_mtime_ns = attr.mtime_ns
-        entry.st_ctime_ns = attr.ctime_ns
-        return entry
-
-    def _reply_new(self, node) -> pyfuse3.EntryAttributes:
-        entry = self._entry(self.overlay.getattr(node))
+    def _reply_new(self, node) -> bytes:
+        reply = entry_out(self.overlay.getattr(node))
         self.overlay.remember(node)
-        return entry
+        return reply
 
-    def _change(self, op: str, ctx, node, name: bytes | None = None, node2=None,
+    def _change(self, op: str, req, node, name: bytes | None = None, node2=None,
                 name2: bytes | None = None, *, only_failures: bool = False):
         """A context for one change: records it in the write log, with its outcome."""
         if self.writelog is None:
             return _NO_RECORD
-        return _Record(self, op, ctx.pid, ctx.uid, self._path(node, name),
+        return _Record(self, op, req.pid, req.uid, self._path(node, name),
                        self._path(node2, name2) if node2 is not None else None, only_failures)
 
     def _absent(self, parent, name: bytes) -> bool:
@@ -114,204 +125,190 @@ class RofsOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ names
 
-    @fuse_errors
-    async def lookup(self, parent_inode, name, ctx):
+    def lookup(self, req, parent_inode, name):
         node = self.overlay.lookup(self._node(parent_inode), name)
         if node is None:
-            entry = pyfuse3.EntryAttributes()
-            entry.st_ino = 0
-            entry.entry_timeout = TIMEOUT
-            return entry
+            return _NEGATIVE
         return self._reply_new(node)
 
-    async def forget(self, inode_list):
-        for inode, count in inode_list:
+    def forget(self, items):
+        for inode, count in items:
             try:
                 self.overlay.forget(inode, count)
             except Exception:
-                self.counters.internal_errors += 1
                 log.exception("internal error in forget(%d, %d)", inode, count)
         self.overlay.trim()
 
-    @fuse_errors
-    async def getattr(self, inode, ctx):
-        return self._entry(self.overlay.getattr(self._node(inode)))
+    def getattr(self, req, inode, fh):
+        return attr_out(self.overlay.getattr(self._node(inode)))
 
-    @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    def setattr(self, req, inode, fields):
         node = self._node(inode)
         op = "+".join(name for name, on in (
-            ("truncate", fields.update_size), ("chmod", fields.update_mode),
-            ("chown", fields.update_uid or fields.update_gid),
-            ("utimens", fields.update_atime or fields.update_mtime)) if on) \
+            ("truncate", fields.size is not None), ("chmod", fields.mode is not None),
+            ("chown", fields.uid is not None or fields.gid is not None),
+            ("utimens", fields.atime_ns is not None or fields.mtime_ns is not None
+             or fields.atime_now or fields.mtime_now)) if on) \
             if self.writelog is not None else ""
-        with self._change(op, ctx, node):
-            new = await self._setattr(node, attr, fields, fh)
-        return self._entry(new)
+        return self._setattr(req, node, fields, op)
 
-    async def _setattr(self, node, attr, fields, fh):
-        return await self.overlay.setattr(
-            node,
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            size=attr.st_size if fields.update_size else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            fh=fh)
+    async def _setattr(self, req, node, fields, op):
+        now = None
+        if fields.atime_now or fields.mtime_now:
+            import time
+            now = time.time_ns()
+        with self._change(op, req, node):
+            new = await self.overlay.setattr(
+                node, mode=fields.mode, uid=fields.uid, gid=fields.gid, size=fields.size,
+                atime_ns=now if fields.atime_now else fields.atime_ns,
+                mtime_ns=now if fields.mtime_now else fields.mtime_ns,
+                fh=fields.fh, times_now=now is not None)
+        return attr_out(new)
 
-    @fuse_errors
-    async def readlink(self, inode, ctx):
+    def readlink(self, req, inode):
         return self.overlay.readlink(self._node(inode))
 
-    @fuse_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    def mknod(self, req, parent_inode, name, mode, rdev):
         parent = self._node(parent_inode)
-        with self._change("mknod", ctx, parent, name):
-            node = self.overlay.mknod(parent, name, mode, rdev, ctx.uid, ctx.gid, ctx.umask)
+        with self._change("mknod", req, parent, name):
+            node = self.overlay.mknod(parent, name, mode, rdev, req.uid, req.gid, req.umask)
         return self._reply_new(node)
 
-    @fuse_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    def mkdir(self, req, parent_inode, name, mode):
         parent = self._node(parent_inode)
-        with self._change("mkdir", ctx, parent, name):
-            node = self.overlay.mkdir(parent, name, mode, ctx.uid, ctx.gid, ctx.umask)
+        with self._change("mkdir", req, parent, name):
+            node = self.overlay.mkdir(parent, name, mode, req.uid, req.gid, req.umask)
         return self._reply_new(node)
 
-    @fuse_errors
-    async def symlink(self, parent_inode, name, target, ctx):
+    def symlink(self, req, parent_inode, name, target):
         parent = self._node(parent_inode)
-        with self._change("symlink", ctx, parent, name):
-            node = self.overlay.symlink(parent, name, target, ctx.uid, ctx.gid)
+        with self._change("symlink", req, parent, name):
+            node = self.overlay.symlink(parent, name, target, req.uid, req.gid)
         return self._reply_new(node)
 
-    @fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, req, parent_inode, name):
         parent = self._node(parent_inode)
-        with self._change("unlink", ctx, parent, name):
+        with self._change("unlink", req, parent, name):
             await self.overlay.unlink(parent, name)
 
-    @fuse_errors
-    async def rmdir(self, parent_inode, name, ctx):
+    def rmdir(self, req, parent_inode, name):
         parent = self._node(parent_inode)
-        with self._change("rmdir", ctx, parent, name):
+        with self._change("rmdir", req, parent, name):
             self.overlay.rmdir(parent, name)
 
-    @fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, req, parent_inode_old, name_old, parent_inode_new, name_new,
+                     flags):
         src, dst = self._node(parent_inode_old), self.overlay.node(parent_inode_new)
-        with self._change("exchange" if flags & RENAME_EXCHANGE else "rename", ctx, src,
+        with self._change("exchange" if flags & RENAME_EXCHANGE else "rename", req, src,
                           name_old, dst, name_new) as record:
             if record is not None and not flags & RENAME_EXCHANGE:
                 # Whether the destination is a new name (for `report --suggest`).
                 record.new = self._absent(dst, name_new)
             await self.overlay.rename(src, name_old, dst, name_new, flags)
 
-    @fuse_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, req, inode, new_parent_inode, new_name):
         node, parent = self._node(inode), self.overlay.node(new_parent_inode)
-        with self._change("link", ctx, parent, new_name, node):
+        with self._change("link", req, parent, new_name, node):
             node = await self.overlay.link(node, parent, new_name)
         return self._reply_new(node)
 
     # ------------------------------------------------------------------ files
 
-    @fuse_errors
-    async def open(self, inode, flags, ctx):
+    async def open(self, req, inode, flags):
         node = self._node(inode)
         if flags & os.O_TRUNC or flags & os.O_ACCMODE != os.O_RDONLY:
             # Logged when it truncates or fails; a plain open for writing is logged at
             # its first write.
-            with self._change("truncate" if flags & os.O_TRUNC else "open", ctx, node,
+            with self._change("truncate" if flags & os.O_TRUNC else "open", req, node,
                               only_failures=not flags & os.O_TRUNC):
-                handle = await self.overlay.open(node, flags, ctx.pid, ctx.uid)
+                handle = await self.overlay.open(node, flags, req.pid, req.uid)
         else:
-            handle = await self.overlay.open(node, flags, ctx.pid, ctx.uid)
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True)
+            handle = await self.overlay.open(node, flags, req.pid, req.uid)
+        return open_out(handle.fh)
 
-    @fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    def create(self, req, parent_inode, name, mode, flags):
         parent = self._node(parent_inode)
-        with self._change("create", ctx, parent, name):
-            handle, node = self.overlay.create(parent, name, mode, flags, ctx.uid, ctx.gid,
-                                               ctx.pid, ctx.umask)
+        with self._change("create", req, parent, name):
+            handle, node = self.overlay.create(parent, name, mode, flags, req.uid, req.gid,
+                                               req.pid, req.umask)
         self._written.add(handle.fh)  # the create says it all
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), self._reply_new(node)
+        return self._reply_new(node) + open_out(handle.fh)
 
-    @fuse_errors
-    async def read(self, fh, off, size):
-        return self.overlay.read(fh, off, size)
+    def read(self, req, inode, fh, offset, size):
+        return self.overlay.read(fh, offset, size)
 
-    @fuse_errors
-    async def write(self, fh, off, buf):
+    def write(self, req, inode, fh, offset, data):
         if fh not in self._written and self.writelog is not None:
             self._written.add(fh)
             handle = self.overlay.handle(fh)
             path = self.overlay.path_of(handle.node)
             self.writelog.record("write", handle.pid, handle.uid, path, None, "ok",
                                  *self._class(path))
-        return self.overlay.write(fh, off, buf)
+        return proto.WRITE_OUT.pack(self.overlay.write(fh, offset, data), 0)
 
-    # No flush(): rofs buffers nothing and leaves locks to the kernel, so the ENOSYS of
-    # pyfuse3's default tells the kernel to stop sending FLUSH on every close().
+    # No flush(): rofs buffers nothing and leaves locks to the kernel, so ENOSYS tells
+    # the kernel to stop sending FLUSH on every close().
 
-    @fuse_errors
-    async def release(self, fh):
+    def release(self, req, inode, fh):
         self._written.discard(fh)
         self.overlay.release(fh)
 
-    @fuse_errors
-    async def fsync(self, fh, datasync):
+    async def fsync(self, req, inode, fh, datasync):
         await self.overlay.fsync(fh, datasync)
 
     # ------------------------------------------------------------ directories
 
-    @fuse_errors
-    async def opendir(self, inode, ctx):
-        return self.overlay.opendir(self._node(inode), ctx.uid)
+    def opendir(self, req, inode, flags):
+        return self.overlay.opendir(self._node(inode), req.uid)
 
-    @fuse_errors
-    async def readdir(self, fh, start_id, token):
+    def readdir(self, req, inode, fh, offset, size, plus):
         self.overlay.fds.trim()
-        for next_id, name, node in self.overlay.readdir(fh, start_id):
-            try:
-                entry = self._entry(self.overlay.getattr(node))
-            except OSError:
-                continue  # vanished since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, entry, next_id):
+        out = []
+        used = 0
+        overlay = self.overlay
+        for next_id, name, node in overlay.readdir(fh, offset):
+            need = proto.dirent_size(len(name), plus)
+            if used + need > size:
                 break
-            self.overlay.remember(node)
+            pad = b"\0" * (need - len(name) - proto.DIRENT.size -
+                           (proto.ENTRY_OUT.size if plus else 0))
+            if plus:
+                try:
+                    attr = overlay.getattr(node)
+                except OSError:
+                    continue  # vanished since the listing was taken
+                out.append(entry_out(attr))
+                out.append(proto.DIRENT.pack(attr.ino, next_id, len(name), attr.mode >> 12))
+                overlay.remember(node)
+            else:
+                out.append(proto.DIRENT.pack(node.ino, next_id, len(name), node.mode >> 12))
+            out.append(name)
+            out.append(pad)
+            used += need
+        return b"".join(out)
 
-    @fuse_errors
-    async def releasedir(self, fh):
+    def releasedir(self, req, inode, fh):
         self.overlay.releasedir(fh)
 
-    @fuse_errors
-    async def fsyncdir(self, fh, datasync):
+    async def fsyncdir(self, req, inode, fh, datasync):
         handle = self.overlay.dirs.get(fh)
         if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise FuseError(errno.EBADF)
         await self.overlay.fsyncdir(handle.node, datasync)
 
     # ------------------------------------------------------------------- misc
 
-    @fuse_errors
-    async def statfs(self, ctx):
+    def statfs(self, req, inode):
         st = self.overlay.statfs()
-        out = pyfuse3.StatvfsData()
-        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                      "f_ffree", "f_favail", "f_namemax"):
-            setattr(out, field, getattr(st, field))
-        return out
+        return proto.STATFS_OUT.pack(st.f_blocks, st.f_bfree, st.f_bavail, st.f_files,
+                                     st.f_ffree, st.f_bsize, st.f_namemax, st.f_frsize, 0)
 
-    @fuse_errors
-    async def getxattr(self, inode, name, ctx):
+    def getxattr(self, req, inode, name):
         return self.overlay.getxattr(self._node(inode), name)
 
-    @fuse_errors
-    async def listxattr(self, inode, ctx):
+    def listxattr(self, req, inode):
         names = self.overlay.listxattr(self._node(inode))
-        if ctx.uid != 0:
+        if req.uid != 0:
             # As the kernel's own filesystems do for a caller without CAP_SYS_ADMIN
             # (the kernel already refuses to read their values): trusted.* is not theirs
             # to see.  FUSE does not say which capabilities the caller has; uid 0 stands
@@ -319,25 +316,57 @@ class RofsOperations(pyfuse3.Operations):
             names = [n for n in names if not n.startswith(b"trusted.")]
         return names
 
-    @fuse_errors
-    async def setxattr(self, inode, name, value, ctx):
+    async def setxattr(self, req, inode, name, value, flags):
         node = self._node(inode)
-        with self._change("setxattr", ctx, node):
-            await self.overlay.setxattr(node, name, value)
+        with self._change("setxattr", req, node):
+            await self.overlay.setxattr(node, name, value, flags)
 
-    @fuse_errors
-    async def removexattr(self, inode, name, ctx):
+    async def removexattr(self, req, inode, name):
         node = self._node(inode)
-        with self._change("removexattr", ctx, node):
+        with self._change("removexattr", req, node):
             await self.overlay.removexattr(node, name)
 
-    @fuse_errors
-    async def access(self, inode, mode, ctx):
+    def ioctl(self, req, inode, fh, flags, cmd, in_data, out_size):
+        kind = FLAG_IOCTLS.get(cmd)
+        if kind is None:
+            raise FuseError(errno.ENOTTY)
+        node = self._node(inode)
+        if kind == "get":
+            value = self.overlay.inode_flags(node)
+            return proto.IOCTL_OUT.pack(0, 0, 0, 0) + \
+                value.to_bytes(8, "little")[:out_size]
+        if kind == "xget":
+            flags = self.overlay.inode_flags(node)
+            xflags = sum(x for f, x in XFLAGS if flags & f)
+            return proto.IOCTL_OUT.pack(0, 0, 0, 0) + FSXATTR.pack(xflags, 0, 0, 0, 0)
+        if kind == "xset":
+            xflags = FSXATTR.unpack_from(in_data)[0]
+            old = self.overlay.inode_flags(node) & ~sum(f for f, _ in XFLAGS)
+            return self._set_flags(req, node, old | sum(f for f, x in XFLAGS if xflags & x))
+        return self._set_flags(req, node, int.from_bytes(in_data[:4], "little"))
+
+    async def _set_flags(self, req, node, value):
+        with self._change("chattr", req, node):
+            await self.overlay.set_inode_flags(node, value, req.uid)
+        return proto.IOCTL_OUT.pack(0, 0, 0, 0)
+
+    def access(self, req, inode, mask):
         # Only reached without default_permissions; the kernel checks modes otherwise.
         attr = self.overlay.getattr(self._node(inode))
-        groups = pyfuse3.get_sup_groups(ctx.pid) if ctx.pid else set()
-        if not may_access(attr, mode, ctx.uid, ctx.gid, groups):
-            raise pyfuse3.FUSEError(errno.EACCES)
+        if not may_access(attr, mask, req.uid, req.gid, _groups(req.pid)):
+            raise FuseError(errno.EACCES)
+
+
+def _groups(pid: int) -> set[int]:
+    """The supplementary groups of a process (from /proc), or none."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
 
 
 class _Record:

@@ -1,12 +1,13 @@
 """The merged view: kernel-overlayfs semantics over a lower and an upper directory.
 
-This module knows nothing of FUSE (no pyfuse3 import); it works on two directory
-descriptors and can be driven directly in tests.
+This module knows nothing of the FUSE protocol; it works on two directory descriptors
+and can be driven directly in tests (`rofs.fuse.run_inline` runs its coroutines).
 
-Concurrency.  All methods run on one thread (the trio event loop).  Synchronous methods
-and the synchronous stretches of the async ones are atomic with respect to every other
-request: nothing else runs until the next `await`.  The only awaits are the slow parts
-of a copy-up (data copy, fsync) and fsync requests, which run in worker threads.  So:
+Concurrency.  All methods run on one thread (the FUSE loop's, rofs.fuse.session).
+Synchronous methods and the synchronous stretches of the async ones are atomic with
+respect to every other request: nothing else runs until the next `await`.  The only
+awaits are the slow parts of a copy-up (data copy, fsync) and fsync requests, which run
+on worker threads (`offload`).  So:
 - after an await, everything resolved before it (nodes, names, descriptors) is checked
   again before it is used;
 - a copy-up of one node happens once: concurrent requests wait for the one in flight
@@ -33,8 +34,6 @@ import resource
 import stat
 from collections.abc import Iterator
 
-import trio
-
 from rofs import acl, attic, copyup, scratch
 from rofs._sys import (
     FS_APPEND_FL,
@@ -46,10 +45,13 @@ from rofs._sys import (
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     add_inode_flags,
+    get_inode_flags,
     malloc_trim,
     proc_path,
     renameat2,
+    set_inode_flags,
 )
+from rofs.fuse import Event, offload
 from rofs.inodes import NO_FDS, ROOT_INO, Node, NodeTable
 from rofs.layers import (
     DirFdCache,
@@ -214,7 +216,7 @@ class Overlay:
                          backing=("U", root_st.st_dev, root_st.st_ino))
         self.root.lookups = 1
         self.table.add_root(self.root)
-        self._copying: dict[int, trio.Event] = {}
+        self._copying: dict[int, Event] = {}
         self.files: dict[int, FileHandle] = {}  # fh -> handle
         self._open_files: dict[int, OpenFile] = {}  # fd -> its descriptor's record
         self._readers: dict[int, OpenFile] = {}  # id(node) -> its shared read-only one
@@ -324,6 +326,55 @@ class Overlay:
                 prot = self.lower.inode_flags(node.lower) & PROTECTION_FLAGS
             node.prot = prot
         return node.prot
+
+    def inode_flags(self, node: Node) -> int:
+        """FS_IOC_GETFLAGS of the merged view: the lower object's flags, or the upper
+        copy's with its protattr marker's immutable/append-only."""
+        if not (node.is_dir or stat.S_ISREG(node.mode)):
+            raise _err(errno.ENOTTY)
+        if not node.upper:
+            return self.lower.inode_flags(node.lower) if node.lower is not None else 0
+        fd = self._open_for_flags(node)
+        try:
+            return get_inode_flags(fd) & ~PROTECTION_FLAGS | self.protection(node)
+        finally:
+            os.close(fd)
+
+    async def set_inode_flags(self, node: Node, flags: int, uid: int) -> None:
+        """FS_IOC_SETFLAGS (chattr): the node is copied up; immutable and append-only go
+        to its protattr marker (the upper inode never carries them: see Markers), the
+        other flags to the upper inode.  Only the owner or root may, and only root may
+        change immutable/append-only (root stands for CAP_LINUX_IMMUTABLE)."""
+        if not (node.is_dir or stat.S_ISREG(node.mode)):
+            raise _err(errno.ENOTTY)
+        self.check_writable(node)
+        if uid != 0 and uid != self._stat(node).st_uid:
+            raise _err(errno.EPERM)
+        if uid != 0 and (flags ^ self.protection(node)) & PROTECTION_FLAGS:
+            raise _err(errno.EPERM)
+        await self.copy_up(node)
+        fd = self._open_for_flags(node)
+        try:
+            set_inode_flags(fd, flags & ~PROTECTION_FLAGS)
+            marker = self._protattr(flags)
+            if marker:
+                os.setxattr(fd, self.markers.protattr, marker[self.markers.protattr])
+            else:
+                try:
+                    os.removexattr(fd, self.markers.protattr)
+                except OSError as e:
+                    if e.errno != errno.ENODATA:
+                        raise
+        finally:
+            os.close(fd)
+        node.prot = flags & PROTECTION_FLAGS
+
+    def _open_for_flags(self, node: Node) -> int:
+        target, is_fd = self._upper_target(node)
+        if is_fd:
+            return os.open(b"/proc/self/fd/%d" % target if isinstance(target, int) else target,
+                           os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def check_unprotected(self, *nodes: Node | None, appending: bool = False) -> None:
         """EPERM for a change to an immutable node, or to an append-only one unless the
@@ -598,14 +649,14 @@ class Overlay:
     async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
-                      fh: int | None = None) -> Attr:
+                      fh: int | None = None, times_now: bool = False) -> Attr:
         self.check_writable(node)
         if any(v is not None for v in (mode, uid, gid, size)):
             self.check_unprotected(node)
         elif atime_ns is not None or mtime_ns is not None:
-            # The times of an append-only object may change (touch); FUSE does not say
-            # whether they are "now" or given, which the kernel refuses (`touch -d`).
-            self.check_unprotected(node, appending=True)
+            # An append-only object's times may be set to now (touch), not to a given
+            # time (touch -d), as the kernel has it.
+            self.check_unprotected(node, appending=times_now)
         if any(v is not None for v in (mode, uid, gid, size, atime_ns, mtime_ns)):
             await self.copy_up(node, data_limit=size)
             target, follow = self._upper_target(node, fh)
@@ -667,14 +718,14 @@ class Overlay:
         names = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
         return [n for n in names if not self.markers.is_private(n)]
 
-    async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+    async def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         self.check_writable(node)
         self.check_unprotected(node)
         if self.markers.is_private(name):
             raise _err(errno.ENOTSUP)
         await self.copy_up(node)
         target, follow = self._upper_target(node)
-        os.setxattr(target, name, value, follow_symlinks=follow)
+        os.setxattr(target, name, value, flags, follow_symlinks=follow)
 
     async def removexattr(self, node: Node, name: bytes) -> None:
         self.check_writable(node)
@@ -704,7 +755,7 @@ class Overlay:
                 continue
             if not node.links:
                 raise _err(errno.ENOENT)
-            done = trio.Event()
+            done = Event()
             self._copying[node.ino] = done
             try:
                 await self._copy_up_file(node, data_limit)
@@ -828,7 +879,7 @@ class Overlay:
                           dir_fd=layer.work_fd)
             try:
                 if size > INLINE_COPY:
-                    await trio.to_thread.run_sync(copyup.copy_data, src, dst, size)
+                    await offload(copyup.copy_data, src, dst, size)
                 elif size:
                     copyup.copy_data(src, dst, size)
                 # Metadata after the data: writing drops file capabilities.
@@ -836,7 +887,7 @@ class Overlay:
                                  self.lower.xattr_path(node.lower), extra=extra)
                 if flags:
                     add_inode_flags(dst, flags)
-                await trio.to_thread.run_sync(os.fsync, dst)
+                await offload(os.fsync, dst)
             finally:
                 os.close(dst)
         finally:
@@ -1384,8 +1435,8 @@ class Overlay:
             fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                              dir_fd=layer.work_fd)
             try:
-                await trio.to_thread.run_sync(copyup.copy_data, fd_in, fd_out, st.st_size)
-                await trio.to_thread.run_sync(os.fsync, fd_out)
+                await offload(copyup.copy_data, fd_in, fd_out, st.st_size)
+                await offload(os.fsync, fd_out)
             finally:
                 os.close(fd_out)
         finally:
@@ -1657,7 +1708,7 @@ class Overlay:
         fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                      dir_fd=self.upper_dirfd(node))
         try:
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+            await offload(os.fdatasync if datasync else os.fsync, fd)
         finally:
             os.close(fd)
 
@@ -1741,7 +1792,7 @@ class Overlay:
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd = self.handle(fh).fd
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        await offload(os.fdatasync if datasync else os.fsync, fd)
 
     def release(self, fh: int) -> None:
         handle = self.files.pop(fh, None)

@@ -53,7 +53,7 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert not is_rofs_mounted(str(mnt))
 
 
-@pytest.mark.parametrize("script", ["raw_fuse_floor.py", "pyfuse3_floor.py"])
+@pytest.mark.parametrize("script", ["raw_fuse_floor.py"])
 def test_floor_prototypes_serve_their_file(tmp_path, script):
     """The measurement prototypes of docs/performance.md still mount and answer."""
     from helpers import mounted_fstype

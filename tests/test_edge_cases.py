@@ -306,17 +306,3 @@ def test_names_with_every_byte_value(mounted, remount):
         if not os.path.isdir(path):
             with open(path, "rb") as f:
                 assert f.read() == name
-
-
-def test_chattr_and_lsattr_fail_cleanly_and_change_nothing(mounted):
-    """No ioctl reaches rofs through pyfuse3 (docs/semantics.md): chattr and lsattr get
-    "Operation not supported", and nothing is copied up.  Issue 14 (rofs's own FUSE
-    channel) turns this into kernel overlayfs's behaviour."""
-    import subprocess
-    mnt, state = mounted["mnt"], mounted["state"]
-    for command in (["lsattr", mnt + "/passwd"], ["chattr", "+i", mnt + "/passwd"]):
-        result = subprocess.run(command, capture_output=True, text=True)
-        assert result.returncode != 0 and "Operation not supported" in result.stderr, result
-    assert not os.path.lexists(os.path.join(state, mnt.lstrip("/"), "passwd"))
-    with open(mnt + "/passwd", "a") as f:  # not immutable: nothing was set
-        f.write("x\n")

@@ -1,6 +1,7 @@
 """Hostile local users: what one user makes under the mount must not take it away from
 everyone (docs/reliability.md, the threat model).  Each attack runs as uid 65534."""
 
+import errno
 import json
 import os
 import subprocess
@@ -68,6 +69,25 @@ def public():
         unmount(mnt)
         kill_daemons(state)
         subprocess.run(["rm", "-rf", base])  # shutil.rmtree recurses: too deep here
+
+
+def on_both(public, kernel_overlay, script: str):
+    """Run a bash script with the merged view as $1: through rofs, then through kernel
+    overlayfs over the same lower (the oracle).  Returns both results, rofs's with
+    kernel overlayfs's mountpoint written as rofs's, and the kernel's upper dir."""
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    with RofsProcess(mnt, state, lower) as proc:
+        ours = subprocess.run(["bash", "-c", script, "script", mnt], capture_output=True,
+                              text=True, timeout=60)
+    assert not proc.internal_errors(), proc.output()
+    upper, work, merged = (os.path.join(public["base"], n) for n in ("ku", "kw", "km"))
+    for path in (upper, work, merged):
+        os.mkdir(path)
+    kernel_overlay(lower, upper, work, merged)
+    theirs = subprocess.run(["bash", "-c", script, "script", merged], capture_output=True,
+                            text=True, timeout=60)
+    ours.stdout = ours.stdout.replace(mnt, merged)
+    return ours, theirs, upper
 
 
 def test_a_deep_tree_breaks_no_mount_and_no_tool(public):
@@ -395,7 +415,7 @@ def test_posix_acls_are_enforced_and_inherited_as_the_kernel_does(public, kernel
     """A deny entry was stored but not enforced (the kernel checked mode bits only), and
     a default ACL was not inherited: a key root wrote into an owner-only directory was
     world-readable.  Kernel overlayfs over the same lower is the oracle."""
-    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    lower = public["lower"]
     with open(os.path.join(lower, "secret"), "w") as f:
         f.write("lower secret\n")
     subprocess.run(["setfacl", "-m", "u:nobody:---", os.path.join(lower, "secret")],
@@ -403,16 +423,7 @@ def test_posix_acls_are_enforced_and_inherited_as_the_kernel_does(public, kernel
     os.mkdir(os.path.join(lower, "keys"))
     subprocess.run(["setfacl", "-d", "-m", "u::rwx,g::---,o::---",
                     os.path.join(lower, "keys")], check=True)
-    with RofsProcess(mnt, state, lower) as proc:
-        ours = subprocess.run(["bash", "-c", ACLS, "acls", mnt], capture_output=True,
-                              text=True, timeout=60)
-    assert not proc.internal_errors(), proc.output()
-    upper, work, merged = (os.path.join(public["base"], n) for n in ("ku", "kw", "km"))
-    for path in (upper, work, merged):
-        os.mkdir(path)
-    kernel_overlay(lower, upper, work, merged)
-    theirs = subprocess.run(["bash", "-c", ACLS, "acls", merged], capture_output=True,
-                            text=True, timeout=60)
+    ours, theirs, _ = on_both(public, kernel_overlay, ACLS)
     assert theirs.returncode == 0, theirs.stderr
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout == theirs.stdout
@@ -440,24 +451,13 @@ stat -c '%A %n' "$1/shared/file" "$1/shared/dir"
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the kernel masks the mode before rofs sees it: "
-                   "FUSE_DONT_MASK needs rofs's own FUSE channel (issue 14)")
 def test_a_default_acl_overrides_the_umask_as_on_the_kernel(public, kernel_overlay):
     """Under a default ACL the umask does not apply (POSIX.1e; ext4 and kernel overlayfs
-    give 0664/0775 here).  Through pyfuse3 the kernel applies it before rofs sees the
-    mode: rofs gives 0644/0755."""
-    mnt, state, lower = public["mnt"], public["state"], public["lower"]
-    with RofsProcess(mnt, state, lower):
-        ours = subprocess.run(["bash", "-c", UMASK_AND_DEFAULT_ACL, "acls", mnt],
-                              capture_output=True, text=True, timeout=60)
-    upper, work, merged = (os.path.join(public["base"], n) for n in ("ku", "kw", "km"))
-    for path in (upper, work, merged):
-        os.mkdir(path)
-    kernel_overlay(lower, upper, work, merged)
-    theirs = subprocess.run(["bash", "-c", UMASK_AND_DEFAULT_ACL, "acls", merged],
-                            capture_output=True, text=True, timeout=60)
+    give 0664/0775 here).  Through pyfuse3 the kernel applied it before rofs saw the
+    mode (0644/0755); rofs now asks for FUSE_DONT_MASK and applies it itself."""
+    ours, theirs, _ = on_both(public, kernel_overlay, UMASK_AND_DEFAULT_ACL)
     assert theirs.stdout.split()[::2] == ["-rw-rw-r--", "drwxrwxr-x"], theirs
-    assert ours.stdout.replace(mnt, merged) == theirs.stdout
+    assert ours.stdout == theirs.stdout
 
 
 # Root tries every kind of change on lower objects marked immutable or append-only, and
@@ -481,6 +481,8 @@ try truncate -s 0 app
 try chmod 600 app
 try chown 1:1 app
 try setfacl -m u:nobody:r app
+try touch app
+try touch -d @0 app
 try ln app app-link
 try mv app app-moved
 try rm -f app
@@ -539,16 +541,7 @@ def test_immutable_and_append_only_lower_objects_stay_so(protected_lower, kernel
     record of the flags on a copy-up (overlay.protattr) is rofs's too."""
     public = protected_lower
     mnt, state, lower = public["mnt"], public["state"], public["lower"]
-    with RofsProcess(mnt, state, lower) as proc:
-        ours = subprocess.run(["bash", "-c", PROTECTED, "protected", mnt],
-                              capture_output=True, text=True, timeout=60)
-    assert not proc.internal_errors(), proc.output()
-    upper, work, merged = (os.path.join(public["base"], n) for n in ("ku", "kw", "km"))
-    for path in (upper, work, merged):
-        os.mkdir(path)
-    kernel_overlay(lower, upper, work, merged)
-    theirs = subprocess.run(["bash", "-c", PROTECTED, "protected", merged],
-                            capture_output=True, text=True, timeout=60)
+    ours, theirs, upper = on_both(public, kernel_overlay, PROTECTED)
     assert ours.stdout == theirs.stdout
     lines = ours.stdout.splitlines()
     for line in ("ok: sh -c echo appended >> app", "no: sh -c echo x > app: Operation "
@@ -569,3 +562,58 @@ def test_immutable_and_append_only_lower_objects_stay_so(protected_lower, kernel
         with pytest.raises(PermissionError):
             os.unlink(os.path.join(mnt, "immdir", "f"))  # immdir: a copy-up too
     assert not proc.internal_errors(), proc.output()
+
+
+# chattr and lsattr through a merged view ($1), by root and by user nobody (who may
+# change neither immutable nor append-only, nor anything on a file not theirs).
+CHATTR = r"""
+cd "$1"
+try() { if out=$("$@" 2>&1); then echo "ok: $*"; else echo "no: $*: ${out##*: }"; fi; }
+nobody() { setpriv --reuid 65534 --regid 65534 --clear-groups "$@"; }
+lsattr passwd shadow
+lsattr -d d
+try chattr +i passwd
+try sh -c "echo x >> passwd"
+try chattr -i passwd
+try sh -c "echo x >> passwd"
+try chattr +a shadow
+try sh -c "echo x > shadow"
+try sh -c "echo y >> shadow"
+try chattr +d d
+lsattr passwd shadow
+lsattr -d d
+try nobody chattr -a shadow
+try nobody chattr +d passwd
+try nobody touch pub/mine
+try nobody chattr +d pub/mine
+try nobody chattr +i pub/mine
+lsattr pub/mine
+try chattr -a shadow
+"""
+
+
+def test_chattr_and_lsattr_work_as_on_the_kernel(public, kernel_overlay):
+    """pyfuse3 passed no ioctl: chattr and lsattr failed with "Operation not supported".
+    Now rofs answers FS_IOC_GETFLAGS/SETFLAGS (and the fsxattr form the kernel asks
+    first): a set copies up, immutable and append-only go to the protattr marker."""
+    mnt, state = public["mnt"], public["state"]
+    ours, theirs, _ = on_both(public, kernel_overlay, CHATTR)
+    assert ours.stdout == theirs.stdout
+    lines = ours.stdout.splitlines()
+    for line in ("no: sh -c echo x >> passwd: Operation not permitted",
+                 "no: sh -c echo x > shadow: Operation not permitted",
+                 "ok: sh -c echo y >> shadow", "-----a--------e------- shadow",
+                 "no: nobody chattr +d passwd: Operation not permitted while setting flags "
+                 "on passwd", "ok: nobody chattr +d pub/mine",
+                 "no: nobody chattr +i pub/mine: Operation not permitted while setting "
+                 "flags on pub/mine"):
+        assert line in lines, ours.stdout
+    # Cleared flags leave no marker; nodump went to the upper inode itself.
+    ours_upper = os.path.join(state, mnt.lstrip("/"))
+    for name in ("passwd", "shadow"):
+        with pytest.raises(OSError) as e:
+            os.getxattr(os.path.join(ours_upper, name), "trusted.overlay.protattr")
+        assert e.value.errno == errno.ENODATA
+    flags = subprocess.run(["lsattr", "-d", os.path.join(ours_upper, "d")],
+                           capture_output=True, text=True).stdout
+    assert flags.startswith("------d-"), flags

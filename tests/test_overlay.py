@@ -4,13 +4,11 @@ import errno
 import os
 import stat
 
-import pyfuse3
 import pytest
-import trio
 from conftest import build_lower
 
 from rofs import copyup, policy, state
-from rofs.errors import Counters, fuse_errors
+from rofs.fuse import run_inline
 from rofs.inodes import UPPER_TAG
 from rofs.layers import UpperLayer
 from rofs.overlay import Overlay
@@ -46,7 +44,7 @@ def read_all(ov, node):
             return ov.read(handle.fh, 0, 1 << 24)
         finally:
             ov.release(handle.fh)
-    return trio.run(go)
+    return run_inline(go())
 
 
 def test_lookup_merges_and_caches(ov):
@@ -72,7 +70,7 @@ def test_lower_inode_numbers_and_hard_links(ov):
 def test_copy_up_is_atomic_and_complete(ov):
     node = walk(ov, "d", "file")
     ino = node.ino
-    trio.run(lambda: ov.setattr(node, mode=0o600))
+    run_inline(ov.setattr(node, mode=0o600))
     assert node.upper and node.ino == ino
     up = os.path.join(ov.paths["upper"], "d", "file")
     st = os.lstat(up)
@@ -94,17 +92,12 @@ def test_concurrent_copy_ups_happen_once(ov):
 
     ov._copy_up_file = counting
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                nursery.start_soon(ov.copy_up, node)
-
-    trio.run(main)
+    run_inline(*(ov.copy_up(node) for _ in range(5)))
     assert len(calls) == 1 and node.upper
 
 
 def test_unlink_and_whiteout(ov):
-    trio.run(ov.unlink, ov.root, b"shadow")
+    run_inline(ov.unlink(ov.root, b"shadow"))
     assert ov.lookup(ov.root, b"shadow") is None
     assert b"shadow" not in ov.list_names(ov.root)
     st = os.lstat(os.path.join(ov.paths["upper"], "shadow"))
@@ -112,7 +105,7 @@ def test_unlink_and_whiteout(ov):
 
 
 def test_rename_directory_sets_redirect(ov):
-    trio.run(ov.rename, ov.root, b"d", ov.root, b"e")
+    run_inline(ov.rename(ov.root, b"d", ov.root, b"e"))
     e = walk(ov, "e")
     assert e.lower == (b"d",)
     up = os.path.join(ov.paths["upper"], "e")
@@ -146,7 +139,7 @@ def test_readdir_snapshot_offsets(ov):
     assert b"passwd" in names and len(set(names)) == len(names)
     offset = first[2][0]
     victim = next(name for _, name, node in first[3:] if not node.is_dir)
-    trio.run(ov.unlink, ov.root, victim)
+    run_inline(ov.unlink(ov.root, victim))
     ov.mkdir(ov.root, b"added-later", 0o755, 0, 0)
     rest = [name for _, name, _ in ov.readdir(dh, offset)]
     assert rest == [n for n in names[3:] if n != victim]
@@ -156,7 +149,7 @@ def test_readdir_snapshot_offsets(ov):
 def test_private_xattrs_refused(ov):
     node = walk(ov, "passwd")
     with pytest.raises(OSError) as e:
-        trio.run(ov.setxattr, node, b"trusted.overlay.opaque", b"y")
+        run_inline(ov.setxattr(node, b"trusted.overlay.opaque", b"y"))
     assert e.value.errno == errno.ENOTSUP
     assert not node.upper
 
@@ -173,32 +166,7 @@ def test_read_after_copy_up_through_old_handle(ov):
         ov.release(writer.fh)
         return data
 
-    assert trio.run(go) == b"NEW!\n"
-
-
-class Broken:
-    def __init__(self):
-        self.counters = Counters()
-
-    @fuse_errors
-    async def bug(self):
-        raise KeyError("a bug")
-
-    @fuse_errors
-    async def oserror(self):
-        raise OSError(errno.ENOSPC, "full")
-
-
-def test_errors_map_to_errno_and_bugs_to_eio(caplog):
-    obj = Broken()
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        trio.run(obj.bug)
-    assert e.value.errno == errno.EIO
-    assert obj.counters.internal_errors == 1
-    assert "a bug" in caplog.text and "Traceback" in caplog.text
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        trio.run(obj.oserror)
-    assert e.value.errno == errno.ENOSPC
+    assert run_inline(go()) == b"NEW!\n"
 
 
 def test_may_access_posix_bits(tmp_path):
@@ -224,11 +192,11 @@ def test_readlink_after_unlink_answers_from_memory(ov):
     """A path walk may ask for a link's target after another process removed it."""
     link = walk(ov, "link")
     ov.remember(link)
-    trio.run(ov.unlink, ov.root, b"link")
+    run_inline(ov.unlink(ov.root, b"link"))
     assert ov.readlink(link) == b"passwd"
     created = ov.symlink(ov.root, b"new", b"target", 0, 0)
     ov.remember(created)
-    trio.run(ov.unlink, ov.root, b"new")
+    run_inline(ov.unlink(ov.root, b"new"))
     assert ov.readlink(created) == b"target"
 
 
@@ -237,7 +205,7 @@ def test_reused_number_gets_next_generation(ov):
     node = first.node
     ov.remember(node, 3)
     ov.release(first.fh)
-    trio.run(ov.unlink, ov.root, b"a1")
+    run_inline(ov.unlink(ov.root, b"a1"))
     # pretend the filesystem reused the number: resolve a new object with that backing
     fresh = ov.table.find_or_add(ov.root, b"b1", stat.S_IFREG, upper=True, lower=None,
                                  backing=node.backing)
@@ -276,7 +244,7 @@ def test_move_across_classes_copies_again_when_the_file_changed(tmp_path, monkey
 
     monkeypatch.setattr(copyup, "copy_data", copy_then_write)
     try:
-        trio.run(ov.rename, ov.root, b"huge", ov.root, b"kept")
+        run_inline(ov.rename(ov.root, b"huge", ov.root, b"kept"))
         assert calls == [2 << 20, (2 << 20) + 8]
         with open(os.path.join(prepared.upper_path, "kept"), "rb") as f:
             assert f.read() == b"x" * (2 << 20) + b"appended"

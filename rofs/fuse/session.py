@@ -127,24 +127,39 @@ class _Wait:
             yield self
 
 
-def run_inline(coro):
-    """Run a coroutine to its end on this thread, offloaded work included (tests, and
-    callers outside the loop).  Waiting on an event nobody will set is an error."""
-    value = None
-    error = None
-    while True:
+def run_inline(*coros):
+    """Run coroutines to their ends on this thread (tests, and callers outside the
+    loop), taking turns at each await; offloaded work runs inline.  Returns the value
+    of the one coroutine, or a list of them.  Waiting on an event nobody will set is an
+    error."""
+    results: list = [None] * len(coros)
+    # (index, coroutine, value to send, exception to throw, event waited on)
+    runnable = collections.deque((i, c, None, None, None) for i, c in enumerate(coros))
+    stalled = 0
+    while runnable:
+        i, coro, value, error, waiting = runnable.popleft()
+        if waiting is not None and not waiting.is_set():
+            runnable.append((i, coro, None, None, waiting))
+            stalled += 1
+            if stalled > len(runnable):
+                raise RuntimeError("run_inline: every coroutine waits on an event")
+            continue
+        stalled = 0
         try:
             step = coro.throw(error) if error is not None else coro.send(value)
         except StopIteration as stop:
-            return stop.value
-        value = error = None
+            results[i] = stop.value
+            continue
         if isinstance(step, Offload):
             try:
-                value = step.fn(*step.args)
-            except BaseException as e:
-                error = e
-        elif not (isinstance(step, _Wait) and step.event.is_set()):
-            raise RuntimeError("run_inline: %r would wait forever" % (step,))
+                runnable.append((i, coro, step.fn(*step.args), None, None))
+            except Exception as e:
+                runnable.append((i, coro, None, e, None))
+        elif isinstance(step, _Wait):
+            runnable.append((i, coro, None, None, step.event))
+        else:
+            raise RuntimeError("run_inline: a coroutine awaited %r" % (step,))
+    return results[0] if len(coros) == 1 else results
 
 
 class Operations:
@@ -167,14 +182,14 @@ class Operations:
 class Session:
     """Serves one mount: `run()` until it is unmounted or `stop()` is called."""
 
-    def __init__(self, fd: int, ops: Operations, *, want: int, counters=None,
+    def __init__(self, fd: int, ops: Operations, *, want: int,
                  fault_name: bytes | None = None) -> None:
         self.fd = fd
         self.ops = ops
         self.want = want  # INIT flags the filesystem asks for (if the kernel offers them)
         self.flags = 0  # what was negotiated
         self.minor = 0
-        self.counters = counters
+        self.internal_errors = 0  # requests answered EIO because of a bug (logged)
         self.fault_name = fault_name
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._stopping = False
@@ -303,8 +318,7 @@ class Session:
             return False
         req = Request(unique, uid, gid, pid)
         if self.debug:
-            log.debug("%s #%d node %d uid %d pid %d", _NAMES.get(opcode, opcode), unique,
-                      nodeid, uid, pid)
+            log.debug("%s #%d uid %d pid %d", _NAMES.get(opcode, opcode), unique, uid, pid)
         try:
             result = handler(req, nodeid, body)
         except Exception as e:
@@ -318,11 +332,15 @@ class Session:
 
     def _fail(self, req: Request, opcode: int, e: BaseException) -> None:
         if isinstance(e, OSError):
+            if self.debug:
+                log.debug("#%d -> %s", req.unique, errno.errorcode.get(e.errno, e.errno))
             self.reply_error(req.unique, e.errno or errno.EIO)
             return
-        if self.counters is not None:
-            self.counters.internal_errors += 1
-        log.error("internal error in %s", _NAMES.get(opcode, opcode), exc_info=e)
+        self.internal_errors += 1
+        name = _METHOD.get(opcode, opcode)
+        if isinstance(e, InjectedFault):
+            e.args = ("injected fault in %s" % name,)
+        log.error("internal error in %s", name, exc_info=e)
         self.reply_error(req.unique, errno.EIO)
 
     def _step(self, req: Request, opcode: int, coro, value, error) -> None:
@@ -358,14 +376,14 @@ class Session:
     # ------------------------------------------------------------- decoding
 
     def _table(self) -> dict:
-        ops = self.ops
+        ops = _Logged(self.ops) if self.debug else self.ops
         fault = self.fault_name
 
         def name_of(body, start: int = 0) -> bytes:
             end = bytes(body[start:]).index(b"\0")
             name = bytes(body[start:start + end])
             if fault is not None and name == fault:
-                raise InjectedFault("injected fault for %r" % name)
+                raise InjectedFault(name)
             return name
 
         def names_of(body, start: int = 0) -> tuple[bytes, bytes]:
@@ -535,7 +553,7 @@ class Session:
         # FORGET is never answered).
         always = (proto.INIT, proto.FORGET, proto.BATCH_FORGET)
         return {op: fn for op, fn in table.items()
-                if op in always or _implements(ops, _METHOD.get(op, ""))}
+                if op in always or _implements(self.ops, _METHOD.get(op, ""))}
 
     def _init(self, body) -> bytes:
         major, minor, max_readahead, flags = proto.INIT_IN.unpack_from(body)
@@ -556,6 +574,32 @@ class Session:
             self.flags & 0xFFFFFFFF, 16, 12, MAX_WRITE, 1, MAX_PAGES, 0, self.flags >> 32)
         self.ops.init({"major": major, "minor": self.minor, "flags": self.flags})
         return reply
+
+
+class _Logged:
+    """The filesystem's methods, each call logged with its arguments (--debug): file
+    contents and long values as their length only."""
+
+    def __init__(self, ops: Operations) -> None:
+        self._ops = ops
+
+    def __getattr__(self, name: str):
+        method = getattr(self._ops, name)
+
+        def logged(*args):
+            log.debug("%s(%s)", name, ", ".join(_brief(a) for a in args
+                                                if not isinstance(a, Request)))
+            return method(*args)
+
+        return logged
+
+
+def _brief(arg) -> str:
+    if isinstance(arg, (bytes, memoryview)) and len(arg) > 64:
+        return "<%d bytes>" % len(arg)
+    if isinstance(arg, memoryview):
+        return repr(bytes(arg))
+    return repr(arg)
 
 
 class InjectedFault(Exception):
