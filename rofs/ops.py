@@ -32,7 +32,7 @@ TIMEOUT = 365 * 24 * 3600
 # What rofs asks the kernel for at INIT (each only if the kernel offers it).
 WANT = (proto.ASYNC_READ | proto.ATOMIC_O_TRUNC | proto.EXPORT_SUPPORT | proto.BIG_WRITES
         | proto.DONT_MASK | proto.AUTO_INVAL_DATA | proto.DO_READDIRPLUS
-        | proto.READDIRPLUS_AUTO | proto.ASYNC_DIO | proto.PARALLEL_DIROPS
+        | proto.ASYNC_DIO | proto.PARALLEL_DIROPS
         | proto.POSIX_ACL | proto.MAX_PAGES | proto.SETXATTR_EXT | proto.HAS_IOCTL_DIR)
 
 # chattr and lsattr: FS_IOC_GETFLAGS/SETFLAGS, and their 32-bit forms (an int each way);
@@ -281,7 +281,10 @@ class RofsOperations(Operations):
                 out.append(proto.DIRENT.pack(attr.ino, next_id, len(name), attr.mode >> 12))
                 overlay.remember(node)
             else:
+                # (Only without READDIRPLUS, which rofs always asks for.)  The kernel
+                # takes no reference: the node goes unless something else holds it.
                 out.append(proto.DIRENT.pack(node.ino, next_id, len(name), node.mode >> 12))
+                overlay.table.maybe_drop(node)
             out.append(name)
             out.append(pad)
             used += need

@@ -420,6 +420,20 @@ def test_xattrs(m):
     assert os.getxattr(os.path.join(m["lower"], "passwd"), "user.note") == b"lower"
 
 
+def test_setxattr_create_and_replace_flags(m):
+    """XATTR_CREATE and XATTR_REPLACE reach the state (pyfuse3 dropped them)."""
+    with pytest.raises(OSError) as e:
+        os.setxattr(p(m, "passwd"), "user.note", b"x", os.XATTR_CREATE)
+    assert e.value.errno == errno.EEXIST
+    with pytest.raises(OSError) as e:
+        os.setxattr(p(m, "passwd"), "user.absent", b"x", os.XATTR_REPLACE)
+    assert e.value.errno == errno.ENODATA
+    os.setxattr(p(m, "passwd"), "user.note", b"new", os.XATTR_REPLACE)
+    os.setxattr(p(m, "passwd"), "user.fresh", b"1", os.XATTR_CREATE)
+    assert os.getxattr(p(m, "passwd"), "user.note") == b"new"
+    assert os.getxattr(upper(m, "passwd"), "user.fresh") == b"1"
+
+
 def test_markers_are_hidden_and_refused(m):
     os.rename(p(m, "d"), p(m, "moved"))  # gets a redirect marker
     for name in os.listxattr(p(m, "moved")):
