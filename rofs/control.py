@@ -161,7 +161,8 @@ class Server:
         code = self.session.invalidate_entry(parent_ino, name)
         if code not in (0, errno.ENOENT):  # ENOENT: the kernel did not know the entry
             raise OSError(code, os.strerror(code))
-        self.session.invalidate_inode(parent_ino, -1)
+        # The directory's attributes and its cached listing (FOPEN_CACHE_DIR).
+        self.session.invalidate_inode(parent_ino, 0, 0)
 
 
 def _peer_uid(conn: socket.socket) -> int:

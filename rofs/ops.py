@@ -33,7 +33,8 @@ TIMEOUT = 365 * 24 * 3600
 WANT = (proto.ASYNC_READ | proto.ATOMIC_O_TRUNC | proto.EXPORT_SUPPORT | proto.BIG_WRITES
         | proto.DONT_MASK | proto.AUTO_INVAL_DATA | proto.DO_READDIRPLUS
         | proto.ASYNC_DIO | proto.PARALLEL_DIROPS
-        | proto.POSIX_ACL | proto.MAX_PAGES | proto.SETXATTR_EXT | proto.HAS_IOCTL_DIR)
+        | proto.POSIX_ACL | proto.MAX_PAGES | proto.SETXATTR_EXT | proto.HAS_IOCTL_DIR
+        | proto.CACHE_SYMLINKS)
 
 # chattr and lsattr: FS_IOC_GETFLAGS/SETFLAGS, and their 32-bit forms (an int each way);
 # FS_IOC_FSGETXATTR/FSSETXATTR (struct fsxattr), which the kernel itself asks before it
@@ -47,22 +48,30 @@ XFLAGS = ((0x10, 0x08), (0x20, 0x10), (0x08, 0x20), (0x80, 0x40), (0x40, 0x80))
 _NEGATIVE = proto.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
 
 
-def pack_attr(attr: Attr) -> tuple:
-    """The fields of a struct fuse_attr."""
-    a_s, a_ns = proto.split_ns(attr.atime_ns)
-    m_s, m_ns = proto.split_ns(attr.mtime_ns)
-    c_s, c_ns = proto.split_ns(attr.ctime_ns)
-    return (attr.ino, attr.size, attr.blocks, a_s, m_s, c_s, a_ns, m_ns, c_ns, attr.mode,
-            attr.nlink, attr.uid, attr.gid, attr.rdev & 0xFFFFFFFF, attr.blksize, 0)
+_ENTRY = proto.ENTRY_OUT.pack
+_ATTR = proto.ATTR_OUT.pack
+_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 def entry_out(attr: Attr) -> bytes:
-    return proto.ENTRY_OUT.pack(attr.ino, attr.generation, TIMEOUT, TIMEOUT, 0, 0,
-                                *pack_attr(attr))
+    """A struct fuse_entry_out (times: seconds as the kernel's u64, and nanoseconds)."""
+    a_s, a_ns = divmod(attr.atime_ns, 1_000_000_000)
+    m_s, m_ns = divmod(attr.mtime_ns, 1_000_000_000)
+    c_s, c_ns = divmod(attr.ctime_ns, 1_000_000_000)
+    return _ENTRY(attr.ino, attr.generation, TIMEOUT, TIMEOUT, 0, 0, attr.ino, attr.size,
+                  attr.blocks, a_s & _U64, m_s & _U64, c_s & _U64, a_ns, m_ns, c_ns,
+                  attr.mode, attr.nlink, attr.uid, attr.gid, attr.rdev & 0xFFFFFFFF,
+                  attr.blksize, 0)
 
 
 def attr_out(attr: Attr) -> bytes:
-    return proto.ATTR_OUT.pack(TIMEOUT, 0, 0, *pack_attr(attr))
+    """A struct fuse_attr_out."""
+    a_s, a_ns = divmod(attr.atime_ns, 1_000_000_000)
+    m_s, m_ns = divmod(attr.mtime_ns, 1_000_000_000)
+    c_s, c_ns = divmod(attr.ctime_ns, 1_000_000_000)
+    return _ATTR(TIMEOUT, 0, 0, attr.ino, attr.size, attr.blocks, a_s & _U64, m_s & _U64,
+                 c_s & _U64, a_ns, m_ns, c_ns, attr.mode, attr.nlink, attr.uid, attr.gid,
+                 attr.rdev & 0xFFFFFFFF, attr.blksize, 0)
 
 
 def open_out(fh: int) -> bytes:
@@ -70,6 +79,10 @@ def open_out(fh: int) -> bytes:
 
 
 class RofsOperations(Operations):
+    # The kernel keeps directory listings across opens: every change of a name goes
+    # through this mount (the kernel drops the listing itself), and where rofs changes
+    # one behind its back (revert, restore) it invalidates the directory (rofs.control).
+    opendir_flags = proto.FOPEN_CACHE_DIR | proto.FOPEN_KEEP_CACHE
 
     def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None, *,
                  writelog: WriteLog | None = None, policy: Policy | None = None) -> None:
@@ -214,15 +227,17 @@ class RofsOperations(Operations):
 
     # ------------------------------------------------------------------ files
 
-    async def open(self, req, inode, flags):
+    def open(self, req, inode, flags):
         node = self._node(inode)
         if flags & os.O_TRUNC or flags & os.O_ACCMODE != os.O_RDONLY:
-            # Logged when it truncates or fails; a plain open for writing is logged at
-            # its first write.
-            with self._change("truncate" if flags & os.O_TRUNC else "open", req, node,
-                              only_failures=not flags & os.O_TRUNC):
-                handle = await self.overlay.open(node, flags, req.pid, req.uid)
-        else:
+            return self._open_writing(req, node, flags)
+        return open_out(self.overlay.open_for_reading(node, flags, req.pid, req.uid).fh)
+
+    async def _open_writing(self, req, node, flags):
+        # Logged when it truncates or fails; a plain open for writing is logged at its
+        # first write.
+        with self._change("truncate" if flags & os.O_TRUNC else "open", req, node,
+                          only_failures=not flags & os.O_TRUNC):
             handle = await self.overlay.open(node, flags, req.pid, req.uid)
         return open_out(handle.fh)
 

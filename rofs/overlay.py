@@ -79,6 +79,7 @@ LISTING_BUDGET = int(os.environ.get("ROFS_LISTING_BUDGET") or 2_000_000)
 TRIM_AFTER_NAMES = 10_000  # releasing a listing this big returns memory to the system
 # Copy-ups of files up to this size run inline: a thread hop costs more than the copy.
 INLINE_COPY = 1 << 20
+IDLE_READERS = 128  # see Overlay._idle
 OPEN_KEEP_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC |
                    os.O_NONBLOCK)
 
@@ -220,6 +221,12 @@ class Overlay:
         self.files: dict[int, FileHandle] = {}  # fh -> handle
         self._open_files: dict[int, OpenFile] = {}  # fd -> its descriptor's record
         self._readers: dict[int, OpenFile] = {}  # id(node) -> its shared read-only one
+        # Shared read-only descriptors of lower files whose last handle was released,
+        # kept for the next open (an open+read+close of /etc/passwd then costs no
+        # open(2) or close(2) here): least recently used first, at most IDLE_READERS.
+        # They count against nobody's share, and go first when descriptors run short.
+        self._idle: collections.OrderedDict[int, tuple[OpenFile, Node]] = \
+            collections.OrderedDict()
         self._fhs = itertools.count(1)
         self.dirs: dict[int, DirHandle] = {}
         # Listings (readdir snapshots): shared per directory while nothing changed names
@@ -390,7 +397,8 @@ class Overlay:
         """Sizes of the daemon's tables (for `rofs status` and leak hunting)."""
         return {"nodes": len(self.table.nodes), "dentries": len(self.table.dentries),
                 "dynamic_inos": len(self.table._dynamic), "open_files": len(self.files),
-                "file_fds": len(self._open_files),
+                "file_fds": len(self._open_files) - len(self._idle),
+                "idle_fds": len(self._idle),
                 "open_dirs": len(self.dirs), "listed_names": self.listed_names,
                 "dir_fds": len(self.fds),
                 "copy_ups": len(self._copying),
@@ -895,7 +903,10 @@ class Overlay:
                 os.close(src)
 
     def _repoint_readers(self, node: Node) -> None:
-        """Read-only handles opened before the copy-up now read the upper copy."""
+        """Read-only handles opened before the copy-up now read the upper copy (an idle
+        descriptor is closed instead)."""
+        if id(node) in self._idle:
+            self._close_idle(id(node))
         for fd in node.open_fds:
             file = self._open_files.get(fd)
             if file is None or not file.on_lower:
@@ -1135,6 +1146,8 @@ class Overlay:
         may still ask for: a symlink's target, and the object itself (O_PATH)."""
         if len(node.links) != 1:
             return
+        if id(node) in self._idle:
+            self._close_idle(id(node))
         if stat.S_ISLNK(node.mode):
             self.readlink(node)
         if node.upper and node.keep_fd < 0 and (node.lookups > 0 or node.open_fds):
@@ -1367,6 +1380,8 @@ class Overlay:
                     self._needs_redirect(src, dst_parent, dst_name) or
                     exchange and self._needs_redirect(dst, src_parent, src_name)):
                 raise _err(errno.EXDEV)  # no redirects with user.overlay.* (as the kernel)
+            if not exchange and dst is not None and dst.is_dir and self.list_names(dst):
+                raise _err(errno.ENOTEMPTY)  # after EXDEV, as the kernel checks
             if not src.upper:
                 await self.copy_up(src)
                 continue
@@ -1527,8 +1542,6 @@ class Overlay:
             raise _err(errno.ENOTDIR)
         if dst.is_dir and not src.is_dir:
             raise _err(errno.EISDIR)
-        if dst.is_dir and self.list_names(dst):
-            raise _err(errno.ENOTEMPTY)
 
     def _is_ancestor(self, node: Node, of: Node) -> bool:
         current: Node | None = of
@@ -1718,8 +1731,10 @@ class Overlay:
         """ENFILE when a new open file would take a descriptor this caller may not have
         (users other than root stop short of a reserve that is root's, and each of them
         at a share of the rest)."""
-        if len(self._open_files) >= (self.file_limit if uid == 0 else
-                                     self.user_file_limit):
+        limit = self.file_limit if uid == 0 else self.user_file_limit
+        while self._idle and len(self._open_files) >= limit:
+            self._close_idle(next(iter(self._idle)))
+        if len(self._open_files) >= limit:
             raise _err(errno.ENFILE)
         if uid != 0 and self._fds_by_uid[uid] >= self.uid_file_limit:
             raise _err(errno.ENFILE)
@@ -1743,22 +1758,43 @@ class Overlay:
         self.files[handle.fh] = handle
         return handle
 
-    async def open(self, node: Node, flags: int, pid: int = 0, uid: int = 0) -> FileHandle:
+    def open_for_reading(self, node: Node, flags: int, pid: int = 0,
+                         uid: int = 0) -> FileHandle:
+        """open() without O_WRONLY, O_RDWR or O_TRUNC: synchronous (no copy-up)."""
         if node.is_dir:
             raise _err(errno.EISDIR)
         flags &= OPEN_KEEP_FLAGS
+        reader = self._readers.get(id(node))
+        if reader is not None and id(node) in self._idle:
+            if reader.on_lower and not node.upper:
+                self._check_files(uid)
+                del self._idle[id(node)]
+                reader.uid = uid
+                self._fds_by_uid[uid] += 1
+                return self._handle(reader, node, flags, pid, uid)
+            self._close_idle(id(node))  # copied up since
+            reader = None
+        if reader is not None and reader.on_lower == (not node.upper):
+            return self._handle(reader, node, flags, pid, uid)
+        self._check_files(uid)
+        return self._open(node, flags, pid, uid, False)
+
+    async def open(self, node: Node, flags: int, pid: int = 0, uid: int = 0) -> FileHandle:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if not writing:
-            reader = self._readers.get(id(node))
-            if reader is not None and reader.on_lower == (not node.upper):
-                return self._handle(reader, node, flags, pid, uid)
+            return self.open_for_reading(node, flags, pid, uid)
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        flags &= OPEN_KEEP_FLAGS
         self._check_files(uid)
-        if writing:
-            self.check_writable(node)
-            self.check_unprotected(node, appending=flags & os.O_APPEND and
-                                   not flags & os.O_TRUNC)
-        if writing and not node.upper:
+        self.check_writable(node)
+        self.check_unprotected(node, appending=flags & os.O_APPEND and
+                               not flags & os.O_TRUNC)
+        if not node.upper:
             await self.copy_up(node, data_limit=0 if flags & os.O_TRUNC else None)
+        return self._open(node, flags, pid, uid, True)
+
+    def _open(self, node: Node, flags: int, pid: int, uid: int, writing: bool) -> FileHandle:
         # Read-only opens with no flag that changes how reads behave share a descriptor.
         share = not writing and not flags & ~os.O_ACCMODE and id(node) not in self._readers
         if node.upper:
@@ -1802,12 +1838,25 @@ class Overlay:
         file.users -= 1
         if file.users:
             return
-        if file.shared and self._readers.get(id(node)) is file:
-            del self._readers[id(node)]
-        del self._open_files[file.fd]
         self._fds_by_uid[file.uid] -= 1
         if not self._fds_by_uid[file.uid]:
             del self._fds_by_uid[file.uid]
+        if file.shared and file.on_lower and node.links and \
+                self._readers.get(id(node)) is file:
+            self._idle[id(node)] = (file, node)
+            if len(self._idle) > IDLE_READERS:
+                self._close_idle(next(iter(self._idle)))
+            return
+        self._close_file(file, node)
+
+    def _close_idle(self, key: int) -> None:
+        file, node = self._idle.pop(key)
+        self._close_file(file, node)
+
+    def _close_file(self, file: OpenFile, node: Node) -> None:
+        if file.shared and self._readers.get(id(node)) is file:
+            del self._readers[id(node)]
+        del self._open_files[file.fd]
         node.open_fds.discard(file.fd)
         if not node.open_fds:
             node.open_fds = NO_FDS
@@ -1817,6 +1866,8 @@ class Overlay:
     def close(self) -> None:
         for fh in list(self.files):
             self.release(fh)
+        while self._idle:
+            self._close_idle(next(iter(self._idle)))
         self.fds.close()
 
 

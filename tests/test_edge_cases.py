@@ -306,3 +306,29 @@ def test_names_with_every_byte_value(mounted, remount):
         if not os.path.isdir(path):
             with open(path, "rb") as f:
                 assert f.read() == name
+
+
+def test_moving_a_lower_dir_without_redirects_is_exdev_before_enotempty(layers,
+                                                                       kernel_overlay):
+    """Found by the differential test (userxattr): renaming a lower directory over a
+    non-empty one, with no redirects, is EXDEV on the kernel (it checks whether the
+    source can move first) and was ENOTEMPTY on rofs."""
+    import errno
+
+    from helpers import RofsProcess
+    lower = layers["lower"]
+    os.makedirs(os.path.join(lower, "full", "inside"))
+    results = []
+    with RofsProcess(layers["mnt"], layers["state"], lower, ("-o", "redirect_dir=off")):
+        with pytest.raises(OSError) as e:
+            os.rename(os.path.join(layers["mnt"], "d"), os.path.join(layers["mnt"], "full"))
+        results.append(e.value.errno)
+    base = str(layers["tmp"])
+    upper, work, merged = (os.path.join(base, n) for n in ("ku", "kw", "km"))
+    for path in (upper, work, merged):
+        os.mkdir(path)
+    kernel_overlay(lower, upper, work, merged, extra="redirect_dir=off")
+    with pytest.raises(OSError) as e:
+        os.rename(os.path.join(merged, "d"), os.path.join(merged, "full"))
+    results.append(e.value.errno)
+    assert results == [errno.EXDEV, errno.EXDEV]

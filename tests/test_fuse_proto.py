@@ -1,6 +1,8 @@
 """rofs.fuse.proto against <linux/fuse.h>: the size of every structure rofs reads or
 writes, as the kernel's header (7.38) declares them (measured with sizeof() in C)."""
 
+import os
+
 from rofs.fuse import proto
 
 KERNEL_SIZES = {
@@ -40,6 +42,15 @@ def test_dirent_records_are_padded_to_8_bytes():
     assert proto.dirent_size(1, True) == 32 + proto.ENTRY_OUT.size
 
 
-def test_times_split_into_seconds_and_nanoseconds():
-    assert proto.split_ns(1_500_000_000) == (1, 500_000_000)
-    assert proto.split_ns(-1) == (0xFFFFFFFFFFFFFFFF, 999_999_999)
+def test_times_before_1970_reach_the_kernel_as_it_reads_them(tmp_path):
+    """Seconds are the kernel's u64 read as signed; nanoseconds count forward."""
+    from rofs.ops import attr_out
+    from rofs.overlay import Attr
+    path = tmp_path / "old"
+    path.write_text("")
+    os.utime(path, ns=(-1, -1_500_000_000))
+    reply = attr_out(Attr(os.stat(path), 5, 1))
+    fields = proto.ATTR_OUT.unpack(reply)
+    atime, mtime, atimensec, mtimensec = fields[6], fields[7], fields[9], fields[10]
+    assert (atime, atimensec) == (0xFFFFFFFFFFFFFFFF, 999_999_999)
+    assert (mtime, mtimensec) == (0xFFFFFFFFFFFFFFFE, 500_000_000)

@@ -147,12 +147,6 @@ SIZES = {"fuse_in_header": IN_HEADER.size, "fuse_out_header": OUT_HEADER.size,
          "fuse_notify_delete_out": NOTIFY_DELETE_OUT.size}
 
 
-def split_ns(ns: int) -> tuple[int, int]:
-    """Seconds and nanoseconds of a time in nanoseconds (the kernel's u64 + u32)."""
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    return seconds & 0xFFFFFFFFFFFFFFFF, nanos
-
-
 def dirent_size(namelen: int, plus: bool) -> int:
     """The bytes one entry of a READDIR (plus: READDIRPLUS) reply takes, padded to 8."""
     size = DIRENT.size + namelen + (ENTRY_OUT.size if plus else 0)

@@ -226,17 +226,21 @@ class Session:
 
     def reply(self, unique: int, body: bytes | None = None) -> None:
         if body is None:
-            self._write(proto.OUT_HEADER.pack(proto.OUT_HEADER.size, 0, unique))
+            self._write(_pack_out_header(16, 0, unique))
+        elif len(body) > 16384:  # file data: no copy into one buffer
+            self._write(_pack_out_header(16 + len(body), 0, unique), body)
         else:
-            self._write(proto.OUT_HEADER.pack(proto.OUT_HEADER.size + len(body), 0, unique)
-                        + body)
+            self._write(_pack_out_header(16 + len(body), 0, unique) + body)
 
     def reply_error(self, unique: int, code: int) -> None:
         self._write(proto.OUT_HEADER.pack(proto.OUT_HEADER.size, -code, unique))
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, more: bytes | None = None) -> None:
         try:
-            os.write(self.fd, data)
+            if more is None:
+                os.write(self.fd, data)
+            else:
+                os.writev(self.fd, [data, more])
         except OSError as e:
             # ENOENT: the request was interrupted and is gone; ENODEV: unmounted.
             if e.errno not in (errno.ENOENT, errno.ENODEV):
@@ -304,8 +308,8 @@ class Session:
 
     def _dispatch(self, view: memoryview, length: int) -> bool:
         """Handle one request; True when the session is over (DESTROY)."""
-        _, opcode, unique, nodeid, uid, gid, pid, _, _ = proto.IN_HEADER.unpack_from(view)
-        body = view[proto.IN_HEADER.size:length]
+        _, opcode, unique, nodeid, uid, gid, pid, _, _ = _unpack_header(view)
+        body = view[_HEADER_SIZE:length]
         handler = self._handlers.get(opcode)
         if handler is None:
             if opcode == proto.INTERRUPT:
@@ -324,7 +328,7 @@ class Session:
         except Exception as e:
             self._fail(req, opcode, e)
             return False
-        if type(result) is types.CoroutineType:
+        if type(result) is _COROUTINE:
             self._step(req, opcode, result, None, None)
         elif result is not _NO_REPLY:
             self.reply(unique, result)
@@ -607,6 +611,10 @@ class InjectedFault(Exception):
 
 
 _NO_REPLY = object()  # FORGET and BATCH_FORGET are not answered
+_COROUTINE = types.CoroutineType
+_unpack_header = proto.IN_HEADER.unpack_from
+_HEADER_SIZE = proto.IN_HEADER.size
+_pack_out_header = proto.OUT_HEADER.pack
 
 _METHOD = {proto.LOOKUP: "lookup", proto.FORGET: "forget", proto.BATCH_FORGET: "forget",
            proto.GETATTR: "getattr", proto.SETATTR: "setattr", proto.READLINK: "readlink",
