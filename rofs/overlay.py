@@ -218,6 +218,7 @@ class Overlay:
         self.root.lookups = 1
         self.table.add_root(self.root)
         self._copying: dict[int, Event] = {}
+        self.failures_after_commit = 0  # see _after_commit
         self.files: dict[int, FileHandle] = {}  # fh -> handle
         self._open_files: dict[int, OpenFile] = {}  # fd -> its descriptor's record
         self._readers: dict[int, OpenFile] = {}  # id(node) -> its shared read-only one
@@ -402,6 +403,7 @@ class Overlay:
                 "open_dirs": len(self.dirs), "listed_names": self.listed_names,
                 "dir_fds": len(self.fds),
                 "copy_ups": len(self._copying),
+                "failures_after_commit": self.failures_after_commit,
                 "kept_deleted": sum(1 for n in self.table.nodes.values() if n.keep_fd >= 0)}
 
     # ------------------------------------------------------------------ nodes
@@ -862,20 +864,38 @@ class Overlay:
                 os.unlink(key, dir_fd=index)
             self._discard(tmp, layer)
             raise
-        # Lower hard links known under several names stay one inode: link them all (the
-        # names of the same layer: a link cannot cross layers).
-        first_fd = self.upper_dirfd(first_parent, layer)
-        for parent, name in links[1:]:
-            if self.layer_for(parent, name) is not layer:
-                continue
-            os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent, layer),
-                    dst_dir_fd=self.upper_dirfd(parent, layer), follow_symlinks=False)
-        new = os.stat(first_name, dir_fd=first_fd, follow_symlinks=False)
+        # The commit point: the copy is in place.  From here on nothing raises (memory and
+        # disk would disagree, and a retry would find the name taken); what fails is
+        # logged and counted.
         if indexed:
             node.index_key, node.nlink_delta = key, unknown
         node.upper = True
-        self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
-        self._repoint_readers(node)
+        try:
+            new = os.stat(first_name, dir_fd=self.upper_dirfd(first_parent, layer),
+                          follow_symlinks=False)
+            self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
+        except OSError as e:
+            self._after_commit("copy-up of %r: stat: %s" % (first_name, e))
+        # Lower hard links known under several names stay one inode: link them all (the
+        # names of the same layer: a link cannot cross layers).
+        for parent, name in links[1:]:
+            if self.layer_for(parent, name) is not layer:
+                continue
+            try:
+                os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent, layer),
+                        dst_dir_fd=self.upper_dirfd(parent, layer), follow_symlinks=False)
+            except OSError as e:
+                self._after_commit("copy-up of %r: its name %r stays the lower file's "
+                                   "after a remount: %s" % (first_name, name, e))
+        try:
+            self._repoint_readers(node)
+        except OSError as e:
+            self._after_commit("copy-up of %r: open readers: %s" % (first_name, e))
+
+    def _after_commit(self, message: str) -> None:
+        """A failure after a change was committed to disk: the change stands."""
+        self.failures_after_commit += 1
+        log.error("%s (the change itself is done)", message)
 
     async def _copy_regular(self, node: Node, st: os.stat_result, tmp: bytes,
                             data_limit: int | None, extra: dict[bytes, bytes],

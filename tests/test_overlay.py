@@ -67,6 +67,32 @@ def test_lower_inode_numbers_and_hard_links(ov):
     assert a.ino == os.lstat(os.path.join(ov.paths["lower"], "passwd")).st_ino
 
 
+def test_a_failure_after_the_copy_up_s_commit_point_leaves_memory_and_disk_agreeing(
+        ov, monkeypatch, caplog):
+    """Once the copy is renamed into place the copy-up has happened: a later failure
+    (linking the file's other known name, ENOSPC) used to raise with the node still
+    marked lower, and a retry then found the name taken (EEXIST) for good."""
+    node = walk(ov, "passwd")
+    walk(ov, "passwd-hardlink")  # a second known name: the copy-up links it too
+    real_link = os.link
+
+    def full_link(src, dst, **kwargs):
+        if dst == b"passwd-hardlink":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", full_link)
+    run_inline(ov.setattr(node, mode=0o600))  # the change itself succeeds
+    monkeypatch.setattr(os, "link", real_link)
+    assert node.upper
+    assert stat.S_IMODE(os.lstat(os.path.join(ov.paths["upper"], "passwd")).st_mode) == 0o600
+    assert "passwd-hardlink" in caplog.text and "No space left" in caplog.text
+    handle = run_inline(ov.open(node, os.O_WRONLY | os.O_APPEND))  # no EEXIST now
+    ov.write(handle.fh, 0, b"more\n")
+    ov.release(handle.fh)
+    assert ov.stats()["failures_after_commit"] == 1
+
+
 def test_copy_up_is_atomic_and_complete(ov):
     node = walk(ov, "d", "file")
     ino = node.ino
