@@ -261,6 +261,9 @@ class RofsOperations(Operations):
                                  *self._class(path))
         return proto.WRITE_OUT.pack(self.overlay.write(fh, offset, data), 0)
 
+    def fallocate(self, req, inode, fh, offset, length, mode):
+        self.overlay.fallocate(fh, offset, length, mode)
+
     # No flush(): rofs buffers nothing and leaves locks to the kernel, so ENOSYS tells
     # the kernel to stop sending FLUSH on every close().
 

@@ -45,6 +45,7 @@ from rofs._sys import (
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     add_inode_flags,
+    fallocate,
     get_inode_flags,
     malloc_trim,
     proc_path,
@@ -1845,6 +1846,13 @@ class Overlay:
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         return os.pwrite(self.handle(fh).fd, data, offset)
+
+    def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        """On a handle open for writing (the kernel checks), so on the upper copy."""
+        handle = self.handle(fh)
+        if handle.on_lower:
+            raise _err(errno.EBADF)
+        fallocate(handle.fd, mode, offset, length)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd = self.handle(fh).fd

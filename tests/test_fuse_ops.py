@@ -532,3 +532,21 @@ def test_lower_hard_link_met_after_copy_up_shares_the_copy(mounted, remount):
     with open(p(m, "passwd-hardlink"), "a") as f:
         f.write("via alias\n")
     assert read(p(m, "passwd")).endswith("via alias\n")
+
+
+def test_fallocate_reaches_the_upper_copy(m):
+    """posix_fallocate and fallocate's modes (pyfuse3 had no FALLOCATE: EOPNOTSUPP)."""
+    import ctypes
+    fd = os.open(p(m, "passwd"), os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, 1 << 20)
+        libc = ctypes.CDLL(None, use_errno=True)
+        punch = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+        assert libc.fallocate(fd, punch, ctypes.c_int64(0), ctypes.c_int64(4096)) == 0, \
+            os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    assert os.stat(p(m, "passwd")).st_size == 1 << 20
+    assert os.stat(upper(m, "passwd")).st_size == 1 << 20
+    assert readb(p(m, "passwd"))[:4096] == bytes(4096)
+    assert os.stat(os.path.join(m["lower"], "passwd")).st_size < 4096

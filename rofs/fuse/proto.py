@@ -125,6 +125,7 @@ STATFS_OUT = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree b
 IOCTL_IN = struct.Struct("<QIIQII")  # fh flags cmd arg in_size out_size
 IOCTL_OUT = struct.Struct("<iIII")  # result flags in_iovs out_iovs
 LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
+FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 LSEEK_OUT = struct.Struct("<Q")
 DIRENT = struct.Struct("<QQII")  # ino off namelen type
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
@@ -141,7 +142,8 @@ SIZES = {"fuse_in_header": IN_HEADER.size, "fuse_out_header": OUT_HEADER.size,
          "fuse_mknod_in": MKNOD_IN.size, "fuse_rename2_in": RENAME2_IN.size,
          "fuse_setxattr_in": SETXATTR_IN.size, "fuse_statfs_out": STATFS_OUT.size,
          "fuse_ioctl_in": IOCTL_IN.size, "fuse_ioctl_out": IOCTL_OUT.size,
-         "fuse_lseek_in": LSEEK_IN.size, "fuse_dirent": DIRENT.size,
+         "fuse_lseek_in": LSEEK_IN.size, "fuse_fallocate_in": FALLOCATE_IN.size,
+         "fuse_dirent": DIRENT.size,
          "fuse_notify_inval_inode_out": NOTIFY_INVAL_INODE_OUT.size,
          "fuse_notify_inval_entry_out": NOTIFY_INVAL_ENTRY_OUT.size,
          "fuse_notify_delete_out": NOTIFY_DELETE_OUT.size}

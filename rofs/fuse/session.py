@@ -536,6 +536,10 @@ class Session:
             return ops.ioctl(req, nodeid, fh, flags, cmd,
                              bytes(body[start:start + in_size]), out_size)
 
+        def fallocate(req, nodeid, body):
+            fh, offset, length, mode, _ = proto.FALLOCATE_IN.unpack_from(body)
+            return ops.fallocate(req, nodeid, fh, offset, length, mode)
+
         def lseek(req, nodeid, body):
             fh, offset, whence, _ = proto.LSEEK_IN.unpack_from(body)
             return ops.lseek(req, nodeid, fh, offset, whence)
@@ -552,7 +556,7 @@ class Session:
                  proto.OPENDIR: opendir, proto.READDIR: readdir,
                  proto.READDIRPLUS: readdirplus, proto.RELEASEDIR: releasedir,
                  proto.FSYNCDIR: fsyncdir, proto.ACCESS: access, proto.CREATE: create,
-                 proto.IOCTL: ioctl, proto.LSEEK: lseek}
+                 proto.IOCTL: ioctl, proto.LSEEK: lseek, proto.FALLOCATE: fallocate}
         # What the filesystem does not implement answers ENOSYS without decoding (but
         # FORGET is never answered).
         always = (proto.INIT, proto.FORGET, proto.BATCH_FORGET)
@@ -628,7 +632,7 @@ _METHOD = {proto.LOOKUP: "lookup", proto.FORGET: "forget", proto.BATCH_FORGET: "
            proto.READDIR: "readdir", proto.READDIRPLUS: "readdir",
            proto.RELEASEDIR: "releasedir", proto.FSYNCDIR: "fsyncdir",
            proto.ACCESS: "access", proto.CREATE: "create", proto.IOCTL: "ioctl",
-           proto.LSEEK: "lseek"}
+           proto.LSEEK: "lseek", proto.FALLOCATE: "fallocate"}
 _NAMES = {op: name.upper() for op, name in _METHOD.items()}
 _NAMES.update({proto.RENAME2: "RENAME2", proto.READDIRPLUS: "READDIRPLUS",
                proto.BATCH_FORGET: "BATCH_FORGET", proto.INIT: "INIT"})
