@@ -54,21 +54,30 @@ class Sizes:
     churn: int
     rounds: int
     many_files: int  # files walked by the memory pass (a tree of its own)
+    execs: int  # programs run by exec_read_loop
+    users: int  # useradd + userdel cycles
 
 
 FULL = Sizes(etc_copies=2, small_files=10_000, big_mib=256, big_dir=10_000, open_read=20_000,
              stats=20_000, passwd_cycles=300, copyup_small=1_000, churn=2_000, rounds=3,
-             many_files=100_000)
+             many_files=100_000, execs=300, users=10)
 QUICK = Sizes(etc_copies=1, small_files=300, big_mib=4, big_dir=300, open_read=300,
               stats=300, passwd_cycles=10, copyup_small=30, churn=30, rounds=1,
-              many_files=2_000)
+              many_files=2_000, execs=10, users=2)
+
+# The version of the lower tree's layout: a tree built by an older run.py is rebuilt.
+LAYOUT = "2: etc0 is an etckeeper-style git repo, sysroot/etc -> ../etc0"
 
 
 def _start_tree(root: str) -> bool:
     """Whether the tree at root must be built: False when a complete one is there (its
     `.complete` marker), else root is emptied and True."""
-    if os.path.exists(os.path.join(root, ".complete")):
-        return False
+    try:
+        with open(os.path.join(root, ".complete")) as f:
+            if f.read() == LAYOUT:
+                return False
+    except OSError:
+        pass
     if os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(root)
@@ -77,7 +86,7 @@ def _start_tree(root: str) -> bool:
 
 def _finish_tree(root: str) -> None:
     with open(os.path.join(root, ".complete"), "w") as f:
-        f.write("ok")
+        f.write(LAYOUT)
 
 
 def build_lower(root: str, sizes: Sizes) -> None:
@@ -86,6 +95,13 @@ def build_lower(root: str, sizes: Sizes) -> None:
     for i in range(sizes.etc_copies):
         subprocess.run(["cp", "-a", "--no-preserve=links", "/etc", os.path.join(root, "etc%d" % i)],
                        check=False, stderr=subprocess.DEVNULL)
+    # etckeeper's layout: /etc in git.  And a root for `useradd --prefix`.
+    etc = os.path.join(root, "etc0")
+    git(etc, "init", "-q")
+    git(etc, "add", "-A")
+    git(etc, "commit", "-q", "-m", "base")
+    os.makedirs(os.path.join(root, "sysroot"))
+    os.symlink("../etc0", os.path.join(root, "sysroot", "etc"))
     small = os.path.join(root, "small")
     for i in range(sizes.small_files):
         d = os.path.join(small, "d%02d" % (i % 50))
@@ -105,6 +121,12 @@ def build_lower(root: str, sizes: Sizes) -> None:
         for _ in range(sizes.big_mib):
             f.write(chunk)
     _finish_tree(root)
+
+
+def git(repo: str, *args: str) -> None:
+    subprocess.run(["git", "-C", repo, "-c", "user.name=bench", "-c", "user.email=b@bench",
+                    "-c", "core.fileMode=true", *args], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
 
 
 def build_many(root: str, files: int) -> None:
@@ -288,7 +310,8 @@ class RofsNoLog(Rofs):
 
     name = "rofs-nolog"
     options = ("--no-log",)
-    only = frozenset({"passwd_cycle", "copyup_small", "churn"})
+    only = frozenset({"passwd_cycle", "copyup_small", "churn", "etckeeper_commit",
+                      "useradd_cycle"})
 
 
 ALL_FS = [Native, KernelOverlay, FuseOverlayfs, UnionfsFuse, Rofs, RofsNoLog]
@@ -475,6 +498,41 @@ def churn(root: str, n: int) -> None:
         os.rmdir(q)
 
 
+# Admin work on an /etc copy (etc0), each step a real program.
+
+def quiet(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def exec_read_loop(root: str, n: int) -> None:
+    """What each exec of a small admin tool does to /etc: read passwd, group and
+    nsswitch.conf (the tool itself comes from the real root)."""
+    etc = os.path.join(root, "etc0")
+    files = [os.path.join(etc, f) for f in ("passwd", "group", "nsswitch.conf")]
+    for _ in range(n):
+        quiet("cat", *files)
+
+
+def find_cat(root: str) -> None:
+    quiet("find", os.path.join(root, "etc0"), "-path", "*/.git", "-prune", "-o", "-type",
+          "f", "-exec", "cat", "{}", "+")
+
+
+def etckeeper_commit(root: str) -> None:
+    etc = os.path.join(root, "etc0")
+    with open(os.path.join(etc, "motd"), "a") as f:
+        f.write("changed by the benchmark\n")
+    git(etc, "add", "-A")
+    git(etc, "commit", "-q", "-m", "change")
+
+
+def useradd_cycle(root: str, n: int) -> None:
+    sysroot = os.path.join(root, "sysroot")
+    for i in range(n):
+        quiet("useradd", "--prefix", sysroot, "benchuser%d" % i)
+        quiet("userdel", "--prefix", sysroot, "benchuser%d" % i)
+
+
 def two_processes(root: str, n: int) -> None:
     path = os.path.join(root, "passwd")
     with multiprocessing.get_context("fork").Pool(2) as pool:
@@ -543,6 +601,23 @@ def workloads(sizes: Sizes) -> list[Workload]:
                  run=lambda r, s, p: os.listdir(os.path.join(r, "bigdir"))),
         Workload("two_processes", "2 processes: open+read+close and stat, at once",
                  run=lambda r, s, p: two_processes(r, s.open_read), ops=2 * sizes.open_read),
+        # Admin work on the /etc copy.
+        Workload("exec_read_loop", "%d x exec of cat reading passwd, group, nsswitch.conf"
+                 % sizes.execs, prepare=lambda r, s: exec_read_loop(r, 1),
+                 run=lambda r, s, p: exec_read_loop(r, s.execs), ops=sizes.execs),
+        Workload("ls_lR_hot", "ls -lR of the /etc copy, second time",
+                 prepare=lambda r, s: quiet("ls", "-lR", os.path.join(r, "etc0")),
+                 run=lambda r, s, p: quiet("ls", "-lR", os.path.join(r, "etc0"))),
+        Workload("find_cat_hot", "find -type f -exec cat + over the /etc copy, second time",
+                 prepare=lambda r, s: find_cat(r), run=lambda r, s, p: find_cat(r)),
+        Workload("git_status_hot", "git status in the /etc git repo (etckeeper), second time",
+                 writable=True, prepare=lambda r, s: git(os.path.join(r, "etc0"), "status"),
+                 run=lambda r, s, p: git(os.path.join(r, "etc0"), "status")),
+        Workload("etckeeper_commit", "edit + git add -A + git commit in the /etc repo",
+                 writable=True, run=lambda r, s, p: etckeeper_commit(r)),
+        Workload("useradd_cycle", "%d x useradd + userdel (--prefix) in the /etc copy"
+                 % sizes.users, writable=True, run=lambda r, s, p: useradd_cycle(r, s.users),
+                 ops=sizes.users),
     ]
 
 
