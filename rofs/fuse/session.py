@@ -196,7 +196,6 @@ class Session:
         self._ready: collections.deque = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending = 0
         self._handlers = self._table()
 
     # ------------------------------------------------------------------ control
