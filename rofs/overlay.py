@@ -1787,14 +1787,20 @@ class Overlay:
         flags &= OPEN_KEEP_FLAGS
         reader = self._readers.get(id(node))
         if reader is not None and id(node) in self._idle:
-            if reader.on_lower and not node.upper:
-                self._check_files(uid)
-                del self._idle[id(node)]
+            # Out of the idle ones first, so that making room cannot close it.
+            del self._idle[id(node)]
+            if not reader.on_lower or node.upper:  # copied up since
+                self._close_file(reader, node)
+                reader = None
+            else:
+                try:
+                    self._check_files(uid)
+                except OSError:
+                    self._close_file(reader, node)
+                    raise
                 reader.uid = uid
                 self._fds_by_uid[uid] += 1
                 return self._handle(reader, node, flags, pid, uid)
-            self._close_idle(id(node))  # copied up since
-            reader = None
         if reader is not None and reader.on_lower == (not node.upper):
             return self._handle(reader, node, flags, pid, uid)
         self._check_files(uid)

@@ -93,6 +93,22 @@ def test_a_failure_after_the_copy_up_s_commit_point_leaves_memory_and_disk_agree
     assert ov.stats()["failures_after_commit"] == 1
 
 
+def test_reopening_an_idle_descriptor_when_descriptors_run_short(ov):
+    """Lower files closed by everyone keep their descriptor for the next open; at the
+    limit those go first, but the one being opened again is not evicted under itself
+    (it was, and the open failed with an internal error)."""
+    names = [b"passwd", b"shadow", b"big"]
+    nodes = [walk(ov, n) for n in names]
+    for node in nodes:
+        ov.release(ov.open_for_reading(node, os.O_RDONLY).fh)
+    assert ov.stats()["idle_fds"] == 3 and ov.stats()["file_fds"] == 0
+    ov.file_limit = len(ov._open_files)  # no room for another descriptor
+    handle = ov.open_for_reading(nodes[0], os.O_RDONLY)  # the oldest idle one
+    assert ov.read(handle.fh, 0, 5) == b"root:"
+    assert ov.stats()["file_fds"] == 1 and ov.stats()["idle_fds"] <= 2
+    ov.release(handle.fh)
+
+
 def test_copy_up_is_atomic_and_complete(ov):
     node = walk(ov, "d", "file")
     ino = node.ino
