@@ -73,9 +73,7 @@ def add_inode_flags(fd: int, flags: int) -> None:
     """Set `flags` besides the ones the inode has; nothing where the filesystem (or the
     caller's privilege) does not allow it."""
     try:
-        old = get_inode_flags(fd)
-        if old | flags != old:
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("I", old | flags) + bytes(4))
+        set_inode_flags(fd, get_inode_flags(fd) | flags)
     except OSError as e:
         if e.errno not in _NO_FLAGS + (errno.EPERM, errno.EACCES):
             raise

@@ -379,11 +379,13 @@ class Overlay:
         node.prot = flags & PROTECTION_FLAGS
 
     def _open_for_flags(self, node: Node) -> int:
-        target, is_fd = self._upper_target(node)
-        if is_fd:
-            return os.open(b"/proc/self/fd/%d" % target if isinstance(target, int) else target,
-                           os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        return os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        """A descriptor of the upper copy for the flag ioctls (which O_PATH cannot do)."""
+        target, follow = self._upper_target(node)
+        if isinstance(target, int):
+            target = b"/proc/self/fd/%d" % target
+        # follow: a /proc magic link to the object itself; else a name not to follow.
+        return os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC |
+                       (0 if follow else os.O_NOFOLLOW))
 
     def check_unprotected(self, *nodes: Node | None, appending: bool = False) -> None:
         """EPERM for a change to an immutable node, or to an append-only one unless the
