@@ -75,6 +75,13 @@ def open_listable(parent_fd: int | None, name: bytes) -> int:
                    dir_fd=parent_fd)
 
 
+def reopen_listable(dir_fd: int) -> bytes:
+    """The path that reopens directory descriptor dir_fd (an O_PATH one) for listing:
+    its /proc magic link, which needs no search permission on the directory (opening
+    "." through it would: a r-- directory could not be listed)."""
+    return b"/proc/self/fd/%d" % dir_fd
+
+
 def lstat_below(root_fd: int, path: tuple[bytes, ...]) -> os.stat_result | None:
     """lstat of root/path, walking one component at a time without following symlinks;
     None if it is not there."""
@@ -262,12 +269,7 @@ class LowerLayer:
 
     def open_dir(self, path: tuple[bytes, ...]) -> int:
         """A readable descriptor of the lower directory at `path` (for listing it)."""
-        if not path:
-            return self._open_root()
-        return self.open(path + (b".",), os.O_RDONLY | os.O_DIRECTORY)
-
-    def _open_root(self) -> int:
-        return open_noatime(b".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.root_fd)
+        return open_noatime(reopen_listable(self.dirfd(path)), os.O_RDONLY | os.O_DIRECTORY)
 
     def readlink(self, path: tuple[bytes, ...]) -> bytes:
         return os.readlink(path[-1], dir_fd=self.dirfd(path[:-1]))
@@ -275,7 +277,7 @@ class LowerLayer:
     def inode_flags(self, path: tuple[bytes, ...]) -> int:
         """The inode flags (chattr) of a lower regular file or directory; 0 if unknown."""
         try:
-            fd = self.open(path, os.O_RDONLY | os.O_NONBLOCK) if path else self._open_root()
+            fd = self.open(path, os.O_RDONLY | os.O_NONBLOCK) if path else self.open_dir(())
         except PermissionError:  # a daemon other than root, on a file it cannot read
             return 0
         try:

@@ -46,6 +46,8 @@ FSXATTR = struct.Struct("<IIIII8x")
 XFLAGS = ((0x10, 0x08), (0x20, 0x10), (0x08, 0x20), (0x80, 0x40), (0x40, 0x80))
 
 _NEGATIVE = proto.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
+# A READDIRPLUS entry without attributes (node id 0), for a name rofs cannot look up.
+NO_ENTRY = bytes(proto.ENTRY_OUT.size)
 
 
 _ENTRY = proto.ENTRY_OUT.pack
@@ -253,16 +255,32 @@ class RofsOperations(Operations):
         return self.overlay.read(fh, offset, size)
 
     def write(self, req, inode, fh, offset, data):
-        if fh not in self._written and self.writelog is not None:
-            self._written.add(fh)
-            handle = self.overlay.handle(fh)
-            path = self.overlay.path_of(handle.node)
-            self.writelog.record("write", handle.pid, handle.uid, path, None, "ok",
-                                 *self._class(path))
+        if fh not in self._written:
+            self._wrote(fh)
         return proto.WRITE_OUT.pack(self.overlay.write(fh, offset, data), 0)
+
+    def _wrote(self, fh: int) -> None:
+        """Log the first write through a handle (an open for writing is logged here)."""
+        if fh in self._written or self.writelog is None:
+            return
+        self._written.add(fh)
+        handle = self.overlay.handle(fh)
+        path = self.overlay.path_of(handle.node)
+        self.writelog.record("write", handle.pid, handle.uid, path, None, "ok",
+                             *self._class(path))
 
     def fallocate(self, req, inode, fh, offset, length, mode):
         self.overlay.fallocate(fh, offset, length, mode)
+
+    def lseek(self, req, inode, fh, offset, whence):
+        # Only SEEK_DATA and SEEK_HOLE come here (the kernel keeps the file position).
+        return proto.LSEEK_OUT.pack(self.overlay.lseek(fh, offset, whence))
+
+    async def copy_file_range(self, req, inode, fh_in, off_in, inode_out, fh_out, off_out,
+                              length, flags):
+        self._wrote(fh_out)
+        copied = await self.overlay.copy_file_range(fh_in, off_in, fh_out, off_out, length)
+        return proto.WRITE_OUT.pack(copied, 0)
 
     # No flush(): rofs buffers nothing and leaves locks to the kernel, so ENOSYS tells
     # the kernel to stop sending FLUSH on every close().
@@ -290,11 +308,23 @@ class RofsOperations(Operations):
                 break
             pad = b"\0" * (need - len(name) - proto.DIRENT.size -
                            (proto.ENTRY_OUT.size if plus else 0))
-            if plus:
+            attr = None
+            if node is not None and plus:
                 try:
                     attr = overlay.getattr(node)
+                except FileNotFoundError:
+                    continue  # removed since the listing was taken
                 except OSError:
-                    continue  # vanished since the listing was taken
+                    pass  # listed without attributes, as below
+            if node is None or (plus and attr is None):
+                # A name rofs cannot look up (EACCES in a r-- directory): listed with
+                # no attributes (node id 0: the kernel looks it up when asked, and gets
+                # the error then), type unknown, as a native filesystem lists it.
+                if plus:
+                    out.append(NO_ENTRY)
+                out.append(proto.DIRENT.pack(0 if node is None else node.ino, next_id,
+                                             len(name), 0))
+            elif plus:
                 out.append(entry_out(attr))
                 out.append(proto.DIRENT.pack(attr.ino, next_id, len(name), attr.mode >> 12))
                 overlay.remember(node)

@@ -63,6 +63,7 @@ from rofs.layers import (
     is_whiteout,
     open_dir_fd,
     open_listable,
+    reopen_listable,
 )
 from rofs.policy import Class, Policy
 
@@ -1634,7 +1635,7 @@ class Overlay:
                 up = self.upper_dirfd(node, layer, create=False)
             if up is None:
                 continue
-            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=up)
+            fd = os.open(reopen_listable(up), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 with os.scandir(fd) as entries:
                     for entry in entries:
@@ -1673,8 +1674,10 @@ class Overlay:
         self.dirs[dh] = DirHandle(node, uid)
         return dh
 
-    def readdir(self, dh: int, start: int) -> Iterator[tuple[int, bytes, Node]]:
-        """Entries from offset `start`: (next offset, name, node).
+    def readdir(self, dh: int, start: int) -> Iterator[tuple[int, bytes, Node | None]]:
+        """Entries from offset `start`: (next offset, name, node); node None for a name
+        that cannot be looked up (a r-- directory: EACCES), listed as a native
+        filesystem lists it, without attributes.
 
         The listing is a snapshot taken at the first read (and again on rewind), so
         concurrent creates and removals never shift offsets: nothing is returned twice
@@ -1693,7 +1696,10 @@ class Overlay:
             name = names[index]
             try:
                 node = self.lookup(handle.node, name)
+            except FileNotFoundError:
+                continue  # removed since the listing was taken
             except OSError:
+                yield index + 1, name, None
                 continue
             if node is not None:
                 yield index + 1, name, node
@@ -1861,6 +1867,22 @@ class Overlay:
         if handle.on_lower:
             raise _err(errno.EBADF)
         fallocate(handle.fd, mode, offset, length)
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE on the file underneath.  rofs reads and writes with
+        pread/pwrite, so moving a shared descriptor's position harms no one."""
+        return os.lseek(self.handle(fh).fd, offset, whence)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int) -> int:
+        """In the layers, on a worker thread (a big copy must not stall the loop).  The
+        destination is open for writing (the kernel checks), so it is an upper copy;
+        between filesystems the kernel answers EXDEV and falls back to its own copy."""
+        source, target = self.handle(fh_in), self.handle(fh_out)
+        if target.on_lower:
+            raise _err(errno.EBADF)
+        return await offload(os.copy_file_range, source.fd, target.fd, length, off_in,
+                             off_out)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd = self.handle(fh).fd

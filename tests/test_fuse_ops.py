@@ -550,3 +550,48 @@ def test_fallocate_reaches_the_upper_copy(m):
     assert os.stat(upper(m, "passwd")).st_size == 1 << 20
     assert readb(p(m, "passwd"))[:4096] == bytes(4096)
     assert os.stat(os.path.join(m["lower"], "passwd")).st_size < 4096
+
+
+def test_seek_data_and_hole_and_copy_file_range_reach_rofs(layers):
+    """SEEK_DATA/SEEK_HOLE see the holes of the file underneath (the kernel's own
+    fallback calls a whole file data), and copy_file_range is one request to rofs, which
+    copies in the layers, rather than a read and write loop through the daemon."""
+    from helpers import RofsProcess
+    sparse = os.path.join(layers["lower"], "sparse")
+    with open(sparse, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(2 << 20)
+        f.write(b"data" * 1024)
+    fd = os.open(sparse, os.O_RDONLY)
+    try:
+        data_at = os.lseek(fd, 0, os.SEEK_DATA)
+    finally:
+        os.close(fd)
+    if data_at == 0:
+        pytest.skip("the filesystem under the tests keeps no holes")
+    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"], args=("--debug",))
+    with proc:
+        fd = os.open(os.path.join(layers["mnt"], "sparse"), os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_DATA) == data_at
+            hole = os.lseek(fd, data_at, os.SEEK_HOLE)
+            assert data_at < hole < 4 << 20
+            with pytest.raises(OSError) as e:
+                os.lseek(fd, 4 << 20, os.SEEK_DATA)
+            assert e.value.errno == errno.ENXIO
+            out = os.open(os.path.join(layers["mnt"], "copy"),
+                          os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                copied = 0
+                while copied < 4 << 20:
+                    n = os.copy_file_range(fd, out, (4 << 20) - copied, copied, copied)
+                    assert n > 0
+                    copied += n
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+        assert readb(os.path.join(layers["mnt"], "copy")) == read_lower(sparse)
+    output = proc.output()
+    assert "lseek(" in output and "copy_file_range(" in output, output
+    assert "write(" not in output.split("copy_file_range(", 1)[1], output

@@ -25,6 +25,7 @@ KERNEL_SIZES = {
     "fuse_ioctl_in": 32,
     "fuse_ioctl_out": 16,
     "fuse_lseek_in": 24,
+    "fuse_copy_file_range_in": 56,
     "fuse_fallocate_in": 32,
     "fuse_dirent": 24,
     "fuse_notify_inval_inode_out": 24,

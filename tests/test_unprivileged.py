@@ -148,6 +148,7 @@ def test_unprivileged_mount(site):
     assert live["moved/sub/file"][2] == "deep\n"
     assert out["rename_lower_dir"] == "EXDEV" and out["mv_lower_dir"] == 0
     assert out["chown_to_root"] == "EPERM"
+    assert out["sealed_listing"] == ["inside"] and out["sealed_stat"] == "EACCES"
     assert out["trusted_xattr"] == "EPERM" and out["user_overlay_xattr"] == "ENOTSUP"
 
     diff = out["diff"].splitlines()

@@ -127,6 +127,15 @@ def first_session() -> None:
             os.path.join(MNT, "mine"), "trusted.overlay.opaque", b"y"))
         out["user_overlay_xattr"] = try_call(lambda: os.setxattr(
             os.path.join(MNT, "mine"), "user.overlay.opaque", b"y"))
+        # A directory its owner made r-- (no search): listed by name, as on any
+        # filesystem, though nothing in it can be stat'ed.
+        sealed = os.path.join(MNT, "sealed")
+        os.mkdir(sealed)
+        open(os.path.join(sealed, "inside"), "w").close()
+        os.chmod(sealed, 0o444)
+        out["sealed_listing"] = sorted(os.listdir(sealed))
+        out["sealed_stat"] = try_call(lambda: os.stat(os.path.join(sealed, "inside")))
+        os.chmod(sealed, 0o755)
         out["seen_live"] = seen()
         out["diff"] = rofs("diff", STATE).stdout
         out["revert"] = rofs("revert", os.path.join(MNT, "newlink")).stdout

@@ -127,6 +127,8 @@ IOCTL_OUT = struct.Struct("<iIII")  # result flags in_iovs out_iovs
 LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 LSEEK_OUT = struct.Struct("<Q")
+COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in off_in nodeid_out fh_out off_out
+#                                                 len flags
 DIRENT = struct.Struct("<QQII")  # ino off namelen type
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen flags
@@ -143,6 +145,7 @@ SIZES = {"fuse_in_header": IN_HEADER.size, "fuse_out_header": OUT_HEADER.size,
          "fuse_setxattr_in": SETXATTR_IN.size, "fuse_statfs_out": STATFS_OUT.size,
          "fuse_ioctl_in": IOCTL_IN.size, "fuse_ioctl_out": IOCTL_OUT.size,
          "fuse_lseek_in": LSEEK_IN.size, "fuse_fallocate_in": FALLOCATE_IN.size,
+         "fuse_copy_file_range_in": COPY_FILE_RANGE_IN.size,
          "fuse_dirent": DIRENT.size,
          "fuse_notify_inval_inode_out": NOTIFY_INVAL_INODE_OUT.size,
          "fuse_notify_inval_entry_out": NOTIFY_INVAL_ENTRY_OUT.size,

@@ -543,6 +543,12 @@ class Session:
             fh, offset, whence, _ = proto.LSEEK_IN.unpack_from(body)
             return ops.lseek(req, nodeid, fh, offset, whence)
 
+        def copy_file_range(req, nodeid, body):
+            fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = \
+                proto.COPY_FILE_RANGE_IN.unpack_from(body)
+            return ops.copy_file_range(req, nodeid, fh_in, off_in, nodeid_out, fh_out,
+                                       off_out, length, flags)
+
         table = {proto.INIT: init, proto.LOOKUP: lookup, proto.FORGET: forget,
                  proto.BATCH_FORGET: batch_forget, proto.GETATTR: getattr_,
                  proto.SETATTR: setattr_, proto.READLINK: readlink, proto.SYMLINK: symlink,
@@ -555,7 +561,8 @@ class Session:
                  proto.OPENDIR: opendir, proto.READDIR: readdir,
                  proto.READDIRPLUS: readdirplus, proto.RELEASEDIR: releasedir,
                  proto.FSYNCDIR: fsyncdir, proto.ACCESS: access, proto.CREATE: create,
-                 proto.IOCTL: ioctl, proto.LSEEK: lseek, proto.FALLOCATE: fallocate}
+                 proto.IOCTL: ioctl, proto.LSEEK: lseek, proto.FALLOCATE: fallocate,
+                 proto.COPY_FILE_RANGE: copy_file_range}
         # What the filesystem does not implement answers ENOSYS without decoding (but
         # FORGET is never answered).
         always = (proto.INIT, proto.FORGET, proto.BATCH_FORGET)
@@ -631,7 +638,8 @@ _METHOD = {proto.LOOKUP: "lookup", proto.FORGET: "forget", proto.BATCH_FORGET: "
            proto.READDIR: "readdir", proto.READDIRPLUS: "readdir",
            proto.RELEASEDIR: "releasedir", proto.FSYNCDIR: "fsyncdir",
            proto.ACCESS: "access", proto.CREATE: "create", proto.IOCTL: "ioctl",
-           proto.LSEEK: "lseek", proto.FALLOCATE: "fallocate"}
+           proto.LSEEK: "lseek", proto.FALLOCATE: "fallocate",
+           proto.COPY_FILE_RANGE: "copy_file_range"}
 _NAMES = {op: name.upper() for op, name in _METHOD.items()}
 _NAMES.update({proto.RENAME2: "RENAME2", proto.READDIRPLUS: "READDIRPLUS",
                proto.BATCH_FORGET: "BATCH_FORGET", proto.INIT: "INIT"})
