@@ -1009,9 +1009,9 @@ class Overlay:
             if is_dir and over_whiteout:
                 # Whatever the lower has under this name stays hidden.
                 layer.set_marker(work, tmp, self.markers.opaque, b"y")
+            st = os.stat(tmp, dir_fd=work, follow_symlinks=False)  # (rename keeps it)
             if over_whiteout and is_dir:
                 renameat2(work, tmp, up, name, RENAME_EXCHANGE)
-                os.unlink(tmp, dir_fd=work)
             elif over_whiteout:
                 renameat2(work, tmp, up, name, 0)
             else:
@@ -1019,7 +1019,12 @@ class Overlay:
         except BaseException:
             self._discard(tmp, layer)
             raise
-        st = os.stat(name, dir_fd=up, follow_symlinks=False)
+        # The commit point: the entry is in place; nothing below fails the request.
+        if over_whiteout and is_dir:
+            try:
+                os.unlink(tmp, dir_fd=work)  # the whiteout, swapped out
+            except OSError as e:  # left in the work dir, which the next mount empties
+                self._after_commit("mkdir of %r: %s" % (name, e))
         node = self.table.find_or_add(parent, name, st.st_mode, upper=True, lower=None,
                                       backing=(layer.tag, st.st_dev, st.st_ino))
         node.layer = None if layer is self.upper else layer
@@ -1447,12 +1452,20 @@ class Overlay:
             # now at the source name stays if the lower needs hiding there.
             renameat2(sup, src_name, dup, dst_name, RENAME_EXCHANGE)
             if not leave_whiteout:
-                os.unlink(src_name, dir_fd=sup)
+                try:
+                    os.unlink(src_name, dir_fd=sup)
+                except OSError as e:  # a whiteout hiding nothing: harmless
+                    self._after_commit("rename of %r: a whiteout stays: %s" % (src_name, e))
         else:
             renameat2(sup, src_name, dup, dst_name, RENAME_WHITEOUT if leave_whiteout else 0)
+        # The commit point: what follows does not fail the rename.
         if dst is not None:
             if dst.is_dir:
-                self._drop_mirrors(dst_parent, dst_name, layer)
+                try:
+                    self._drop_mirrors(dst_parent, dst_name, layer)
+                except OSError as e:
+                    self._after_commit("rename of %r over directory %r: entries of the "
+                                       "other class stay: %s" % (src_name, dst_name, e))
                 self._kill_dir(dst)
             self.table.remove_link(dst, dst_parent, dst_name)
         self.table.move_link(src, src_parent, src_name, dst_parent, dst_name)
@@ -1531,26 +1544,38 @@ class Overlay:
                     os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=work)
                 copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private, source,
                                  extra=extra)
+            new = os.stat(tmp, dir_fd=work, follow_symlinks=False)  # (rename keeps it)
             renameat2(work, tmp, dup, dst_name, 0)  # over a file or a whiteout, if any
         except BaseException:
             self._discard(tmp, layer)
             raise
-        new = os.stat(dst_name, dir_fd=dup, follow_symlinks=False)
-        if self._lower_has(src_parent, src_name):
-            tmp = old.temp_name()
-            old.make_whiteout(old.work_fd, tmp)
-            try:
-                renameat2(old.work_fd, tmp, sup, src_name, 0)
-            except BaseException:
-                self._discard(tmp, old)
-                raise
-        else:
-            os.unlink(src_name, dir_fd=sup)
+        # The commit point: the destination holds the file.  The source name goes now;
+        # if it cannot, it stays (a copy, seen at the next lookup: the kernel moves its
+        # entry to the destination) and the rename still succeeded.
+        try:
+            self._remove_source(old, sup, src_parent, src_name)
+        except OSError as e:
+            self._after_commit("rename of %r to %r across classes: the source name stays: "
+                               "%s" % (src_name, dst_name, e))
         if dst is not None:
             self.table.remove_link(dst, dst_parent, dst_name)
         self.table.move_link(src, src_parent, src_name, dst_parent, dst_name)
         src.layer = None if layer is self.upper else layer
         self.table.rebind(src, (layer.tag, new.st_dev, new.st_ino))
+
+    def _remove_source(self, layer: UpperLayer, up: int, parent: Node, name: bytes) -> None:
+        """Remove the name of a file moved to the other layer, leaving a whiteout if the
+        lower has something under that name."""
+        if not self._lower_has(parent, name):
+            os.unlink(name, dir_fd=up)
+            return
+        tmp = layer.temp_name()
+        layer.make_whiteout(layer.work_fd, tmp)
+        try:
+            renameat2(layer.work_fd, tmp, up, name, 0)
+        except BaseException:
+            self._discard(tmp, layer)
+            raise
 
     def _check_rename(self, src: Node, src_parent: Node, dst: Node | None,
                       dst_parent: Node, exchange: bool) -> None:

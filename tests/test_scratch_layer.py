@@ -192,3 +192,29 @@ def test_big_file_moves_across_classes_off_the_event_loop(site):
     with RofsProcess(str(mnt), str(state), str(lower), ("--policy", str(policy))):
         with open(mnt / "big-kept", "rb") as f:
             assert f.read() == data
+
+
+def test_a_move_across_classes_that_cannot_remove_its_source_still_succeeds(site):
+    """Past its commit point (the copy renamed over the destination) a rename does not
+    fail: the kernel would be told "failed" for a change that is on disk.  The source
+    name that cannot be removed stays (a copy), and the daemon says so."""
+    lower, mnt, state = site
+    m = str(mnt)
+    policy = mnt.parent / "policy"
+    write(policy, "scratch %s/var\n" % m)
+    proc = RofsProcess(m, str(state), str(lower), ("--policy", str(policy)))
+    sealed = None
+    with proc:
+        write(mnt / "var" / "cache" / "nshadow", "new shadow\n")
+        (found,) = [d for d, _, names in os.walk(state) if "nshadow" in names]
+        sealed = found
+        subprocess.run(["chattr", "+i", sealed], check=True)
+        try:
+            os.rename(mnt / "var" / "cache" / "nshadow", mnt / "shadow")
+            assert read(mnt / "shadow") == "new shadow\n"
+            assert read(mnt / "var" / "cache" / "nshadow") == "new shadow\n"
+        finally:
+            subprocess.run(["chattr", "-i", sealed], check=True)
+    assert "the change itself is done" in proc.output(), proc.output()
+    with RofsProcess(m, str(state), str(lower), ("--policy", str(policy))):
+        assert read(mnt / "shadow") == "new shadow\n"
