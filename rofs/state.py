@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass, field
 
 from rofs import copyup
-from rofs._sys import RENAME_WHITEOUT, proc_path, renameat2
+from rofs._sys import RENAME_WHITEOUT, open_read_only_tree, proc_path, renameat2
 from rofs.layers import Markers, UpperLayer, remove_path
 
 FORMAT_VERSION = 1
@@ -288,7 +288,13 @@ def prepare(state: str, mountpoint: str, lower: str,
     created: list[str] = []
     lower_fd = upper_fd = work_fd = index_fd = lock_fd = -1
     try:
+        # Through a read-only, noatime clone of its mount where allowed (root), so the
+        # kernel itself keeps the lower unchanged; else the directory itself.
         lower_fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        clone = open_read_only_tree(proc_path(lower_fd))
+        if clone is not None:
+            os.close(lower_fd)
+            lower_fd = clone
         if not os.path.exists(state):
             os.mkdir(state, 0o700)
             created.append(state)

@@ -595,3 +595,34 @@ def test_seek_data_and_hole_and_copy_file_range_reach_rofs(layers):
     output = proc.output()
     assert "lseek(" in output and "copy_file_range(" in output, output
     assert "write(" not in output.split("copy_file_range(", 1)[1], output
+
+
+def test_the_daemon_reaches_the_lower_through_a_read_only_noatime_mount(m):
+    """rofs reaches the lower through a private clone of its mount made read-only and
+    noatime: the kernel itself refuses any write there, whatever rofs's code does with
+    a lower descriptor, and no read touches an atime."""
+    pid = m["proc"].proc.pid
+    lower = os.path.realpath(m["lower"])
+    os.stat(p(m, "d", "file"))  # a lower directory opened below the root too
+    reached = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        link = "/proc/%d/fd/%s" % (pid, fd)
+        try:
+            st = os.stat(link)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_dev != os.stat(lower).st_dev:
+            continue
+        if not os.path.exists(os.path.join(link, "passwd")) and \
+                not os.path.exists(os.path.join(link, "file")):
+            continue  # a directory of the state, not of the lower
+        if os.path.samestat(st, os.stat(m["state"])) or \
+                os.readlink(link).startswith(os.path.realpath(m["state"])):
+            continue
+        reached += 1
+        with pytest.raises(OSError) as e:
+            os.mkdir(os.path.join(link, "never"))
+        assert e.value.errno == errno.EROFS, link
+        assert os.statvfs(link).f_flag & (os.ST_RDONLY | os.ST_NOATIME) == \
+            os.ST_RDONLY | os.ST_NOATIME, link
+    assert reached >= 2
