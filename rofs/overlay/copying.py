@@ -1,0 +1,219 @@
+"""Copy-up: a lower object's copy made complete in the work dir, then renamed into place."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+from rofs import copyup
+from rofs._sys import FS_APPEND_FL, FS_IMMUTABLE_FL, RENAME_NOREPLACE, add_inode_flags, renameat2
+from rofs.fuse import Event, offload
+from rofs.inodes import Node
+from rofs.layers import UpperLayer
+from rofs.overlay.base import COPIED_FLAGS, INLINE_COPY, PROTECTION_FLAGS, _err, _index_key
+
+log = logging.getLogger(__name__)
+
+
+class CopyUp:
+    """Overlay's copy-up (a part of class Overlay, rofs/overlay/__init__.py,
+    whose state every method here uses)."""
+
+    # ---------------------------------------------------------------- copy-up
+
+    async def copy_up(self, node: Node, *, data_limit: int | None = None) -> None:
+        """Give `node` (and its parents) an upper copy, once, atomically.
+
+        `data_limit` bounds the bytes copied (a truncate or O_TRUNC needs fewer or none).
+        """
+        while not node.upper:
+            if node.is_dir:
+                self._ensure_dir_upper(node)
+                return
+            pending = self._copying.get(node.ino)
+            if pending is not None:
+                await pending.wait()
+                continue
+            if not node.links:
+                raise _err(errno.ENOENT)
+            done = Event()
+            self._copying[node.ino] = done
+            try:
+                await self._copy_up_file(node, data_limit)
+            finally:
+                del self._copying[node.ino]
+                done.set()
+
+    def _ensure_dir_upper(self, node: Node) -> None:
+        """Copy up directory `node` (and what it needs above it) in its own layer."""
+        if not node.upper:
+            self.upper_dirfd(node)
+
+    def _copy_up_dir(self, node: Node) -> None:
+        parent, name = node.links[0]
+        layer = self._lay(node)
+        st = self.lower.stat(node.lower)
+        work = layer.work_fd
+        tmp = layer.temp_name()
+        flags = self._lower_flags(node)
+        os.mkdir(tmp, 0o700, dir_fd=work)
+        try:
+            copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
+                             self.lower.xattr_path(node.lower),
+                             extra={self.markers.ino: b"%d" % node.ino,
+                                    **self._protattr(flags)})
+            if flags & COPIED_FLAGS:
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=work)
+                try:
+                    add_inode_flags(fd, flags & COPIED_FLAGS)
+                finally:
+                    os.close(fd)
+            new = os.stat(tmp, dir_fd=work, follow_symlinks=False)
+            renameat2(work, tmp, self.upper_dirfd(parent, layer), name, RENAME_NOREPLACE)
+        except BaseException:
+            self._discard(tmp, layer)
+            raise
+        node.upper = True
+        self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
+
+    def _lower_flags(self, node: Node) -> int:
+        """The lower inode flags of a regular file or directory about to be copied up
+        (its protection is known from then on)."""
+        flags = self.lower.inode_flags(node.lower)
+        node.prot = flags & PROTECTION_FLAGS
+        return flags
+
+    def _protattr(self, flags: int) -> dict[bytes, bytes]:
+        """The protattr marker of a copy-up, if the lower object is protected."""
+        value = (b"a" if flags & FS_APPEND_FL else b"") + \
+            (b"i" if flags & FS_IMMUTABLE_FL else b"")
+        return {self.markers.protattr: value} if value else {}
+
+    async def _copy_up_file(self, node: Node, data_limit: int | None) -> None:
+        st = self.lower.stat(node.lower)
+        layer = self._lay(node)
+        work = layer.work_fd
+        tmp = layer.temp_name()
+        # A lower hard link also goes to the index, so that its lower names not known yet
+        # find this copy when they are looked up (like overlayfs index=on).
+        index = layer.index_fd
+        key = _index_key(st) if st.st_nlink > 1 and index is not None else None
+        extra = {self.markers.ino: b"%d %s" % (node.ino, key) if key else b"%d" % node.ino}
+        indexed = False
+        try:
+            if stat.S_ISREG(st.st_mode):
+                flags = self._lower_flags(node)
+                extra.update(self._protattr(flags))
+                await self._copy_regular(node, st, tmp, data_limit, extra, layer,
+                                         flags & COPIED_FLAGS)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(self.lower.readlink(node.lower), tmp, dir_fd=work)
+                copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
+                                 self.lower.xattr_path(node.lower), extra=extra)
+            else:
+                os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=work)
+                copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
+                                 self.lower.xattr_path(node.lower), extra=extra)
+            # From here on synchronous: the names and parents we use are current.
+            if not node.links:
+                raise _err(errno.ENOENT)
+            links = list(node.links)
+            first_parent, first_name = links[0]
+            unknown = st.st_nlink - len(links)
+            if key is not None and unknown > 0:
+                layer.set_marker(work, tmp, self.markers.nlink, b"%d" % unknown)
+                try:
+                    os.link(tmp, key, src_dir_fd=work, dst_dir_fd=index)
+                except FileExistsError:  # left by a crash: the new copy replaces it
+                    os.unlink(key, dir_fd=index)
+                    os.link(tmp, key, src_dir_fd=work, dst_dir_fd=index)
+                indexed = True
+            renameat2(work, tmp, self.upper_dirfd(first_parent, layer), first_name,
+                      RENAME_NOREPLACE)
+        except BaseException:
+            if indexed:
+                os.unlink(key, dir_fd=index)
+            self._discard(tmp, layer)
+            raise
+        # The commit point: the copy is in place.  From here on nothing raises (memory and
+        # disk would disagree, and a retry would find the name taken); what fails is
+        # logged and counted.
+        if indexed:
+            node.index_key, node.nlink_delta = key, unknown
+        node.upper = True
+        try:
+            new = os.stat(first_name, dir_fd=self.upper_dirfd(first_parent, layer),
+                          follow_symlinks=False)
+            self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
+        except OSError as e:
+            self._after_commit("copy-up of %r: stat: %s" % (first_name, e))
+        # Lower hard links known under several names stay one inode: link them all (the
+        # names of the same layer: a link cannot cross layers).
+        for parent, name in links[1:]:
+            if self.layer_for(parent, name) is not layer:
+                continue
+            try:
+                os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent, layer),
+                        dst_dir_fd=self.upper_dirfd(parent, layer), follow_symlinks=False)
+            except OSError as e:
+                self._after_commit("copy-up of %r: its name %r stays the lower file's "
+                                   "after a remount: %s" % (first_name, name, e))
+        try:
+            self._repoint_readers(node)
+        except OSError as e:
+            self._after_commit("copy-up of %r: open readers: %s" % (first_name, e))
+
+    def _after_commit(self, message: str) -> None:
+        """A failure after a change was committed to disk: the change stands."""
+        self.failures_after_commit += 1
+        log.error("%s (the change itself is done)", message)
+
+    async def _copy_regular(self, node: Node, st: os.stat_result, tmp: bytes,
+                            data_limit: int | None, extra: dict[bytes, bytes],
+                            layer: UpperLayer, flags: int) -> None:
+        size = st.st_size if data_limit is None else min(st.st_size, data_limit)
+        src = self.lower.open(node.lower) if size else -1
+        try:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=layer.work_fd)
+            try:
+                if size > INLINE_COPY:
+                    await offload(copyup.copy_data, src, dst, size)
+                elif size:
+                    copyup.copy_data(src, dst, size)
+                # Metadata after the data: writing drops file capabilities.
+                copyup.copy_meta(st, dst, self.markers.is_private,
+                                 self.lower.xattr_path(node.lower), extra=extra)
+                if flags:
+                    add_inode_flags(dst, flags)
+                await offload(os.fsync, dst)
+            finally:
+                os.close(dst)
+        finally:
+            if src >= 0:
+                os.close(src)
+
+    def _repoint_readers(self, node: Node) -> None:
+        """Read-only handles opened before the copy-up now read the upper copy (an idle
+        descriptor is closed instead)."""
+        if id(node) in self._idle:
+            self._close_idle(id(node))
+        for fd in node.open_fds:
+            file = self._open_files.get(fd)
+            if file is None or not file.on_lower:
+                continue
+            parent, name = node.links[0]
+            new = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=self.upper_dirfd(parent, self._lay(node)))
+            os.dup2(new, fd, inheritable=False)
+            os.close(new)
+            file.on_lower = False
+
+    def _discard(self, tmp: bytes, layer: UpperLayer | None = None) -> None:
+        layer = layer or self.upper
+        try:
+            layer.remove_tree(layer.work_fd, tmp)
+        except OSError as e:
+            log.warning("could not remove work file %r: %s", tmp, e)

@@ -1,0 +1,193 @@
+"""Open files: descriptors shared and kept idle, reads, writes, fsync."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from rofs._sys import fallocate
+from rofs.fuse import offload
+from rofs.inodes import NO_FDS, Node
+from rofs.overlay.base import IDLE_READERS, OPEN_KEEP_FLAGS, FileHandle, OpenFile, _err
+
+log = logging.getLogger(__name__)
+
+
+class Files:
+    """Overlay's open files (a part of class Overlay, rofs/overlay/__init__.py,
+    whose state every method here uses)."""
+
+    # ----------------------------------------------------------------- files
+
+    def _check_files(self, uid: int) -> None:
+        """ENFILE when a new open file would take a descriptor this caller may not have
+        (users other than root stop short of a reserve that is root's, and each of them
+        at a share of the rest)."""
+        limit = self.file_limit if uid == 0 else self.user_file_limit
+        while self._idle and len(self._open_files) >= limit:
+            self._close_idle(next(iter(self._idle)))
+        if len(self._open_files) >= limit:
+            raise _err(errno.ENFILE)
+        if uid != 0 and self._fds_by_uid[uid] >= self.uid_file_limit:
+            raise _err(errno.ENFILE)
+
+    def _register(self, fd: int, node: Node, flags: int, on_lower: bool, pid: int,
+                  uid: int, shared: bool = False) -> FileHandle:
+        file = OpenFile(fd, on_lower, shared, uid)
+        self._open_files[fd] = file
+        self._fds_by_uid[uid] += 1
+        if shared:
+            self._readers[id(node)] = file
+        if not node.open_fds:
+            node.open_fds = set()
+        node.open_fds.add(fd)
+        return self._handle(file, node, flags, pid, uid)
+
+    def _handle(self, file: OpenFile, node: Node, flags: int, pid: int,
+                uid: int) -> FileHandle:
+        file.users += 1
+        handle = FileHandle(next(self._fhs), file, node, flags, pid, uid)
+        self.files[handle.fh] = handle
+        return handle
+
+    def open_for_reading(self, node: Node, flags: int, pid: int = 0,
+                         uid: int = 0) -> FileHandle:
+        """open() without O_WRONLY, O_RDWR or O_TRUNC: synchronous (no copy-up)."""
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        flags &= OPEN_KEEP_FLAGS
+        reader = self._readers.get(id(node))
+        if reader is not None and id(node) in self._idle:
+            # Out of the idle ones first, so that making room cannot close it.
+            del self._idle[id(node)]
+            if not reader.on_lower or node.upper:  # copied up since
+                self._close_file(reader, node)
+                reader = None
+            else:
+                try:
+                    self._check_files(uid)
+                except OSError:
+                    self._close_file(reader, node)
+                    raise
+                reader.uid = uid
+                self._fds_by_uid[uid] += 1
+                return self._handle(reader, node, flags, pid, uid)
+        if reader is not None and reader.on_lower == (not node.upper):
+            return self._handle(reader, node, flags, pid, uid)
+        self._check_files(uid)
+        return self._open(node, flags, pid, uid, False)
+
+    async def open(self, node: Node, flags: int, pid: int = 0, uid: int = 0) -> FileHandle:
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if not writing:
+            return self.open_for_reading(node, flags, pid, uid)
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        flags &= OPEN_KEEP_FLAGS
+        self._check_files(uid)
+        self.check_writable(node)
+        self.check_unprotected(node, appending=flags & os.O_APPEND and
+                               not flags & os.O_TRUNC)
+        if not node.upper:
+            await self.copy_up(node, data_limit=0 if flags & os.O_TRUNC else None)
+        return self._open(node, flags, pid, uid, True)
+
+    def _open(self, node: Node, flags: int, pid: int, uid: int, writing: bool) -> FileHandle:
+        # Read-only opens with no flag that changes how reads behave share a descriptor.
+        share = not writing and not flags & ~os.O_ACCMODE and id(node) not in self._readers
+        if node.upper:
+            fd = self._open_upper(node, flags)
+            return self._register(fd, node, flags, False, pid, uid, share)
+        fd = self.lower.open(node.lower, flags & ~os.O_TRUNC)
+        return self._register(fd, node, flags, True, pid, uid, share)
+
+    def _open_upper(self, node: Node, flags: int) -> int:
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+        if node.links:
+            parent, name = node.links[0]
+            return os.open(name, flags, dir_fd=self.upper_dirfd(parent, self._lay(node)))
+        # unlinked, reopened through /proc/PID/fd
+        for fd in (*node.open_fds, node.keep_fd):
+            if fd >= 0:
+                return os.open(b"/proc/self/fd/%d" % fd, flags & ~os.O_NOFOLLOW)
+        raise _err(errno.ENOENT)
+
+    def handle(self, fh: int) -> FileHandle:
+        handle = self.files.get(fh)
+        if handle is None:
+            raise _err(errno.EBADF)
+        return handle
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self.handle(fh).fd, size, offset)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return os.pwrite(self.handle(fh).fd, data, offset)
+
+    def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        """On a handle open for writing (the kernel checks), so on the upper copy."""
+        handle = self.handle(fh)
+        if handle.on_lower:
+            raise _err(errno.EBADF)
+        fallocate(handle.fd, mode, offset, length)
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE on the file underneath.  rofs reads and writes with
+        pread/pwrite, so moving a shared descriptor's position harms no one."""
+        return os.lseek(self.handle(fh).fd, offset, whence)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int) -> int:
+        """In the layers, on a worker thread (a big copy must not stall the loop).  The
+        destination is open for writing (the kernel checks), so it is an upper copy;
+        between filesystems the kernel answers EXDEV and falls back to its own copy."""
+        source, target = self.handle(fh_in), self.handle(fh_out)
+        if target.on_lower:
+            raise _err(errno.EBADF)
+        return await offload(os.copy_file_range, source.fd, target.fd, length, off_in,
+                             off_out)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.handle(fh).fd
+        await offload(os.fdatasync if datasync else os.fsync, fd)
+
+    def release(self, fh: int) -> None:
+        handle = self.files.pop(fh, None)
+        if handle is None:
+            return
+        file, node = handle.file, handle.node
+        file.users -= 1
+        if file.users:
+            return
+        self._fds_by_uid[file.uid] -= 1
+        if not self._fds_by_uid[file.uid]:
+            del self._fds_by_uid[file.uid]
+        if file.shared and file.on_lower and node.links and \
+                self._readers.get(id(node)) is file:
+            self._idle[id(node)] = (file, node)
+            if len(self._idle) > IDLE_READERS:
+                self._close_idle(next(iter(self._idle)))
+            return
+        self._close_file(file, node)
+
+    def _close_idle(self, key: int) -> None:
+        file, node = self._idle.pop(key)
+        self._close_file(file, node)
+
+    def _close_file(self, file: OpenFile, node: Node) -> None:
+        if file.shared and self._readers.get(id(node)) is file:
+            del self._readers[id(node)]
+        del self._open_files[file.fd]
+        node.open_fds.discard(file.fd)
+        if not node.open_fds:
+            node.open_fds = NO_FDS
+        os.close(file.fd)
+        self.table.maybe_drop(node)
+
+    def close(self) -> None:
+        for fh in list(self.files):
+            self.release(fh)
+        while self._idle:
+            self._close_idle(next(iter(self._idle)))
+        self.fds.close()

@@ -1,0 +1,512 @@
+"""Lookup and the view: nodes, attributes, xattrs, listings."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+
+from rofs import acl, copyup
+from rofs._sys import malloc_trim, proc_path
+from rofs.fuse import offload
+from rofs.inodes import Node
+from rofs.layers import UpperLayer, getxattr_or_none, is_whiteout, open_dir_fd, reopen_listable
+from rofs.overlay.base import (
+    NAME_MAX,
+    TRIM_AFTER_NAMES,
+    Attr,
+    DirHandle,
+    Listing,
+    _err,
+    _index_key,
+    _parse_ino,
+    _parse_int,
+)
+
+log = logging.getLogger(__name__)
+
+
+class View:
+    """Overlay's lookup and the view (a part of class Overlay, rofs/overlay/__init__.py,
+    whose state every method here uses)."""
+
+    # ------------------------------------------------------------------ nodes
+
+    def node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None:
+            raise _err(errno.ESTALE)
+        return node
+
+    def upper_dirfd(self, node: Node, layer: UpperLayer | None = None, *,
+                    create: bool = True) -> int | None:
+        """Descriptor of directory `node` in an upper layer (default: its own).
+
+        With `create`, what is missing on the way is made: a directory whose own layer
+        this is gets copied up; in the other layer, a plain directory (a "mirror") is
+        made to hold entries of that layer's class.  Without `create`, None when the
+        directory is not in that layer.
+        """
+        if layer is None:
+            layer = self._lay(node)
+        if node is self.root:
+            return layer.root_fd
+        tag = layer.tag
+        fd = self.fds.get((tag, node.ino))
+        if fd is not None:
+            return fd
+        chain = []
+        current = node
+        while True:
+            chain.append(current)
+            parent = current.parent()
+            if parent is None:
+                raise _err(errno.ENOENT)
+            if parent is self.root:
+                fd = layer.root_fd
+                break
+            fd = self.fds.get((tag, parent.ino))
+            if fd is not None:
+                break
+            current = parent
+        for current in reversed(chain):
+            name = current.links[0][1]
+            try:
+                fd = open_dir_fd(fd, name)
+            except OSError as e:
+                # Not there, or (in the other layer) not a directory: no mirror.
+                if not create and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    return None
+                if e.errno != errno.ENOENT:
+                    raise
+                if self._lay(current) is layer:
+                    if current.upper:
+                        raise
+                    self._copy_up_dir(current)
+                else:
+                    self._make_mirror(fd, name, current)
+                fd = open_dir_fd(fd, name)
+            self.fds.put((tag, current.ino), fd)
+        return fd
+
+    def _make_mirror(self, parent_fd: int, name: bytes, node: Node) -> None:
+        """A plain directory with node's owner and mode, in a layer that is not node's
+        own, to hold entries of that layer's class.  Never merged or shown by itself."""
+        st = self._stat(node)
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+        copyup.chown(name, st.st_uid, st.st_gid, dir_fd=parent_fd, follow_symlinks=False)
+        os.chmod(proc_path(parent_fd, name), stat.S_IMODE(st.st_mode))
+
+    def lookup(self, parent: Node, name: bytes) -> Node | None:
+        """The node `name` in `parent`, or None.  Does not take a kernel reference."""
+        node = self.table.dentries.get((parent.ino, name))
+        if node is not None:
+            return node
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return parent.parent() or self.root
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        return self._resolve(parent, name)
+
+    def _resolve(self, parent: Node, name: bytes) -> Node | None:
+        layer = self.layer_for(parent, name)
+        if layer is self._lay(parent):
+            up = self.upper_dirfd(parent) if parent.upper else None
+        else:
+            up = self.upper_dirfd(parent, layer, create=False)
+        if up is not None:
+            st = layer.try_stat(up, name)
+            if st is not None:
+                if is_whiteout(st):
+                    return None
+                path = proc_path(up, name)
+                recorded, key = _parse_ino(getxattr_or_none(path, self.markers.ino))
+                lower = self._merged_lower(parent, name, path) if stat.S_ISDIR(
+                    st.st_mode) else None
+                node = self.table.find_or_add(
+                    parent, name, st.st_mode, upper=True, lower=lower,
+                    backing=(layer.tag, st.st_dev, st.st_ino), recorded=recorded)
+                node.layer = None if layer is self.upper else layer
+                if key is not None:
+                    self._load_index(node, key, st, layer)
+                return node
+        if parent.lower is None:
+            return None
+        try:
+            st = os.stat(name, dir_fd=self.lower.dirfd(parent.lower), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        index = layer.index_fd
+        if st.st_nlink > 1 and index is not None and not stat.S_ISDIR(st.st_mode):
+            key = _index_key(st)
+            if layer.try_stat(index, key) is not None:
+                try:
+                    self._materialize(parent, name, key, layer)
+                except OSError as e:
+                    # Still reachable, with its lower content, under its own number.
+                    log.warning("cannot link %r to its copied-up hard link: %s", name, e)
+                else:
+                    return self._resolve(parent, name)
+        node = self.table.find_or_add(parent, name, st.st_mode, upper=False,
+                                      lower=parent.lower + (name,),
+                                      backing=("L", st.st_dev, st.st_ino))
+        if not node.upper:
+            node.layer = None if layer is self.upper else layer
+        return node
+
+    def _merged_lower(self, parent: Node, name: bytes,
+                      upper_path: bytes) -> tuple[bytes, ...] | None:
+        """The lower directory an upper directory merges with, following the markers."""
+        if getxattr_or_none(upper_path, self.markers.opaque) == b"y":
+            return None
+        redirect = getxattr_or_none(upper_path, self.markers.redirect)
+        if redirect is not None:
+            if redirect.startswith(b"/"):
+                path = tuple(c for c in redirect.split(b"/") if c)
+            elif parent.lower is not None:
+                path = parent.lower + (redirect,)
+            else:
+                return None
+        elif parent.lower is not None:
+            path = parent.lower + (name,)
+        else:
+            return None
+        st = self.lower.try_stat(path)
+        return path if st is not None and stat.S_ISDIR(st.st_mode) else None
+
+    def _load_index(self, node: Node, key: bytes, st: os.stat_result,
+                    layer: UpperLayer) -> None:
+        """An upper entry recorded as a copied-up lower hard link: is its index entry
+        (still) the same inode?  Then its lower names not yet in the upper count too."""
+        if layer.index_fd is None:
+            return
+        entry = layer.try_stat(layer.index_fd, key)
+        if entry is None or entry.st_ino != st.st_ino:
+            node.index_key = None
+            return
+        node.index_key = key
+        node.nlink_delta = _parse_int(getxattr_or_none(proc_path(layer.index_fd, key),
+                                                       self.markers.nlink))
+
+    def _materialize(self, parent: Node, name: bytes, key: bytes, layer: UpperLayer) -> None:
+        """A lower name of a copied-up hard link, met for the first time: link the upper
+        copy (kept in the index) under this name, so it stays one inode.  When no lower
+        name is left outside the upper layer, the index entry is no longer needed."""
+        index = layer.index_fd
+        os.link(key, name, src_dir_fd=index, dst_dir_fd=self.upper_dirfd(parent, layer),
+                follow_symlinks=False)
+        path = proc_path(index, key)
+        ino = _parse_ino(getxattr_or_none(path, self.markers.ino))[0]
+        remaining = _parse_int(getxattr_or_none(path, self.markers.nlink)) - 1
+        if remaining > 0:
+            os.setxattr(path, self.markers.nlink, b"%d" % remaining, follow_symlinks=False)
+        else:
+            os.removexattr(path, self.markers.nlink, follow_symlinks=False)
+            os.unlink(key, dir_fd=index)
+        node = self.table.get(ino or 0)
+        if node is not None and node.index_key == key:
+            node.nlink_delta = max(remaining, 0)
+            if remaining <= 0:
+                node.index_key = None
+
+    def remember(self, node: Node, count: int = 1) -> None:
+        """The kernel took `count` references to node (lookup, create, readdirplus)."""
+        node.lookups += count
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.table.get(ino)
+        if node is None or node is self.root:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self.table.maybe_drop(node)
+
+    def trim(self) -> None:
+        """After a batch of forgets: hand memory back to the system when the node table
+        shrank a lot (the freed tables and nodes would otherwise stay in the heap)."""
+        if self.table.shrink():
+            malloc_trim()
+
+    # ------------------------------------------------------------- attributes
+
+    def _stat(self, node: Node) -> os.stat_result:
+        if node is self.root:
+            return os.fstat(self.upper.root_fd)
+        if not node.links and node.keep_fd >= 0:
+            return os.fstat(node.keep_fd)
+        if node.upper:
+            if node.links:
+                parent, name = node.links[0]
+                return os.stat(name, dir_fd=self.upper_dirfd(parent, self._lay(node)),
+                               follow_symlinks=False)
+            if node.open_fds:
+                return os.fstat(next(iter(node.open_fds)))
+            raise _err(errno.ENOENT)
+        if node.lower is not None:
+            return self.lower.stat(node.lower)
+        raise _err(errno.ENOENT)
+
+    def getattr(self, node: Node) -> Attr:
+        st = self._stat(node)
+        nlink = st.st_nlink
+        if node.is_dir:
+            if node.upper and node.lower is not None:
+                nlink = 1  # like overlayfs: counting subdirs of a merge is not worth it
+        elif not node.links:
+            nlink = 0
+        elif node.index_key is not None:
+            # the index holds one link; lower names not yet linked in the upper count
+            nlink = max(1, nlink - 1 + node.nlink_delta)
+        return Attr(st, node.ino, nlink, node.generation)
+
+    def readlink(self, node: Node) -> bytes:
+        if not stat.S_ISLNK(node.mode):
+            raise _err(errno.EINVAL)
+        if node.target is None:
+            if node.upper:
+                if not node.links:
+                    raise _err(errno.ENOENT)
+                parent, name = node.links[0]
+                node.target = os.readlink(name, dir_fd=self.upper_dirfd(parent,
+                                                                         self._lay(node)))
+            else:
+                node.target = self.lower.readlink(node.lower)
+        return node.target
+
+    def statfs(self) -> os.statvfs_result:
+        # Like overlayfs: the upper layer's filesystem is where new data goes.
+        return os.statvfs(self.upper.root_fd)
+
+    async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None,
+                      atime_ns: int | None = None, mtime_ns: int | None = None,
+                      fh: int | None = None, times_now: bool = False) -> Attr:
+        self.check_writable(node)
+        if any(v is not None for v in (mode, uid, gid, size)):
+            self.check_unprotected(node)
+        elif atime_ns is not None or mtime_ns is not None:
+            # An append-only object's times may be set to now (touch), not to a given
+            # time (touch -d), as the kernel has it.
+            self.check_unprotected(node, appending=times_now)
+        if any(v is not None for v in (mode, uid, gid, size, atime_ns, mtime_ns)):
+            await self.copy_up(node, data_limit=size)
+            target, follow = self._upper_target(node, fh)
+            if size is not None:
+                if node.is_dir:
+                    raise _err(errno.EISDIR)
+                os.truncate(target, size)
+            if uid is not None or gid is not None:
+                os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
+                         follow_symlinks=follow)
+            if mode is not None and not stat.S_ISLNK(node.mode):
+                os.chmod(target, stat.S_IMODE(mode))
+            if atime_ns is not None or mtime_ns is not None:
+                if atime_ns is None or mtime_ns is None:
+                    st = self._stat(node)
+                    atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                    mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+                os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=follow)
+        return self.getattr(node)
+
+    def _upper_target(self, node: Node, fh: int | None = None) -> tuple[bytes | int, bool]:
+        """How to reach an upper node for chmod/chown/xattrs: (path, False) or (fd, True)."""
+        handle = self.files.get(fh) if fh is not None else None
+        if handle is not None and handle.node is node and not handle.on_lower:
+            return handle.fd, True
+        if node is self.root:
+            return proc_path(self.upper.root_fd), True
+        if node.links:
+            parent, name = node.links[0]
+            return proc_path(self.upper_dirfd(parent, self._lay(node)), name), False
+        if node.open_fds:
+            return next(iter(node.open_fds)), True
+        if node.keep_fd >= 0:
+            return b"/proc/self/fd/%d" % node.keep_fd, True
+        raise _err(errno.ENOENT)
+
+    def _any_target(self, node: Node) -> tuple[bytes | int, bool]:
+        if node.upper or node.keep_fd >= 0:
+            return self._upper_target(node)
+        return self.lower.xattr_path(node.lower), False
+
+    # ----------------------------------------------------------------- xattrs
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        if self.markers.is_private(name):
+            raise _err(errno.ENOTSUP)
+        target, follow = self._any_target(node)
+        try:
+            return os.getxattr(target, name, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno == errno.ENOTSUP and name in acl.NAMES:
+                # A lower filesystem without ACLs: none set.  (EOPNOTSUPP would fail
+                # every permission check the kernel makes.)
+                raise _err(errno.ENODATA) from None
+            raise
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        target, follow = self._any_target(node)
+        names = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
+        return [n for n in names if not self.markers.is_private(n)]
+
+    async def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
+        self.check_writable(node)
+        self.check_unprotected(node)
+        if self.markers.is_private(name):
+            raise _err(errno.ENOTSUP)
+        await self.copy_up(node)
+        target, follow = self._upper_target(node)
+        os.setxattr(target, name, value, flags, follow_symlinks=follow)
+
+    async def removexattr(self, node: Node, name: bytes) -> None:
+        self.check_writable(node)
+        self.check_unprotected(node)
+        if self.markers.is_private(name):
+            raise _err(errno.ENOTSUP)
+        if not node.upper:
+            self.getxattr(node, name)  # ENODATA before any copy-up
+        await self.copy_up(node)
+        target, follow = self._upper_target(node)
+        os.removexattr(target, name, follow_symlinks=follow)
+
+    # ------------------------------------------------------------- listing
+
+    def list_names(self, node: Node) -> list[bytes]:
+        """The merged directory listing: upper names (minus whiteouts), then the lower
+        names the upper does not hide."""
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        names: list[bytes] = []
+        hidden: set[bytes] = set()
+        home = self._lay(node)
+        base = self.path_of(node) if self.scratch_layer is not None else None
+        for layer in self._layers():
+            if layer is home:
+                up = self.upper_dirfd(node) if node.upper else None
+            else:
+                up = self.upper_dirfd(node, layer, create=False)
+            if up is None:
+                continue
+            fd = os.open(reopen_listable(up), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        name = os.fsencode(entry.name)
+                        if base is not None and self._class_layer(base + (name,)) \
+                                is not layer:
+                            continue  # an entry of the other class's layer decides
+                        hidden.add(name)
+                        if not (entry.is_dir(follow_symlinks=False) or
+                                entry.is_file(follow_symlinks=False) or
+                                entry.is_symlink()) and is_whiteout(
+                                    entry.stat(follow_symlinks=False)):
+                            continue
+                        names.append(name)
+            finally:
+                os.close(fd)
+        if node.lower is not None:
+            try:
+                fd = self.lower.open_dir(node.lower)
+            except (FileNotFoundError, NotADirectoryError):
+                return names
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        name = os.fsencode(entry.name)
+                        if name not in hidden:
+                            names.append(name)
+            finally:
+                os.close(fd)
+        return names
+
+    def opendir(self, node: Node, uid: int = 0) -> int:
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        dh = next(self._dir_ids)
+        self.dirs[dh] = DirHandle(node, uid)
+        return dh
+
+    def readdir(self, dh: int, start: int) -> Iterator[tuple[int, bytes, Node | None]]:
+        """Entries from offset `start`: (next offset, name, node); node None for a name
+        that cannot be looked up (a r-- directory: EACCES), listed as a native
+        filesystem lists it, without attributes.
+
+        The listing is a snapshot taken at the first read (and again on rewind), so
+        concurrent creates and removals never shift offsets: nothing is returned twice
+        or skipped.  Names removed since the snapshot are left out.  Handles that start
+        a pass while no name changed anywhere share one snapshot, so holding many
+        handles open on a big directory costs one listing; distinct listings held for
+        users other than root are bounded (LISTING_BUDGET names, a quarter of it for one
+        user: past it, ENOMEM).
+        """
+        handle = self.dirs[dh]
+        if handle.listing is None or (start == 0 and handle.served):
+            self._take_listing(handle)
+        handle.served = True
+        names = handle.listing.names
+        for index in range(start, len(names)):
+            name = names[index]
+            try:
+                node = self.lookup(handle.node, name)
+            except FileNotFoundError:
+                continue  # removed since the listing was taken
+            except OSError:
+                yield index + 1, name, None
+                continue
+            if node is not None:
+                yield index + 1, name, node
+
+    def _take_listing(self, handle: DirHandle) -> None:
+        node = handle.node
+        listing = self._listings.get(node.ino)
+        if listing is None or listing.generation != self.generation:
+            names = tuple(self.list_names(node))
+            uid = handle.uid
+            if uid != 0 and (
+                    self.listed_names + len(names) > self.listing_budget or
+                    self._listed_by_uid[uid] + len(names) > self.listing_budget // 4):
+                raise _err(errno.ENOMEM)
+            listing = Listing(names, self.generation, uid)
+            self._listings[node.ino] = listing
+            self.listed_names += len(names)
+            self._listed_by_uid[uid] += len(names)
+        listing.users += 1  # first: the handle may hold this very listing already
+        self._drop_listing(handle)
+        handle.listing = listing
+
+    def _drop_listing(self, handle: DirHandle) -> None:
+        listing, handle.listing = handle.listing, None
+        if listing is None:
+            return
+        listing.users -= 1
+        if listing.users:
+            return
+        self.listed_names -= len(listing.names)
+        self._listed_by_uid[listing.uid] -= len(listing.names)
+        if not self._listed_by_uid[listing.uid]:
+            del self._listed_by_uid[listing.uid]
+        if self._listings.get(handle.node.ino) is listing:
+            del self._listings[handle.node.ino]
+        if len(listing.names) >= TRIM_AFTER_NAMES:
+            del listing
+            malloc_trim()  # give a big listing's memory back to the system
+
+    def releasedir(self, dh: int) -> None:
+        handle = self.dirs.pop(dh, None)
+        if handle is not None:
+            self._drop_listing(handle)
+
+    async def fsyncdir(self, node: Node, datasync: bool) -> None:
+        if not node.upper:
+            return
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                     dir_fd=self.upper_dirfd(node))
+        try:
+            await offload(os.fdatasync if datasync else os.fsync, fd)
+        finally:
+            os.close(fd)
