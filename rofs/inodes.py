@@ -259,15 +259,17 @@ def _same_object(node: Node, backing: tuple) -> bool:
 
     An upper inode number is only unique while the inode lives: once all names of an
     upper object are gone the filesystem may give its number to a new object, while the
-    kernel may still hold the old node.  A lower object never goes away, and an indexed
-    hard link lives on in the index, so those stay the same object.
+    kernel may still hold the old node.  A lower object never goes away, an indexed
+    hard link lives on in the index, and an object rofs holds a descriptor of lives on
+    too (its number cannot be reused): those stay the same object.
     """
     if node.backing != backing:
         return False
-    return bool(node.links) or backing[0] == "L" or node.index_key is not None
+    return bool(node.links) or backing[0] == "L" or node.index_key is not None or \
+        bool(node.open_fds) or node.keep_fd >= 0
 
 
 def _reused(node: Node, backing: tuple) -> bool:
     """A deleted upper object whose inode number the filesystem now uses again."""
     return (node.backing == backing and backing[0] == "U" and not node.links
-            and not node.open_fds and node.index_key is None)
+            and not node.open_fds and node.keep_fd < 0 and node.index_key is None)

@@ -626,3 +626,19 @@ def test_the_daemon_reaches_the_lower_through_a_read_only_noatime_mount(m):
         assert os.statvfs(link).f_flag & (os.ST_RDONLY | os.ST_NOATIME) == \
             os.ST_RDONLY | os.ST_NOATIME, link
     assert reached >= 2
+
+
+def test_a_descriptor_counts_the_names_its_file_has_left(m):
+    """Unlinking one name of a lower hard link (copied up and indexed): the other name,
+    not looked up yet, still counts, and is the same inode when looked up, as on kernel
+    overlayfs with index=on (rofs said 0, then gave the other name a number of its own)."""
+    fd = os.open(p(m, "passwd"), os.O_RDONLY)
+    try:
+        os.unlink(p(m, "passwd"))
+        assert os.fstat(fd).st_nlink == 1
+        assert os.stat(p(m, "passwd-hardlink")).st_nlink == 1
+        assert os.fstat(fd).st_ino == os.stat(p(m, "passwd-hardlink")).st_ino
+        os.unlink(p(m, "passwd-hardlink"))
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)

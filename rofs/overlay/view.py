@@ -257,11 +257,12 @@ class View:
         if node.is_dir:
             if node.upper and node.lower is not None:
                 nlink = 1  # like overlayfs: counting subdirs of a merge is not worth it
-        elif not node.links:
-            nlink = 0
         elif node.index_key is not None:
             # the index holds one link; lower names not yet linked in the upper count
-            nlink = max(1, nlink - 1 + node.nlink_delta)
+            # (so a file with no known name left may still have names rofs has not seen)
+            nlink = max(1 if node.links else 0, nlink - 1 + node.nlink_delta)
+        elif not node.links:
+            nlink = 0
         return Attr(st, node.ino, nlink, node.generation)
 
     def readlink(self, node: Node) -> bytes:
