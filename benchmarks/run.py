@@ -314,7 +314,15 @@ class RofsNoLog(Rofs):
                       "useradd_cycle"})
 
 
-ALL_FS = [Native, KernelOverlay, FuseOverlayfs, UnionfsFuse, Rofs, RofsNoLog]
+class RofsNoOpen(Rofs):
+    """rofs --no-open: the kernel opens files itself (FUSE no_open), so a cached
+    open+read+close costs no request; every workload."""
+
+    name = "rofs-noopen"
+    options = ("--no-open",)
+
+
+ALL_FS = [Native, KernelOverlay, FuseOverlayfs, UnionfsFuse, Rofs, RofsNoOpen, RofsNoLog]
 
 
 def ensure_peers(wanted: list[str] | None) -> list[str]:
@@ -810,10 +818,12 @@ def print_table(data: dict) -> None:
                 r["median_s"], r["min_s"], r["max_s"],
                 "x%.2f" % ratio if ratio is not None else ""))
         print(line)
-    if "rofs" in names:
-        print("\nrofs vs peers (their time / rofs time; >= 1 means rofs is as fast or faster):")
+    for ours in ("rofs", "rofs-noopen"):
+        if ours not in names:
+            continue
+        print("\n%s vs peers (their time / its time; >= 1 means as fast or faster):" % ours)
         for row in data["workloads"]:
-            r = row["results"].get("rofs")
+            r = row["results"].get(ours)
             if not r:
                 continue
             parts = ["%s %.2f" % (ref, r["ratio_to_" + ref]) for ref in
@@ -823,17 +833,18 @@ def print_table(data: dict) -> None:
                 parts.append("with the write log %.2fx the time without" % r["log_cost"])
             print("  %-18s %s%s" % (row["workload"], ", ".join(parts),
                                     "  (daemon CPU %.3fs)" % cpu if cpu is not None else ""))
-        if any(r["results"].get("rofs", {}).get("fuse_requests") for r in data["workloads"]):
-            fuse_names = [n for n in names if n in ("fuse-overlayfs", "unionfs-fuse", "rofs")]
-            print("\nFUSE requests per operation (untimed pass):")
-            print("%-18s" % "workload" + "".join("%16s" % n for n in fuse_names))
-            for row in data["workloads"]:
-                line = "%-18s" % row["workload"]
-                for n in fuse_names:
-                    req = row["results"].get(n, {}).get("fuse_requests")
-                    line += "%16s" % ("-" if not req else "%.2f%s" % (
-                        req["per_op"], "+" if req["overflowed"] else ""))
-                print(line)
+    if any(r["results"].get("rofs", {}).get("fuse_requests") for r in data["workloads"]):
+        fuse_names = [n for n in names if n in ("fuse-overlayfs", "unionfs-fuse", "rofs",
+                                                "rofs-noopen")]
+        print("\nFUSE requests per operation (untimed pass):")
+        print("%-18s" % "workload" + "".join("%16s" % n for n in fuse_names))
+        for row in data["workloads"]:
+            line = "%-18s" % row["workload"]
+            for n in fuse_names:
+                req = row["results"].get(n, {}).get("fuse_requests")
+                line += "%16s" % ("-" if not req else "%.2f%s" % (
+                    req["per_op"], "+" if req["overflowed"] else ""))
+            print(line)
     if data["peak_rss_kib"]:
         print("\npeak daemon RSS: " + ", ".join("%s %d MiB" % (k, v // 1024)
                                                 for k, v in data["peak_rss_kib"].items()))

@@ -25,7 +25,7 @@ def cell(row: dict, name: str) -> str:
     ratio = r.get("ratio_to_native")
     if name != "native" and ratio is not None and row["workload"] not in NO_RATIO:
         text += " x%.2f" % ratio
-    if name == "rofs" and r.get("ratio_to_fuse-overlayfs", 0) >= 1:
+    if name.startswith("rofs") and r.get("ratio_to_fuse-overlayfs", 0) >= 1:
         text = "**%s**" % text
     return text
 
@@ -39,17 +39,22 @@ def main(argv: list[str]) -> int:
     print("|---|" + "---|" * len(names))
     for row in data["workloads"]:
         print("| %s | %s |" % (row["workload"], " | ".join(cell(row, n) for n in names)))
-    ratios = sorted(((row["results"]["rofs"].get("ratio_to_fuse-overlayfs"), row["workload"])
-                     for row in data["workloads"] if "rofs" in row["results"]),
-                    key=lambda x: -(x[0] or 0))
-    print("\nrofs against fuse-overlayfs (their time / rofs time): " + ", ".join(
-        ("**%s %.2f**" if r >= 1 else "%s %.2f") % (w, r) for r, w in ratios if r))
+    for ours in ("rofs", "rofs-noopen"):
+        for ref in ("fuse-overlayfs", "kernel-overlayfs"):
+            ratios = sorted(((row["results"][ours].get("ratio_to_" + ref), row["workload"])
+                             for row in data["workloads"] if ours in row["results"]),
+                            key=lambda x: -(x[0] or 0))
+            if any(r for r, _ in ratios):
+                print("\n%s against %s (their time / %s time): %s" % (
+                    ours, ref, ours, ", ".join(("**%s %.2f**" if r >= 1 else "%s %.2f") %
+                                               (w, r) for r, w in ratios if r)))
     costs = [(row["workload"], row["results"]["rofs"]["log_cost"]) for row in data["workloads"]
              if "log_cost" in row["results"].get("rofs", {})]
     if costs:
         print("\nThe write log's cost (rofs time / rofs --no-log time): " + ", ".join(
             "%s %.2f" % c for c in costs))
-    fuse = [n for n in names if n in ("fuse-overlayfs", "unionfs-fuse", "rofs")]
+    fuse = [n for n in names if n in ("fuse-overlayfs", "unionfs-fuse", "rofs",
+                                      "rofs-noopen")]
     if any(row["results"].get("rofs", {}).get("fuse_requests") for row in data["workloads"]):
         print("\n| workload | %s |" % " | ".join(fuse))
         print("|---|" + "---|" * len(fuse))

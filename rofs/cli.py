@@ -81,13 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-log", action="store_true",
                         help="do not keep the write log (who changed what, in "
                         "STATEDIR/.rofs/log/; see `rofs report`)")
+    parser.add_argument("--no-open", action="store_true",
+                        help="let the kernel open files without asking rofs (FUSE "
+                        "no_open): opening a file costs no request, so cached reads run "
+                        "at nearly native speed; but a write to a read-only path fails "
+                        "at write(2), not open(2) (docs/performance.md)")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground and log to stderr")
     parser.add_argument("--debug", action="store_true", help="log every request (slow)")
     parser.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append",
                         default=[], help="mount options: rofs's own as in fstab (state=DIR, "
                         "or upperdir=DIR,workdir=DIR like the kernel's overlay; lowerdir=DIR, "
-                        "policy=FILE, rwtab[=DIR], default=CLASS, scratch=DIR, nolog, "
+                        "policy=FILE, rwtab[=DIR], default=CLASS, scratch=DIR, nolog, noopen, "
                         "userxattr: user.overlay.* markers in a new state dir, the default "
                         "when not root; redirect_dir=on|follow|nofollow|off as the kernel's: "
                         "all but on make renaming a directory with lower content EXDEV; "
@@ -336,6 +341,8 @@ def apply_mount_options(args: argparse.Namespace) -> list[str]:
             setattr(args, OPTION_ARGS[key], value)
         elif key == "nolog":
             args.no_log = True
+        elif key == "noopen":
+            args.no_open = True
         elif key == "userxattr":
             args.userxattr = True
         elif key == "redirect_dir":
@@ -442,7 +449,8 @@ def validate(args: argparse.Namespace):
     return Config(mountpoint=mountpoint, lower=lower, state=state,
                   foreground=args.foreground, debug=args.debug, fuse_options=options,
                   policy=rules, write_log=not args.no_log, scratch=scratch,
-                  overlay=overlay, userxattr=args.userxattr, redirects=args.redirects)
+                  overlay=overlay, userxattr=args.userxattr, redirects=args.redirects,
+                  no_open=args.no_open)
 
 
 def _use_c_allocator(argv: list[str]) -> None:

@@ -26,7 +26,7 @@ from rofs import fuse as fuse_channel
 from rofs.fuse import mount as fuse_mount
 from rofs.layers import Markers, UpperLayer, lstat_below
 from rofs.names import count, quote, quote_path
-from rofs.ops import WANT, RofsOperations
+from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
 from rofs.policy import BUILT_IN_SOURCE, Policy
 from rofs.writelog import WriteLog
@@ -55,6 +55,8 @@ class Config:
     # -o redirect_dir=: False makes directory renames that need a redirect EXDEV (as the
     # kernel without redirect_dir=on); None: as the markers allow (trusted: redirects).
     redirects: bool | None = None
+    # -o noopen: the kernel opens files without asking (FUSE no_open); see ops.py.
+    no_open: bool = False
 
 
 class MountError(Exception):
@@ -316,7 +318,8 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         sd_notify("READY=1\nMAINPID=%d\nSTATUS=serving %s" % (os.getpid(),
                                                               config.mountpoint))
 
-    ops = RofsOperations(overlay, on_ready=live, writelog=writelog, policy=config.policy)
+    ops = RofsOperations(overlay, on_ready=live, writelog=writelog, policy=config.policy,
+                         no_open=config.no_open)
     try:
         fd = fuse_mount.mount(config.mountpoint, fuse_options(config))
     except fuse_mount.MountError as e:
@@ -330,7 +333,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                     "and fusermount3 does the mount)" % os.geteuid())
         raise MountError("cannot mount %s: %s%s" % (config.mountpoint, e, hint)) from None
     fault = os.environ.get("ROFS_FAULT_NAME")
-    session = fuse_channel.Session(fd, ops, want=WANT,
+    session = fuse_channel.Session(fd, ops, want=ops.want,
                                    fault_name=os.fsencode(fault) if fault else None)
     log.info("mounted %s (lower %s, upper %s)", quote(config.mountpoint),
              quote(config.lower), quote(prepared.upper_path))

@@ -12,6 +12,7 @@ it must invalidate; the core overlay never does.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -28,6 +29,7 @@ from rofs.writelog import WriteLog
 log = logging.getLogger(__name__)
 
 TIMEOUT = 365 * 24 * 3600
+WRITTEN_BY = 4096  # with no_open: (file, process) pairs whose first write was logged
 
 # What rofs asks the kernel for at INIT (each only if the kernel offers it).
 WANT = (proto.ASYNC_READ | proto.ATOMIC_O_TRUNC | proto.EXPORT_SUPPORT | proto.BIG_WRITES
@@ -87,13 +89,23 @@ class RofsOperations(Operations):
     opendir_flags = proto.FOPEN_CACHE_DIR | proto.FOPEN_KEEP_CACHE
 
     def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None, *,
-                 writelog: WriteLog | None = None, policy: Policy | None = None) -> None:
+                 writelog: WriteLog | None = None, policy: Policy | None = None,
+                 no_open: bool = False) -> None:
         super().__init__()
         self.overlay = overlay
         self.writelog = writelog
         self.policy = policy or Policy()
         self._written: set[int] = set()  # file handles whose first write was logged
+        # With no_open: (inode, pid) whose first write was logged, the newest last.
+        self._written_by: collections.OrderedDict[tuple[int, int], None] = \
+            collections.OrderedDict()
         self._on_ready = on_ready
+        # no_open (-o noopen): OPEN answers ENOSYS, after which the kernel opens files
+        # itself and never sends OPEN or RELEASE again; reads and writes then come with
+        # file handle 0 and go to the node's own descriptors (Overlay.node_handle).  An
+        # O_TRUNC then arrives as a SETATTR (so no ATOMIC_O_TRUNC).
+        self.no_open = no_open
+        self.want = WANT & ~proto.ATOMIC_O_TRUNC if no_open else WANT
 
     def init(self, conn: dict) -> None:
         # The kernel's INIT arrived: the mount now answers requests.
@@ -230,6 +242,8 @@ class RofsOperations(Operations):
     # ------------------------------------------------------------------ files
 
     def open(self, req, inode, flags):
+        if self.no_open:
+            raise FuseError(errno.ENOSYS)
         node = self._node(inode)
         if flags & os.O_TRUNC or flags & os.O_ACCMODE != os.O_RDONLY:
             return self._open_writing(req, node, flags)
@@ -252,12 +266,34 @@ class RofsOperations(Operations):
         return self._reply_new(node) + open_out(handle.fh)
 
     def read(self, req, inode, fh, offset, size):
-        return self.overlay.read(fh, offset, size)
+        return self.overlay.read(self._handle_of(inode, fh), offset, size)
 
-    def write(self, req, inode, fh, offset, data):
-        if fh not in self._written:
+    def write(self, req, inode, fh, offset, data, flags=0):
+        if not fh:
+            node = self._node(inode)
+            handle = self.overlay.writable_node_handle(node)
+            if handle is None:  # a copy-up or a check first: keep the data
+                return self._write_through_node(req, node, offset, bytes(data), flags)
+            fh = handle.fh
+            self._wrote_node(req, node)
+        elif fh not in self._written:
             self._wrote(fh)
         return proto.WRITE_OUT.pack(self.overlay.write(fh, offset, data), 0)
+
+    async def _write_through_node(self, req, node, offset, data, flags):
+        handle = await self._node_writer(req, node, appending=bool(flags & os.O_APPEND))
+        return proto.WRITE_OUT.pack(self.overlay.write(handle.fh, offset, data), 0)
+
+    async def _node_writer(self, req, node, appending=False):
+        """With no_open: the node's handle for writing, after what an open for writing
+        would have checked and done (a refusal is logged as a failed "open"); the
+        process's first write to it logged."""
+        handle = self.overlay.writable_node_handle(node)
+        if handle is None:
+            with self._change("open", req, node, only_failures=True):
+                handle = await self.overlay.open_node_for_writing(node, appending=appending)
+        self._wrote_node(req, node)
+        return handle
 
     def _wrote(self, fh: int) -> None:
         """Log the first write through a handle (an open for writing is logged here)."""
@@ -269,16 +305,46 @@ class RofsOperations(Operations):
         self.writelog.record("write", handle.pid, handle.uid, path, None, "ok",
                              *self._class(path))
 
+    def _wrote_node(self, req, node) -> None:
+        """With no_open: log the first write of each process to a file (the most recent
+        WRITTEN_BY ones are remembered)."""
+        if self.writelog is None:
+            return
+        key = (node.ino, req.pid)
+        if key in self._written_by:
+            self._written_by.move_to_end(key)
+            return
+        self._written_by[key] = None
+        if len(self._written_by) > WRITTEN_BY:
+            self._written_by.popitem(last=False)
+        path = self.overlay.path_of(node)
+        self.writelog.record("write", req.pid, req.uid, path, None, "ok", *self._class(path))
+
+    def _handle_of(self, inode, fh) -> int:
+        """The handle to read by: the kernel's, or with no_open (handle 0) the node's."""
+        return fh or self.overlay.node_handle(self._node(inode)).fh
+
     def fallocate(self, req, inode, fh, offset, length, mode):
+        if not fh:
+            return self._fallocate_node(req, self._node(inode), offset, length, mode)
         self.overlay.fallocate(fh, offset, length, mode)
+
+    async def _fallocate_node(self, req, node, offset, length, mode):
+        handle = await self._node_writer(req, node)
+        self.overlay.fallocate(handle.fh, offset, length, mode)
 
     def lseek(self, req, inode, fh, offset, whence):
         # Only SEEK_DATA and SEEK_HOLE come here (the kernel keeps the file position).
+        fh = self._handle_of(inode, fh)
         return proto.LSEEK_OUT.pack(self.overlay.lseek(fh, offset, whence))
 
     async def copy_file_range(self, req, inode, fh_in, off_in, inode_out, fh_out, off_out,
                               length, flags):
-        self._wrote(fh_out)
+        fh_in = self._handle_of(inode, fh_in)
+        if fh_out:
+            self._wrote(fh_out)
+        else:
+            fh_out = (await self._node_writer(req, self._node(inode_out))).fh
         copied = await self.overlay.copy_file_range(fh_in, off_in, fh_out, off_out, length)
         return proto.WRITE_OUT.pack(copied, 0)
 
@@ -290,6 +356,11 @@ class RofsOperations(Operations):
         self.overlay.release(fh)
 
     async def fsync(self, req, inode, fh, datasync):
+        if not fh:
+            handle = self.overlay.fsync_handle(self._node(inode))
+            if handle is None:
+                return  # never written through this mount: nothing of it to sync
+            fh = handle.fh
         await self.overlay.fsync(fh, datasync)
 
     # ------------------------------------------------------------ directories

@@ -56,6 +56,8 @@ def wait_daemon_gone(state: str, timeout: float = 15) -> None:
 
 
 def mount_rofs(state: str, *args: str) -> None:
+    # $ROFS_SCENARIO_ARGS: more options for every mount (the --no-open run).
+    args += tuple(os.environ.get("ROFS_SCENARIO_ARGS", "").split())
     result = subprocess.run(ROFS + ["/etc", "--state", state, *args], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr

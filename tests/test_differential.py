@@ -399,10 +399,19 @@ class UserxattrOverlayVsKernel(OverlayVsKernel):
                                                                             their_links)
 
 
-for machine in (OverlayVsKernel, ScratchOverlayVsKernel, UserxattrOverlayVsKernel):
+class NoOpenOverlayVsKernel(OverlayVsKernel):
+    """The same with `--no-open`: the kernel opens files itself, and reads and writes
+    reach rofs by node (copy-up at the first write)."""
+
+    ROFS_ARGS = ("--no-open",)
+
+
+for machine in (OverlayVsKernel, ScratchOverlayVsKernel, UserxattrOverlayVsKernel,
+                NoOpenOverlayVsKernel):
     machine.TestCase.settings = settings(
         max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
         suppress_health_check=list(HealthCheck), derandomize=os.environ.get("CI") == "true")
 test_overlay_vs_kernel = OverlayVsKernel.TestCase
 test_scratch_overlay_vs_kernel = ScratchOverlayVsKernel.TestCase
 test_userxattr_overlay_vs_kernel = UserxattrOverlayVsKernel.TestCase
+test_no_open_overlay_vs_kernel = NoOpenOverlayVsKernel.TestCase

@@ -30,10 +30,12 @@ def test_scenario_refuses_the_real_mount_namespace(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_passwd_useradd_and_friends_on_rofs_etc(tmp_path):
+@pytest.mark.parametrize("options", ["", "--no-open"])
+def test_passwd_useradd_and_friends_on_rofs_etc(tmp_path, options):
     result = subprocess.run(
         ["unshare", "-m", "--propagation", "private", sys.executable, SCRIPT, str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=caller_env())
+        capture_output=True, text=True, timeout=600,
+        env={**caller_env(), "ROFS_SCENARIO_ARGS": options})
     print(result.stdout)
     print(result.stderr, file=sys.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

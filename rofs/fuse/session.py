@@ -463,9 +463,9 @@ class Session:
             return ops.read(req, nodeid, fh, offset, size)
 
         def write(req, nodeid, body):
-            fh, offset, size, _, _, _, _ = proto.WRITE_IN.unpack_from(body)
+            fh, offset, size, _, _, flags, _ = proto.WRITE_IN.unpack_from(body)
             start = proto.WRITE_IN.size
-            return ops.write(req, nodeid, fh, offset, body[start:start + size])
+            return ops.write(req, nodeid, fh, offset, body[start:start + size], flags)
 
         def statfs(req, nodeid, body):
             return ops.statfs(req, nodeid)

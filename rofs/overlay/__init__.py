@@ -95,6 +95,12 @@ class Overlay(View, CopyUp, Names, Renames, Files):
         # They count against nobody's share, and go first when descriptors run short.
         self._idle: collections.OrderedDict[int, tuple[OpenFile, Node]] = \
             collections.OrderedDict()
+        # With no_open (ops.py) the kernel opens files itself and asks for their data
+        # by node: each node's descriptor (read-only, or read-write once written) is
+        # kept in a handle of rofs's own, least recently used first, at most
+        # NODE_HANDLES of them (an evicted one is released as if the kernel had).
+        self._node_handles: collections.OrderedDict[int, FileHandle] = \
+            collections.OrderedDict()
         self._fhs = itertools.count(1)
         self.dirs: dict[int, DirHandle] = {}
         # Listings (readdir snapshots): shared per directory while nothing changed names
@@ -268,7 +274,7 @@ class Overlay(View, CopyUp, Names, Renames, Files):
         return {"nodes": len(self.table.nodes), "dentries": len(self.table.dentries),
                 "dynamic_inos": len(self.table._dynamic), "open_files": len(self.files),
                 "file_fds": len(self._open_files) - len(self._idle),
-                "idle_fds": len(self._idle),
+                "idle_fds": len(self._idle), "node_handles": len(self._node_handles),
                 "open_dirs": len(self.dirs), "listed_names": self.listed_names,
                 "dir_fds": len(self.fds),
                 "copy_ups": len(self._copying),

@@ -23,6 +23,7 @@ TRIM_AFTER_NAMES = 10_000  # releasing a listing this big returns memory to the 
 # Copy-ups of files up to this size run inline: a thread hop costs more than the copy.
 INLINE_COPY = 1 << 20
 IDLE_READERS = 128  # see Overlay._idle
+NODE_HANDLES = 256  # see Overlay._node_handles
 OPEN_KEEP_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC |
                    os.O_NONBLOCK)
 

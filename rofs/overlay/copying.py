@@ -46,6 +46,34 @@ class CopyUp:
                 del self._copying[node.ino]
                 done.set()
 
+    async def copy_up_unlinked(self, node: Node) -> None:
+        """The copy-up of a lower file removed while open (with no_open rofs does not see
+        opens, so the first write may come after the unlink): a copy with no name, made
+        in the work dir and unlinked there, which the node holds (keep_fd) as an open
+        unlinked upper file."""
+        st = self.lower.stat(node.lower)
+        if not stat.S_ISREG(st.st_mode):
+            raise _err(errno.ENOENT)
+        layer = self._lay(node)
+        tmp = layer.temp_name()
+        flags = self._lower_flags(node)
+        try:
+            await self._copy_regular(node, st, tmp, None, {}, layer, flags & COPIED_FLAGS)
+            keep = os.open(tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           dir_fd=layer.work_fd)
+        finally:
+            self._discard(tmp, layer)
+        if node.upper or node.links:  # copied (or linked) meanwhile
+            os.close(keep)
+            return
+        new = os.fstat(keep)
+        if node.keep_fd >= 0:
+            os.close(node.keep_fd)
+        node.keep_fd = keep
+        node.upper = True
+        self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
+        self._repoint_readers(node)
+
     def _ensure_dir_upper(self, node: Node) -> None:
         """Copy up directory `node` (and what it needs above it) in its own layer."""
         if not node.upper:
@@ -204,9 +232,12 @@ class CopyUp:
             file = self._open_files.get(fd)
             if file is None or not file.on_lower:
                 continue
-            parent, name = node.links[0]
-            new = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=self.upper_dirfd(parent, self._lay(node)))
+            if node.links:
+                parent, name = node.links[0]
+                new = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=self.upper_dirfd(parent, self._lay(node)))
+            else:  # a copy with no name (copy_up_unlinked)
+                new = os.open(b"/proc/self/fd/%d" % node.keep_fd, os.O_RDONLY | os.O_CLOEXEC)
             os.dup2(new, fd, inheritable=False)
             os.close(new)
             file.on_lower = False

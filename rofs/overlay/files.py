@@ -9,7 +9,14 @@ import os
 from rofs._sys import fallocate
 from rofs.fuse import offload
 from rofs.inodes import NO_FDS, Node
-from rofs.overlay.base import IDLE_READERS, OPEN_KEEP_FLAGS, FileHandle, OpenFile, _err
+from rofs.overlay.base import (
+    IDLE_READERS,
+    NODE_HANDLES,
+    OPEN_KEEP_FLAGS,
+    FileHandle,
+    OpenFile,
+    _err,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,75 @@ class Files:
                 return os.open(b"/proc/self/fd/%d" % fd, flags & ~os.O_NOFOLLOW)
         raise _err(errno.ENOENT)
 
+    # ------------------------------------------- files the kernel opened (no_open)
+
+    def node_handle(self, node: Node) -> FileHandle:
+        """A handle to read `node` by (no_open: the kernel opened the file itself).
+        Node handles count against nobody's share of descriptors (there are at most
+        NODE_HANDLES), so reading many files never shuts a user out."""
+        handle = self._node_handles.get(id(node))
+        if handle is not None and (not handle.on_lower or not node.upper):
+            self._node_handles.move_to_end(id(node))
+            return handle
+        if handle is not None:  # copied up since, and not repointed
+            self._drop_node_handle(node)
+        return self._keep_node_handle(node, self.open_for_reading(node, 0))
+
+    def writable_node_handle(self, node: Node) -> FileHandle | None:
+        """The node's handle for writing, if one is open and the write needs nothing
+        more (not on a read-only path, which a rename may have made it; no inode
+        flags): else None, and the caller goes through open_node_for_writing, which
+        checks and says why."""
+        handle = self._node_handles.get(id(node))
+        if handle is None or handle.flags & os.O_ACCMODE != os.O_RDWR or node.prot:
+            return None
+        if self.policy is not None:
+            try:
+                self.check_writable(node)
+            except OSError:
+                return None
+        self._node_handles.move_to_end(id(node))
+        return handle
+
+    async def open_node_for_writing(self, node: Node, appending: bool = False) -> FileHandle:
+        """What an open for writing does (the checks, the copy-up), at the first write
+        (no_open), then a read-write handle for the node."""
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        self.check_writable(node)
+        self.check_unprotected(node, appending=appending)
+        if not node.upper and not node.links:
+            await self.copy_up_unlinked(node)
+        elif not node.upper:
+            await self.copy_up(node)
+        handle = self._node_handles.get(id(node))
+        if handle is not None and handle.flags & os.O_ACCMODE == os.O_RDWR:
+            self._node_handles.move_to_end(id(node))
+            return handle
+        if handle is not None:
+            self._drop_node_handle(node)
+        self._check_files(0)
+        return self._keep_node_handle(node, self._open(node, os.O_RDWR, 0, 0, True))
+
+    def fsync_handle(self, node: Node) -> FileHandle | None:
+        """A handle to fsync `node` by (no_open); None if it has no upper copy."""
+        handle = self._node_handles.get(id(node))
+        if handle is not None and not handle.on_lower:
+            return handle
+        return self.node_handle(node) if node.upper else None
+
+    def _keep_node_handle(self, node: Node, handle: FileHandle) -> FileHandle:
+        self._node_handles[id(node)] = handle
+        if len(self._node_handles) > NODE_HANDLES:
+            _, oldest = self._node_handles.popitem(last=False)
+            self.release(oldest.fh)
+        return handle
+
+    def _drop_node_handle(self, node: Node) -> None:
+        handle = self._node_handles.pop(id(node), None)
+        if handle is not None:
+            self.release(handle.fh)
+
     def handle(self, fh: int) -> FileHandle:
         handle = self.files.get(fh)
         if handle is None:
@@ -186,6 +262,7 @@ class Files:
         self.table.maybe_drop(node)
 
     def close(self) -> None:
+        self._node_handles.clear()
         for fh in list(self.files):
             self.release(fh)
         while self._idle:

@@ -223,6 +223,8 @@ class Renames:
         if dst is not None:
             self.table.remove_link(dst, dst_parent, dst_name)
         self.table.move_link(src, src_parent, src_name, dst_parent, dst_name)
+        # The kernel's own opens (no_open) reach the file at its new place from now on.
+        self._drop_node_handle(src)
         src.layer = None if layer is self.upper else layer
         self.table.rebind(src, (layer.tag, new.st_dev, new.st_ino))
 

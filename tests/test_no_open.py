@@ -1,0 +1,228 @@
+"""--no-open (-o noopen): the kernel opens files without asking rofs (FUSE no_open), so
+an open+read+close of a cached file costs no request.  What an open did moves to the
+first write: the copy-up, the read-only class's EROFS, the immutable and append-only
+checks, the write log's record."""
+
+import errno
+import json
+import os
+import subprocess
+
+import pytest
+from helpers import RofsProcess, manifest
+
+pytestmark = pytest.mark.fuse
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_lower(path):
+    """Read a lower file without touching its atime (the manifest checks it)."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOATIME), "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def no_open(layers):
+    """rofs --no-open --debug (every request logged) over conftest's lower."""
+    before = manifest(layers["lower"])
+    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"],
+                       args=("--no-open", "--debug"))
+    proc.start()
+    try:
+        yield {**layers, "proc": proc}
+    finally:
+        status = proc.stop()
+    assert status == 0, proc.output()
+    assert not proc.internal_errors(), proc.output()
+    assert manifest(layers["lower"]) == before, "the lower layer was modified"
+
+
+def requests(proc, name):
+    return proc.output().count("rofs.fuse.session: %s(" % name)
+
+
+def upper(m, *names):
+    return os.path.join(m["state"], m["mnt"].lstrip("/"), *names)
+
+
+def test_cached_reads_cost_no_request(no_open):
+    m, proc = no_open, no_open["proc"]
+    path = os.path.join(m["mnt"], "passwd")
+    expected = read_lower(os.path.join(m["lower"], "passwd"))
+    assert read(path) == expected
+    reads = requests(proc, "read")
+    for _ in range(200):
+        assert read(path) == expected
+    # One OPEN ever (answered ENOSYS: the kernel stops asking), no RELEASE, and the
+    # pages stay cached: no more reads.
+    assert requests(proc, "open") == 1 and requests(proc, "release") == 0
+    assert requests(proc, "read") == reads
+    assert not os.path.exists(upper(m, "passwd"))
+
+
+def test_the_first_write_copies_up_and_truncation_comes_as_setattr(no_open):
+    m = no_open
+    path = os.path.join(m["mnt"], "passwd")
+    lower = read_lower(os.path.join(m["lower"], "passwd"))
+    with open(path, "r+b") as f:  # opened for writing: nothing copied yet
+        assert not os.path.exists(upper(m, "passwd"))
+        f.seek(0, os.SEEK_END)
+        f.write(b"appended\n")
+        f.flush()
+        assert read(upper(m, "passwd")) == lower + b"appended\n"
+    assert read(path) == lower + b"appended\n"
+    with open(os.path.join(m["mnt"], "group"), "wb") as f:  # O_TRUNC: a SETATTR
+        assert read(upper(m, "group")) == b""
+        f.write(b"new group\n")
+    assert read(os.path.join(m["mnt"], "group")) == b"new group\n"
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, 4)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert read(path) == lower[:4] == read(upper(m, "passwd"))
+
+
+def test_a_reader_sees_a_copy_up_made_by_a_writer(no_open):
+    m = no_open
+    path = os.path.join(m["mnt"], "passwd")
+    with open(path, "rb") as reader:
+        old = reader.read()
+        with open(path, "ab") as writer:
+            writer.write(b"more\n")
+        reader.seek(0)
+        assert reader.read() == old + b"more\n"
+
+
+def test_an_unlinked_open_file_keeps_its_data(no_open):
+    m = no_open
+    path = os.path.join(m["mnt"], "scratchpad")
+    with open(path, "w+b") as f:
+        f.write(b"kept")
+        os.unlink(path)
+        f.write(b" and more")
+        f.flush()
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        f.seek(0)
+        assert f.read() == b"kept and more"
+        assert os.fstat(f.fileno()).st_nlink == 0
+    assert not os.path.exists(path)
+
+
+def test_a_lower_file_unlinked_while_open_takes_writes(no_open):
+    """The first write comes after the unlink: the copy-up has no name to go to (found
+    by the differential test)."""
+    m = no_open
+    path = os.path.join(m["mnt"], "shadow")
+    lower = read_lower(os.path.join(m["lower"], "shadow"))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.unlink(path)
+        os.write(fd, b"X")
+        st = os.fstat(fd)
+        assert (st.st_nlink, st.st_size) == (0, len(lower))
+        assert os.pread(fd, 4096, 0) == b"X" + lower[1:]
+    finally:
+        os.close(fd)
+    assert not os.path.exists(path)
+    assert not os.path.exists(upper(m, "shadow")) or \
+        os.stat(upper(m, "shadow")).st_size == 0  # a whiteout, no copy
+
+
+def test_read_only_paths_refuse_the_first_write(layers):
+    policy = os.path.join(str(layers["tmp"]), "policy")
+    with open(policy, "w") as f:
+        f.write("read-only %s/passwd\n" % layers["mnt"])
+    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"],
+                       args=("--no-open", "--policy", policy))
+    with proc:
+        path = os.path.join(layers["mnt"], "passwd")
+        fd = os.open(path, os.O_WRONLY)  # the kernel opens it: no question asked
+        try:
+            with pytest.raises(OSError) as e:
+                os.write(fd, b"x")
+            assert e.value.errno == errno.EROFS
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as e:
+            os.open(path, os.O_WRONLY | os.O_TRUNC)  # the truncation is a SETATTR
+        assert e.value.errno == errno.EROFS
+        assert read(path) == read_lower(os.path.join(layers["lower"], "passwd"))
+        with open(os.path.join(layers["mnt"], "group"), "ab") as f:  # others: as ever
+            f.write(b"x\n")
+    assert proc.stop() == 0 and not proc.internal_errors(), proc.output()
+
+
+def test_immutable_and_append_only_hold_at_the_first_write(layers):
+    lower = layers["lower"]
+    for name, flag in (("frozen", "+i"), ("log", "+a")):
+        with open(os.path.join(lower, name), "w") as f:
+            f.write("old\n")
+        if subprocess.run(["chattr", flag, os.path.join(lower, name)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("no inode flags on the filesystem under the tests")
+    try:
+        with RofsProcess(layers["mnt"], layers["state"], lower, args=("--no-open",)):
+            mnt = layers["mnt"]
+            for name, flags in (("frozen", os.O_WRONLY), ("frozen", os.O_WRONLY | os.O_APPEND),
+                                ("log", os.O_WRONLY)):
+                fd = os.open(os.path.join(mnt, name), flags)
+                try:
+                    with pytest.raises(OSError) as e:
+                        os.write(fd, b"x\n")
+                    assert e.value.errno == errno.EPERM, (name, flags)
+                finally:
+                    os.close(fd)
+            with open(os.path.join(mnt, "log"), "ab") as f:
+                f.write(b"appended\n")
+            assert read(os.path.join(mnt, "log")) == b"old\nappended\n"
+            assert read(os.path.join(mnt, "frozen")) == b"old\n"
+    finally:
+        for name in ("frozen", "log"):
+            subprocess.run(["chattr", "-i", "-a", os.path.join(lower, name)])
+
+
+def test_the_write_log_names_each_writing_process_once(layers):
+    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"], args=("--no-open",))
+    with proc:
+        path = os.path.join(layers["mnt"], "passwd")
+        for _ in range(2):
+            subprocess.run(["sh", "-c", 'for i in 1 2 3; do echo x >> "$1"; done', "sh",
+                            path], check=True)
+    log_dir = os.path.join(layers["state"], ".rofs", "log")
+    events = []
+    for dirpath, _, names in os.walk(log_dir):
+        for name in names:
+            if name.endswith(".jsonl"):
+                with open(os.path.join(dirpath, name)) as f:
+                    events += [json.loads(line) for line in f]
+    writes = [e for e in events if e["op"] == "write" and e["path"].endswith("/passwd")]
+    # Two shells, each writing three times: one record per shell, each its own.
+    assert len(writes) == 2, events
+    assert len({e["pid"] for e in writes}) == 2
+    assert all(e["comm"] == "sh" for e in writes), writes
+
+
+def test_fallocate_seek_and_copy_file_range_by_node(no_open):
+    """The calls that carry a file handle, with the kernel's handle 0: fallocate and
+    copy_file_range into a lower file copy it up first; SEEK_DATA reads by node."""
+    m = no_open
+    src = os.open(os.path.join(m["mnt"], "passwd"), os.O_RDONLY)
+    dst = os.open(os.path.join(m["mnt"], "d", "file"), os.O_WRONLY)
+    try:
+        assert os.lseek(src, 0, os.SEEK_DATA) == 0
+        size = os.fstat(src).st_size
+        assert os.copy_file_range(src, dst, size, 0, 0) == size
+        os.posix_fallocate(dst, 0, 1 << 16)
+    finally:
+        os.close(src)
+        os.close(dst)
+    data = read(upper(m, "d", "file"))
+    assert len(data) == 1 << 16
+    assert data[:size] == read_lower(os.path.join(m["lower"], "passwd"))
+    assert m["proc"].output().count("copy_file_range(") == 1
