@@ -9,6 +9,10 @@ against:
     mkdir -p /tmp/raw && python benchmarks/raw_fuse_floor.py /tmp/raw &
     (time open+read+close of /tmp/raw/passwd)  ;  umount /tmp/raw
 
+With --no-open it answers OPEN with ENOSYS, so the kernel never sends OPEN or RELEASE
+again (FUSE's no_open): what a cached open+read+close costs with no request at all
+(docs/performance.md, "no_open").
+
 Structures follow <linux/fuse.h> (ABI 7.31 replies).
 """
 
@@ -49,7 +53,7 @@ def reply(fd: int, unique: int, body: bytes = b"", error: int = 0) -> None:
     os.write(fd, OUT_HEADER.pack(OUT_HEADER.size + len(body), -error, unique) + body)
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, no_open: bool = False) -> None:
     buffer = bytearray(1 << 21)  # one buffer for every request: no allocation per read
     view = memoryview(buffer)
     while True:
@@ -72,6 +76,8 @@ def serve(fd: int) -> None:
                 reply(fd, unique, error=errno.ENOENT)
         elif opcode == GETATTR:
             reply(fd, unique, ATTR_OUT_HEAD.pack(TIMEOUT, 0, 0) + attr(nodeid))
+        elif opcode == OPEN and no_open:
+            reply(fd, unique, error=errno.ENOSYS)
         elif opcode == OPEN:
             reply(fd, unique, OPEN_OUT.pack(nodeid, FOPEN_KEEP_CACHE, 0))
         elif opcode == READ:
@@ -96,7 +102,7 @@ def main() -> int:
     if libc.mount(b"rawfloor", target.encode(), b"fuse.rawfloor", 0, options) != 0:
         print("mount failed:", os.strerror(ctypes.get_errno()), file=sys.stderr)
         return 1
-    serve(fd)
+    serve(fd, "--no-open" in sys.argv[2:])
     return 0
 
 

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -670,8 +671,18 @@ def run(args) -> dict:
                     if w.cold:
                         drop_caches()
                     cpu0 = fs.cpu_seconds()
+                    watchdog = Watchdog(fs)
                     t0 = time.perf_counter()
-                    w.run(root, sizes, prepared)
+                    try:
+                        w.run(root, sizes, prepared)
+                    except Exception:  # an aborted mount fails the workload
+                        if not watchdog.fired:
+                            raise
+                        notes.append("%s hung in %s (round %d): aborted after %d s, no "
+                                     "sample" % (fs.name, w.name, round_no + 1, HANG_SECONDS))
+                        continue
+                    finally:
+                        watchdog.stop()
                     elapsed = time.perf_counter() - t0
                     cpu1 = fs.cpu_seconds()
                     samples[w.name].setdefault(fs.name, []).append(elapsed)
@@ -691,6 +702,34 @@ def run(args) -> dict:
     memory = memory_pass(fuse_systems, os.path.join(base, "many"), sizes) \
         if not args.no_memory else {}
     return report(chosen, systems, samples, cpu, rss, requests, memory, sizes, notes, args)
+
+
+# A timed workload still running after this long is taken as hung (a peer's deadlock:
+# unionfs-fuse once stopped answering an ioctl): its FUSE connection is aborted, the
+# sample dropped, and a note says so, so one stuck daemon does not stall the run.
+HANG_SECONDS = 600
+
+
+class Watchdog:
+    """Kills the FUSE daemon of `fs` (which fails its pending requests) if `HANG_SECONDS`
+    pass before `stop()`; `fired` tells whether it did."""
+
+    def __init__(self, fs) -> None:
+        self.fired = False
+        self._proc = fs.proc if fs.fuse else None
+        self._timer = None
+        if self._proc is not None:
+            self._timer = threading.Timer(HANG_SECONDS, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._proc.kill()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def memory_pass(systems, many: str, sizes: Sizes) -> dict:

@@ -118,7 +118,7 @@ BLOCKS: dict[str, Block] = {
                 + MOUNTED + " && umount /etc",
             FSTAB_LINE: FSTAB}),
     # docs/performance.md
-    ".venv/bin/python benchmarks/run.py            # 3 rounds, full sizes, ~8 minutes":
+    ".venv/bin/python benchmarks/run.py            # 3 rounds, full sizes, ~12 minutes":
         Block(reason="8 minutes; its --quick form is run by tests/test_benchmarks.py"),
     # docs/policy.md
     "rofs /etc --state /var/lib/stateless/state --policy /etc/rofs/etc.policy\n"
