@@ -57,14 +57,15 @@ class Sizes:
     many_files: int  # files walked by the memory pass (a tree of its own)
     execs: int  # programs run by exec_read_loop
     users: int  # useradd + userdel cycles
+    packages: int  # dpkg install + purge cycles
 
 
 FULL = Sizes(etc_copies=2, small_files=10_000, big_mib=256, big_dir=10_000, open_read=20_000,
              stats=20_000, passwd_cycles=300, copyup_small=1_000, churn=2_000, rounds=3,
-             many_files=100_000, execs=300, users=10)
+             many_files=100_000, execs=300, users=10, packages=10)
 QUICK = Sizes(etc_copies=1, small_files=300, big_mib=4, big_dir=300, open_read=300,
               stats=300, passwd_cycles=10, copyup_small=30, churn=30, rounds=1,
-              many_files=2_000, execs=10, users=2)
+              many_files=2_000, execs=10, users=2, packages=2)
 
 # The version of the lower tree's layout: a tree built by an older run.py is rebuilt.
 LAYOUT = "2: etc0 is an etckeeper-style git repo, sysroot/etc -> ../etc0"
@@ -312,7 +313,7 @@ class RofsNoLog(Rofs):
     name = "rofs-nolog"
     options = ("--no-log",)
     only = frozenset({"passwd_cycle", "copyup_small", "churn", "etckeeper_commit",
-                      "useradd_cycle"})
+                      "useradd_cycle", "dpkg_cycle"})
 
 
 class RofsNoOpen(Rofs):
@@ -542,6 +543,57 @@ def useradd_cycle(root: str, n: int) -> None:
         quiet("userdel", "--prefix", sysroot, "benchuser%d" % i)
 
 
+WORK = tempfile.gettempdir()  # run() sets it: a native scratch dir of the run
+PACKAGE = "rofs-bench-conf"
+CONFFILES = 20
+
+
+def build_deb(where: str) -> str:
+    """A package of CONFFILES configuration files under /etc (conffiles, as a daemon's
+    package ships them), built once with dpkg-deb; its path."""
+    deb = os.path.join(where, PACKAGE + ".deb")
+    if os.path.exists(deb):
+        return deb
+    tree = os.path.join(where, PACKAGE)
+    shutil.rmtree(tree, ignore_errors=True)
+    os.makedirs(os.path.join(tree, "DEBIAN"))
+    conffiles = []
+    for i in range(CONFFILES):
+        rel = "etc/%s/conf.d/%02d.conf" % (PACKAGE, i)
+        os.makedirs(os.path.dirname(os.path.join(tree, rel)), exist_ok=True)
+        with open(os.path.join(tree, rel), "w") as f:
+            f.write("# setting %d\nkey%d = value\n" % (i, i) * 20)
+        conffiles.append("/" + rel)
+    with open(os.path.join(tree, "DEBIAN", "control"), "w") as f:
+        f.write("Package: %s\nVersion: 1.0\nArchitecture: all\nMaintainer: rofs "
+                "<rofs@localhost>\nDescription: configuration files for a benchmark\n"
+                % PACKAGE)
+    with open(os.path.join(tree, "DEBIAN", "conffiles"), "w") as f:
+        f.write("\n".join(conffiles) + "\n")
+    quiet("dpkg-deb", "--root-owner-group", "--build", tree, deb)
+    return deb
+
+
+def dpkg_admindir(where: str) -> str:
+    """A fresh, empty dpkg database (on the native filesystem: only /etc is measured)."""
+    admin = os.path.join(where, "dpkg-admin")
+    shutil.rmtree(admin, ignore_errors=True)
+    for sub in ("info", "updates", "triggers"):
+        os.makedirs(os.path.join(admin, sub))
+    for name in ("status", "available"):
+        open(os.path.join(admin, name), "w").close()
+    return admin
+
+
+def dpkg_cycle(root: str, deb: str, admin: str, n: int) -> None:
+    """dpkg -i of the package into the /etc copy (through sysroot/etc), then --purge."""
+    dpkg = ["dpkg", "--instdir", os.path.join(root, "sysroot"), "--admindir", admin,
+            "--force-script-chrootless", "--force-not-root"]
+    for _ in range(n):
+        quiet(*dpkg, "-i", deb)
+        quiet(*dpkg, "--purge", PACKAGE)
+
+
 def two_processes(root: str, n: int) -> None:
     path = os.path.join(root, "passwd")
     with multiprocessing.get_context("fork").Pool(2) as pool:
@@ -627,6 +679,10 @@ def workloads(sizes: Sizes) -> list[Workload]:
         Workload("useradd_cycle", "%d x useradd + userdel (--prefix) in the /etc copy"
                  % sizes.users, writable=True, run=lambda r, s, p: useradd_cycle(r, s.users),
                  ops=sizes.users),
+        Workload("dpkg_cycle", "%d x dpkg -i + --purge of a package of %d conffiles into "
+                 "the /etc copy" % (sizes.packages, CONFFILES), writable=True,
+                 prepare=lambda r, s: (build_deb(WORK), dpkg_admindir(WORK)),
+                 run=lambda r, s, p: dpkg_cycle(r, *p, s.packages), ops=sizes.packages),
     ]
 
 
@@ -639,6 +695,9 @@ def run(args) -> dict:
         sizes.rounds = args.rounds
     base = args.workdir or os.path.join(tempfile.gettempdir(), "rofs-bench-%s" % (
         "quick" if args.quick else "full"))
+    global WORK
+    WORK = os.path.join(base, "work")
+    os.makedirs(WORK, exist_ok=True)
     lower = os.path.join(base, "lower")
     build_lower(lower, sizes)
     notes = []

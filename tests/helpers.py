@@ -221,3 +221,14 @@ def view(root, mtimes: bool = False) -> tuple[dict, list]:
             if not is_dir:
                 inodes.setdefault(st.st_ino, []).append(rel)
     return entries, sorted(sorted(v) for v in inodes.values() if len(v) > 1)
+
+
+def readb(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_lower(path) -> bytes:
+    """Read a lower file without touching its atime (the manifest checks it)."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOATIME), "rb") as f:
+        return f.read()

@@ -8,7 +8,7 @@ import stat
 import subprocess
 
 import pytest
-from helpers import manifest
+from helpers import manifest, read_lower, readb
 
 pytestmark = pytest.mark.fuse
 
@@ -29,15 +29,6 @@ def read(path):
         return f.read()
 
 
-def readb(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def read_lower(path):
-    """Read a lower file without touching its atime (the manifest checks it)."""
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOATIME), "rb") as f:
-        return f.read()
 
 
 def touch(path, mode="w"):

@@ -9,20 +9,12 @@ import os
 import subprocess
 
 import pytest
-from helpers import RofsProcess, manifest
+from helpers import RofsProcess, manifest, read_lower
+from helpers import readb as read
 
 pytestmark = pytest.mark.fuse
 
 
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def read_lower(path):
-    """Read a lower file without touching its atime (the manifest checks it)."""
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOATIME), "rb") as f:
-        return f.read()
 
 
 @pytest.fixture

@@ -56,6 +56,13 @@ class Names:
             acls[acl.DEFAULT] = default
         return uid, gid, mode, acls
 
+    def _own(self, path: bytes, uid: int, gid: int, mode: int,
+             acls: dict[bytes, bytes]) -> None:
+        """Give a new entry in the work dir its owner, mode and ACLs (new_entry's)."""
+        copyup.chown(path, uid, gid, follow_symlinks=False)
+        os.chmod(path, stat.S_IMODE(mode))
+        self._set_acls(path, acls)
+
     @staticmethod
     def _set_acls(target: bytes | int, acls: dict[bytes, bytes]) -> None:
         # After the chmod: an access ACL sets the group class bits of the mode itself.
@@ -138,10 +145,7 @@ class Names:
 
         def make(layer: UpperLayer, tmp: bytes) -> None:
             os.mkdir(tmp, 0o700, dir_fd=layer.work_fd)
-            path = layer.work_path(tmp)
-            copyup.chown(path, uid, gid, follow_symlinks=False)
-            os.chmod(path, stat.S_IMODE(mode))
-            self._set_acls(path, acls)
+            self._own(layer.work_path(tmp), uid, gid, mode, acls)
 
         return self._place(parent, name, True, make)
 
@@ -159,10 +163,7 @@ class Names:
 
         def make(layer: UpperLayer, tmp: bytes) -> None:
             os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=layer.work_fd)
-            path = layer.work_path(tmp)
-            copyup.chown(path, uid, gid, follow_symlinks=False)
-            os.chmod(path, stat.S_IMODE(mode))
-            self._set_acls(path, acls)
+            self._own(layer.work_path(tmp), uid, gid, mode, acls)
 
         return self._place(parent, name, False, make)
 
