@@ -50,6 +50,8 @@ XFLAGS = ((0x10, 0x08), (0x20, 0x10), (0x08, 0x20), (0x80, 0x40), (0x40, 0x80))
 _NEGATIVE = proto.ENTRY_OUT.pack(0, 0, TIMEOUT, 0, 0, 0, *([0] * 16))
 # A READDIRPLUS entry without attributes (node id 0), for a name rofs cannot look up.
 NO_ENTRY = bytes(proto.ENTRY_OUT.size)
+DOTS = (b".", b"..")
+DT_DIR = stat.S_IFDIR >> 12
 
 
 _ENTRY = proto.ENTRY_OUT.pack
@@ -366,53 +368,66 @@ class RofsOperations(Operations):
     # ------------------------------------------------------------ directories
 
     def opendir(self, req, inode, flags):
+        if self.no_open:  # directories too (no_opendir): listed by node
+            raise FuseError(errno.ENOSYS)
         return self.overlay.opendir(self._node(inode), req.uid)
 
     def readdir(self, req, inode, fh, offset, size, plus):
         self.overlay.fds.trim()
         out = []
         used = 0
-        overlay = self.overlay
-        for next_id, name, node in overlay.readdir(fh, offset):
+        entries = self.overlay.readdir(fh, offset) if fh else \
+            self.overlay.readdir_by_node(self._node(inode), offset)
+        for next_id, name, node in entries:
             need = proto.dirent_size(len(name), plus)
             if used + need > size:
                 break
-            pad = b"\0" * (need - len(name) - proto.DIRENT.size -
-                           (proto.ENTRY_OUT.size if plus else 0))
-            attr = None
-            if node is not None and plus:
-                try:
-                    attr = overlay.getattr(node)
-                except FileNotFoundError:
-                    continue  # removed since the listing was taken
-                except OSError:
-                    pass  # listed without attributes, as below
-            if node is None or (plus and attr is None):
-                # A name rofs cannot look up (EACCES in a r-- directory): listed with
-                # no attributes (node id 0: the kernel looks it up when asked, and gets
-                # the error then), type unknown, as a native filesystem lists it.
-                if plus:
-                    out.append(NO_ENTRY)
-                out.append(proto.DIRENT.pack(0 if node is None else node.ino, next_id,
-                                             len(name), 0))
-            elif plus:
-                out.append(entry_out(attr))
-                out.append(proto.DIRENT.pack(attr.ino, next_id, len(name), attr.mode >> 12))
-                overlay.remember(node)
-            else:
-                # (Only without READDIRPLUS, which rofs always asks for.)  The kernel
-                # takes no reference: the node goes unless something else holds it.
-                out.append(proto.DIRENT.pack(node.ino, next_id, len(name), node.mode >> 12))
-                overlay.table.maybe_drop(node)
+            packed = self._dirent(next_id, name, node, plus)
+            if packed is None:
+                continue  # removed since the listing was taken
+            out.append(packed)
             out.append(name)
-            out.append(pad)
+            out.append(b"\0" * (need - len(name) - len(packed)))
             used += need
         return b"".join(out)
+
+    def _dirent(self, next_id: int, name: bytes, node, plus: bool) -> bytes | None:
+        """One entry of a READDIR(PLUS) reply, name and padding excepted."""
+        overlay = self.overlay
+        if name in DOTS:
+            # . and ..: the kernel takes no reference for them (node id 0).
+            return (NO_ENTRY if plus else b"") + proto.DIRENT.pack(
+                node.ino, next_id, len(name), DT_DIR)
+        attr = None
+        if node is not None and plus:
+            try:
+                attr = overlay.getattr(node)
+            except FileNotFoundError:
+                return None
+            except OSError:
+                pass  # listed without attributes, as below
+        if node is None or (plus and attr is None):
+            # A name rofs cannot look up (EACCES in a r-- directory): listed with no
+            # attributes (node id 0: the kernel looks it up when asked, and gets the
+            # error then), type unknown, as a native filesystem lists it.
+            return (NO_ENTRY if plus else b"") + proto.DIRENT.pack(
+                0 if node is None else node.ino, next_id, len(name), 0)
+        if plus:
+            overlay.remember(node)
+            return entry_out(attr) + proto.DIRENT.pack(attr.ino, next_id, len(name),
+                                                       attr.mode >> 12)
+        # (Only without READDIRPLUS, which rofs always asks for.)  The kernel takes no
+        # reference: the node goes unless something else holds it.
+        overlay.table.maybe_drop(node)
+        return proto.DIRENT.pack(node.ino, next_id, len(name), node.mode >> 12)
 
     def releasedir(self, req, inode, fh):
         self.overlay.releasedir(fh)
 
     async def fsyncdir(self, req, inode, fh, datasync):
+        if not fh:  # a directory the kernel opened itself (no_open)
+            await self.overlay.fsyncdir(self._node(inode), datasync)
+            return
         handle = self.overlay.dirs.get(fh)
         if handle is None:
             raise FuseError(errno.EBADF)

@@ -633,3 +633,16 @@ def test_a_descriptor_counts_the_names_its_file_has_left(m):
         assert os.fstat(fd).st_nlink == 0
     finally:
         os.close(fd)
+
+
+def test_listings_start_with_dot_and_dot_dot(m):
+    """`ls -a` shows . and .. first, as on every other filesystem (rofs listed neither);
+    readdir's d_ino of .. is the parent's."""
+    out = subprocess.run(["ls", "-a1", p(m, "d")], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[:2] == [".", ".."] and sorted(out[2:]) == ["file", "sub"]
+    inos = subprocess.run(["ls", "-ai1", p(m, "d")], capture_output=True, text=True,
+                          check=True).stdout.split()
+    by_name = dict(zip(inos[1::2], inos[0::2]))
+    assert int(by_name["."]) == os.stat(p(m, "d")).st_ino
+    assert int(by_name[".."]) == os.stat(m["mnt"]).st_ino

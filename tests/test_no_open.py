@@ -218,3 +218,63 @@ def test_fallocate_seek_and_copy_file_range_by_node(no_open):
     assert len(data) == 1 << 16
     assert data[:size] == read_lower(os.path.join(m["lower"], "passwd"))
     assert m["proc"].output().count("copy_file_range(") == 1
+
+
+def test_directories_are_listed_without_opendir_and_resume_across_changes(no_open):
+    """--no-open covers directories too (FUSE no_opendir): no OPENDIR or RELEASEDIR,
+    and a listing read in small pieces while names come and go returns no name twice
+    and skips none that stayed (offsets are keyed hashes of the names, not positions in
+    a snapshot, since there is no handle to hold one)."""
+    m, proc = no_open, no_open["proc"]
+    big = os.path.join(m["mnt"], "many")
+    os.mkdir(big)
+    names = ["f%04d" % i for i in range(600)]
+    for name in names:
+        open(os.path.join(big, name), "w").close()
+    fd = os.open(big, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen = []
+        chunk = True
+        while chunk:
+            chunk = [n for _, n in _getdents(fd)]
+            seen += chunk
+            if len(seen) > 100 and "new" not in names:  # names come and go meanwhile
+                open(os.path.join(big, "new"), "w").close()
+                os.unlink(os.path.join(big, "f0000"))
+                names.append("new")
+    finally:
+        os.close(fd)
+    assert len(seen) == len(set(seen)), "a name was returned twice"
+    stayed = set(names) - {"f0000", "new"}
+    assert stayed <= set(seen), sorted(stayed - set(seen))[:5]
+    assert seen[:2] == [".", ".."]
+    assert sorted(os.listdir(big)) == sorted(set(names) - {"f0000"})
+    assert requests(proc, "opendir") <= 1 and requests(proc, "releasedir") == 0
+    fd = os.open(big, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # FSYNCDIR by node
+    finally:
+        os.close(fd)
+    assert requests(proc, "fsyncdir") == 1
+
+
+def _getdents(fd, size=1024):
+    """One getdents64 call (a small buffer: a listing read in many pieces): (ino, name)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(size)
+    number = {"x86_64": 217, "aarch64": 61}.get(os.uname().machine)
+    if number is None:
+        pytest.skip("getdents64's number on this architecture is not known here")
+    n = libc.syscall(number, fd, buf, size)
+    if n < 0:
+        raise OSError(ctypes.get_errno(), "getdents64")
+    out, pos = [], 0
+    raw = buf.raw[:n]
+    while pos < n:
+        ino = int.from_bytes(raw[pos:pos + 8], "little")
+        reclen = int.from_bytes(raw[pos + 16:pos + 18], "little")
+        name = raw[pos + 19:pos + reclen].split(b"\0", 1)[0].decode()
+        out.append((ino, name))
+        pos += reclen
+    return out

@@ -111,6 +111,13 @@ class Overlay(View, CopyUp, Names, Renames, Files):
         self._listed_by_uid: collections.Counter = collections.Counter()
         self.listing_budget = LISTING_BUDGET
         self._dir_ids = itertools.count(1)
+        # Listings of directories the kernel opened itself (no_open), in the order of
+        # a keyed hash of each name (readdir_by_node): directory inode -> (generation,
+        # offsets, names), least recently used first, HASHED_NAMES names at most.
+        self._hashed: collections.OrderedDict[int, tuple[int, list[int], list[bytes]]] = \
+            collections.OrderedDict()
+        self._hashed_names = 0
+        self._hash_key = os.urandom(16)
         # Per-path policy: `policy` for the read-only class (None when nothing is
         # read-only); `classes` and `scratch_layer` when scratch paths have a layer of
         # their own (None: every change goes to the persistent upper layer).

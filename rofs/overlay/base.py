@@ -24,6 +24,9 @@ TRIM_AFTER_NAMES = 10_000  # releasing a listing this big returns memory to the 
 INLINE_COPY = 1 << 20
 IDLE_READERS = 128  # see Overlay._idle
 NODE_HANDLES = 256  # see Overlay._node_handles
+# Names the listings kept for directories the kernel opened itself (no_open) may hold
+# (see Overlay._hashed); the newest listing is kept whatever its size.
+HASHED_NAMES = LISTING_BUDGET // 4
 OPEN_KEEP_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC |
                    os.O_NONBLOCK)
 

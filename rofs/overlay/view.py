@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -14,6 +16,7 @@ from rofs.fuse import offload
 from rofs.inodes import Node
 from rofs.layers import UpperLayer, getxattr_or_none, is_whiteout, open_dir_fd, reopen_listable
 from rofs.overlay.base import (
+    HASHED_NAMES,
     NAME_MAX,
     TRIM_AFTER_NAMES,
     Attr,
@@ -449,18 +452,67 @@ class View:
         if handle.listing is None or (start == 0 and handle.served):
             self._take_listing(handle)
         handle.served = True
+        yield from self._dots(handle.node, start, 1, 2)
         names = handle.listing.names
-        for index in range(start, len(names)):
-            name = names[index]
-            try:
-                node = self.lookup(handle.node, name)
-            except FileNotFoundError:
-                continue  # removed since the listing was taken
-            except OSError:
-                yield index + 1, name, None
-                continue
-            if node is not None:
-                yield index + 1, name, node
+        for index in range(max(start - 2, 0), len(names)):
+            entry = self._entry(handle.node, names[index])
+            if entry is not False:
+                yield index + 3, names[index], entry
+
+    def _dots(self, node: Node, start: int, dot: int, dot_dot: int):
+        """. and .. (offsets `dot` and `dot_dot`), first in every listing, as on any
+        filesystem."""
+        if start < dot:
+            yield dot, b".", node
+        if start < dot_dot:
+            yield dot_dot, b"..", node.parent() or node
+
+    def _entry(self, parent: Node, name: bytes) -> Node | None | bool:
+        """The node a listed name leads to; None when it cannot be looked up (EACCES),
+        False when it is gone since the listing was taken."""
+        try:
+            node = self.lookup(parent, name)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+        return False if node is None else node
+
+    def readdir_by_node(self, node: Node, start: int) -> Iterator[tuple[int, bytes,
+                                                                        Node | None]]:
+        """Entries of directory `node` after offset `start` when the kernel opened the
+        directory itself (no_open), so no handle holds a snapshot: the listing goes in
+        the order of a keyed hash of each name, which is the entry's offset, so a listing
+        resumed after names came and went returns no name twice and skips none that
+        stayed.  (Two names with the same 61-bit hash, under a key chosen at mount, would
+        hide one of them from a listing resumed between them.)"""
+        cookies, names = self._hashed_listing(node)
+        yield from self._dots(node, start, 1, 2)
+        for index in range(bisect.bisect_right(cookies, start), len(names)):
+            entry = self._entry(node, names[index])
+            if entry is not False:
+                yield cookies[index], names[index], entry
+
+    def _hashed_listing(self, node: Node) -> tuple[list[int], list[bytes]]:
+        """The merged listing of `node` ordered by offset (readdir_by_node), kept while no
+        name changes, the newest HASHED_NAMES names' worth (at least one listing)."""
+        kept = self._hashed.get(node.ino)
+        if kept is not None and kept[0] == self.generation:
+            self._hashed.move_to_end(node.ino)
+            return kept[1], kept[2]
+        key = self._hash_key
+        pairs = sorted(((int.from_bytes(hashlib.blake2b(name, key=key, digest_size=8)
+                                        .digest(), "little") >> 3) + 3, name)
+                       for name in self.list_names(node))
+        cookies, names = [c for c, _ in pairs], [n for _, n in pairs]
+        if kept is not None:
+            self._hashed_names -= len(kept[2])
+        self._hashed[node.ino] = (self.generation, cookies, names)
+        self._hashed_names += len(names)
+        while self._hashed_names > HASHED_NAMES and len(self._hashed) > 1:
+            _, (_, _, old) = self._hashed.popitem(last=False)
+            self._hashed_names -= len(old)
+        return cookies, names
 
     def _take_listing(self, handle: DirHandle) -> None:
         node = handle.node
