@@ -377,7 +377,7 @@ class RofsOperations(Operations):
         out = []
         used = 0
         entries = self.overlay.readdir(fh, offset) if fh else \
-            self.overlay.readdir_by_node(self._node(inode), offset)
+            self.overlay.readdir_by_node(self._node(inode), offset, req.uid)
         for next_id, name, node in entries:
             need = proto.dirent_size(len(name), plus)
             if used + need > size:

@@ -313,6 +313,29 @@ def test_listings_held_open_are_shared_and_bounded(public):
     assert not proc.internal_errors(), proc.output()
 
 
+def test_listings_without_handles_are_bounded_for_users(public):
+    """With --no-open the kernel opens directories itself and rofs keeps listings by
+    directory, not by handle: a user still cannot make it build a listing past a
+    user's share of the budget (ENOMEM); root can."""
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    wide = os.path.join(lower, "wide")
+    os.mkdir(wide)
+    os.chmod(wide, 0o755)
+    for i in range(300):
+        os.close(os.open(os.path.join(wide, "entry-%03d" % i), os.O_CREAT | os.O_WRONLY))
+    # A budget of 1,000 names: 250 for a user.
+    with RofsProcess(mnt, state, lower, args=("--no-open",),
+                     env={"ROFS_LISTING_BUDGET": "1000"}) as proc:
+        listing = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                   "--clear-groups", "--", PYTHON, "-c",
+                   "import os, sys; print(len(os.listdir(sys.argv[1])))",
+                   os.path.join(mnt, "wide")]
+        refused = subprocess.run(listing, capture_output=True, text=True)
+        assert refused.returncode != 0 and "Cannot allocate memory" in refused.stderr
+        assert len(os.listdir(os.path.join(mnt, "wide"))) == 300  # root's works
+    assert not proc.internal_errors(), proc.output()
+
+
 HOLD_FILES = """
 import errno, os, sys
 mine = os.path.join(sys.argv[1], "mine")

@@ -478,22 +478,24 @@ class View:
             return None
         return False if node is None else node
 
-    def readdir_by_node(self, node: Node, start: int) -> Iterator[tuple[int, bytes,
-                                                                        Node | None]]:
+    def readdir_by_node(self, node: Node, start: int,
+                        uid: int = 0) -> Iterator[tuple[int, bytes, Node | None]]:
         """Entries of directory `node` after offset `start` when the kernel opened the
         directory itself (no_open), so no handle holds a snapshot: the listing goes in
         the order of a keyed hash of each name, which is the entry's offset, so a listing
         resumed after names came and went returns no name twice and skips none that
         stayed.  (Two names with the same 61-bit hash, under a key chosen at mount, would
-        hide one of them from a listing resumed between them.)"""
-        cookies, names = self._hashed_listing(node)
+        hide one of them from a listing resumed between them.)  A listing bigger than
+        a user's share of LISTING_BUDGET is refused to users other than root (ENOMEM),
+        as with handles."""
+        cookies, names = self._hashed_listing(node, uid)
         yield from self._dots(node, start, 1, 2)
         for index in range(bisect.bisect_right(cookies, start), len(names)):
             entry = self._entry(node, names[index])
             if entry is not False:
                 yield cookies[index], names[index], entry
 
-    def _hashed_listing(self, node: Node) -> tuple[list[int], list[bytes]]:
+    def _hashed_listing(self, node: Node, uid: int) -> tuple[list[int], list[bytes]]:
         """The merged listing of `node` ordered by offset (readdir_by_node), kept while no
         name changes, the newest HASHED_NAMES names' worth (at least one listing)."""
         kept = self._hashed.get(node.ino)
@@ -504,6 +506,8 @@ class View:
         pairs = sorted(((int.from_bytes(hashlib.blake2b(name, key=key, digest_size=8)
                                         .digest(), "little") >> 3) + 3, name)
                        for name in self.list_names(node))
+        if uid != 0 and len(pairs) > self.listing_budget // 4:
+            raise _err(errno.ENOMEM)
         cookies, names = [c for c, _ in pairs], [n for _, n in pairs]
         if kept is not None:
             self._hashed_names -= len(kept[2])
