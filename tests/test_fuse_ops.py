@@ -643,6 +643,6 @@ def test_listings_start_with_dot_and_dot_dot(m):
     assert out[:2] == [".", ".."] and sorted(out[2:]) == ["file", "sub"]
     inos = subprocess.run(["ls", "-ai1", p(m, "d")], capture_output=True, text=True,
                           check=True).stdout.split()
-    by_name = dict(zip(inos[1::2], inos[0::2]))
+    by_name = dict(zip(inos[1::2], inos[0::2], strict=True))
     assert int(by_name["."]) == os.stat(p(m, "d")).st_ino
     assert int(by_name[".."]) == os.stat(m["mnt"]).st_ino

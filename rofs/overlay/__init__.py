@@ -283,6 +283,7 @@ class Overlay(View, CopyUp, Names, Renames, Files):
                 "file_fds": len(self._open_files) - len(self._idle),
                 "idle_fds": len(self._idle), "node_handles": len(self._node_handles),
                 "open_dirs": len(self.dirs), "listed_names": self.listed_names,
+                "kept_listings": len(self._hashed),
                 "dir_fds": len(self.fds),
                 "copy_ups": len(self._copying),
                 "failures_after_commit": self.failures_after_commit,

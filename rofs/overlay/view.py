@@ -228,6 +228,9 @@ class View:
             return
         node.lookups = max(0, node.lookups - count)
         self.table.maybe_drop(node)
+        if node.is_dir and ino in self._hashed and self.table.get(ino) is not node:
+            # gone from the kernel and from the table: its listing (no_open) goes too
+            self._hashed_names -= len(self._hashed.pop(ino)[2])
 
     def trim(self) -> None:
         """After a batch of forgets: hand memory back to the system when the node table
