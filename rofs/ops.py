@@ -487,24 +487,6 @@ class RofsOperations(Operations):
             await self.overlay.set_inode_flags(node, value, req.uid)
         return proto.IOCTL_OUT.pack(0, 0, 0, 0)
 
-    def access(self, req, inode, mask):
-        # Only reached without default_permissions; the kernel checks modes otherwise.
-        attr = self.overlay.getattr(self._node(inode))
-        if not may_access(attr, mask, req.uid, req.gid, _groups(req.pid)):
-            raise FuseError(errno.EACCES)
-
-
-def _groups(pid: int) -> set[int]:
-    """The supplementary groups of a process (from /proc), or none."""
-    try:
-        with open("/proc/%d/status" % pid, "rb") as f:
-            for line in f:
-                if line.startswith(b"Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except OSError:
-        pass
-    return set()
-
 
 class _Record:
     """Records one change in the write log when the handler is done (see _change)."""
@@ -543,19 +525,3 @@ class _NoRecord:
 
 
 _NO_RECORD = _NoRecord()
-
-
-def may_access(attr: Attr, mode: int, uid: int, gid: int, groups) -> bool:
-    """POSIX permission bits check (no ACLs) for access(2)."""
-    if mode == os.F_OK:
-        return True
-    if uid == 0:
-        # root may read and write anything, and execute what anyone may execute.
-        return not (mode & os.X_OK) or stat.S_ISDIR(attr.mode) or bool(attr.mode & 0o111)
-    if attr.uid == uid:
-        bits = (attr.mode >> 6) & 7
-    elif attr.gid == gid or attr.gid in groups:
-        bits = (attr.mode >> 3) & 7
-    else:
-        bits = attr.mode & 7
-    return mode & bits == mode

@@ -465,27 +465,36 @@ def test_readdir_large_and_stable_under_changes(m):
         assert "f%04d" % j in seen
 
 
-def test_statfs_and_fsync(m):
-    st = os.statvfs(m["mnt"])
-    assert st.f_bsize > 0 and st.f_namemax == 255
-    fd = os.open(p(m, "d", "file"), os.O_RDWR)
-    try:
-        os.write(fd, b"z")
-        os.fsync(fd)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(p(m, "d"), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def test_access(m):
-    assert os.access(p(m, "passwd"), os.R_OK | os.W_OK)
-    assert not os.access(p(m, "passwd"), os.X_OK)
-    assert os.access(p(m, "d"), os.X_OK)
+def test_statfs_fsync_and_access(layers):
+    """fsync, fdatasync and a directory's fsync reach the daemon (a "no exception" check
+    would pass with ENOSYS from it too); access(2) is the kernel's (default_permissions)
+    and never reaches it."""
+    from helpers import RofsProcess
+    m = {**layers}
+    proc = RofsProcess(m["mnt"], m["state"], m["lower"], args=("--debug",))
+    with proc:
+        st = os.statvfs(m["mnt"])
+        assert st.f_bsize > 0 and st.f_namemax == 255
+        fd = os.open(p(m, "d", "file"), os.O_RDWR)
+        try:
+            os.write(fd, b"z")
+            os.fsync(fd)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(p(m, "d"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        assert os.access(p(m, "passwd"), os.R_OK | os.W_OK)
+        assert not os.access(p(m, "passwd"), os.X_OK)
+        assert os.access(p(m, "d"), os.X_OK)
+    out = proc.output()
+    calls = [line.split("rofs.fuse.session: ", 1)[1].split("(")[0]
+             for line in out.splitlines() if "rofs.fuse.session: " in line and "(" in line]
+    assert calls.count("fsync") == 2 and calls.count("fsyncdir") == 1, out
+    assert "statfs" in calls and "access" not in calls, out
 
 
 def test_inode_numbers_stable_across_remount(mounted, remount):

@@ -211,25 +211,6 @@ def test_read_after_copy_up_through_old_handle(ov):
     assert run_inline(go()) == b"NEW!\n"
 
 
-def test_may_access_posix_bits(tmp_path):
-    from rofs.ops import may_access
-    from rofs.overlay import Attr
-    path = tmp_path / "f"
-    path.write_text("x")
-    os.chown(path, 1000, 100)
-    os.chmod(path, 0o640)
-    attr = Attr(os.lstat(path), 5, 1)
-    assert may_access(attr, os.R_OK | os.W_OK, 1000, 1000, set())
-    assert not may_access(attr, os.X_OK, 1000, 1000, set())
-    assert may_access(attr, os.R_OK, 2000, 100, set())
-    assert not may_access(attr, os.W_OK, 2000, 100, set())
-    assert may_access(attr, os.R_OK, 2000, 5, {100})
-    assert not may_access(attr, os.R_OK, 2000, 2000, set())
-    assert may_access(attr, os.R_OK | os.W_OK, 0, 0, set())
-    assert not may_access(attr, os.X_OK, 0, 0, set())
-    assert may_access(attr, os.F_OK, 2000, 2000, set())
-
-
 def test_readlink_after_unlink_answers_from_memory(ov):
     """A path walk may ask for a link's target after another process removed it."""
     link = walk(ov, "link")

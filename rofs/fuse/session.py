@@ -599,6 +599,8 @@ class _Logged:
 
     def __getattr__(self, name: str):
         method = getattr(self._ops, name)
+        if not callable(method):
+            return method  # a setting such as opendir_flags
 
         def logged(*args):
             log.debug("%s(%s)", name, ", ".join(_brief(a) for a in args
