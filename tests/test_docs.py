@@ -205,13 +205,15 @@ BLOCKS: dict[str, Block] = {
 
 # What a situation sets up before the block, in the namespace (bash, `set -e`).
 CHANGES = """
+LOG=/var/lib/stateless/state/.rofs/log/etc.jsonl
 echo 10.0.0.1 db >> /etc/hosts
 echo '# changed' >> /etc/ssh/sshd_config
 echo changed-key > /etc/ssh/ssh_host_ed25519_key
 echo other-name > /etc/hostname
 rm /etc/gone-file
 fails sh -c 'echo refused >> /etc/issue'
-sleep 1.5  # the write log is written out every second
+for i in $(seq 200); do grep -qs 'etc/issue"' $LOG && break; sleep 0.05; done
+grep -qs 'etc/issue"' $LOG  # the write log (written every second) has the last change
 """
 MOUNT = ("mkdir -p /var/lib/stateless && printf 'read-only /etc/issue\\n' > /run/ro.policy"
          " && rofs /etc --state /var/lib/stateless/state --policy /run/ro.policy")
