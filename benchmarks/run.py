@@ -543,7 +543,6 @@ def useradd_cycle(root: str, n: int) -> None:
         quiet("userdel", "--prefix", sysroot, "benchuser%d" % i)
 
 
-WORK = tempfile.gettempdir()  # run() sets it: a native scratch dir of the run
 PACKAGE = "rofs-bench-conf"
 CONFFILES = 20
 
@@ -618,7 +617,9 @@ class Workload:
     extra: dict = field(default_factory=dict)
 
 
-def workloads(sizes: Sizes) -> list[Workload]:
+def workloads(sizes: Sizes, work: str) -> list[Workload]:
+    """The workloads; `work` is a native directory of the run's own (the dpkg package
+    and database)."""
     return [
         Workload("walk_cold", "walk + lstat of the tree, cold caches", cold=True,
                  run=lambda r, s, p: walk(r)),
@@ -681,7 +682,7 @@ def workloads(sizes: Sizes) -> list[Workload]:
                  ops=sizes.users),
         Workload("dpkg_cycle", "%d x dpkg -i + --purge of a package of %d conffiles into "
                  "the /etc copy" % (sizes.packages, CONFFILES), writable=True,
-                 prepare=lambda r, s: (build_deb(WORK), dpkg_admindir(WORK)),
+                 prepare=lambda r, s: (build_deb(work), dpkg_admindir(work)),
                  run=lambda r, s, p: dpkg_cycle(r, *p, s.packages), ops=sizes.packages),
     ]
 
@@ -695,9 +696,8 @@ def run(args) -> dict:
         sizes.rounds = args.rounds
     base = args.workdir or os.path.join(tempfile.gettempdir(), "rofs-bench-%s" % (
         "quick" if args.quick else "full"))
-    global WORK
-    WORK = os.path.join(base, "work")
-    os.makedirs(WORK, exist_ok=True)
+    work = os.path.join(base, "work")
+    os.makedirs(work, exist_ok=True)
     lower = os.path.join(base, "lower")
     build_lower(lower, sizes)
     notes = []
@@ -714,7 +714,8 @@ def run(args) -> dict:
             notes.append("%s skipped: %s" % (cls.name, reason))
             continue
         systems.append(fs)
-    chosen = [w for w in workloads(sizes) if not args.workloads or w.name in args.workloads]
+    chosen = [w for w in workloads(sizes, work)
+              if not args.workloads or w.name in args.workloads]
     samples: dict[str, dict[str, list[float]]] = {w.name: {} for w in chosen}
     cpu: dict[str, dict[str, list[float]]] = {w.name: {} for w in chosen}
     rss: dict[str, int] = {}

@@ -303,9 +303,11 @@ class RofsOperations(Operations):
             return
         self._written.add(fh)
         handle = self.overlay.handle(fh)
-        path = self.overlay.path_of(handle.node)
-        self.writelog.record("write", handle.pid, handle.uid, path, None, "ok",
-                             *self._class(path))
+        self._record_write(handle.node, handle.pid, handle.uid)
+
+    def _record_write(self, node, pid: int, uid: int) -> None:
+        path = self.overlay.path_of(node)
+        self.writelog.record("write", pid, uid, path, None, "ok", *self._class(path))
 
     def _wrote_node(self, req, node) -> None:
         """With no_open: log the first write of each process to a file (the most recent
@@ -319,8 +321,7 @@ class RofsOperations(Operations):
         self._written_by[key] = None
         if len(self._written_by) > WRITTEN_BY:
             self._written_by.popitem(last=False)
-        path = self.overlay.path_of(node)
-        self.writelog.record("write", req.pid, req.uid, path, None, "ok", *self._class(path))
+        self._record_write(node, req.pid, req.uid)
 
     def _handle_of(self, inode, fh) -> int:
         """The handle to read by: the kernel's, or with no_open (handle 0) the node's."""

@@ -91,7 +91,13 @@ def site(layers):
 @pytest.fixture
 def mounted(layers):
     """rofs mounted at layers['mnt'] over layers['lower']; checks the daemon stayed sane."""
-    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"])
+    yield from serve(layers)
+
+
+def serve(layers, args: tuple[str, ...] = ()):
+    """For a fixture: yield the layers with `proc`, a rofs serving them with `args`;
+    afterwards, check that it exited cleanly with no internal error."""
+    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"], args)
     proc.start()
     try:
         yield {**layers, "proc": proc}

@@ -1,7 +1,7 @@
-"""--no-open (-o noopen): the kernel opens files without asking rofs (FUSE no_open), so
-an open+read+close of a cached file costs no request.  What an open did moves to the
-first write: the copy-up, the read-only class's EROFS, the immutable and append-only
-checks, the write log's record."""
+"""--no-open (-o noopen): the kernel opens files and directories without asking rofs
+(FUSE no_open, no_opendir), so an open+read+close of a cached file costs no request.
+What an open did moves to the first write: the copy-up, the read-only class's EROFS,
+the immutable and append-only checks, the write log's record."""
 
 import errno
 import json
@@ -9,27 +9,18 @@ import os
 import subprocess
 
 import pytest
+from conftest import serve
 from helpers import RofsProcess, manifest, read_lower
 from helpers import readb as read
 
 pytestmark = pytest.mark.fuse
 
 
-
-
 @pytest.fixture
 def no_open(layers):
     """rofs --no-open --debug (every request logged) over conftest's lower."""
     before = manifest(layers["lower"])
-    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"],
-                       args=("--no-open", "--debug"))
-    proc.start()
-    try:
-        yield {**layers, "proc": proc}
-    finally:
-        status = proc.stop()
-    assert status == 0, proc.output()
-    assert not proc.internal_errors(), proc.output()
+    yield from serve(layers, ("--no-open", "--debug"))
     assert manifest(layers["lower"]) == before, "the lower layer was modified"
 
 

@@ -73,7 +73,7 @@ class OpenFile:
 
 
 class FileHandle:
-    __slots__ = ("fh", "file", "node", "flags", "pid", "uid")
+    __slots__ = ("fh", "file", "node", "flags", "pid", "uid", "checked")
 
     def __init__(self, fh: int, file: OpenFile, node: Node, flags: int, pid: int,
                  uid: int) -> None:
@@ -83,6 +83,9 @@ class FileHandle:
         self.flags = flags
         self.pid = pid  # the opener: write() itself carries no caller
         self.uid = uid
+        # A node handle (no_open): the namespace generation at which writing it was last
+        # found allowed (only a change of names can move it to a read-only path).
+        self.checked = -1
 
     @property
     def fd(self) -> int:

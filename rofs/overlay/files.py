@@ -142,11 +142,12 @@ class Files:
         handle = self._node_handles.get(id(node))
         if handle is None or handle.flags & os.O_ACCMODE != os.O_RDWR or node.prot:
             return None
-        if self.policy is not None:
+        if self.policy is not None and handle.checked != self.generation:
             try:
-                self.check_writable(node)
+                self.check_writable(node)  # a path walk: not again until names change
             except OSError:
                 return None
+            handle.checked = self.generation
         self._node_handles.move_to_end(id(node))
         return handle
 
