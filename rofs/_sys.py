@@ -86,6 +86,7 @@ _renameat2.restype = ctypes.c_int
 
 
 _fallocate = _libc.fallocate
+_syncfs = _libc.syncfs
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 
@@ -190,3 +191,15 @@ def malloc_trim() -> None:
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): everything written to the filesystem holding `fd` reaches its disk
+    (an O_PATH descriptor will not do)."""
+    own = os.open(b"/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _syncfs(own) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    finally:
+        os.close(own)

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from rofs import attic, control, scratch, state, tools
+from rofs import _sys, attic, control, scratch, state, tools
 from rofs import fuse as fuse_channel
 from rofs.fuse import mount as fuse_mount
 from rofs.layers import Markers, UpperLayer, lstat_below
@@ -177,6 +177,13 @@ def run(config: Config) -> int:
     except state.StateError:
         prepared.close()
         raise
+    # What the mount set up (the state dir's files, the mount record, the attic, the
+    # emptied scratch layer) is on disk before the first change is served.
+    try:
+        _sys.syncfs(prepared.upper_fd)
+    except OSError as e:
+        prepared.close()
+        raise MountError("cannot sync the state dir %s: %s" % (config.state, e)) from None
     if config.foreground:
         _setup_logging(config, background=False)
         return _mount_and_serve(config, prepared, markers, ready=None)

@@ -129,6 +129,25 @@ class RofsOperations(Operations):
         return _Record(self, op, req.pid, req.uid, self._path(node, name),
                        self._path(node2, name2) if node2 is not None else None, only_failures)
 
+    def _durable(self, reply=None, node=None, fh: int | None = None):
+        """`reply`, once the change made is on disk (docs/reliability.md): at once when
+        nothing is left to sync.  If the sync fails, the new entry's reference (`node`)
+        and open file (`fh`) are dropped again, and the caller gets EIO."""
+        if self.overlay.settled:
+            return reply
+        return self._settle(reply, node, fh)
+
+    async def _settle(self, reply, node, fh):
+        try:
+            await self.overlay.settle()
+        except OSError:
+            if fh is not None:
+                self.release(None, 0, fh)
+            if node is not None:
+                self.overlay.forget(node.ino, 1)
+            raise
+        return reply
+
     def _absent(self, parent, name: bytes) -> bool:
         try:
             return self.overlay.lookup(parent, name) is None
@@ -192,6 +211,7 @@ class RofsOperations(Operations):
                 atime_ns=now if fields.atime_now else fields.atime_ns,
                 mtime_ns=now if fields.mtime_now else fields.mtime_ns,
                 fh=fields.fh, times_now=now is not None)
+        await self.overlay.settle()  # a copy-up
         return attr_out(new)
 
     def readlink(self, req, inode):
@@ -201,29 +221,31 @@ class RofsOperations(Operations):
         parent = self._node(parent_inode)
         with self._change("mknod", req, parent, name):
             node = self.overlay.mknod(parent, name, mode, rdev, req.uid, req.gid, req.umask)
-        return self._reply_new(node)
+        return self._durable(self._reply_new(node), node)
 
     def mkdir(self, req, parent_inode, name, mode):
         parent = self._node(parent_inode)
         with self._change("mkdir", req, parent, name):
             node = self.overlay.mkdir(parent, name, mode, req.uid, req.gid, req.umask)
-        return self._reply_new(node)
+        return self._durable(self._reply_new(node), node)
 
     def symlink(self, req, parent_inode, name, target):
         parent = self._node(parent_inode)
         with self._change("symlink", req, parent, name):
             node = self.overlay.symlink(parent, name, target, req.uid, req.gid)
-        return self._reply_new(node)
+        return self._durable(self._reply_new(node), node)
 
     async def unlink(self, req, parent_inode, name):
         parent = self._node(parent_inode)
         with self._change("unlink", req, parent, name):
             await self.overlay.unlink(parent, name)
+        await self.overlay.settle()
 
     def rmdir(self, req, parent_inode, name):
         parent = self._node(parent_inode)
         with self._change("rmdir", req, parent, name):
             self.overlay.rmdir(parent, name)
+        return self._durable()
 
     async def rename(self, req, parent_inode_old, name_old, parent_inode_new, name_new,
                      flags):
@@ -234,11 +256,13 @@ class RofsOperations(Operations):
                 # Whether the destination is a new name (for `report --suggest`).
                 record.new = self._absent(dst, name_new)
             await self.overlay.rename(src, name_old, dst, name_new, flags)
+        await self.overlay.settle()
 
     async def link(self, req, inode, new_parent_inode, new_name):
         node, parent = self._node(inode), self.overlay.node(new_parent_inode)
         with self._change("link", req, parent, new_name, node):
             node = await self.overlay.link(node, parent, new_name)
+        await self.overlay.settle()
         return self._reply_new(node)
 
     # ------------------------------------------------------------------ files
@@ -257,7 +281,7 @@ class RofsOperations(Operations):
         with self._change("truncate" if flags & os.O_TRUNC else "open", req, node,
                           only_failures=not flags & os.O_TRUNC):
             handle = await self.overlay.open(node, flags, req.pid, req.uid)
-        return open_out(handle.fh)
+        return await self._settle(open_out(handle.fh), None, handle.fh)  # a copy-up
 
     def create(self, req, parent_inode, name, mode, flags):
         parent = self._node(parent_inode)
@@ -265,7 +289,7 @@ class RofsOperations(Operations):
             handle, node = self.overlay.create(parent, name, mode, flags, req.uid, req.gid,
                                                req.pid, req.umask)
         self._written.add(handle.fh)  # the create says it all
-        return self._reply_new(node) + open_out(handle.fh)
+        return self._durable(self._reply_new(node) + open_out(handle.fh), node, handle.fh)
 
     def read(self, req, inode, fh, offset, size):
         return self.overlay.read(self._handle_of(inode, fh), offset, size)
@@ -284,6 +308,7 @@ class RofsOperations(Operations):
 
     async def _write_through_node(self, req, node, offset, data, flags):
         handle = await self._node_writer(req, node, appending=bool(flags & os.O_APPEND))
+        await self.overlay.settle()  # a copy-up
         return proto.WRITE_OUT.pack(self.overlay.write(handle.fh, offset, data), 0)
 
     async def _node_writer(self, req, node, appending=False):
@@ -334,6 +359,7 @@ class RofsOperations(Operations):
 
     async def _fallocate_node(self, req, node, offset, length, mode):
         handle = await self._node_writer(req, node)
+        await self.overlay.settle()  # a copy-up
         self.overlay.fallocate(handle.fh, offset, length, mode)
 
     def lseek(self, req, inode, fh, offset, whence):
@@ -348,6 +374,7 @@ class RofsOperations(Operations):
             self._wrote(fh_out)
         else:
             fh_out = (await self._node_writer(req, self._node(inode_out))).fh
+            await self.overlay.settle()  # a copy-up
         copied = await self.overlay.copy_file_range(fh_in, off_in, fh_out, off_out, length)
         return proto.WRITE_OUT.pack(copied, 0)
 
@@ -365,6 +392,7 @@ class RofsOperations(Operations):
                 return  # never written through this mount: nothing of it to sync
             fh = handle.fh
         await self.overlay.fsync(fh, datasync)
+        await self.overlay.settle()
 
     # ------------------------------------------------------------ directories
 
@@ -458,11 +486,13 @@ class RofsOperations(Operations):
         node = self._node(inode)
         with self._change("setxattr", req, node):
             await self.overlay.setxattr(node, name, value, flags)
+        await self.overlay.settle()  # a copy-up
 
     async def removexattr(self, req, inode, name):
         node = self._node(inode)
         with self._change("removexattr", req, node):
             await self.overlay.removexattr(node, name)
+        await self.overlay.settle()  # a copy-up
 
     def ioctl(self, req, inode, fh, flags, cmd, in_data, out_size):
         kind = FLAG_IOCTLS.get(cmd)
@@ -486,6 +516,7 @@ class RofsOperations(Operations):
     async def _set_flags(self, req, node, value):
         with self._change("chattr", req, node):
             await self.overlay.set_inode_flags(node, value, req.uid)
+        await self.overlay.settle()  # a copy-up
         return proto.IOCTL_OUT.pack(0, 0, 0, 0)
 
 

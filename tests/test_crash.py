@@ -18,7 +18,7 @@ import sys
 import time
 
 import pytest
-from crashload import BIG, DIRS, SMALL, VICTIMS, state
+from crashload import build, state
 from helpers import ROFS, RofsProcess, manifest
 
 pytestmark = pytest.mark.fuse
@@ -27,19 +27,6 @@ KILLS = int(os.environ.get("ROFS_CRASH_KILLS", "50"))
 SEED = int(os.environ.get("ROFS_CRASH_SEED", "1"))
 REPORT = os.environ.get("ROFS_CRASH_REPORT")
 SCRIPT = os.path.join(os.path.dirname(__file__), "crashload.py")
-
-
-def build(lower):
-    os.makedirs(lower)
-    for name in SMALL + VICTIMS:
-        with open(os.path.join(lower, name), "w") as f:
-            f.write("lower %s\n" % name * 20)
-    for name in BIG:
-        with open(os.path.join(lower, name), "wb") as f:
-            f.write(os.urandom(4 << 20))
-    os.makedirs(os.path.join(lower, DIRS[0], "sub"))
-    with open(os.path.join(lower, DIRS[0], "inside"), "w") as f:
-        f.write("inside\n")
 
 
 class Verifier:

@@ -45,6 +45,7 @@ from rofs.overlay.base import (
     _err,
 )
 from rofs.overlay.copying import CopyUp
+from rofs.overlay.durable import Durable
 from rofs.overlay.files import Files
 from rofs.overlay.names import Names
 from rofs.overlay.renames import Renames
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Attr", "Overlay"]
 
 
-class Overlay(View, CopyUp, Names, Renames, Files):
+class Overlay(View, CopyUp, Names, Renames, Files, Durable):
     """The merged view of `lower_fd` (never written) and `upper_fd` (all changes)."""
 
     def __init__(self, lower_fd: int, upper_fd: int, work_fd: int,
@@ -86,6 +87,12 @@ class Overlay(View, CopyUp, Names, Renames, Files):
         self.table.add_root(self.root)
         self._copying: dict[int, Event] = {}
         self.failures_after_commit = 0  # see _after_commit
+        # Durability (rofs/overlay/durable.py): directories changed since the last
+        # batch of fsyncs, (st_dev, st_ino) -> a duplicate of a descriptor of each; the
+        # last batch started; fsyncs of the state that failed.
+        self._unsynced: dict[tuple[int, int], int] = {}
+        self._sync_tail = None
+        self.sync_failures = 0
         self.files: dict[int, FileHandle] = {}  # fh -> handle
         self._open_files: dict[int, OpenFile] = {}  # fd -> its descriptor's record
         self._readers: dict[int, OpenFile] = {}  # id(node) -> its shared read-only one
@@ -287,4 +294,5 @@ class Overlay(View, CopyUp, Names, Renames, Files):
                 "dir_fds": len(self.fds),
                 "copy_ups": len(self._copying),
                 "failures_after_commit": self.failures_after_commit,
+                "sync_failures": self.sync_failures,
                 "kept_deleted": sum(1 for n in self.table.nodes.values() if n.keep_fd >= 0)}

@@ -99,10 +99,12 @@ class CopyUp:
                 finally:
                     os.close(fd)
             new = os.stat(tmp, dir_fd=work, follow_symlinks=False)
-            renameat2(work, tmp, self.upper_dirfd(parent, layer), name, RENAME_NOREPLACE)
+            up = self.upper_dirfd(parent, layer)
+            renameat2(work, tmp, up, name, RENAME_NOREPLACE)
         except BaseException:
             self._discard(tmp, layer)
             raise
+        self._entries_changed(layer, up)
         node.upper = True
         self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
 
@@ -158,8 +160,9 @@ class CopyUp:
                     os.unlink(key, dir_fd=index)
                     os.link(tmp, key, src_dir_fd=work, dst_dir_fd=index)
                 indexed = True
-            renameat2(work, tmp, self.upper_dirfd(first_parent, layer), first_name,
-                      RENAME_NOREPLACE)
+                self._entries_changed(layer, index)
+            up = self.upper_dirfd(first_parent, layer)
+            renameat2(work, tmp, up, first_name, RENAME_NOREPLACE)
         except BaseException:
             if indexed:
                 os.unlink(key, dir_fd=index)
@@ -168,6 +171,7 @@ class CopyUp:
         # The commit point: the copy is in place.  From here on nothing raises (memory and
         # disk would disagree, and a retry would find the name taken); what fails is
         # logged and counted.
+        self._entries_changed(layer, up)
         if indexed:
             node.index_key, node.nlink_delta = key, unknown
         node.upper = True
@@ -183,8 +187,10 @@ class CopyUp:
             if self.layer_for(parent, name) is not layer:
                 continue
             try:
+                up = self.upper_dirfd(parent, layer)
                 os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent, layer),
-                        dst_dir_fd=self.upper_dirfd(parent, layer), follow_symlinks=False)
+                        dst_dir_fd=up, follow_symlinks=False)
+                self._entries_changed(layer, up)
             except OSError as e:
                 self._after_commit("copy-up of %r: its name %r stays the lower file's "
                                    "after a remount: %s" % (first_name, name, e))

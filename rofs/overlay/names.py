@@ -99,6 +99,7 @@ class Names:
             self._discard(tmp, layer)
             raise
         # The commit point: the entry is in place; nothing below fails the request.
+        self._entries_changed(layer, up)
         if over_whiteout and is_dir:
             try:
                 os.unlink(tmp, dir_fd=work)  # the whiteout, swapped out
@@ -214,6 +215,7 @@ class Names:
             raise _err(errno.EEXIST)
         else:
             os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=up, follow_symlinks=False)
+        self._entries_changed(layer, up)
         self.table.add_link(node, parent, name)
         return node
 
@@ -285,9 +287,15 @@ class Names:
         layer has something under that name."""
         layer = self._lay(node)
         up = self.upper_dirfd(parent, layer)
-        work = layer.work_fd
         if node.is_dir:
             self._drop_mirrors(parent, name, layer)
+        self._remove_upper_entry(parent, name, node, layer, up)
+        self._entries_changed(layer, up)
+
+    def _remove_upper_entry(self, parent: Node, name: bytes, node: Node,
+                            layer: UpperLayer, up: int) -> None:
+        """_remove_entry's change in `layer`, whose directory `up` holds `name`."""
+        work = layer.work_fd
         if not node.upper:  # shown from the lower layer, so the lower has the name
             layer.make_whiteout(up, name)
             return
@@ -339,6 +347,7 @@ class Names:
             up = self.upper_dirfd(parent, layer, create=False)
             if up is not None and layer.try_stat(up, name) is not None:
                 scratch.detach(layer, up, name)
+                self._entries_changed(layer, up)
 
     # ---------------------------------------------------------------- revert
 

@@ -47,6 +47,7 @@ class Renames:
                       dst_name: bytes, flags: int, exchange: bool, prepared: list) -> None:
         """rename's work.  `prepared` holds (tmp, signature, layer) of a copy made for a
         move across layers, which the caller discards unless the move consumed it."""
+        synced = False
         while True:
             src = self.lookup(src_parent, src_name)
             if src is None:
@@ -83,6 +84,16 @@ class Renames:
             if not exchange and dst is not None and self._lower_hard_link(dst):
                 await self.copy_up(dst)
                 continue
+            if not synced:  # the data of the files that get a new name: see durable.py
+                synced = True
+                for node, parent, name in ((src, src_parent, src_name),
+                                           (dst, dst_parent, dst_name) if exchange else
+                                           (None, None, None)):
+                    if node is not None and stat.S_ISREG(node.mode) and \
+                            self._lay(node) is self.upper:
+                        await self._sync_data(self.upper_dirfd(parent, self.upper), name,
+                                              node)
+                continue
             if layer is not self._lay(src) and not prepared and \
                     await self._prepare_across(src, src_parent, src_name, layer, prepared):
                 continue  # the world may have changed while the data was copied
@@ -102,6 +113,8 @@ class Renames:
                 self._mark_moved_dir(dst, dup, dst_name, src_parent, src_name, layer)
                 self._drop_mirrors(dst_parent, dst_name, layer)
             renameat2(sup, src_name, dup, dst_name, RENAME_EXCHANGE)
+            self._entries_changed(layer, sup)
+            self._entries_changed(layer, dup)
             self.table.swap_links(src, src_parent, src_name, dst, dst_parent, dst_name)
             return
         leave_whiteout = self._lower_has(src_parent, src_name)
@@ -122,6 +135,8 @@ class Renames:
         else:
             renameat2(sup, src_name, dup, dst_name, RENAME_WHITEOUT if leave_whiteout else 0)
         # The commit point: what follows does not fail the rename.
+        self._entries_changed(layer, sup)
+        self._entries_changed(layer, dup)
         if dst is not None:
             if dst.is_dir:
                 try:
@@ -215,6 +230,7 @@ class Renames:
         # The commit point: the destination holds the file.  The source name goes now;
         # if it cannot, it stays (a copy, seen at the next lookup: the kernel moves its
         # entry to the destination) and the rename still succeeded.
+        self._entries_changed(layer, dup)
         try:
             self._remove_source(old, sup, src_parent, src_name)
         except OSError as e:
@@ -233,6 +249,7 @@ class Renames:
         lower has something under that name."""
         if not self._lower_has(parent, name):
             os.unlink(name, dir_fd=up)
+            self._entries_changed(layer, up)
             return
         tmp = layer.temp_name()
         layer.make_whiteout(layer.work_fd, tmp)
@@ -241,6 +258,7 @@ class Renames:
         except BaseException:
             self._discard(tmp, layer)
             raise
+        self._entries_changed(layer, up)
 
     def _check_rename(self, src: Node, src_parent: Node, dst: Node | None,
                       dst_parent: Node, exchange: bool) -> None:
@@ -291,8 +309,10 @@ class Renames:
             if node.lower != natural:
                 layer.set_marker(old_parent_fd, old_name, self.markers.redirect,
                                  b"/" + b"/".join(node.lower))
+                self._object_changed(layer, old_parent_fd, old_name)
         elif natural is not None and natural != ():
             layer.set_marker(old_parent_fd, old_name, self.markers.opaque, b"y")
+            self._object_changed(layer, old_parent_fd, old_name)
 
     def _empty_for_replace(self, dir_fd: int, name: bytes, layer: UpperLayer) -> None:
         """An upper directory about to be replaced must be empty on disk.  It is empty in

@@ -202,8 +202,9 @@ class View:
         copy (kept in the index) under this name, so it stays one inode.  When no lower
         name is left outside the upper layer, the index entry is no longer needed."""
         index = layer.index_fd
-        os.link(key, name, src_dir_fd=index, dst_dir_fd=self.upper_dirfd(parent, layer),
-                follow_symlinks=False)
+        up = self.upper_dirfd(parent, layer)
+        os.link(key, name, src_dir_fd=index, dst_dir_fd=up, follow_symlinks=False)
+        self._entries_changed(layer, up)
         path = proc_path(index, key)
         ino = _parse_ino(getxattr_or_none(path, self.markers.ino))[0]
         remaining = _parse_int(getxattr_or_none(path, self.markers.nlink)) - 1
@@ -212,6 +213,7 @@ class View:
         else:
             os.removexattr(path, self.markers.nlink, follow_symlinks=False)
             os.unlink(key, dir_fd=index)
+            self._entries_changed(layer, index)
         node = self.table.get(ino or 0)
         if node is not None and node.index_key == key:
             node.nlink_delta = max(remaining, 0)
