@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from rofs import _sys, attic, control, scratch, state, tools
+from rofs import _sys, attic, control, crash, scratch, state, tools
 from rofs import fuse as fuse_channel
 from rofs.fuse import mount as fuse_mount
 from rofs.layers import Markers, UpperLayer, lstat_below
@@ -141,6 +141,10 @@ def _serve(session: fuse_channel.Session) -> None:
 
 def run(config: Config) -> int:
     """Mount and serve until unmounted.  Raises StateError/MountError before the mount."""
+    try:
+        crash.check()
+    except ValueError as e:
+        raise MountError(str(e)) from None
     _raise_nofile()
     prepared = state.prepare(config.state, config.mountpoint, config.lower, config.overlay,
                              config.userxattr)

@@ -7,7 +7,7 @@ import logging
 import os
 import stat
 
-from rofs import copyup
+from rofs import copyup, crash
 from rofs._sys import FS_APPEND_FL, FS_IMMUTABLE_FL, RENAME_NOREPLACE, add_inode_flags, renameat2
 from rofs.fuse import Event, offload
 from rofs.inodes import Node
@@ -151,9 +151,14 @@ class CopyUp:
                 raise _err(errno.ENOENT)
             links = list(node.links)
             first_parent, first_name = links[0]
-            unknown = st.st_nlink - len(links)
-            if key is not None and unknown > 0:
-                layer.set_marker(work, tmp, self.markers.nlink, b"%d" % unknown)
+            # The other names of a hard link that will join this copy: those known (in
+            # this layer: a link cannot cross layers), linked right after the rename,
+            # and those not known yet, linked when looked up (_materialize).  The index
+            # counts both, so a crash before the known ones are linked splits nothing.
+            others = [(p, n) for p, n in links[1:] if self.layer_for(p, n) is layer]
+            pending = st.st_nlink - len(links) + len(others)
+            if key is not None and pending > 0:
+                layer.set_marker(work, tmp, self.markers.nlink, b"%d" % pending)
                 try:
                     os.link(tmp, key, src_dir_fd=work, dst_dir_fd=index)
                 except FileExistsError:  # left by a crash: the new copy replaces it
@@ -161,6 +166,7 @@ class CopyUp:
                     os.link(tmp, key, src_dir_fd=work, dst_dir_fd=index)
                 indexed = True
                 self._entries_changed(layer, index)
+            crash.point("copy-up:prepared")
             up = self.upper_dirfd(first_parent, layer)
             renameat2(work, tmp, up, first_name, RENAME_NOREPLACE)
         except BaseException:
@@ -172,8 +178,9 @@ class CopyUp:
         # disk would disagree, and a retry would find the name taken); what fails is
         # logged and counted.
         self._entries_changed(layer, up)
+        crash.point("copy-up:placed")
         if indexed:
-            node.index_key, node.nlink_delta = key, unknown
+            node.index_key, node.nlink_delta = key, pending
         node.upper = True
         try:
             new = os.stat(first_name, dir_fd=self.upper_dirfd(first_parent, layer),
@@ -181,19 +188,19 @@ class CopyUp:
             self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
         except OSError as e:
             self._after_commit("copy-up of %r: stat: %s" % (first_name, e))
-        # Lower hard links known under several names stay one inode: link them all (the
-        # names of the same layer: a link cannot cross layers).
-        for parent, name in links[1:]:
-            if self.layer_for(parent, name) is not layer:
-                continue
+        # Lower hard links known under several names stay one inode: link them all.
+        for parent, name in others:
             try:
                 up = self.upper_dirfd(parent, layer)
                 os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent, layer),
                         dst_dir_fd=up, follow_symlinks=False)
                 self._entries_changed(layer, up)
+                crash.point("copy-up:linked")
+                if indexed:
+                    self._index_linked(key, layer, node)
             except OSError as e:
-                self._after_commit("copy-up of %r: its name %r stays the lower file's "
-                                   "after a remount: %s" % (first_name, name, e))
+                self._after_commit("copy-up of %r: its name %r is linked to it at its "
+                                   "first lookup after a remount: %s" % (first_name, name, e))
         try:
             self._repoint_readers(node)
         except OSError as e:

@@ -8,7 +8,7 @@ import logging
 import os
 import stat
 
-from rofs import acl, attic, copyup, scratch
+from rofs import acl, attic, copyup, crash, scratch
 from rofs._sys import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from rofs.inodes import Node
 from rofs.layers import UpperLayer, is_whiteout, open_listable
@@ -89,6 +89,7 @@ class Names:
                 # Whatever the lower has under this name stays hidden.
                 layer.set_marker(work, tmp, self.markers.opaque, b"y")
             st = os.stat(tmp, dir_fd=work, follow_symlinks=False)  # (rename keeps it)
+            crash.point("create:prepared")
             if over_whiteout and is_dir:
                 renameat2(work, tmp, up, name, RENAME_EXCHANGE)
             elif over_whiteout:
@@ -101,6 +102,7 @@ class Names:
         # The commit point: the entry is in place; nothing below fails the request.
         self._entries_changed(layer, up)
         if over_whiteout and is_dir:
+            crash.point("mkdir:swapped")
             try:
                 os.unlink(tmp, dir_fd=work)  # the whiteout, swapped out
             except OSError as e:  # left in the work dir, which the next mount empties
@@ -302,6 +304,7 @@ class Names:
         if self._lower_has(parent, name):
             tmp = layer.temp_name()
             layer.make_whiteout(work, tmp)
+            crash.point("whiteout:prepared")
             try:
                 renameat2(work, tmp, up, name, RENAME_EXCHANGE if node.is_dir else 0)
             except BaseException:

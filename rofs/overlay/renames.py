@@ -7,7 +7,7 @@ import logging
 import os
 import stat
 
-from rofs import copyup
+from rofs import copyup, crash
 from rofs._sys import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
 from rofs.fuse import offload
 from rofs.inodes import Node
@@ -231,6 +231,7 @@ class Renames:
         # if it cannot, it stays (a copy, seen at the next lookup: the kernel moves its
         # entry to the destination) and the rename still succeeded.
         self._entries_changed(layer, dup)
+        crash.point("rename:across-placed")
         try:
             self._remove_source(old, sup, src_parent, src_name)
         except OSError as e:
@@ -305,14 +306,15 @@ class Renames:
         leaves the old place's view unchanged, so a crash before the rename is harmless.
         """
         natural = self._natural_lower(new_parent, new_name)
-        if node.lower is not None:
-            if node.lower != natural:
-                layer.set_marker(old_parent_fd, old_name, self.markers.redirect,
-                                 b"/" + b"/".join(node.lower))
-                self._object_changed(layer, old_parent_fd, old_name)
-        elif natural is not None and natural != ():
+        if node.lower is not None and node.lower != natural:
+            layer.set_marker(old_parent_fd, old_name, self.markers.redirect,
+                             b"/" + b"/".join(node.lower))
+        elif node.lower is None and natural is not None and natural != ():
             layer.set_marker(old_parent_fd, old_name, self.markers.opaque, b"y")
-            self._object_changed(layer, old_parent_fd, old_name)
+        else:
+            return
+        self._object_changed(layer, old_parent_fd, old_name)
+        crash.point("rename:marked")
 
     def _empty_for_replace(self, dir_fd: int, name: bytes, layer: UpperLayer) -> None:
         """An upper directory about to be replaced must be empty on disk.  It is empty in

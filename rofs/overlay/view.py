@@ -10,7 +10,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from rofs import acl, copyup
+from rofs import acl, copyup, crash
 from rofs._sys import malloc_trim, proc_path
 from rofs.fuse import offload
 from rofs.inodes import Node
@@ -205,8 +205,17 @@ class View:
         up = self.upper_dirfd(parent, layer)
         os.link(key, name, src_dir_fd=index, dst_dir_fd=up, follow_symlinks=False)
         self._entries_changed(layer, up)
+        crash.point("materialize:linked")
+        ino = _parse_ino(getxattr_or_none(proc_path(index, key), self.markers.ino))[0]
+        self._index_linked(key, layer, self.table.get(ino or 0))
+
+    def _index_linked(self, key: bytes, layer: UpperLayer, node: Node | None) -> None:
+        """One more name of the indexed hard link `key` is linked in the upper layer:
+        the index serves one name fewer, and none at 0, when its entry goes.  Linking
+        comes first: a crash in between leaves the count one high (st_nlink shows one
+        more), never a name split off its inode."""
+        index = layer.index_fd
         path = proc_path(index, key)
-        ino = _parse_ino(getxattr_or_none(path, self.markers.ino))[0]
         remaining = _parse_int(getxattr_or_none(path, self.markers.nlink)) - 1
         if remaining > 0:
             os.setxattr(path, self.markers.nlink, b"%d" % remaining, follow_symlinks=False)
@@ -214,7 +223,6 @@ class View:
             os.removexattr(path, self.markers.nlink, follow_symlinks=False)
             os.unlink(key, dir_fd=index)
             self._entries_changed(layer, index)
-        node = self.table.get(ino or 0)
         if node is not None and node.index_key == key:
             node.nlink_delta = max(remaining, 0)
             if remaining <= 0:

@@ -1,0 +1,213 @@
+"""A crash between two steps of a change, at a named site (rofs/crash.py,
+ROFS_CRASH_AT=site[:n]): the daemon kills itself there, and the next mount must show the
+change not at all or whole, with `rofs check` finding at most leftovers of interrupted
+operations (which --repair removes).
+
+Each test names its site, makes the change that reaches it, checks that the daemon died
+there (SIGKILL), then remounts and checks the view.  test_every_site_is_tested holds the
+list to rofs.crash.SITES.
+"""
+
+import os
+import re
+import signal
+import subprocess
+
+import pytest
+from helpers import ROFS, RofsProcess, manifest
+
+pytestmark = pytest.mark.fuse
+
+
+def write(path, data):
+    with open(path, "w") as f:
+        f.write(data)
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.fixture
+def site(tmp_path):
+    lower, state, mnt = (str(tmp_path / n) for n in ("lower", "state", "mnt"))
+    os.makedirs(os.path.join(lower, "d"))
+    os.makedirs(mnt)
+    write(os.path.join(lower, "passwd"), "root:x:0:0::/root:/bin/sh\n")
+    write(os.path.join(lower, "victim"), "lower victim\n")
+    write(os.path.join(lower, "d", "inside"), "inside\n")
+    write(os.path.join(lower, "hl-a"), "one inode\n")
+    for name in ("hl-b", "hl-c"):
+        os.link(os.path.join(lower, "hl-a"), os.path.join(lower, name))
+    policy = str(tmp_path / "policy")
+    write(policy, "scratch %s/scratch\n" % os.path.realpath(mnt))
+    before = manifest(lower)
+    yield {"lower": lower, "state": state, "mnt": mnt,
+           "args": ("--policy", policy)}
+    assert manifest(lower) == before, "the lower layer changed"
+
+
+def rofs_check(state, *extra):
+    return subprocess.run(ROFS + ["check", *extra, state], capture_output=True, text=True,
+                          timeout=60)
+
+
+def crash_at(s, where, action, prepare=None):
+    """Mount with ROFS_CRASH_AT=where, run `prepare` then `action` (which must reach the
+    site and get an error from the dead mount), then clean up as an admin would."""
+    daemon = RofsProcess(s["mnt"], s["state"], s["lower"], s["args"],
+                         env={"ROFS_CRASH_AT": where})
+    try:
+        daemon.start()
+        if prepare is not None:
+            prepare(s["mnt"])
+        with pytest.raises(OSError):
+            action(s["mnt"])
+        assert daemon.proc.wait(timeout=20) == -signal.SIGKILL, daemon.output()
+    finally:
+        daemon.stop()
+    found = rofs_check(s["state"])
+    if found.returncode:
+        assert all("left over by an interrupted operation" in line
+                   for line in found.stdout.splitlines()), found.stdout
+        assert rofs_check(s["state"], "--repair").returncode == 0
+    assert rofs_check(s["state"]).returncode == 0
+
+
+def remounted(s):
+    return RofsProcess(s["mnt"], s["state"], s["lower"], s["args"])
+
+
+def p(s, *names):
+    return os.path.join(s["mnt"], *names)
+
+
+def append(mnt, name, data="appended\n"):
+    with open(os.path.join(mnt, name), "a") as f:
+        f.write(data)
+
+
+def test_copy_up_prepared(site):
+    crash_at(site, "copy-up:prepared", lambda m: append(m, "passwd"))
+    with remounted(site):
+        assert read(p(site, "passwd")) == "root:x:0:0::/root:/bin/sh\n"
+
+
+def same_inode(s, names, content):
+    sts = [os.stat(p(s, n)) for n in names]
+    assert len({st.st_ino for st in sts}) == 1, "a hard link was split"
+    assert all(read(p(s, n)) == content for n in names)
+    return sts[0]
+
+
+def test_copy_up_placed_keeps_hard_links_one_inode(site):
+    # All three names known (looked up) before the copy-up: the old code indexed
+    # nothing then, and a crash before the other names were linked split them for good.
+    def look(m):
+        for n in ("hl-a", "hl-b", "hl-c"):
+            os.stat(os.path.join(m, n))
+
+    crash_at(site, "copy-up:placed", lambda m: append(m, "hl-a"), prepare=look)
+    with remounted(site):
+        st = same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\n")
+        assert st.st_nlink == 3
+        append(site["mnt"], "hl-b", "more\n")
+        same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\nmore\n")
+    with remounted(site):
+        assert same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\nmore\n").st_nlink == 3
+
+
+def test_copy_up_linked(site):
+    def look(m):
+        for n in ("hl-a", "hl-b", "hl-c"):
+            os.stat(os.path.join(m, n))
+
+    crash_at(site, "copy-up:linked", lambda m: append(m, "hl-a"), prepare=look)
+    with remounted(site):
+        st = same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\n")
+        # The index still counts the name linked just before the crash (documented).
+        assert st.st_nlink in (3, 4)
+
+
+def test_materialize_linked(site):
+    with remounted(site):  # hl-b and hl-c not known: the index serves them later
+        append(site["mnt"], "hl-a")
+    crash_at(site, "materialize:linked", lambda m: os.stat(os.path.join(m, "hl-b")))
+    with remounted(site):
+        st = same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\nappended\n")
+        assert st.st_nlink in (3, 4)
+
+
+def test_create_prepared(site):
+    crash_at(site, "create:prepared", lambda m: write(os.path.join(m, "new"), "x"))
+    with remounted(site):
+        assert not os.path.exists(p(site, "new"))
+        assert sorted(os.listdir(site["mnt"])) == ["d", "hl-a", "hl-b", "hl-c", "passwd",
+                                                   "victim"]
+
+
+def test_mkdir_over_whiteout_swapped(site):
+    crash_at(site, "mkdir:swapped", lambda m: os.mkdir(os.path.join(m, "victim")),
+             prepare=lambda m: os.unlink(os.path.join(m, "victim")))
+    with remounted(site):
+        assert os.path.isdir(p(site, "victim")) and os.listdir(p(site, "victim")) == []
+
+
+def test_whiteout_prepared(site):
+    crash_at(site, "whiteout:prepared", lambda m: os.unlink(os.path.join(m, "victim")),
+             prepare=lambda m: append(m, "victim"))
+    with remounted(site):
+        assert read(p(site, "victim")) == "lower victim\nappended\n"
+
+
+def test_rename_marked(site):
+    crash_at(site, "rename:marked",
+             lambda m: os.rename(os.path.join(m, "d"), os.path.join(m, "e")),
+             prepare=lambda m: os.chmod(os.path.join(m, "d"), 0o750))
+    with remounted(site):
+        assert read(p(site, "d", "inside")) == "inside\n"
+        assert not os.path.exists(p(site, "e"))
+        site_rename = os.path.join(site["mnt"], "e")
+        os.rename(p(site, "d"), site_rename)  # and the rename still works
+        assert read(p(site, "e", "inside")) == "inside\n"
+
+
+def test_rename_across_classes_placed(site):
+    # passwd's cycle with its temporary in a scratch directory: the destination is in
+    # place when the daemon dies; the scratch source goes with the next mount.
+    def prepare(m):
+        os.mkdir(os.path.join(m, "scratch"))
+        write(os.path.join(m, "scratch", "npasswd"), "new passwd\n")
+
+    crash_at(site, "rename:across-placed",
+             lambda m: os.rename(os.path.join(m, "scratch", "npasswd"),
+                                 os.path.join(m, "passwd")), prepare=prepare)
+    with remounted(site):
+        assert read(p(site, "passwd")) == "new passwd\n"
+        assert not os.path.exists(p(site, "scratch", "npasswd"))
+
+
+def test_n_th_time(site):
+    # site:n crashes the n-th time: the first create goes through.
+    crash_at(site, "create:prepared:2", lambda m: write(os.path.join(m, "second"), "2"),
+             prepare=lambda m: write(os.path.join(m, "first"), "1"))
+    with remounted(site):
+        assert read(p(site, "first")) == "1" and not os.path.exists(p(site, "second"))
+
+
+def test_unknown_site_is_refused(site):
+    daemon = RofsProcess(site["mnt"], site["state"], site["lower"],
+                         env={"ROFS_CRASH_AT": "copy-up:nowhere"})
+    try:
+        with pytest.raises(RuntimeError, match="no such crash point"):
+            daemon.start()
+    finally:
+        daemon.stop()
+
+
+def test_every_site_is_tested():
+    from rofs import crash
+    with open(__file__) as f:
+        tested = set(re.findall(r'crash_at\(site, "([a-z:-]+?)(?::\d+)?"', f.read()))
+    assert tested == set(crash.SITES)
