@@ -69,18 +69,20 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         offset += n
 
 
-def copy_xattrs(src: bytes | int, dst: bytes | int, is_private, *,
-                symlink: bool = False) -> None:
+def copy_xattrs(src: bytes | int, dst: bytes | int, is_private) -> None:
     """Copy every xattr but rofs's markers (`is_private`).  src/dst: path or fd.
 
-    Paths are used with follow_symlinks=False.  Names the destination refuses
-    (user.* on a symlink, security.* without the module) are skipped with a note.
+    Paths are used with follow_symlinks=False.  Every xattr the destination can hold is
+    copied, or the copy fails (OSError naming the xattr): a file capability or an ACL
+    dropped would change what the file lets others do.  Only a namespace the state
+    filesystem does not support at all (ENOTSUP for security.* without the module, say)
+    is skipped, with a warning.
     """
     follow = isinstance(src, int)
     try:
         names = os.listxattr(src, follow_symlinks=follow)
     except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EPERM):
+        if e.errno == errno.ENOTSUP:  # a lower filesystem without xattrs
             return
         raise
     for name in names:
@@ -98,11 +100,13 @@ def copy_xattrs(src: bytes | int, dst: bytes | int, is_private, *,
         except OSError as e:
             # An ACL is never dropped: a deny entry lost would open the copy to whom
             # the original kept out.
-            if e.errno in (errno.ENOTSUP, errno.EPERM) and (symlink or not bname.startswith(
-                    (b"trusted.", b"user.", b"system.posix_acl_"))):
-                log.info("copy-up: xattr %r not copied: %s", bname, e.strerror)
+            if e.errno == errno.ENOTSUP and not bname.startswith(
+                    (b"trusted.", b"user.", b"system.posix_acl_")):
+                log.warning("copy-up: the state filesystem cannot hold xattr %r: not "
+                            "copied", bname)
                 continue
-            raise
+            log.error("copy-up: cannot copy xattr %r: %s", bname, e.strerror)
+            raise OSError(e.errno, "%s (xattr %r)" % (e.strerror, bname)) from None
 
 
 # Root gives every object the owner it should have.  Another user can only own what it
@@ -137,7 +141,7 @@ def copy_meta(src_st: os.stat_result, dst: bytes | int, is_private,
     if not symlink:
         os.chmod(dst, stat.S_IMODE(src_st.st_mode))
     if src_xattrs is not None:
-        copy_xattrs(src_xattrs, dst, is_private, symlink=symlink)
+        copy_xattrs(src_xattrs, dst, is_private)
     for name, value in (extra or {}).items():
         try:
             os.setxattr(dst, name, value, follow_symlinks=follow)

@@ -1,16 +1,30 @@
-"""Named crash points, for tests: `ROFS_CRASH_AT=site[:n]` makes the daemon kill itself
-(SIGKILL, nothing flushed, nothing cleaned up) the n-th time (default: the first) it
-reaches `site`, so a test can crash it exactly between two steps of a change and check
-what the next mount shows (tests/test_crash_points.py).
+"""Crashes and failures on purpose, for tests.  Both are off unless their variable is set.
 
-Unset, as in production, a crash point is one comparison.  An unknown site name is an
-error at mount (`check`), so a typo cannot make a test pass by never crashing.
+Crash points: `ROFS_CRASH_AT=site[:n]` makes the daemon kill itself (SIGKILL, nothing
+flushed, nothing cleaned up) the n-th time (default: the first) it reaches `site`, so a
+test can crash it exactly between two steps of a change and check what the next mount
+shows (tests/test_crash_points.py).  Unset, a crash point is one comparison.  An
+unknown site name is an error at mount (`check`), so a typo cannot make a test pass by
+never crashing.
+
+Injected failures: `ROFS_FAIL_AT=FILE` (`install_failures`).  On SIGUSR2 the daemon
+reads `CALL N ERRNO` from FILE (CALL an os function such as fsync or setxattr, or
+renameat2) and logs "armed"; from then on the N-th call of CALL made by the request
+loop or its worker threads fails once with ERRNO (logged "injected").  So a test can
+fail each system call of a change in turn, through a real mount
+(tests/test_failure_paths.py).  Unset, nothing is wrapped.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import signal
+import sys
+import threading
+
+log = logging.getLogger(__name__)
 
 # Every site, and where it is (docs/reliability.md lists what each test checks).
 SITES = {
@@ -57,3 +71,62 @@ def point(site: str) -> None:
     _seen += 1
     if _seen == _at[1]:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# What ROFS_FAIL_AT can fail: the calls that change or read the layers.
+FAILABLE = ("open", "stat", "fstat", "mkdir", "mknod", "symlink", "readlink", "link",
+            "unlink", "rmdir", "chmod", "chown", "utime", "setxattr", "getxattr",
+            "listxattr", "removexattr", "fsync", "fdatasync", "copy_file_range", "sendfile",
+            "ftruncate", "truncate", "pwrite", "lseek", "scandir", "dup", "renameat2")
+
+
+class _Failure:
+    def __init__(self) -> None:
+        self.call: str | None = None
+        self.left = 0
+        self.code = 0
+
+
+def install_failures() -> None:
+    """Wrap the FAILABLE calls and arm on SIGUSR2, if $ROFS_FAIL_AT names a file."""
+    path = os.environ.get("ROFS_FAIL_AT")
+    if not path:
+        return
+    from rofs import _sys
+    failure = _Failure()
+
+    def arm(signum, frame) -> None:
+        with open(path) as f:
+            call, n, code = f.read().split()
+        if call not in FAILABLE:
+            log.error("ROFS_FAIL_AT: %s cannot be failed", call)
+            return
+        failure.call, failure.left, failure.code = call, int(n), getattr(errno, code)
+        log.warning("armed: call %s of %s fails with %s", n, call, code)
+
+    def wrap(call: str, original):
+        def failing(*args, **kwargs):
+            if failure.call == call and threading.current_thread().name.startswith(
+                    ("MainThread", "rofs-io")):
+                failure.left -= 1
+                if failure.left == 0:
+                    failure.call = None
+                    log.warning("injected: %s%r fails with %s", call, args,
+                                errno.errorcode[failure.code])
+                    raise OSError(failure.code, os.strerror(failure.code) + " (injected)")
+            return original(*args, **kwargs)
+        return failing
+
+    for call in FAILABLE:
+        original = getattr(_sys if call == "renameat2" else os, call)
+        failing = wrap(call, original)
+        # Wherever the function is reachable: os.open for every module, and names
+        # imported on their own (from rofs._sys import renameat2).
+        for module in list(sys.modules.values()):
+            if module is None or not getattr(module, "__name__", "").startswith(
+                    ("rofs", "os")):
+                continue
+            for attr, value in list(vars(module).items()):
+                if value is original:
+                    setattr(module, attr, failing)
+    signal.signal(signal.SIGUSR2, arm)

@@ -343,6 +343,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
             hint = (" (/dev/fuse is not open to uid %d; distributions make it mode 0666, "
                     "and fusermount3 does the mount)" % os.geteuid())
         raise MountError("cannot mount %s: %s%s" % (config.mountpoint, e, hint)) from None
+    crash.install_failures()  # (tests only)
     fault = os.environ.get("ROFS_FAULT_NAME")
     session = fuse_channel.Session(fd, ops, want=ops.want,
                                    fault_name=os.fsencode(fault) if fault else None)

@@ -129,23 +129,15 @@ class RofsOperations(Operations):
         return _Record(self, op, req.pid, req.uid, self._path(node, name),
                        self._path(node2, name2) if node2 is not None else None, only_failures)
 
-    def _durable(self, reply=None, node=None, fh: int | None = None):
+    def _durable(self, reply=None):
         """`reply`, once the change made is on disk (docs/reliability.md): at once when
-        nothing is left to sync.  If the sync fails, the new entry's reference (`node`)
-        and open file (`fh`) are dropped again, and the caller gets EIO."""
+        nothing is left to sync."""
         if self.overlay.settled:
             return reply
-        return self._settle(reply, node, fh)
+        return self._settle(reply)
 
-    async def _settle(self, reply, node, fh):
-        try:
-            await self.overlay.settle()
-        except OSError:
-            if fh is not None:
-                self.release(None, 0, fh)
-            if node is not None:
-                self.overlay.forget(node.ino, 1)
-            raise
+    async def _settle(self, reply):
+        await self.overlay.settle()
         return reply
 
     def _absent(self, parent, name: bytes) -> bool:
@@ -221,19 +213,19 @@ class RofsOperations(Operations):
         parent = self._node(parent_inode)
         with self._change("mknod", req, parent, name):
             node = self.overlay.mknod(parent, name, mode, rdev, req.uid, req.gid, req.umask)
-        return self._durable(self._reply_new(node), node)
+        return self._durable(self._reply_new(node))
 
     def mkdir(self, req, parent_inode, name, mode):
         parent = self._node(parent_inode)
         with self._change("mkdir", req, parent, name):
             node = self.overlay.mkdir(parent, name, mode, req.uid, req.gid, req.umask)
-        return self._durable(self._reply_new(node), node)
+        return self._durable(self._reply_new(node))
 
     def symlink(self, req, parent_inode, name, target):
         parent = self._node(parent_inode)
         with self._change("symlink", req, parent, name):
             node = self.overlay.symlink(parent, name, target, req.uid, req.gid)
-        return self._durable(self._reply_new(node), node)
+        return self._durable(self._reply_new(node))
 
     async def unlink(self, req, parent_inode, name):
         parent = self._node(parent_inode)
@@ -281,7 +273,8 @@ class RofsOperations(Operations):
         with self._change("truncate" if flags & os.O_TRUNC else "open", req, node,
                           only_failures=not flags & os.O_TRUNC):
             handle = await self.overlay.open(node, flags, req.pid, req.uid)
-        return await self._settle(open_out(handle.fh), None, handle.fh)  # a copy-up
+        await self.overlay.settle()  # a copy-up
+        return open_out(handle.fh)
 
     def create(self, req, parent_inode, name, mode, flags):
         parent = self._node(parent_inode)
@@ -289,7 +282,7 @@ class RofsOperations(Operations):
             handle, node = self.overlay.create(parent, name, mode, flags, req.uid, req.gid,
                                                req.pid, req.umask)
         self._written.add(handle.fh)  # the create says it all
-        return self._durable(self._reply_new(node) + open_out(handle.fh), node, handle.fh)
+        return self._durable(self._reply_new(node) + open_out(handle.fh))
 
     def read(self, req, inode, fh, offset, size):
         return self.overlay.read(self._handle_of(inode, fh), offset, size)
@@ -392,7 +385,7 @@ class RofsOperations(Operations):
                 return  # never written through this mount: nothing of it to sync
             fh = handle.fh
         await self.overlay.fsync(fh, datasync)
-        await self.overlay.settle()
+        await self.overlay.settle(strict=True)
 
     # ------------------------------------------------------------ directories
 
@@ -456,11 +449,13 @@ class RofsOperations(Operations):
     async def fsyncdir(self, req, inode, fh, datasync):
         if not fh:  # a directory the kernel opened itself (no_open)
             await self.overlay.fsyncdir(self._node(inode), datasync)
+            await self.overlay.settle(strict=True)
             return
         handle = self.overlay.dirs.get(fh)
         if handle is None:
             raise FuseError(errno.EBADF)
         await self.overlay.fsyncdir(handle.node, datasync)
+        await self.overlay.settle(strict=True)
 
     # ------------------------------------------------------------------- misc
 

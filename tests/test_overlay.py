@@ -128,9 +128,9 @@ def test_concurrent_copy_ups_happen_once(ov):
     calls = []
     real = ov._copy_up_file
 
-    async def counting(n, limit):
+    async def counting(n, limit, keep):
         calls.append(n)
-        await real(n, limit)
+        await real(n, limit, keep)
 
     ov._copy_up_file = counting
 

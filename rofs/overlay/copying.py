@@ -23,10 +23,14 @@ class CopyUp:
 
     # ---------------------------------------------------------------- copy-up
 
-    async def copy_up(self, node: Node, *, data_limit: int | None = None) -> None:
+    async def copy_up(self, node: Node, *, data_limit: int | None = None,
+                      keep: bool = False) -> int | None:
         """Give `node` (and its parents) an upper copy, once, atomically.
 
         `data_limit` bounds the bytes copied (a truncate or O_TRUNC needs fewer or none).
+        `keep`: return a read-write descriptor of a regular file's copy, opened before it
+        was renamed into place (an O_TRUNC open's: once the empty copy is in place, its
+        open cannot fail), or None if another request made the copy.
         """
         while not node.upper:
             if node.is_dir:
@@ -41,10 +45,11 @@ class CopyUp:
             done = Event()
             self._copying[node.ino] = done
             try:
-                await self._copy_up_file(node, data_limit)
+                return await self._copy_up_file(node, data_limit, keep)
             finally:
                 del self._copying[node.ino]
                 done.set()
+        return None
 
     async def copy_up_unlinked(self, node: Node) -> None:
         """The copy-up of a lower file removed while open (with no_open rofs does not see
@@ -121,7 +126,8 @@ class CopyUp:
             (b"i" if flags & FS_IMMUTABLE_FL else b"")
         return {self.markers.protattr: value} if value else {}
 
-    async def _copy_up_file(self, node: Node, data_limit: int | None) -> None:
+    async def _copy_up_file(self, node: Node, data_limit: int | None,
+                            keep: bool = False) -> int | None:
         st = self.lower.stat(node.lower)
         layer = self._lay(node)
         work = layer.work_fd
@@ -132,12 +138,13 @@ class CopyUp:
         key = _index_key(st) if st.st_nlink > 1 and index is not None else None
         extra = {self.markers.ino: b"%d %s" % (node.ino, key) if key else b"%d" % node.ino}
         indexed = False
+        kept = None
         try:
             if stat.S_ISREG(st.st_mode):
                 flags = self._lower_flags(node)
                 extra.update(self._protattr(flags))
-                await self._copy_regular(node, st, tmp, data_limit, extra, layer,
-                                         flags & COPIED_FLAGS)
+                kept = await self._copy_regular(node, st, tmp, data_limit, extra, layer,
+                                                flags & COPIED_FLAGS, keep)
             elif stat.S_ISLNK(st.st_mode):
                 os.symlink(self.lower.readlink(node.lower), tmp, dir_fd=work)
                 copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
@@ -170,6 +177,8 @@ class CopyUp:
             up = self.upper_dirfd(first_parent, layer)
             renameat2(work, tmp, up, first_name, RENAME_NOREPLACE)
         except BaseException:
+            if kept is not None:
+                os.close(kept)
             if indexed:
                 os.unlink(key, dir_fd=index)
             self._discard(tmp, layer)
@@ -205,6 +214,7 @@ class CopyUp:
             self._repoint_readers(node)
         except OSError as e:
             self._after_commit("copy-up of %r: open readers: %s" % (first_name, e))
+        return kept
 
     def _after_commit(self, message: str) -> None:
         """A failure after a change was committed to disk: the change stands."""
@@ -213,12 +223,13 @@ class CopyUp:
 
     async def _copy_regular(self, node: Node, st: os.stat_result, tmp: bytes,
                             data_limit: int | None, extra: dict[bytes, bytes],
-                            layer: UpperLayer, flags: int) -> None:
+                            layer: UpperLayer, flags: int, keep: bool = False) -> int | None:
+        """The copy of a regular file, made in the work dir; its descriptor if `keep`."""
         size = st.st_size if data_limit is None else min(st.st_size, data_limit)
         src = self.lower.open(node.lower) if size else -1
         try:
-            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=layer.work_fd)
+            dst = os.open(tmp, (os.O_RDWR if keep else os.O_WRONLY) | os.O_CREAT | os.O_EXCL
+                          | os.O_CLOEXEC, 0o600, dir_fd=layer.work_fd)
             try:
                 if size > INLINE_COPY:
                     await offload(copyup.copy_data, src, dst, size)
@@ -230,11 +241,16 @@ class CopyUp:
                 if flags:
                     add_inode_flags(dst, flags)
                 await offload(os.fsync, dst)
-            finally:
+            except BaseException:
                 os.close(dst)
+                raise
+            if not keep:
+                os.close(dst)
+                dst = None
         finally:
             if src >= 0:
                 os.close(src)
+        return dst
 
     def _repoint_readers(self, node: Node) -> None:
         """Read-only handles opened before the copy-up now read the upper copy (an idle

@@ -90,32 +90,36 @@ class Durable:
         """Nothing left to sync and no batch running: a reply can go out at once."""
         return not self._unsynced and self._sync_tail is None
 
-    def settle(self):
-        """An awaitable, done when every change made so far is on disk; EIO (logged) if
-        an fsync of the state failed.  Await it at once (it holds later batches)."""
+    def settle(self, strict: bool = False):
+        """An awaitable, done when every change made so far is on disk.  Await it at
+        once (it holds later batches).  If an fsync of the state failed, that is logged
+        and counted; `strict` (fsync and fsyncdir requests) raises EIO too.  A change
+        does not: it was made, and the kernel's view of it must stay what the disk has
+        (an error reply to an unlink would leave the kernel showing the name), like
+        every failure after a change's commit point."""
         fds = list(self._unsynced.values())
         self._unsynced.clear()
         batch = _Batch()
         previous, self._sync_tail = self._sync_tail, batch
-        return self._run_batch(fds, previous, batch)
+        return self._run_batch(fds, previous, batch, strict)
 
     async def _run_batch(self, fds: list[int], previous: _Batch | None,
-                         batch: _Batch) -> None:
+                         batch: _Batch, strict: bool) -> None:
         try:
             if fds:
                 await offload(_fsync_all, fds)
         except OSError as e:
             batch.error = e
+            self.sync_failures += 1
+            log.error("fsync of the state failed: %s (the change is made but may not "
+                      "survive a power loss)", e)
         if previous is not None:
             await previous.done.wait()
             batch.error = batch.error or previous.error
         batch.done.set()
         if self._sync_tail is batch:
             self._sync_tail = None
-        if batch.error is not None:
-            self.sync_failures += 1
-            log.error("fsync of the state failed: %s (the change is made but may not "
-                      "survive a power loss)", batch.error)
+        if strict and batch.error is not None:
             raise _err(errno.EIO)
 
     async def _sync_data(self, dir_fd: int, name: bytes, node) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 
@@ -96,9 +97,34 @@ class Files:
         self.check_writable(node)
         self.check_unprotected(node, appending=flags & os.O_APPEND and
                                not flags & os.O_TRUNC)
-        if not node.upper:
-            await self.copy_up(node, data_limit=0 if flags & os.O_TRUNC else None)
+        if not node.upper and flags & os.O_TRUNC:
+            # The empty copy is opened before it is in place: an open that failed after
+            # it would leave the file emptied.
+            fd = await self.copy_up(node, data_limit=0, keep=True)
+            if fd is not None:
+                return self._register(self._with_flags(fd, flags), node, flags, False, pid,
+                                      uid)
+        elif not node.upper:
+            await self.copy_up(node)
         return self._open(node, flags, pid, uid, True)
+
+    @staticmethod
+    def _with_flags(fd: int, flags: int) -> int:
+        """A kept copy's read-write descriptor, with what the open asked for: O_APPEND
+        and O_NONBLOCK are set on it; O_SYNC and O_DSYNC need a new open (if that fails,
+        writes through it are not synchronous: logged)."""
+        if flags & (os.O_APPEND | os.O_NONBLOCK):
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & (os.O_APPEND | os.O_NONBLOCK))
+        if flags & (os.O_SYNC | os.O_DSYNC):
+            try:
+                new = os.open(b"/proc/self/fd/%d" % fd, flags & ~os.O_TRUNC | os.O_CLOEXEC)
+            except OSError as e:
+                log.error("open with O_SYNC after a copy-up: %s (writes are not "
+                          "synchronous)", e)
+                return fd
+            os.close(fd)
+            return new
+        return fd
 
     def _open(self, node: Node, flags: int, pid: int, uid: int, writing: bool) -> FileHandle:
         # Read-only opens with no flag that changes how reads behave share a descriptor.

@@ -152,10 +152,11 @@ class View:
                 try:
                     self._materialize(parent, name, key, layer)
                 except OSError as e:
-                    # Still reachable, with its lower content, under its own number.
+                    # The lookup fails (the next one tries again): shown from the lower,
+                    # the name would be another inode, with the content of before.
                     log.warning("cannot link %r to its copied-up hard link: %s", name, e)
-                else:
-                    return self._resolve(parent, name)
+                    raise
+                return self._resolve(parent, name)
         node = self.table.find_or_add(parent, name, st.st_mode, upper=False,
                                       lower=parent.lower + (name,),
                                       backing=("L", st.st_dev, st.st_ino))
