@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
 import stat
 from collections import OrderedDict
 from collections.abc import Hashable
 
 from rofs._sys import get_inode_flags, open_noatime, proc_path
+
+log = logging.getLogger(__name__)
 
 DIR_OPEN_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -335,12 +338,18 @@ def is_whiteout(st: os.stat_result) -> bool:
 
 
 def getxattr_or_none(path: bytes, name: bytes) -> bytes | None:
+    """A marker's value, None if the object has none.  A marker that cannot be read is
+    an error (EIO, logged), never "absent": an opaque or redirect marker taken for
+    absent would show lower content the state hides."""
     try:
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+        if e.errno == errno.ENODATA:
             return None
-        raise
+        log.error("cannot read %s of %s: %s", name.decode(errors="replace"),
+                  os.fsdecode(path), e.strerror)
+        raise OSError(errno.EIO, "%s (marker %s)" % (e.strerror, name.decode(
+            errors="replace"))) from None
 
 
 class UpperLayer:

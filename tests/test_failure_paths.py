@@ -12,6 +12,7 @@ fsync and reads with EIO, listxattr with EPERM, everything else with ENOSPC.
 import errno
 import hashlib
 import os
+import signal
 import subprocess
 import time
 
@@ -74,6 +75,11 @@ def with_xattr(path):
     return look
 
 
+def owner_mode(path):
+    st = os.stat(path)
+    return st.st_uid, st.st_gid, st.st_mode
+
+
 def one(path):
     return lambda mnt, i: state(os.path.join(mnt, path % i))
 
@@ -117,6 +123,11 @@ CHANGES = {
         lambda m, i: linked(m, "hl", i),
         lambda i: ((digest(linked_of("hl", i)),) * 3, True),
         lambda i: ((digest(linked_of("hl", i) + "+"),) * 3, True)),
+    # chown of a setuid file: the kernel sends the new owner and the mode without the
+    # setuid bit in one SETATTR; both or neither.
+    "chown-setuid": (None, lambda m, i: os.chown(os.path.join(m, "su%d" % i), 1, 1),
+                     lambda m, i: owner_mode(os.path.join(m, "su%d" % i)),
+                     lambda i: (0, 0, 0o104755), lambda i: (1, 1, 0o100755)),
     # A name of a copied-up hard link met for the first time: linked to the copy.  If
     # that fails, the lookup fails (the next one tries again): it must never show the
     # lower file's old content under its own inode number.
@@ -135,6 +146,8 @@ def build(lower):
         for kind in ("cu", "tr", "wl", "wu", "cc"):
             write(os.path.join(lower, "%s%d" % (kind, i)), lower_of(kind, i))
         os.setxattr(os.path.join(lower, "cu%d" % i), "user.note", b"kept")
+        write(os.path.join(lower, "su%d" % i), "setuid\n")
+        os.chmod(os.path.join(lower, "su%d" % i), 0o4755)
         for kind in ("hl", "hm"):
             a, b, c = names(lower, kind, i)
             write(a, linked_of(kind, i))
@@ -142,11 +155,12 @@ def build(lower):
             os.link(a, c)
 
 
-def arm(daemon, spec_file, call, n):
+def arm(daemon, spec_file, call, n, code=None):
+    """Have the daemon fail the n-th call of `call` from now on (n = 0: none)."""
     with open(spec_file, "w") as f:
-        f.write("%s %d %s\n" % (call, n, CODES.get(call, "ENOSPC")))
+        f.write("%s %d %s\n" % (call, n, code or CODES.get(call, "ENOSPC")))
     before = daemon.output().count("armed:")
-    daemon.proc.send_signal(10 + 2)  # SIGUSR2
+    daemon.proc.send_signal(signal.SIGUSR2)
     deadline = time.monotonic() + 10
     while daemon.output().count("armed:") == before:
         assert time.monotonic() < deadline, "the daemon did not arm"
@@ -220,3 +234,51 @@ def test_each_call_failing(tmp_path, change):
             assert look(mnt, j) == expected, (change, what[j], "after a remount")
     assert manifest(lower) == before
     assert fired, "no call was ever failed: the injection does not work"
+
+
+def test_unreadable_marker_is_an_error(tmp_path):
+    """An opaque directory whose marker cannot be read (EPERM, ENOTSUP) is an error
+    (EIO), never a directory that shows the lower content it hides."""
+    lower, st, mnt = (str(tmp_path / n) for n in ("lower", "state", "mnt"))
+    count = 12
+    for i in range(count):
+        os.makedirs(os.path.join(lower, "op%d" % i))
+        write(os.path.join(lower, "op%d" % i, "hidden"), "lower\n")
+    os.makedirs(mnt)
+    spec = str(tmp_path / "fail-at")
+    with RofsProcess(mnt, st, lower):
+        for i in range(count):  # replaced by an empty directory: opaque
+            os.unlink(os.path.join(mnt, "op%d" % i, "hidden"))
+            os.rmdir(os.path.join(mnt, "op%d" % i))
+            os.mkdir(os.path.join(mnt, "op%d" % i))
+    errors = 0
+    with RofsProcess(mnt, st, lower, env={"ROFS_FAIL_AT": spec}) as daemon:
+        for i in range(count):  # each directory looked up for the first time
+            arm(daemon, spec, "getxattr", i // 2 + 1, ("EPERM", "ENOTSUP")[i % 2])
+            try:
+                listed = os.listdir(os.path.join(mnt, "op%d" % i))
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+                errors += 1
+            else:
+                assert listed == [], "an opaque directory shows what it hides"
+        arm(daemon, spec, "open", 0)
+        for i in range(count):
+            assert os.listdir(os.path.join(mnt, "op%d" % i)) == []
+    assert errors, "no marker read was failed"
+    assert "cannot read trusted.overlay.opaque" in daemon.output()
+
+
+def test_internal_errno_is_logged(tmp_path):
+    """EBADF or ELOOP from rofs's own calls is a bug: logged as an internal error."""
+    lower, st, mnt = (str(tmp_path / n) for n in ("lower", "state", "mnt"))
+    os.makedirs(lower)
+    os.makedirs(mnt)
+    write(os.path.join(lower, "file"), "data\n")
+    spec = str(tmp_path / "fail-at")
+    with RofsProcess(mnt, st, lower, env={"ROFS_FAIL_AT": spec}) as daemon:
+        arm(daemon, spec, "open", 1, "EBADF")
+        with pytest.raises(OSError) as failed:
+            write(os.path.join(mnt, "file"), "x", "a")
+        assert failed.value.errno == errno.EBADF
+    assert any("internal error" in line for line in daemon.output().splitlines())

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 MAX_WRITE = 1 << 20  # bytes per WRITE request (256 pages)
 MAX_PAGES = MAX_WRITE // 4096
 WORKERS = 16  # threads for offloaded work (copy-ups of big files, fsync)
+# Errnos no caller can cause: rofs works on its own descriptors, one name at a time with
+# O_NOFOLLOW (the kernel resolves symlinks), so these mean a bug in rofs.
+SUSPECT = frozenset((errno.EBADF, errno.ELOOP, errno.EFAULT, errno.ENOTSOCK))
 
 
 class FuseError(OSError):
@@ -334,6 +337,14 @@ class Session:
         return False
 
     def _fail(self, req: Request, opcode: int, e: BaseException) -> None:
+        if isinstance(e, OSError) and e.errno in SUSPECT and not isinstance(e, FuseError):
+            # A descriptor rofs lost or a symlink it followed: a bug, not the caller's
+            # doing, whatever the errno says.  Answered with it, but logged as internal.
+            self.internal_errors += 1
+            log.error("internal error in %s: %s", _METHOD.get(opcode, opcode), e,
+                      exc_info=e)
+            self.reply_error(req.unique, e.errno)
+            return
         if isinstance(e, OSError):
             if self.debug:
                 log.debug("#%d -> %s", req.unique, errno.errorcode.get(e.errno, e.errno))

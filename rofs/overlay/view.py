@@ -268,8 +268,9 @@ class View:
             return self.lower.stat(node.lower)
         raise _err(errno.ENOENT)
 
-    def getattr(self, node: Node) -> Attr:
-        st = self._stat(node)
+    def getattr(self, node: Node, st: os.stat_result | None = None) -> Attr:
+        if st is None:
+            st = self._stat(node)
         nlink = st.st_nlink
         if node.is_dir:
             if node.upper and node.lower is not None:
@@ -313,23 +314,65 @@ class View:
             self.check_unprotected(node, appending=times_now)
         if any(v is not None for v in (mode, uid, gid, size, atime_ns, mtime_ns)):
             await self.copy_up(node, data_limit=size)
+            if size is not None and node.is_dir:
+                raise _err(errno.EISDIR)
             target, follow = self._upper_target(node, fh)
-            if size is not None:
-                if node.is_dir:
-                    raise _err(errno.EISDIR)
-                os.truncate(target, size)
-            if uid is not None or gid is not None:
-                os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
-                         follow_symlinks=follow)
-            if mode is not None and not stat.S_ISLNK(node.mode):
-                os.chmod(target, stat.S_IMODE(mode))
-            if atime_ns is not None or mtime_ns is not None:
-                if atime_ns is None or mtime_ns is None:
-                    st = self._stat(node)
-                    atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-                    mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-                os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=follow)
+            before = self._stat(node)
+            if (atime_ns is None) != (mtime_ns is None):
+                atime_ns = before.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = before.st_mtime_ns if mtime_ns is None else mtime_ns
+            self._set_attributes(target, follow, node, before, mode, uid, gid, size,
+                                 atime_ns, mtime_ns)
+            try:
+                return self.getattr(node)
+            except OSError as e:
+                # The change is made: the reply says so (the kernel keeps what it is
+                # told), from what it was and what changed.
+                self._after_commit("setattr: attributes after the change: %s" % e)
+                attr = self.getattr(node, before)
+                for field, value in (("uid", uid), ("gid", gid), ("size", size),
+                                     ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)):
+                    if value is not None:
+                        setattr(attr, field, value)
+                if mode is not None:
+                    attr.mode = stat.S_IFMT(attr.mode) | stat.S_IMODE(mode)
+                return attr
         return self.getattr(node)
+
+    @staticmethod
+    def _set_attributes(target: bytes | int, follow: bool, node: Node,
+                        before: os.stat_result, mode: int | None, uid: int | None,
+                        gid: int | None, size: int | None, atime_ns: int | None,
+                        mtime_ns: int | None) -> None:
+        """One SETATTR's fields, one system call each, all or none as far as can be:
+        owner and mode (which a chown of a setuid file brings together) first, restored
+        if a later step fails; then the size, which cannot be undone; the times last
+        (a truncate sets them)."""
+        steps = []
+        if uid is not None or gid is not None:
+            steps.append(lambda: os.chown(target, -1 if uid is None else uid,
+                                          -1 if gid is None else gid, follow_symlinks=follow))
+        if mode is not None and not stat.S_ISLNK(node.mode):
+            steps.append(lambda: os.chmod(target, stat.S_IMODE(mode)))
+        if size is not None:
+            steps.append(lambda: os.truncate(target, size))
+        if atime_ns is not None:
+            steps.append(lambda: os.utime(target, ns=(atime_ns, mtime_ns),
+                                          follow_symlinks=follow))
+        for done, step in enumerate(steps):
+            try:
+                step()
+            except OSError:
+                if done:
+                    try:
+                        copyup.chown(target, before.st_uid, before.st_gid,
+                                     follow_symlinks=follow)
+                        if not stat.S_ISLNK(before.st_mode):
+                            os.chmod(target, stat.S_IMODE(before.st_mode))
+                    except OSError as e:
+                        log.error("setattr: owner and mode not restored after a failure: "
+                                  "%s", e)
+                raise
 
     def _upper_target(self, node: Node, fh: int | None = None) -> tuple[bytes | int, bool]:
         """How to reach an upper node for chmod/chown/xattrs: (path, False) or (fd, True)."""
