@@ -143,6 +143,18 @@ def apply(image_fd, records, lo, hi, rng=None):
                 os.pwrite(image_fd, data[at:at + BLOCK], offset + at)
 
 
+def content(mnt, paths):
+    """What the paths hold (for a failure's message)."""
+    found = {}
+    for path in paths:
+        try:
+            with open(os.path.join(mnt, path), "rb") as f:
+                found[path] = f.read(200)
+        except OSError as e:
+            found[path] = e
+    return found
+
+
 def no_work_files(mnt):
     for dirpath, dirnames, filenames in os.walk(mnt):
         for name in dirnames + filenames:
@@ -218,7 +230,8 @@ def test_power_cut_replay(tmp_path):
                     if flying is not None:
                         actual = [state(os.path.join(mnt, p)) for p in flying["paths"]]
                         assert actual in (flying["old"], flying["new"],
-                                          flying.get("between")), (point, flying, actual)
+                                          flying.get("between")), (
+                            point, flush, flying, actual, content(mnt, flying["paths"]))
                         expected.update(zip(flying["paths"], actual, strict=True))
                         in_flight += 1
                     for path, expect in expected.items():

@@ -289,10 +289,16 @@ class Names:
         layer has something under that name."""
         layer = self._lay(node)
         up = self.upper_dirfd(parent, layer)
-        if node.is_dir:
-            self._drop_mirrors(parent, name, layer)
         self._remove_upper_entry(parent, name, node, layer, up)
         self._entries_changed(layer, up)
+        if node.is_dir:
+            # After the removal, which can fail: the mirror holds the whiteouts of the
+            # other class's deleted entries, which would come back with the directory.
+            try:
+                self._drop_mirrors(parent, name, layer)
+            except OSError as e:
+                self._after_commit("rmdir of %r: its entries of the other class stay: %s"
+                                   % (name, e))
 
     def _remove_upper_entry(self, parent: Node, name: bytes, node: Node,
                             layer: UpperLayer, up: int) -> None:
