@@ -17,6 +17,8 @@ import logging
 import os
 import stat
 
+from rofs import crash
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 24
@@ -27,6 +29,7 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
 
     Holes in the source are kept where the filesystem reports them (SEEK_DATA).
     """
+    crash.pause("copy-up:data")  # (tests only)
     offset = 0
     while offset < size:
         try:

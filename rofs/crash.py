@@ -7,6 +7,11 @@ shows (tests/test_crash_points.py).  Unset, a crash point is one comparison.  An
 unknown site name is an error at mount (`check`), so a typo cannot make a test pass by
 never crashing.
 
+Pauses: `ROFS_PAUSE_AT=site` with `ROFS_PAUSE_FILE=FILE` makes whatever thread reaches
+`site` create FILE and wait there until FILE is removed, so a test knows a slow step is
+in flight (a big copy-up's data copy) while it checks that other requests are answered,
+instead of timing them.
+
 Injected failures: `ROFS_FAIL_AT=FILE` (`install_failures`).  On SIGUSR2 the daemon
 reads `CALL N ERRNO` from FILE (CALL an os function such as fsync or setxattr, or
 renameat2) and logs "armed"; from then on the N-th call of CALL made by the request
@@ -23,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +46,14 @@ SITES = {
     "materialize:linked": "a lower name of a copied-up hard link linked to the copy, the "
                           "index's count not yet lowered",
 }
+# Sites where ROFS_PAUSE_AT can hold a thread.
+PAUSES = {
+    "copy-up:data": "a copy-up's data copy, in a worker thread for a file over 1 MiB",
+}
 
 _at: tuple[str, int] | None = None
 _seen = 0
+_pause: tuple[str, str] | None = None  # (site, file)
 
 
 def _parse(value: str | None) -> tuple[str, int] | None:
@@ -56,11 +67,27 @@ def _parse(value: str | None) -> tuple[str, int] | None:
 
 def check() -> None:
     """Read $ROFS_CRASH_AT; ValueError for an unknown site or a count of 0."""
-    global _at
+    global _at, _pause
     _at = _parse(os.environ.get("ROFS_CRASH_AT"))
     if _at is not None and (_at[0] not in SITES or _at[1] < 1):
         raise ValueError("ROFS_CRASH_AT=%s: no such crash point (sites: %s)" % (
             os.environ["ROFS_CRASH_AT"], ", ".join(SITES)))
+    site = os.environ.get("ROFS_PAUSE_AT")
+    if site:
+        if site not in PAUSES or not os.environ.get("ROFS_PAUSE_FILE"):
+            raise ValueError("ROFS_PAUSE_AT=%s: no such pause point (%s), or no "
+                             "ROFS_PAUSE_FILE" % (site, ", ".join(PAUSES)))
+        _pause = site, os.environ["ROFS_PAUSE_FILE"]
+
+
+def pause(site: str) -> None:
+    """Wait here while $ROFS_PAUSE_FILE exists, if $ROFS_PAUSE_AT names this site."""
+    if _pause is None or _pause[0] != site:
+        return
+    with open(_pause[1], "w"):
+        pass
+    while os.path.exists(_pause[1]):
+        time.sleep(0.01)
 
 
 def point(site: str) -> None:

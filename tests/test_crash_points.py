@@ -196,11 +196,15 @@ def test_n_th_time(site):
         assert read(p(site, "first")) == "1" and not os.path.exists(p(site, "second"))
 
 
-def test_unknown_site_is_refused(site):
-    daemon = RofsProcess(site["mnt"], site["state"], site["lower"],
-                         env={"ROFS_CRASH_AT": "copy-up:nowhere"})
+@pytest.mark.parametrize("env, message", [
+    ({"ROFS_CRASH_AT": "copy-up:nowhere"}, "no such crash point"),
+    ({"ROFS_PAUSE_AT": "copy-up:nowhere", "ROFS_PAUSE_FILE": "/nonexistent"},
+     "no such pause point")])
+def test_unknown_site_is_refused(site, env, message):
+    # A typo must not make a test pass by never crashing (or pausing).
+    daemon = RofsProcess(site["mnt"], site["state"], site["lower"], env=env)
     try:
-        with pytest.raises(RuntimeError, match="no such crash point"):
+        with pytest.raises(RuntimeError, match=message):
             daemon.start()
     finally:
         daemon.stop()
