@@ -101,31 +101,31 @@ def same_inode(s, names, content):
     return sts[0]
 
 
+LINKS = ("hl-a", "hl-b", "hl-c")
+
+
+def look_up_links(mnt):
+    for name in LINKS:
+        os.stat(os.path.join(mnt, name))
+
+
 def test_copy_up_placed_keeps_hard_links_one_inode(site):
     # All three names known (looked up) before the copy-up: the old code indexed
     # nothing then, and a crash before the other names were linked split them for good.
-    def look(m):
-        for n in ("hl-a", "hl-b", "hl-c"):
-            os.stat(os.path.join(m, n))
-
-    crash_at(site, "copy-up:placed", lambda m: append(m, "hl-a"), prepare=look)
+    crash_at(site, "copy-up:placed", lambda m: append(m, "hl-a"), prepare=look_up_links)
     with remounted(site):
-        st = same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\n")
+        st = same_inode(site, LINKS, "one inode\n")
         assert st.st_nlink == 3
         append(site["mnt"], "hl-b", "more\n")
-        same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\nmore\n")
+        same_inode(site, LINKS, "one inode\nmore\n")
     with remounted(site):
-        assert same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\nmore\n").st_nlink == 3
+        assert same_inode(site, LINKS, "one inode\nmore\n").st_nlink == 3
 
 
 def test_copy_up_linked(site):
-    def look(m):
-        for n in ("hl-a", "hl-b", "hl-c"):
-            os.stat(os.path.join(m, n))
-
-    crash_at(site, "copy-up:linked", lambda m: append(m, "hl-a"), prepare=look)
+    crash_at(site, "copy-up:linked", lambda m: append(m, "hl-a"), prepare=look_up_links)
     with remounted(site):
-        st = same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\n")
+        st = same_inode(site, LINKS, "one inode\n")
         # The index still counts the name linked just before the crash (documented).
         assert st.st_nlink in (3, 4)
 
@@ -135,7 +135,7 @@ def test_materialize_linked(site):
         append(site["mnt"], "hl-a")
     crash_at(site, "materialize:linked", lambda m: os.stat(os.path.join(m, "hl-b")))
     with remounted(site):
-        st = same_inode(site, ("hl-a", "hl-b", "hl-c"), "one inode\nappended\n")
+        st = same_inode(site, LINKS, "one inode\nappended\n")
         assert st.st_nlink in (3, 4)
 
 
