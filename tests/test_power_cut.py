@@ -216,7 +216,8 @@ def test_power_cut_replay(tmp_path, fs_type):
                if kind == MARK}
     with open(journal) as f:
         entries = [e for e in map(json.loads, f) if e["phase"] == "begin"]
-    assert len(entries) == OPS and all(e["id"] in mark_at for e in entries)
+    # (a rename and the create after it run as a pair: one more operation at most)
+    assert len(entries) in (OPS, OPS + 1) and all(e["id"] in mark_at for e in entries)
     rng = random.Random(SEED)
     points = replay_points(records, mark_at["start"], POINTS, rng)
     assert len(points) >= min(POINTS, 8), "too few flushes recorded: %d" % len(points)
