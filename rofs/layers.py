@@ -328,6 +328,9 @@ class Markers:
         # kept here, not on the upper inode, so that the overlay can still link, move and
         # remove its own copy.  The kernel reads and writes it alike.
         self.protattr = prefix + b"protattr"
+        # What a copied-up object was in the lower layer (rofs.origin), so that an image
+        # update can tell a copy changed here from a stale one.
+        self.origin = prefix + b"rofs.origin"
 
     def is_private(self, name: bytes) -> bool:
         return name.startswith(self.RESERVED)

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from rofs import _sys, attic, control, crash, scratch, state, tools
+from rofs import _sys, attic, control, crash, origin, scratch, state, tools
 from rofs import fuse as fuse_channel
 from rofs.fuse import mount as fuse_mount
 from rofs.layers import Markers, UpperLayer, lstat_below
@@ -156,8 +156,13 @@ def run(config: Config) -> int:
                                    "state dir has user.overlay.* (the kernel does not "
                                    "follow user.overlay.redirect either)")
         markers.redirects = config.redirects
+    fingerprint = origin.fingerprint(config.lower)
     try:
-        tools.record_mount(config.state, config.mountpoint, config.lower, config.overlay)
+        previous = tools.record_mount(config.state, config.mountpoint, config.lower,
+                                      config.overlay, fingerprint)
+        before = (previous or {}).get("lower_fingerprint")
+        if fingerprint is not None and before is not None:
+            prepared.image_changed = before != fingerprint
     except OSError as e:
         prepared.close()
         raise MountError("cannot write to the state dir %s: %s" % (config.state, e)) from None
@@ -317,6 +322,11 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         log.info("scratch changes go to %s until the next mount", quote(prepared.scratch_path))
     if prepared.moved is not None:
         _report_moved(config, prepared.moved)
+    if prepared.image_changed:
+        log.warning("the lower layer changed since the last mount of this state (an image "
+                    "update): copies of files it changed may be stale or in conflict; "
+                    "`rofs diff %s` tells them apart (docs/image-updates.md)",
+                    quote(config.state))
     for note in config.policy.notes + unmatched_rules(config.policy, prepared) + \
             scratch.lay_out(config.policy, overlay):
         log.warning("policy: %s", note)
@@ -367,6 +377,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                 "log": writelog.path if writelog is not None else None,
                 "log_written": writelog.written if writelog is not None else 0,
                 "log_dropped": writelog.dropped if writelog is not None else 0,
+                "image_changed": prepared.image_changed,
                 "moved_at_mount": {"count": len(prepared.moved.paths),
                                    "set": prepared.moved.set_dir} if prepared.moved else None,
                 "attic": attic.summary(config.state, config.mountpoint)}

@@ -47,6 +47,9 @@ class Prepared:
     markers: Markers
     created: list[str] = field(default_factory=list)
     moved: object = None  # rofs.attic.Moved: saved changes set aside at this mount
+    # Whether the lower tree differs from the one the last mount recorded (an image
+    # update): None when unknown (a first mount, or a lower too big to fingerprint).
+    image_changed: bool | None = None
     # The scratch layer (see prepare_scratch), when the policy has scratch paths.
     scratch_upper_fd: int = -1
     scratch_work_fd: int = -1

@@ -22,6 +22,7 @@ import stat
 import urllib.parse
 from dataclasses import dataclass, field
 
+from rofs import origin
 from rofs._sys import mount_entries, mount_table, open_noatime, proc_path
 from rofs.layers import (
     SKIP,
@@ -62,20 +63,32 @@ def _record_name(name: str) -> str:
 
 
 def record_mount(state: str, mountpoint: str, lower: str,
-                 overlay: tuple[str, str] | None = None) -> None:
+                 overlay: tuple[str, str] | None = None,
+                 fingerprint: str | None = None) -> dict | None:
     """Remember which lower directory (and, kernel-style, which upper and work
-    directories) this mount of the state dir uses."""
+    directories) this mount of the state dir uses, and the lower tree's fingerprint
+    (rofs.origin).  Returns the record it replaces (None: the first mount)."""
     d = os.path.join(state, PRIVATE_DIR, MOUNTS_DIR)
     os.makedirs(d, mode=0o700, exist_ok=True)
     path = os.path.join(d, _record_name(mount_name(mountpoint)))
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        previous = None
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         record = {"mountpoint": mountpoint, "lower": lower}
         if overlay is not None:
             record["upperdir"], record["workdir"] = overlay
+        if fingerprint is not None:
+            record["lower_fingerprint"] = fingerprint
         json.dump(record, f)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    return previous if isinstance(previous, dict) else None
 
 
 def run_dir() -> str | None:
@@ -335,6 +348,9 @@ def format_status(entries: list[dict], now: float) -> str:
                          % (quote(attic["dir"]), count(attic["paths"], "saved change"),
                             count(attic["sets"], "set"), attic["newest"],
                             quote(e["state"])))
+        if e.get("image_changed"):
+            lines.append("  image    changed since the last mount: `rofs diff %s` tells "
+                         "stale copies and conflicts" % quote(e["state"]))
         moved = e.get("moved_at_mount")
         if moved:
             lines.append("  WARNING  this mount moved %s the policy makes scratch into %s"
@@ -470,6 +486,8 @@ class Change:
     what: list[str] = field(default_factory=list)  # for M: content, mode, owner, ...
     renamed_from: str | None = None  # a moved lower directory
     kind: str = ""  # file, dir, symlink, ...
+    # A copy against its origin and the lower now (IMAGE_STATES): "" for what is no copy
+    image: str = ""
 
     def line(self) -> str:
         text = "%s %s" % (self.status, self.path)
@@ -477,7 +495,20 @@ class Change:
             text += "  (%s)" % ", ".join(self.what)
         if self.renamed_from:
             text += "  (renamed from %s)" % self.renamed_from
+        if self.image in IMAGE_CHANGED:
+            text += "  [image changed: %s]" % self.image
         return text
+
+
+# What a copied-up object is to an image update (docs/image-updates.md).
+IMAGE_STATES = {
+    "here": "the image did not change it since the copy-up: a change made here",
+    "stale": "the image changed it, this copy still equals what it was copied from",
+    "metadata": "the image changed it, this copy changed only its metadata here",
+    "conflict": "the image changed it, and this copy's content changed here too",
+    "unknown": "copied up before rofs recorded origins, or too big to digest",
+}
+IMAGE_CHANGED = ("stale", "metadata", "conflict")
 
 
 def _kind(mode: int) -> str:
@@ -604,6 +635,45 @@ class Differ:
                 self.changes.append(Change(show, "D", kind=_kind(lst.st_mode)))
             return SKIP
         kind = _kind(ust.st_mode)
+        before = len(self.changes)
+        try:
+            return self._changed(upper_path, ust, rel, show, kind, parent_lower,
+                                 lower_counterpart, lpath, lst)
+        finally:
+            if len(self.changes) > before:
+                self.changes[-1].image = self._image(upper_path, lower_counterpart, lpath,
+                                                     lst)
+
+    def _image(self, upper_path: bytes, lower_counterpart, lpath: bytes | None,
+               lst) -> str:
+        """IMAGE_STATES for a changed upper object, from its origin marker: whether the
+        lower changed since the copy-up, and what changed here."""
+        value = _getxattr(upper_path, self.markers.origin)
+        if value is None:
+            return "unknown" if lst is not None else ""  # made here: no origin
+        recorded = origin.parse(value)
+        if recorded is None or not recorded.content_known():
+            return "unknown"
+        if lower_counterpart is None or recorded.path != b"/".join(lower_counterpart):
+            return "here"  # copied from elsewhere and moved here: a change made here
+        private = self.markers.is_private
+        now = origin.describe(lpath, private) if lst is not None else None
+        if now is not None and now.same_object(recorded):
+            return "here"
+        here = origin.describe(upper_path, private)
+        directory = recorded.kind == b"d"
+        if (here.kind, here.content, here.size) != (recorded.kind, recorded.content,
+                                                    recorded.size) and not directory:
+            return "conflict"
+        if (here.mode, here.uid, here.gid, here.xattrs) != (
+                recorded.mode, recorded.uid, recorded.gid, recorded.xattrs) or (
+                not directory and here.mtime_ns != recorded.mtime_ns):
+            return "metadata"
+        return "stale"
+
+    def _changed(self, upper_path, ust, rel, show, kind, parent_lower, lower_counterpart,
+                 lpath, lst):
+        """_entry's work for an upper object that is no whiteout."""
         if stat.S_ISDIR(ust.st_mode):
             merged = self._merged(upper_path, rel, parent_lower)
             if merged == lower_counterpart and (lst is None or not stat.S_ISDIR(lst.st_mode)):
@@ -757,7 +827,8 @@ def diff(state: str, path: str | None, *, as_json: bool = False,
             counts[change.status] = counts.get(change.status, 0) + 1
             records.append({"path": change.path, "status": change.status,
                             "kind": change.kind, "what": change.what,
-                            "renamed_from": change.renamed_from})
+                            "renamed_from": change.renamed_from,
+                            "image": change.image or None})
             out.append(change.line() + "\n")
             if with_patch:
                 out.append(patch(differ, change))

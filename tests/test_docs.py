@@ -134,6 +134,9 @@ BLOCKS: dict[str, Block] = {
         Block(reason="sample output; tests/test_attic.py checks this warning"),
     "STATEDIR/.rofs/attic/<MOUNTPOINT without its leading slash>/<ID>/tree/...": Block(
         reason="a layout, not a command (tests/test_attic.py checks it)"),
+    # docs/image-updates.md
+    "M /etc/group  (content, mtime)  [image changed: conflict]": Block(
+        reason="sample output; tests/test_image_updates.py checks these tags"),
     # docs/state-tools.md
     "rofs revert /etc/hosts /etc/ssh": Block(
         "mounted", replace={REVERT_OFFLINE: "umount /etc && " + REVERT_OFFLINE},

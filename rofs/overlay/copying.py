@@ -7,7 +7,7 @@ import logging
 import os
 import stat
 
-from rofs import copyup, crash
+from rofs import copyup, crash, origin
 from rofs._sys import FS_APPEND_FL, FS_IMMUTABLE_FL, RENAME_NOREPLACE, add_inode_flags, renameat2
 from rofs.fuse import Event, offload
 from rofs.inodes import Node
@@ -93,9 +93,13 @@ class CopyUp:
         flags = self._lower_flags(node)
         os.mkdir(tmp, 0o700, dir_fd=work)
         try:
-            copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private,
-                             self.lower.xattr_path(node.lower),
+            lower = self.lower.xattr_path(node.lower)
+            copyup.copy_meta(st, layer.work_path(tmp), self.markers.is_private, lower,
                              extra={self.markers.ino: b"%d" % node.ino,
+                                    self.markers.origin: origin.of(
+                                        st, origin.UNKNOWN, origin.xattrs_digest(
+                                            lower, self.markers.is_private),
+                                        node.lower).encode(),
                                     **self._protattr(flags)})
             if flags & COPIED_FLAGS:
                 fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=work)
@@ -112,6 +116,24 @@ class CopyUp:
         self._entries_changed(layer, up)
         node.upper = True
         self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
+
+    async def _origin(self, node: Node, st: os.stat_result) -> bytes:
+        """The origin marker of a copy-up of `node` (rofs/origin.py): its lower object's
+        metadata, content digest (read in a worker thread past INLINE_COPY) and xattrs."""
+        path = self.lower.xattr_path(node.lower)
+        xattrs = origin.xattrs_digest(path, self.markers.is_private)
+        if not stat.S_ISREG(st.st_mode):
+            return origin.of(st, origin.content_digest(st, path), xattrs,
+                             node.lower).encode()
+        fd = self.lower.open(node.lower)
+        try:
+            if st.st_size > INLINE_COPY:
+                content = await offload(origin.file_digest, fd, st.st_size)
+            else:
+                content = origin.file_digest(fd, st.st_size)
+        finally:
+            os.close(fd)
+        return origin.of(st, content, xattrs, node.lower).encode()
 
     def _lower_flags(self, node: Node) -> int:
         """The lower inode flags of a regular file or directory about to be copied up
@@ -136,7 +158,8 @@ class CopyUp:
         # find this copy when they are looked up (like overlayfs index=on).
         index = layer.index_fd
         key = _index_key(st) if st.st_nlink > 1 and index is not None else None
-        extra = {self.markers.ino: b"%d %s" % (node.ino, key) if key else b"%d" % node.ino}
+        extra = {self.markers.ino: b"%d %s" % (node.ino, key) if key else b"%d" % node.ino,
+                 self.markers.origin: await self._origin(node, st)}
         indexed = False
         kept = None
         try:

@@ -1,0 +1,181 @@
+"""Origins: what a copied-up object was in the lower layer, and whether the lower (the
+image) changed since (docs/image-updates.md, docs/state-format.md).
+
+At every copy-up rofs records the lower object in the `rofs.origin` marker of the copy:
+
+    1 KIND SIZE MODE UID GID MTIME_NS CONTENT XATTRS PATH
+
+KIND is f (regular file), d, l (symlink), c, b, p, s; MODE octal permission bits;
+CONTENT the sha256 of a file's data (of a symlink's target, of a device's number; "-"
+for a directory, and for a file over DIGEST_LIMIT, whose content is then unknown);
+XATTRS the sha256 of its xattrs but the overlay's markers; PATH the lower path it was
+copied from, relative to the lower root, %-escaped (a copy renamed since is not where
+its origin was: a change made here).  Kernel overlayfs ignores the
+marker; rofs hides it like the others.  An object copied up before origins existed has
+none: unknown, never guessed.
+
+Each mount also records a fingerprint of the lower tree (`fingerprint`), so the next one
+knows whether the image changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import urllib.parse
+from dataclasses import dataclass
+
+from rofs._sys import open_noatime
+
+VERSION = b"1"
+DIGEST_LIMIT = 64 << 20  # bigger files get no content digest (reading them costs)
+FINGERPRINT_LIMIT = 200_000  # entries: a bigger lower gets no fingerprint
+_KINDS = ((stat.S_ISREG, b"f"), (stat.S_ISDIR, b"d"), (stat.S_ISLNK, b"l"),
+          (stat.S_ISCHR, b"c"), (stat.S_ISBLK, b"b"), (stat.S_ISFIFO, b"p"),
+          (stat.S_ISSOCK, b"s"))
+UNKNOWN = b"-"
+
+
+def kind_of(mode: int) -> bytes:
+    return next((k for test, k in _KINDS if test(mode)), b"?")
+
+
+@dataclass(frozen=True)
+class Origin:
+    kind: bytes
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    content: bytes  # hex digest, or UNKNOWN
+    xattrs: bytes  # hex digest
+    path: bytes = b""  # the lower path, relative to the lower root ("" for the root)
+
+    def encode(self) -> bytes:
+        return b"%s %s %d %o %d %d %d %s %s /%s" % (
+            VERSION, self.kind, self.size, self.mode, self.uid, self.gid, self.mtime_ns,
+            self.content, self.xattrs, urllib.parse.quote_from_bytes(self.path).encode())
+
+    def same_object(self, other: Origin) -> bool:
+        """The same kind, size, mode, owner, mtime, content and xattrs (not path)."""
+        return (self.kind, self.size, self.mode, self.uid, self.gid, self.mtime_ns,
+                self.content, self.xattrs) == (other.kind, other.size, other.mode,
+                                               other.uid, other.gid, other.mtime_ns,
+                                               other.content, other.xattrs)
+
+    def content_known(self) -> bool:
+        return self.content != UNKNOWN or self.kind == b"d"
+
+
+def parse(value: bytes | None) -> Origin | None:
+    """The origin a marker records; None for none, or one this version cannot read."""
+    if not value:
+        return None
+    parts = value.split()
+    if len(parts) != 10 or parts[0] != VERSION or not parts[9].startswith(b"/"):
+        return None
+    try:
+        return Origin(parts[1], int(parts[2]), int(parts[3], 8), int(parts[4]),
+                      int(parts[5]), int(parts[6]), parts[7], parts[8],
+                      urllib.parse.unquote_to_bytes(parts[9][1:]))
+    except ValueError:
+        return None
+
+
+def file_digest(fd: int, size: int) -> bytes:
+    """The sha256 of a regular file's data (read with pread: shared descriptors keep
+    their offset), UNKNOWN past DIGEST_LIMIT."""
+    if size > DIGEST_LIMIT:
+        return UNKNOWN
+    h = hashlib.sha256()
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            break
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest().encode()
+
+
+def xattrs_digest(path: bytes | int, is_private) -> bytes:
+    """The sha256 of an object's xattrs (sorted names and values) but the markers."""
+    follow = isinstance(path, int)
+    h = hashlib.sha256()
+    try:
+        names = sorted(os.fsencode(n) for n in os.listxattr(path, follow_symlinks=follow))
+    except OSError:
+        names = []
+    for name in names:
+        if is_private(name):
+            continue
+        try:
+            value = os.getxattr(path, name, follow_symlinks=follow)
+        except OSError:
+            continue
+        h.update(b"%d:%s%d:%s" % (len(name), name, len(value), value))
+    return h.hexdigest().encode()
+
+
+def content_digest(st: os.stat_result, path: bytes) -> bytes:
+    """CONTENT for an object other than a regular file (by path, not followed)."""
+    if stat.S_ISLNK(st.st_mode):
+        return hashlib.sha256(os.readlink(path)).hexdigest().encode()
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return hashlib.sha256(b"%d" % st.st_rdev).hexdigest().encode()
+    if stat.S_ISREG(st.st_mode):
+        fd = open_noatime(path, os.O_RDONLY | os.O_NOFOLLOW)  # (the lower's atimes stay)
+        try:
+            return file_digest(fd, st.st_size)
+        finally:
+            os.close(fd)
+    return UNKNOWN
+
+
+def of(st: os.stat_result, content: bytes, xattrs: bytes,
+       lower_path: tuple[bytes, ...] = ()) -> Origin:
+    return Origin(kind_of(st.st_mode), st.st_size if stat.S_ISREG(st.st_mode) else 0,
+                  stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                  content, xattrs, b"/".join(lower_path))
+
+
+def describe(path: bytes, is_private) -> Origin:
+    """What an object at `path` (not followed) is now, as an origin records it (but
+    its path)."""
+    st = os.lstat(path)
+    return of(st, content_digest(st, path), xattrs_digest(path, is_private))
+
+
+def fingerprint(lower: str) -> str | None:
+    """A digest of the lower tree: every path with its kind, mode, owner, size and mtime
+    (not inode numbers: an image rebuilt identically keeps its fingerprint).  None for a
+    tree past FINGERPRINT_LIMIT entries."""
+    h = hashlib.sha256()
+    count = 0
+    stack = [b""]
+    top = os.fsencode(lower)
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(top + rel if rel else top) as entries:
+                names = sorted(e.name for e in entries)
+        except OSError:
+            continue
+        for name in names:
+            count += 1
+            if count > FINGERPRINT_LIMIT:
+                return None
+            path = rel + b"/" + name
+            try:
+                st = os.lstat(top + path)
+            except OSError:
+                continue
+            h.update(b"%s\0%s %o %d %d %d %d\n" % (
+                path, kind_of(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
+                st.st_gid, st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
+                st.st_mtime_ns))
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+    return h.hexdigest()

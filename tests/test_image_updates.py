@@ -1,0 +1,133 @@
+"""Image updates under a live state (issue 16), the first part: origins recorded at
+copy-up, the lower's fingerprint at each mount, and `rofs diff` telling a change made
+here from a stale copy and from a conflict (docs/image-updates.md)."""
+
+import errno
+import json
+import os
+import subprocess
+
+import pytest
+from helpers import ROFS, RofsProcess
+
+from rofs import origin
+from rofs.layers import Markers
+
+pytestmark = pytest.mark.fuse
+
+ORIGIN = Markers.TRUSTED + b"rofs.origin"
+
+
+def write(path, data):
+    with open(path, "w") as f:
+        f.write(data)
+
+
+def rofs(*args):
+    out = subprocess.run(ROFS + list(args), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.fixture
+def image(tmp_path):
+    lower, state, mnt = (str(tmp_path / n) for n in ("lower", "state", "mnt"))
+    os.makedirs(os.path.join(lower, "conf.d"))
+    os.makedirs(mnt)
+    for name in ("here", "meta", "both", "stale", "untouched", "untouched-2"):
+        write(os.path.join(lower, name), "v1 %s\n" % name)
+    os.setxattr(os.path.join(lower, "here"), "user.note", b"v1")
+    os.symlink("here", os.path.join(lower, "link"))
+    return {"lower": lower, "state": state, "mnt": mnt}
+
+
+def upper_of(s, name):
+    return os.path.join(s["state"], os.path.realpath(s["mnt"]).lstrip("/"), name)
+
+
+def host_changes(s):
+    """What a host does on image v1."""
+    m = s["mnt"]
+    with RofsProcess(m, s["state"], s["lower"]):
+        with open(os.path.join(m, "here"), "a") as f:
+            f.write("edited here\n")
+        os.chmod(os.path.join(m, "meta"), 0o600)
+        with open(os.path.join(m, "both"), "a") as f:
+            f.write("edited here\n")
+        os.chown(os.path.join(m, "stale"), 0, 0)  # a copy-up that changes nothing
+        os.chmod(os.path.join(m, "conf.d"), 0o750)
+        os.lchown(os.path.join(m, "link"), 0, 0)
+        os.rename(os.path.join(m, "untouched-2"), os.path.join(m, "moved"))
+
+
+def test_origin_recorded_at_copy_up_and_hidden(image):
+    host_changes(image)
+    for name in ("here", "meta", "both", "stale", "link", "conf.d"):
+        recorded = origin.parse(os.getxattr(upper_of(image, name), ORIGIN,
+                                            follow_symlinks=False))
+        lower = os.path.join(image["lower"], name)
+        assert recorded.same_object(origin.describe(os.fsencode(lower),
+                                                    Markers().is_private)), name
+        assert recorded.path == name.encode()
+    st = os.stat(os.path.join(image["lower"], "here"))
+    here = origin.parse(os.getxattr(upper_of(image, "here"), ORIGIN))
+    assert (here.kind, here.size, here.mode, here.mtime_ns) == (b"f", st.st_size, 0o644,
+                                                                 st.st_mtime_ns)
+    assert origin.parse(recorded.encode()) == recorded
+    with RofsProcess(image["mnt"], image["state"], image["lower"]):
+        path = os.path.join(image["mnt"], "here")
+        assert not any(n.startswith("trusted.overlay") for n in os.listxattr(path))
+        with pytest.raises(OSError) as refused:
+            os.getxattr(path, ORIGIN)
+        assert refused.value.errno in (errno.EOPNOTSUPP, errno.ENODATA)
+        with pytest.raises(OSError):
+            os.setxattr(path, ORIGIN, b"1 f 0 644 0 0 0 - - /here")
+
+
+def image_v2(s):
+    """The image update: it changes what the host changed (both, meta), what the host
+    only copied up (stale), and nothing else."""
+    for name in ("meta", "both", "stale", "moved"):
+        write(os.path.join(s["lower"], name), "v2 %s\n" % name)
+
+
+def test_diff_tells_here_stale_metadata_and_conflict_apart(image):
+    host_changes(image)
+    before = {c["path"].rsplit("/", 1)[-1]: c for c in json.loads(
+        rofs("diff", "--json", image["state"]))}
+    assert before["here"]["image"] == "here" and before["meta"]["image"] == "here"
+    image_v2(image)
+    changes = {c["path"].rsplit("/", 1)[-1]: c for c in json.loads(
+        rofs("diff", "--json", image["state"]))}
+    assert changes["here"]["image"] == "here"  # the image left it alone
+    assert changes["meta"]["image"] == "metadata"  # the host only chmodded it
+    assert changes["both"]["image"] == "conflict"
+    assert changes["stale"]["image"] == "stale"  # equal to v1: v2 should show through
+    assert changes["conf.d"]["image"] == "here"
+    assert "untouched" not in changes
+    assert changes["moved"]["image"] == "here"  # renamed here: a change made here
+    text = rofs("diff", image["state"])
+    assert "both  (content, mtime)  [image changed: conflict]" in text
+    assert "[image changed: stale]" in text and "[image changed: metadata]" in text
+
+
+def test_a_copy_made_before_origins_is_unknown(image):
+    host_changes(image)
+    os.removexattr(upper_of(image, "both"), ORIGIN)
+    image_v2(image)
+    changes = {c["path"].rsplit("/", 1)[-1]: c for c in json.loads(
+        rofs("diff", "--json", image["state"]))}
+    assert changes["both"]["image"] == "unknown"  # never guessed
+
+
+def test_mount_notices_an_image_update(image):
+    host_changes(image)
+    with RofsProcess(image["mnt"], image["state"], image["lower"]) as daemon:
+        (status,) = json.loads(rofs("status", "--json", image["mnt"]))
+        assert status["image_changed"] is False
+    assert "lower layer changed" not in daemon.output()
+    image_v2(image)
+    with RofsProcess(image["mnt"], image["state"], image["lower"]) as daemon:
+        (status,) = json.loads(rofs("status", "--json", image["mnt"]))
+        assert status["image_changed"] is True
+    assert "the lower layer changed since the last mount" in daemon.output()
