@@ -89,11 +89,10 @@ class Durable:
                     (st.st_dev, st.st_ino) in self._unsynced_objects:
                 return
             fd = _open_to_sync(dir_fd, name)
-        except OSError as e:
-            fd = None
+        except OSError as e:  # no descriptor to spare: the directory's fsync has to do
             log.warning("cannot open %r to fsync it: %s", name, e)
-        if fd is None:
-            os.sync()  # (rare: no descriptor, no permission) everything, now
+            return
+        if fd is None:  # mode 0000 for an unprivileged daemon: the directory's has to do
             return
         self._unsynced_objects[st.st_dev, st.st_ino] = fd
 
