@@ -8,9 +8,10 @@ At every copy-up rofs records the lower object in the `rofs.origin` marker of th
 KIND is f (regular file), d, l (symlink), c, b, p, s; MODE octal permission bits;
 CONTENT the sha256 of a file's data (of a symlink's target, of a device's number; "-"
 for a directory, and for a file over DIGEST_LIMIT, whose content is then unknown);
-XATTRS the sha256 of its xattrs but the overlay's markers; PATH the lower path it was
-copied from, relative to the lower root, %-escaped (a copy renamed since is not where
-its origin was: a change made here).  Kernel overlayfs ignores the
+XATTRS the sha256 of its xattrs but the overlay's markers; PATH the first 128 bits of
+the sha256 of the lower path it was copied from, relative to the lower root (a copy
+renamed since is not where its origin was: a change made here; a digest, because a
+user may make the path as deep as they like).  Kernel overlayfs ignores the
 marker; rofs hides it like the others.  An object copied up before origins existed has
 none: unknown, never guessed.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import urllib.parse
 from dataclasses import dataclass
 
 from rofs._sys import open_noatime
@@ -51,12 +51,12 @@ class Origin:
     mtime_ns: int
     content: bytes  # hex digest, or UNKNOWN
     xattrs: bytes  # hex digest
-    path: bytes = b""  # the lower path, relative to the lower root ("" for the root)
+    path: bytes = b""  # path_digest() of the lower path
 
     def encode(self) -> bytes:
-        return b"%s %s %d %o %d %d %d %s %s /%s" % (
+        return b"%s %s %d %o %d %d %d %s %s %s" % (
             VERSION, self.kind, self.size, self.mode, self.uid, self.gid, self.mtime_ns,
-            self.content, self.xattrs, urllib.parse.quote_from_bytes(self.path).encode())
+            self.content, self.xattrs, self.path)
 
     def same_object(self, other: Origin) -> bool:
         """The same kind, size, mode, owner, mtime, content and xattrs (not path)."""
@@ -74,14 +74,18 @@ def parse(value: bytes | None) -> Origin | None:
     if not value:
         return None
     parts = value.split()
-    if len(parts) != 10 or parts[0] != VERSION or not parts[9].startswith(b"/"):
+    if len(parts) != 10 or parts[0] != VERSION:
         return None
     try:
         return Origin(parts[1], int(parts[2]), int(parts[3], 8), int(parts[4]),
-                      int(parts[5]), int(parts[6]), parts[7], parts[8],
-                      urllib.parse.unquote_to_bytes(parts[9][1:]))
+                      int(parts[5]), int(parts[6]), parts[7], parts[8], parts[9])
     except ValueError:
         return None
+
+
+def path_digest(lower_path: tuple[bytes, ...]) -> bytes:
+    """PATH of an origin: 128 bits of the sha256 of the lower path, in hex."""
+    return hashlib.sha256(b"/".join(lower_path)).hexdigest()[:32].encode()
 
 
 def file_digest(fd: int, size: int) -> bytes:
@@ -138,7 +142,7 @@ def of(st: os.stat_result, content: bytes, xattrs: bytes,
        lower_path: tuple[bytes, ...] = ()) -> Origin:
     return Origin(kind_of(st.st_mode), st.st_size if stat.S_ISREG(st.st_mode) else 0,
                   stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
-                  content, xattrs, b"/".join(lower_path))
+                  content, xattrs, path_digest(lower_path))
 
 
 def describe(path: bytes, is_private) -> Origin:

@@ -654,7 +654,7 @@ class Differ:
         recorded = origin.parse(value)
         if recorded is None or not recorded.content_known():
             return "unknown"
-        if lower_counterpart is None or recorded.path != b"/".join(lower_counterpart):
+        if lower_counterpart is None or recorded.path != origin.path_digest(lower_counterpart):
             return "here"  # copied from elsewhere and moved here: a change made here
         private = self.markers.is_private
         now = origin.describe(lpath, private) if lst is not None else None
