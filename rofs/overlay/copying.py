@@ -210,7 +210,6 @@ class CopyUp:
         # disk would disagree, and a retry would find the name taken); what fails is
         # logged and counted.
         self._entries_changed(layer, up)
-        self._object_changed(layer, up, first_name)
         crash.point("copy-up:placed")
         if indexed:
             node.index_key, node.nlink_delta = key, pending
@@ -228,7 +227,6 @@ class CopyUp:
                 os.link(first_name, name, src_dir_fd=self.upper_dirfd(first_parent, layer),
                         dst_dir_fd=up, follow_symlinks=False)
                 self._entries_changed(layer, up)
-                self._object_changed(layer, up, name)
                 crash.point("copy-up:linked")
                 if indexed:
                     self._index_linked(key, layer, node)

@@ -2,8 +2,8 @@
 
 Every change of a name in the persistent layer is durable when its call returns: the
 object is complete (a regular file's data fsynced) before the rename that names it, and
-the directories whose entries changed, then the files and directories that got a new
-name, are fsynced before the reply.  The changes of one
+the directories whose entries changed (then a moved directory whose marker was set) are
+fsynced before the reply.  The changes of one
 request are collected while it runs (`_entries_changed`) and fsynced in one batch on a
 worker thread (`settle`), so the loop serves others meanwhile.  A batch also waits for
 the batches started before it: a directory one request changed may have been taken into
@@ -75,12 +75,10 @@ class Durable:
             os.sync()  # fsync refuses): everything, now.  Rare, and never raises.
 
     def _object_changed(self, layer: UpperLayer, dir_fd: int, name: bytes) -> None:
-        """The object `name` itself changed in a way the state depends on (it got a new
-        name; a marker on a directory about to move): it is fsynced with the batch,
-        after the directories (xfs and btrfs lost acknowledged renames after a power
-        cut when only the directories were; tests/test_power_cut.py).  A symlink or a
-        device cannot be opened to be fsynced: its directory's fsync has to do.  Called
-        after commit points: never raises."""
+        """The object `name` itself changed in a way the state depends on (a marker on a
+        directory about to move): it is fsynced with the batch, after the directories
+        (before them, btrfs kept a moved directory under both names after a power cut:
+        tests/test_power_cut.py).  Never raises."""
         if layer is not self.upper:
             return
         try:

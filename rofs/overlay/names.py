@@ -101,7 +101,6 @@ class Names:
             raise
         # The commit point: the entry is in place; nothing below fails the request.
         self._entries_changed(layer, up)
-        self._object_changed(layer, up, name)
         if over_whiteout and is_dir:
             crash.point("mkdir:swapped")
             try:
@@ -219,7 +218,6 @@ class Names:
         else:
             os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=up, follow_symlinks=False)
         self._entries_changed(layer, up)
-        self._object_changed(layer, up, name)
         self.table.add_link(node, parent, name)
         return node
 

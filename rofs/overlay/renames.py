@@ -115,8 +115,6 @@ class Renames:
             renameat2(sup, src_name, dup, dst_name, RENAME_EXCHANGE)
             self._entries_changed(layer, sup)
             self._entries_changed(layer, dup)
-            self._object_changed(layer, sup, src_name)
-            self._object_changed(layer, dup, dst_name)
             self.table.swap_links(src, src_parent, src_name, dst, dst_parent, dst_name)
             return
         leave_whiteout = self._lower_has(src_parent, src_name)
@@ -139,7 +137,6 @@ class Renames:
         # The commit point: what follows does not fail the rename.
         self._entries_changed(layer, sup)
         self._entries_changed(layer, dup)
-        self._object_changed(layer, dup, dst_name)
         if dst is not None:
             if dst.is_dir:
                 try:
@@ -234,7 +231,6 @@ class Renames:
         # if it cannot, it stays (a copy, seen at the next lookup: the kernel moves its
         # entry to the destination) and the rename still succeeded.
         self._entries_changed(layer, dup)
-        self._object_changed(layer, dup, dst_name)
         crash.point("rename:across-placed")
         try:
             self._remove_source(old, sup, src_parent, src_name)

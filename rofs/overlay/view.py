@@ -206,7 +206,6 @@ class View:
         up = self.upper_dirfd(parent, layer)
         os.link(key, name, src_dir_fd=index, dst_dir_fd=up, follow_symlinks=False)
         self._entries_changed(layer, up)
-        self._object_changed(layer, up, name)
         crash.point("materialize:linked")
         ino = _parse_ino(getxattr_or_none(proc_path(index, key), self.markers.ino))[0]
         self._index_linked(key, layer, self.table.get(ino or 0))
