@@ -88,11 +88,11 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
         self._copying: dict[int, Event] = {}
         self.failures_after_commit = 0  # see _after_commit
         # Durability (rofs/overlay/durable.py): directories whose entries changed since
-        # the last batch of fsyncs, and objects changed otherwise (a moved directory's
-        # marker), (st_dev, st_ino) -> a descriptor of each; the last batch started;
+        # the last batch of fsyncs, (st_dev, st_ino) -> a descriptor of each; moved
+        # directories whose marker was set (descriptors); the last batch started;
         # fsyncs of the state that failed.
         self._unsynced: dict[tuple[int, int], int] = {}
-        self._unsynced_objects: dict[tuple[int, int], int] = {}
+        self._unsynced_objects: list[int] = []
         self._sync_tail = None
         self.sync_failures = 0
         self.files: dict[int, FileHandle] = {}  # fh -> handle

@@ -3,9 +3,9 @@
 Every change of a name in the persistent layer is durable when its call returns: the
 object is complete (a regular file's data fsynced) before the rename that names it, and
 the directories whose entries changed (then a moved directory whose marker was set) are
-fsynced before the reply.  The changes of one
-request are collected while it runs (`_entries_changed`) and fsynced in one batch on a
-worker thread (`settle`), so the loop serves others meanwhile.  A batch also waits for
+fsynced before the reply.  The changes of one request are collected while it runs
+(`_entries_changed`) and fsynced in one batch on a worker thread (`settle`), so the
+loop serves others meanwhile.  A batch also waits for
 the batches started before it: a directory one request changed may have been taken into
 another request's batch, which must be done before either reply goes out.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 
 from rofs.fuse import Event, offload
 from rofs.layers import UpperLayer
@@ -74,25 +73,19 @@ class Durable:
         except OSError:  # no descriptor to spare (a cached one may be O_PATH, which
             os.sync()  # fsync refuses): everything, now.  Rare, and never raises.
 
-    def _object_changed(self, layer: UpperLayer, dir_fd: int, name: bytes) -> None:
-        """The object `name` itself changed in a way the state depends on (a marker on a
-        directory about to move): it is fsynced with the batch, after the directories
-        (before them, btrfs kept a moved directory under both names after a power cut:
-        tests/test_power_cut.py).  Never raises."""
+    def _moved_dir_marked(self, layer: UpperLayer, dir_fd: int, name: bytes) -> None:
+        """Directory `name` got a redirect or opaque marker before it moves: it is
+        fsynced with the batch, after the directories (before them, btrfs kept a moved
+        directory under both names after a power cut: tests/test_power_cut.py).  Never
+        raises: its parent's fsync then has to do."""
         if layer is not self.upper:
             return
         try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) or \
-                    (st.st_dev, st.st_ino) in self._unsynced_objects:
-                return
-            fd = _open_to_sync(dir_fd, name)
-        except OSError as e:  # no descriptor to spare: the directory's fsync has to do
+            self._unsynced_objects.append(os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=dir_fd))
+        except OSError as e:
             log.warning("cannot open %r to fsync it: %s", name, e)
-            return
-        if fd is None:  # mode 0000 for an unprivileged daemon: the directory's has to do
-            return
-        self._unsynced_objects[st.st_dev, st.st_ino] = fd
 
     @property
     def settled(self) -> bool:
@@ -108,7 +101,7 @@ class Durable:
         every failure after a change's commit point."""
         # Directories first: btrfs, given a moved directory's fsync before its parent's,
         # kept both its names after a power cut (tests/test_power_cut.py).
-        fds = [*self._unsynced.values(), *self._unsynced_objects.values()]
+        fds = [*self._unsynced.values(), *self._unsynced_objects]
         self._unsynced.clear()
         self._unsynced_objects.clear()
         batch = _Batch()

@@ -313,7 +313,7 @@ class Renames:
             layer.set_marker(old_parent_fd, old_name, self.markers.opaque, b"y")
         else:
             return
-        self._object_changed(layer, old_parent_fd, old_name)
+        self._moved_dir_marked(layer, old_parent_fd, old_name)
         crash.point("rename:marked")
 
     def _empty_for_replace(self, dir_fd: int, name: bytes, layer: UpperLayer) -> None:
