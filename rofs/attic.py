@@ -139,46 +139,92 @@ class Moved:
     paths: list[Path] = field(default_factory=list)
 
 
+class Aside:
+    """A new attic set under `base`, filled one entry at a time: `move` takes an entry
+    out of the upper layer, `link` keeps a second name of one about to be replaced (a
+    regular file or symlink), so at every moment the entry is in the upper layer or the
+    attic, or both.  The set is made at the first entry; `close` marks it complete."""
+
+    def __init__(self, upper: UpperLayer, base: str, mountpoint: str, reason: str,
+                 paths: list[Path]) -> None:
+        self.upper, self.base, self.mountpoint = upper, base, mountpoint
+        self.info = {"id": "", "time": time.time(), "mountpoint": mountpoint,
+                     "reason": reason, "paths": [quote_path(p, mountpoint) for p in paths],
+                     "complete": False}
+        self.set_dir: str | None = None
+        self.taken: list[Path] = []
+        self._tree = -1
+        self._keys: collections.Counter = collections.Counter()
+
+    def _open(self) -> int:
+        if self._tree < 0:
+            os.makedirs(self.base, mode=0o700, exist_ok=True)
+            if os.stat(self.base).st_dev != self.upper.dev:
+                raise OSError(errno.EXDEV, "the attic %s is not on the upper layer's "
+                              "filesystem" % self.base)
+            self.set_dir = os.path.join(self.base, _new_id(self.base))
+            os.mkdir(self.set_dir, 0o700)
+            os.mkdir(os.path.join(self.set_dir, TREE), 0o755)
+            self.info["id"] = os.path.basename(self.set_dir)
+            _write_info(self.set_dir, self.info)
+            self._tree = os.open(os.path.join(self.set_dir, TREE),
+                                 os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._tree
+
+    def _take(self, path: Path, keep: bool) -> None:
+        tree = self._open()
+        src = open_below(self.upper.root_fd, path[:-1])
+        try:
+            dst = _attic_parents(self.upper, tree, path[:-1])
+            try:
+                if keep:
+                    if self.upper.try_stat(dst, path[-1]) is not None:
+                        os.unlink(path[-1], dir_fd=dst)  # an interrupted run's link
+                    os.link(path[-1], path[-1], src_dir_fd=src, dst_dir_fd=dst,
+                            follow_symlinks=False)
+                else:
+                    inside = index_keys(self.upper, src, path[-1])
+                    renameat2(src, path[-1], dst, path[-1], RENAME_NOREPLACE)
+                    self._keys += inside  # only once they have moved
+                self.taken.append(path)
+            finally:
+                if dst != tree:
+                    os.close(dst)
+        finally:
+            os.close(src)
+
+    def move(self, path: Path) -> None:
+        self._take(path, keep=False)
+
+    def link(self, path: Path) -> None:
+        self._take(path, keep=True)
+
+    def close(self, complete: bool = True) -> None:
+        if self._tree < 0:
+            return
+        os.close(self._tree)
+        self._tree = -1
+        drop_index_entries(self.upper, self._keys)
+        self.info["paths"] = [quote_path(p, self.mountpoint) for p in self.taken]
+        self.info["complete"] = complete
+        _write_info(self.set_dir, self.info)
+
+
 def move_aside(upper: UpperLayer, paths: list[Path], base: str, mountpoint: str,
                reason: str) -> Moved | None:
     """Move the upper entries at `paths` (none inside another) into a new attic set
     under `base`; None when `paths` is empty."""
     if not paths:
         return None
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    if os.stat(base).st_dev != upper.dev:
-        raise OSError(errno.EXDEV, "the attic %s is not on the upper layer's filesystem"
-                      % base)
-    set_dir = os.path.join(base, _new_id(base))
-    os.mkdir(set_dir, 0o700)
-    os.mkdir(os.path.join(set_dir, TREE), 0o755)
-    shown = [quote_path(p, mountpoint) for p in paths]
-    info = {"id": os.path.basename(set_dir), "time": time.time(), "mountpoint": mountpoint,
-            "reason": reason, "paths": shown, "complete": False}
-    _write_info(set_dir, info)
-    tree = os.open(os.path.join(set_dir, TREE), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    moved = Moved(set_dir)
-    keys: collections.Counter = collections.Counter()
+    aside = Aside(upper, base, mountpoint, reason, paths)
+    aside._open()
+    moved = Moved(aside.set_dir)
     try:
         for path in paths:
-            src = open_below(upper.root_fd, path[:-1])
-            try:
-                dst = _attic_parents(upper, tree, path[:-1])
-                try:
-                    inside = index_keys(upper, src, path[-1])
-                    renameat2(src, path[-1], dst, path[-1], RENAME_NOREPLACE)
-                    keys += inside  # only once they have moved
-                    moved.paths.append(path)
-                finally:
-                    if dst != tree:
-                        os.close(dst)
-            finally:
-                os.close(src)
+            aside.move(path)
+            moved.paths.append(path)
     finally:
-        os.close(tree)
-        drop_index_entries(upper, keys)
-        info["complete"] = len(moved.paths) == len(paths)
-        _write_info(set_dir, info)
+        aside.close(len(moved.paths) == len(paths))
     return moved
 
 

@@ -11,7 +11,7 @@ import time
 
 from rofs import __version__
 from rofs.names import quote
-from rofs.policy import CLASS_NAMES, PolicyError
+from rofs.policy import CLASS_NAMES, ON_IMAGE_CHANGE, PolicyError
 
 EXIT_USAGE = 2
 
@@ -41,7 +41,8 @@ user.overlay.* (see docs/unprivileged.md).
 Other commands (each with --help): `rofs report` (who wrote where, from the
 write logs), `rofs diff` (what changed), `rofs revert` (drop a change),
 `rofs check` (find and repair damage in a state dir), `rofs status` (the live
-mounts and their health).
+mounts and their health), `rofs attic` (saved changes set aside), `rofs
+reconcile` (a state with a new image).
 A MOUNTPOINT named like a command must be written as ./report.
 
 example:  rofs /etc --state /var/lib/stateless/state"""
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--default", metavar="CLASS", choices=CLASS_NAMES,
                         help="class of every path no rule names: persistent (the "
                         "default), scratch or read-only")
+    parser.add_argument("--on-image-change", metavar="WHAT", choices=list(ON_IMAGE_CHANGE),
+                        help="when the lower layer changed since the last mount (an image "
+                        "update): reconcile (the default: stale copies follow the image, "
+                        "passwd & co. and text files are merged, conflicts are kept and "
+                        "reported), warn, or keep (serve the state as it is); also "
+                        "`on-image-change WHAT` in the policy file (docs/image-updates.md)")
     parser.add_argument("--no-log", action="store_true",
                         help="do not keep the write log (who changed what, in "
                         "STATEDIR/.rofs/log/; see `rofs report`)")
@@ -92,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append",
                         default=[], help="mount options: rofs's own as in fstab (state=DIR, "
                         "or upperdir=DIR,workdir=DIR like the kernel's overlay; lowerdir=DIR, "
-                        "policy=FILE, rwtab[=DIR], default=CLASS, scratch=DIR, nolog, noopen, "
+                        "policy=FILE, rwtab[=DIR], default=CLASS, scratch=DIR, "
+                        "on_image_change=WHAT, nolog, noopen, "
                         "userxattr: user.overlay.* markers in a new state dir, the default "
                         "when not root; redirect_dir=on|follow|nofollow|off as the kernel's: "
                         "all but on make renaming a directory with lower content EXDEV; "
@@ -277,10 +285,40 @@ def build_attic_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_reconcile_parser() -> argparse.ArgumentParser:
+    parser = _command_parser(
+        "reconcile", "Reconcile the state dir with the lower layer after an image "
+        "update (what a mount does itself, unless --on-image-change says otherwise): a "
+        "copy unchanged since its copy-up goes, so the image's new version shows; a copy "
+        "changed here only in its metadata gets the image's content with that metadata; "
+        "passwd, group, shadow, gshadow, subuid and subgid are merged per entry and other "
+        "text files line by line; what cannot be merged keeps this host's version and "
+        "gets the image's beside it as NAME.rofs-new.  What it replaces goes to the "
+        "attic (`rofs attic`), every action to the write log (`rofs report`).  The "
+        "state must not be mounted, but for --dry-run.  Exit status 0: no conflict, 1: "
+        "conflicts or hidden entries to look at.",
+        "examples:\n  rofs reconcile --dry-run /var/lib/stateless/state\n"
+        "  rofs reconcile /var/lib/stateless/state\n"
+        "  rofs reconcile --lower /mnt/image-v2/etc /srv/hosts/web1/state")
+    _state_operands(parser, "STATEDIR [PATH]", ", and optionally only this path (and "
+                    "below), as the mount shows it")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="say what it would do, change nothing (also while mounted)")
+    parser.add_argument("--unhide", action="store_true",
+                        help="copy the entries the image added under a directory replaced "
+                        "here (an opaque directory) into it, instead of only reporting them")
+    parser.add_argument("--lower", metavar="DIR",
+                        help="the new image's directory, instead of the lower directory "
+                        "the mount recorded")
+    parser.add_argument("--json", action="store_true", help="the actions as JSON")
+    return parser
+
+
 # Every command besides mounting, with its parser (the man page is made from these).
 SUBCOMMANDS = {"report": build_report_parser, "diff": build_diff_parser,
                "revert": build_revert_parser, "check": build_check_parser,
-               "status": build_status_parser, "attic": build_attic_parser}
+               "status": build_status_parser, "attic": build_attic_parser,
+               "reconcile": build_reconcile_parser}
 
 
 class UsageError(Exception):
@@ -305,7 +343,7 @@ def _inside(path: str, root: str) -> bool:
 # own options, which are not FUSE's business.
 OPTION_ARGS = {"state": "state", "lowerdir": "lower", "policy": "policy", "rwtab": "rwtab",
                "default": "default", "scratch": "scratch", "upperdir": "upperdir",
-               "workdir": "workdir"}
+               "workdir": "workdir", "on_image_change": "on_image_change"}
 MOUNT_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users",
               "rw"}
 # The kernel overlay's options that change nothing for rofs, so that a command line
@@ -443,14 +481,18 @@ def validate(args: argparse.Namespace):
             if _inside(scratch, other) or _inside(other, scratch):
                 raise UsageError("scratch dir %s and %s %s are nested" % (scratch, what,
                                                                           other))
+    if args.on_image_change is not None and args.on_image_change not in ON_IMAGE_CHANGE:
+        raise UsageError("-o on_image_change=%s: expected %s" % (
+            args.on_image_change, ", ".join(ON_IMAGE_CHANGE)))
     from rofs import policy
     rules = policy.load(mountpoint, lower, policy_file=args.policy, rwtab=args.rwtab,
                         default=args.default)
+    on_image_change = args.on_image_change or rules.on_image_change or "reconcile"
     return Config(mountpoint=mountpoint, lower=lower, state=state,
                   foreground=args.foreground, debug=args.debug, fuse_options=options,
                   policy=rules, write_log=not args.no_log, scratch=scratch,
                   overlay=overlay, userxattr=args.userxattr, redirects=args.redirects,
-                  no_open=args.no_open)
+                  no_open=args.no_open, on_image_change=on_image_change)
 
 
 def _use_c_allocator(argv: list[str]) -> None:
@@ -534,6 +576,16 @@ def run_subcommand(name: str, argv: list[str]) -> int:
             sys.stdout.write(json.dumps(entries, indent=1) + "\n" if args.json
                              else tools.format_status(entries, time.time()))
             return 0 if all(e["ok"] and not e.get("internal_errors") for e in entries) else 1
+        if name == "reconcile":
+            from rofs import reconcile
+            parser = build_reconcile_parser()
+            args = parser.parse_args(argv)
+            path = (take_state(parser, args, args.operands, 1) or [None])[0]
+            results = reconcile.reconcile_state(args.state, path, lower=args.lower,
+                                                dry_run=args.dry_run, unhide=args.unhide)
+            sys.stdout.write(reconcile.render(results, args.json))
+            return 1 if any(a.action in ("conflict", "hidden") for r in results
+                            for a in r.actions) else 0
         if name == "check":
             parser = build_check_parser()
             args = parser.parse_args(argv)

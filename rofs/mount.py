@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from rofs import _sys, attic, control, crash, origin, scratch, state, tools
+from rofs import _sys, attic, control, crash, origin, reconcile, scratch, state, tools
 from rofs import fuse as fuse_channel
 from rofs.fuse import mount as fuse_mount
 from rofs.layers import Markers, UpperLayer, lstat_below
@@ -57,6 +57,8 @@ class Config:
     redirects: bool | None = None
     # -o noopen: the kernel opens files without asking (FUSE no_open); see ops.py.
     no_open: bool = False
+    # What to do when the lower changed since the last mount (policy.ON_IMAGE_CHANGE).
+    on_image_change: str = "reconcile"
 
 
 class MountError(Exception):
@@ -157,15 +159,10 @@ def run(config: Config) -> int:
                                    "follow user.overlay.redirect either)")
         markers.redirects = config.redirects
     fingerprint = origin.fingerprint(config.lower)
-    try:
-        previous = tools.record_mount(config.state, config.mountpoint, config.lower,
-                                      config.overlay, fingerprint)
-        before = (previous or {}).get("lower_fingerprint")
-        if fingerprint is not None and before is not None:
-            prepared.image_changed = before != fingerprint
-    except OSError as e:
-        prepared.close()
-        raise MountError("cannot write to the state dir %s: %s" % (config.state, e)) from None
+    before = (tools.mount_record(config.state, config.mountpoint) or {}).get(
+        "lower_fingerprint")
+    if fingerprint is not None and before is not None:
+        prepared.image_changed = before != fingerprint
     try:
         upper = UpperLayer(prepared.upper_fd, prepared.work_fd, markers)
         upper.index_fd = prepared.index_fd
@@ -176,6 +173,23 @@ def run(config: Config) -> int:
         prepared.close()
         raise MountError("cannot move the saved changes the policy makes scratch out of %s "
                          "(nothing was deleted): %s" % (prepared.upper_path, e)) from None
+    if prepared.image_changed:
+        if config.on_image_change == "reconcile":
+            _setup_logging(config, background=False)  # what it did, on the terminal too
+            prepared.reconciled = reconcile.at_mount(
+                config.state, config.mountpoint, config.lower, config.overlay,
+                prepared.lower_fd, prepared.work_fd, config.write_log)
+        if prepared.reconciled is None:
+            # Not reconciled (warn, keep, or it failed): the record keeps the image the
+            # state was last reconciled with, so every mount until then says so, and
+            # the next one that may reconcile does.
+            fingerprint = before
+    try:
+        tools.record_mount(config.state, config.mountpoint, config.lower, config.overlay,
+                           fingerprint)
+    except OSError as e:
+        prepared.close()
+        raise MountError("cannot write to the state dir %s: %s" % (config.state, e)) from None
     try:
         if config.policy.has_scratch:
             state.prepare_scratch(prepared, config.state, config.mountpoint, config.scratch,
@@ -312,6 +326,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                      ready) -> int:
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
                       index_fd=prepared.index_fd)
+    overlay.bases_fd = prepared.bases_fd
     scratch_layer = None
     if prepared.scratch_upper_fd >= 0:
         scratch_layer = UpperLayer(prepared.scratch_upper_fd, prepared.scratch_work_fd,
@@ -322,7 +337,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         log.info("scratch changes go to %s until the next mount", quote(prepared.scratch_path))
     if prepared.moved is not None:
         _report_moved(config, prepared.moved)
-    if prepared.image_changed:
+    if prepared.image_changed and config.on_image_change == "warn":
         log.warning("the lower layer changed since the last mount of this state (an image "
                     "update): copies of files it changed may be stale or in conflict; "
                     "`rofs diff %s` tells them apart (docs/image-updates.md)",
@@ -378,6 +393,11 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                 "log_written": writelog.written if writelog is not None else 0,
                 "log_dropped": writelog.dropped if writelog is not None else 0,
                 "image_changed": prepared.image_changed,
+                "on_image_change": config.on_image_change,
+                "reconciled": {"counts": prepared.reconciled.counts(),
+                               "attic": os.path.basename(prepared.reconciled.attic)
+                               if prepared.reconciled.attic else None}
+                if prepared.reconciled is not None else None,
                 "moved_at_mount": {"count": len(prepared.moved.paths),
                                    "set": prepared.moved.set_dir} if prepared.moved else None,
                 "attic": attic.summary(config.state, config.mountpoint)}

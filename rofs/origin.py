@@ -17,6 +17,13 @@ none: unknown, never guessed.
 
 Each mount also records a fingerprint of the lower tree (`fingerprint`), so the next one
 knows whether the image changed.
+
+The base store (STATE/.rofs/bases/<CONTENT>) keeps what a three-way merge needs and a
+digest cannot give back: the content of every text file up to BASE_LIMIT at its
+copy-up, and the listing of a lower directory an opaque directory hid when it was made.
+Content-addressed, written without fsync: a base is used only when its content still
+hashes to its name, so one torn by a crash is as good as none (the merge then keeps the
+host's file and reports a conflict).
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ import stat
 from dataclasses import dataclass
 
 from rofs._sys import open_noatime
+from rofs.names import quote, unquote
 
 VERSION = b"1"
 DIGEST_LIMIT = 64 << 20  # bigger files get no content digest (reading them costs)
+BASE_LIMIT = 1 << 20  # text files up to this size keep their content in the base store
 FINGERPRINT_LIMIT = 200_000  # entries: a bigger lower gets no fingerprint
 _KINDS = ((stat.S_ISREG, b"f"), (stat.S_ISDIR, b"d"), (stat.S_ISLNK, b"l"),
           (stat.S_ISCHR, b"c"), (stat.S_ISBLK, b"b"), (stat.S_ISFIFO, b"p"),
@@ -102,6 +111,67 @@ def file_digest(fd: int, size: int) -> bytes:
         h.update(chunk)
         offset += len(chunk)
     return h.hexdigest().encode()
+
+
+def read_small(fd: int, size: int) -> bytes:
+    """All of a file of about `size` (<= BASE_LIMIT) bytes (pread: offsets stay)."""
+    chunks = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, max(size - offset, 0) + 1, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).hexdigest().encode()
+
+
+def keep_base(bases_fd: int, content: bytes, data: bytes) -> bool:
+    """Keep text `data`, whose digest is `content`, in the base store (at most
+    BASE_LIMIT bytes, no NUL); whether it is there now.  OSError: not kept."""
+    if len(data) > BASE_LIMIT or b"\0" in data:
+        return False
+    try:
+        os.stat(content, dir_fd=bases_fd)
+        return True
+    except FileNotFoundError:
+        pass
+    tmp = b".%s.%d" % (content, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=bases_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.rename(tmp, content, src_dir_fd=bases_fd, dst_dir_fd=bases_fd)
+    return True
+
+
+def base(bases_dir: str, content: bytes) -> bytes | None:
+    """What the base store holds for digest `content`: None when it holds nothing, or
+    something that no longer hashes to it (torn by a crash)."""
+    if content == UNKNOWN or not content.isalnum():
+        return None
+    try:
+        with open(os.path.join(os.fsencode(bases_dir), content), "rb") as f:
+            data = f.read(BASE_LIMIT + 1)
+    except OSError:
+        return None
+    return data if digest(data) == content else None
+
+
+def listing(names) -> bytes:
+    """A directory's entry names as the base store keeps them: escaped, one a line."""
+    return b"".join(quote(n).encode() + b"\n" for n in sorted(names))
+
+
+def unlisting(data: bytes) -> set[bytes]:
+    return {unquote(line.decode()) for line in data.split(b"\n") if line}
 
 
 def xattrs_digest(path: bytes | int, is_private) -> bytes:

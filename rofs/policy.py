@@ -45,6 +45,9 @@ class Class(enum.Enum):
 CLASS_NAMES = [c.value for c in Class]
 # rwtab kinds: how a scratch path starts out after the wipe at mount.
 KINDS = ("files", "empty", "dirs")
+# What a mount does when it finds the image changed (docs/image-updates.md).
+ON_IMAGE_CHANGE = ("reconcile", "warn", "keep")
+ON_IMAGE_CHANGE_KEYWORD = "on-image-change"
 
 
 # Rules every mount has (a policy file may override them): fusermount3 takes its lock
@@ -71,6 +74,9 @@ class Policy:
     default: Class = Class.PERSISTENT
     rules: dict[Path, Rule] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # rules ignored, and why
+    # What a mount does when the image changed (rofs.reconcile.ON_IMAGE_CHANGE); None:
+    # not said here (the command line's, else the default).
+    on_image_change: str | None = None
     _depth: int | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -249,6 +255,7 @@ def read_policy_file(policy: Policy, path: str, fedora_etc) -> None:
         persistent|scratch|read-only PATH [PATH...]
         empty|dirs|files PATH [PATH...]     (rwtab lines: scratch)
         rwtab [ETCDIR]                      (read the Fedora files from ETCDIR)
+        on-image-change reconcile|warn|keep (docs/image-updates.md)
 
     `fedora_etc(argument)` resolves the directory of an `rwtab` line.
     """
@@ -260,6 +267,11 @@ def read_policy_file(policy: Policy, path: str, fedora_etc) -> None:
                 raise PolicyError("%s: `default` takes one of %s, got %r"
                                   % (where, ", ".join(CLASS_NAMES), " ".join(args)))
             policy.default = Class(args[0])
+        elif word == ON_IMAGE_CHANGE_KEYWORD:
+            if len(args) != 1 or args[0] not in ON_IMAGE_CHANGE:
+                raise PolicyError("%s: `%s` takes one of %s, got %r"
+                                  % (where, word, ", ".join(ON_IMAGE_CHANGE), " ".join(args)))
+            policy.on_image_change = args[0]
         elif word == "rwtab":
             if len(args) > 1:
                 raise PolicyError("%s: `rwtab` takes at most one directory, got %r%s"
@@ -274,8 +286,9 @@ def read_policy_file(policy: Policy, path: str, fedora_etc) -> None:
             for arg in args:
                 policy.add(_path_arg(where, arg), cls, kind, where)
         else:
-            raise PolicyError("%s: unknown keyword %r (expected default, rwtab, %s or %s)"
-                              % (where, word, ", ".join(CLASS_NAMES), ", ".join(KINDS)))
+            raise PolicyError("%s: unknown keyword %r (expected default, rwtab, %s, %s or %s)"
+                              % (where, word, ON_IMAGE_CHANGE_KEYWORD, ", ".join(CLASS_NAMES),
+                                 ", ".join(KINDS)))
 
 
 def load(mountpoint: str, lower: str, *, policy_file: str | None = None,

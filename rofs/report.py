@@ -488,14 +488,51 @@ def patterns_of(args, exceptions: bool = True) -> Patterns:
     return Patterns(found)
 
 
+# ---------------------------------------------------------------- image updates
+
+RECONCILE = "reconcile"  # the op of what `rofs reconcile` (or a mount's) did to a path
+
+
+def reconciled(events: list[dict]) -> dict[tuple[str, str], dict[str, str]]:
+    """Per (host, mount): each path's last reconcile action and its detail."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for e in events:
+        if e["op"] == RECONCILE and e.get("path"):
+            key = (e.get("host") or "?", e.get("mount") or "?")
+            out.setdefault(key, {})[e["path"]] = (str(e.get("action", "?")),
+                                                   str(e.get("detail", "")))
+    return out
+
+
+def render_reconciled(found: dict) -> str:
+    """What each host took from an image update, merged, kept, and left in conflict."""
+    if not found:
+        return ""
+    lines = ["", "Image updates reconciled (rofs reconcile), per host:"]
+    for (host, mount), paths in sorted(found.items()):
+        counts = Counter(action for action, _ in paths.values())
+        lines.append("  %s %s: %s" % (host, mount, ", ".join(
+            "%d %s" % (n, action) for action, n in sorted(counts.items()))))
+        for path, (action, detail) in sorted(paths.items()):
+            lines.append("    %-9s %s  (%s)" % (action, path, detail))
+    return "\n".join(lines) + "\n"
+
+
 def main(args) -> int:
     patterns = patterns_of(args)
     events, files, bad = load_events(args.logs)
+    found = reconciled(events)
+    events = [e for e in events if e["op"] != RECONCILE]
     if args.suggest:
         out = suggest(events, patterns, files)
     elif args.json:
-        out = as_json(summarize(events, patterns), files, bad)
+        data = json.loads(as_json(summarize(events, patterns), files, bad))
+        data["reconciled"] = [{"host": host, "mount": mount, "paths": {
+            path: {"action": a, "detail": d} for path, (a, d) in sorted(paths.items())}}
+            for (host, mount), paths in sorted(found.items())]
+        out = json.dumps(data, indent=1) + "\n"
     else:
-        out = render(summarize(events, patterns), files, bad, args.summary)
+        out = render(summarize(events, patterns), files, bad, args.summary) + \
+            render_reconciled(found)
     sys.stdout.write(out)
     return 0

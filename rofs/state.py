@@ -55,10 +55,13 @@ class Prepared:
     scratch_work_fd: int = -1
     scratch_index_fd: int = -1
     scratch_path: str = ""
+    bases_fd: int = -1  # the base store (rofs/origin.py)
+    reconciled: object = None  # rofs.reconcile.Result of a reconcile at this mount
 
     def close(self) -> None:
         for fd in (self.index_fd, self.work_fd, self.upper_fd, self.lower_fd, self.lock_fd,
-                   self.scratch_upper_fd, self.scratch_work_fd, self.scratch_index_fd):
+                   self.bases_fd, self.scratch_upper_fd, self.scratch_work_fd,
+                   self.scratch_index_fd):
             if fd < 0:
                 continue
             try:
@@ -97,6 +100,11 @@ def layer_paths(state: str, mountpoint: str,
         return upper, work, os.path.join(work, PRIVATE_DIR, "index")
     return (upper_dir(state, mountpoint), work_dir(state, mountpoint),
             index_dir(state, mountpoint))
+
+
+def bases_dir(state: str) -> str:
+    """The base store of a state dir (rofs/origin.py), shared by its mounts."""
+    return os.path.join(state, PRIVATE_DIR, "bases")
 
 
 def log_path(state: str, mountpoint: str) -> str:
@@ -336,8 +344,18 @@ def prepare(state: str, mountpoint: str, lower: str,
             copyup.copy_meta(os.fstat(lower_fd), proc_path(upper_fd), markers.is_private,
                              proc_path(lower_fd))
         clean_work(work_fd, UpperLayer(upper_fd, work_fd, markers))
-        return Prepared(lower_fd, upper_fd, work_fd, index_fd, lock_fd, upper_path, work_path,
-                        markers, created)
+        bases = bases_dir(state)
+        _makedirs(bases, created, 0o700)
+        prepared = Prepared(lower_fd, upper_fd, work_fd, index_fd, lock_fd, upper_path,
+                            work_path, markers, created)
+        lower_fd = upper_fd = work_fd = index_fd = lock_fd = -1  # prepared's now
+        try:
+            prepared.bases_fd = os.open(bases, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW |
+                                        os.O_CLOEXEC)
+        except BaseException:
+            prepared.close()
+            raise
+        return prepared
     except BaseException as e:
         for fd in (lower_fd, upper_fd, work_fd, index_fd, lock_fd):
             if fd >= 0:

@@ -38,6 +38,7 @@ from rofs.names import count, quote, quote_path, top_dir, unquote
 from rofs.state import (
     PRIVATE_DIR,
     StateError,
+    bases_dir,
     check_owner,
     layer_paths,
     mount_name,
@@ -62,20 +63,28 @@ def _record_name(name: str) -> str:
     return quoted + ".json"
 
 
+def _record_path(state: str, mountpoint: str) -> str:
+    return os.path.join(state, PRIVATE_DIR, MOUNTS_DIR, _record_name(mount_name(mountpoint)))
+
+
+def mount_record(state: str, mountpoint: str) -> dict | None:
+    """What the last mount of `mountpoint` recorded (None: none, or unreadable)."""
+    try:
+        with open(_record_path(state, mountpoint)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def record_mount(state: str, mountpoint: str, lower: str,
                  overlay: tuple[str, str] | None = None,
-                 fingerprint: str | None = None) -> dict | None:
+                 fingerprint: str | None = None) -> None:
     """Remember which lower directory (and, kernel-style, which upper and work
     directories) this mount of the state dir uses, and the lower tree's fingerprint
-    (rofs.origin).  Returns the record it replaces (None: the first mount)."""
-    d = os.path.join(state, PRIVATE_DIR, MOUNTS_DIR)
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    path = os.path.join(d, _record_name(mount_name(mountpoint)))
-    try:
-        with open(path) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
-        previous = None
+    (rofs.origin)."""
+    path = _record_path(state, mountpoint)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         record = {"mountpoint": mountpoint, "lower": lower}
@@ -88,7 +97,6 @@ def record_mount(state: str, mountpoint: str, lower: str,
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return previous if isinstance(previous, dict) else None
 
 
 def run_dir() -> str | None:
@@ -205,6 +213,10 @@ class Mount:
     @property
     def markers(self) -> Markers:
         return read_markers(self.state)
+
+    @property
+    def bases(self) -> str:
+        return bases_dir(self.state)
 
     def lower_root(self) -> str:
         """A path that opens the real lower directory, also under a live mount."""
@@ -488,6 +500,9 @@ class Change:
     kind: str = ""  # file, dir, symlink, ...
     # A copy against its origin and the lower now (IMAGE_STATES): "" for what is no copy
     image: str = ""
+    # Where it is: components below the mount, and of its lower counterpart (None: none)
+    rel: tuple[bytes, ...] = field(default=(), repr=False)
+    lower: tuple[bytes, ...] | None = field(default=None, repr=False)
 
     def line(self) -> str:
         text = "%s %s" % (self.status, self.path)
@@ -507,8 +522,9 @@ IMAGE_STATES = {
     "metadata": "the image changed it, this copy changed only its metadata here",
     "conflict": "the image changed it, and this copy's content changed here too",
     "unknown": "copied up before rofs recorded origins, or too big to digest",
+    "hides": "an opaque directory that hides entries the image added since it was made",
 }
-IMAGE_CHANGED = ("stale", "metadata", "conflict")
+IMAGE_CHANGED = ("stale", "metadata", "conflict", "hides")
 
 
 def _kind(mode: int) -> str:
@@ -641,8 +657,9 @@ class Differ:
                                  lower_counterpart, lpath, lst)
         finally:
             if len(self.changes) > before:
-                self.changes[-1].image = self._image(upper_path, lower_counterpart, lpath,
-                                                     lst)
+                change = self.changes[-1]
+                change.rel, change.lower = rel, lower_counterpart
+                change.image = self._image(upper_path, lower_counterpart, lpath, lst)
 
     def _image(self, upper_path: bytes, lower_counterpart, lpath: bytes | None,
                lst) -> str:
@@ -654,6 +671,8 @@ class Differ:
         recorded = origin.parse(value)
         if recorded is None or not recorded.content_known():
             return "unknown"
+        if _getxattr(upper_path, self.markers.opaque) == b"y":
+            return "hides" if self.hidden_new(upper_path, lpath) else "here"
         if lower_counterpart is None or recorded.path != origin.path_digest(lower_counterpart):
             return "here"  # copied from elsewhere and moved here: a change made here
         private = self.markers.is_private
@@ -665,11 +684,28 @@ class Differ:
         if (here.kind, here.content, here.size) != (recorded.kind, recorded.content,
                                                     recorded.size) and not directory:
             return "conflict"
+        # (Not the mtime: it goes with the content, so a copy only touched here is stale.)
         if (here.mode, here.uid, here.gid, here.xattrs) != (
-                recorded.mode, recorded.uid, recorded.gid, recorded.xattrs) or (
-                not directory and here.mtime_ns != recorded.mtime_ns):
+                recorded.mode, recorded.uid, recorded.gid, recorded.xattrs):
             return "metadata"
         return "stale"
+
+    def hidden_new(self, upper_path: bytes, lpath: bytes | None) -> list[bytes]:
+        """The entries of the lower directory an opaque upper directory hides that the
+        lower did not have when the directory was made (its origin's listing in the
+        base store); [] when that is not known."""
+        recorded = origin.parse(_getxattr(upper_path, self.markers.origin))
+        if recorded is None or recorded.kind != b"d" or lpath is None:
+            return []
+        then = origin.base(self.mount.bases, recorded.content)
+        try:
+            now = os.listdir(lpath)
+        except OSError:
+            return []
+        if then is None:
+            return []
+        known = origin.unlisting(then)
+        return sorted(n for n in now if n not in known)
 
     def _changed(self, upper_path, ust, rel, show, kind, parent_lower, lower_counterpart,
                  lpath, lst):

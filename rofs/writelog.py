@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 
@@ -372,3 +373,32 @@ def log_files(path: str) -> list[str]:
         return base, -rotated
 
     return sorted(out, key=order)
+
+
+def append_events(path: str, mountpoint: str, op: str,
+                  entries: list[tuple[str, str, str, str | None]]) -> None:
+    """Append events of rofs's own tools (`rofs reconcile`, a mount's reconcile) to a
+    write log, now: (escaped path, action, detail, escaped second path) each, as this
+    process (comm "rofs").  OSError when the log cannot be written."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    mountpoint = mountpoint.rstrip("/") or "/"
+    who = {"comm": "rofs", "exe": quote(os.path.realpath(sys.argv[0])) if sys.argv[0]
+           else "rofs", "cmd": [quote(a) for a in sys.argv], "script": None}
+    lines = []
+    for shown, action, detail, path2 in entries:
+        event = {"v": LOG_VERSION, "t": round(time.time(), 6),
+                 "host": quote(socket.gethostname()), "mount": quote(mountpoint),
+                 "pid": os.getpid(), "uid": os.getuid(), "op": op, "path": shown,
+                 "result": "ok", "class": "persistent", "rule": None, "action": action,
+                 "detail": detail}
+        if path2 is not None:
+            event["path2"] = path2
+        event.update(who)
+        lines.append(json.dumps(event, separators=(",", ":")) + "\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        data = "".join(lines).encode()
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)

@@ -120,14 +120,42 @@ def test_a_copy_made_before_origins_is_unknown(image):
     assert changes["both"]["image"] == "unknown"  # never guessed
 
 
-def test_mount_notices_an_image_update(image):
+def test_mount_notices_an_image_update(image, tmp_path):
+    warn = ("--on-image-change", "warn")
     host_changes(image)
-    with RofsProcess(image["mnt"], image["state"], image["lower"]) as daemon:
+    with RofsProcess(image["mnt"], image["state"], image["lower"], args=warn) as daemon:
         (status,) = json.loads(rofs("status", "--json", image["mnt"]))
         assert status["image_changed"] is False
     assert "lower layer changed" not in daemon.output()
     image_v2(image)
-    with RofsProcess(image["mnt"], image["state"], image["lower"]) as daemon:
+    for _ in range(2):  # warn: every mount says so, until the state is reconciled
+        with RofsProcess(image["mnt"], image["state"], image["lower"], args=warn) as daemon:
+            (status,) = json.loads(rofs("status", "--json", image["mnt"]))
+            assert status["image_changed"] is True and status["reconciled"] is None
+        assert "the lower layer changed since the last mount" in daemon.output()
+    policy = tmp_path / "policy"
+    policy.write_text("on-image-change keep\n")  # keep: as it is, and quiet
+    with RofsProcess(image["mnt"], image["state"], image["lower"],
+                     args=("--policy", str(policy))) as daemon:
+        assert json.loads(rofs("status", "--json", image["mnt"]))[0]["image_changed"]
+    assert "lower layer changed" not in daemon.output()
+    assert "reconcile" not in daemon.output()
+    with RofsProcess(image["mnt"], image["state"], image["lower"]) as daemon:  # the default
         (status,) = json.loads(rofs("status", "--json", image["mnt"]))
-        assert status["image_changed"] is True
-    assert "the lower layer changed since the last mount" in daemon.output()
+        assert status["reconciled"]["counts"] == {"took": 1, "merged": 1, "conflict": 1}
+    assert "reconciled %s: 1 took, 1 merged, 1 conflict" % os.path.realpath(image["mnt"]) \
+        in daemon.output()
+    with RofsProcess(image["mnt"], image["state"], image["lower"], args=warn) as daemon:
+        assert not json.loads(rofs("status", "--json", image["mnt"]))[0]["image_changed"]
+
+
+def test_on_image_change_typos_are_refused(image, tmp_path):
+    policy = tmp_path / "policy"
+    policy.write_text("on-image-change sometimes\n")
+    for args in (["--on-image-change", "sometimes"], ["-o", "on_image_change=merge"],
+                 ["--policy", str(policy)]):
+        out = subprocess.run(ROFS + [image["mnt"], "--state", image["state"], "--lower",
+                                     image["lower"], *args], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and ("sometimes" in out.stderr or "merge" in out.stderr)
+        assert not os.path.exists(image["state"])

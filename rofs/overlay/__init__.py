@@ -79,6 +79,9 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
         self.upper = UpperLayer(upper_fd, work_fd, markers or Markers())
         self.markers = self.upper.markers
         self.upper.index_fd = index_fd
+        # The base store (rofs/origin.py), where copy-ups keep the text a later merge
+        # with a new image needs; None: kept nowhere.
+        self.bases_fd: int | None = None
         self.table = NodeTable(self.lower.dev, self.upper.dev)
         root_st = os.fstat(upper_fd)
         self.root = Node(ROOT_INO, stat.S_IFDIR, upper=True, lower=(),

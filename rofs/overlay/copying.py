@@ -119,7 +119,8 @@ class CopyUp:
 
     async def _origin(self, node: Node, st: os.stat_result) -> bytes:
         """The origin marker of a copy-up of `node` (rofs/origin.py): its lower object's
-        metadata, content digest (read in a worker thread past INLINE_COPY) and xattrs."""
+        metadata, content digest (read in a worker thread past BASE_LIMIT; a text file
+        up to it is kept in the base store) and xattrs."""
         path = self.lower.xattr_path(node.lower)
         xattrs = origin.xattrs_digest(path, self.markers.is_private)
         if not stat.S_ISREG(st.st_mode):
@@ -127,13 +128,25 @@ class CopyUp:
                              node.lower).encode()
         fd = self.lower.open(node.lower)
         try:
-            if st.st_size > INLINE_COPY:
+            if st.st_size > origin.BASE_LIMIT:
                 content = await offload(origin.file_digest, fd, st.st_size)
             else:
-                content = origin.file_digest(fd, st.st_size)
+                data = origin.read_small(fd, st.st_size)
+                content = origin.digest(data)
+                self._keep_base(content, data)
         finally:
             os.close(fd)
         return origin.of(st, content, xattrs, node.lower).encode()
+
+    def _keep_base(self, content: bytes, data: bytes) -> None:
+        """Keep a copied-up text file's content for a later merge (never fails the
+        copy-up: a base missing makes that merge a reported conflict)."""
+        if self.bases_fd is None:
+            return
+        try:
+            origin.keep_base(self.bases_fd, content, data)
+        except OSError as e:
+            log.debug("base store: cannot keep %s: %s", content.decode(), e.strerror)
 
     def _lower_flags(self, node: Node) -> int:
         """The lower inode flags of a regular file or directory about to be copied up

@@ -8,7 +8,7 @@ import logging
 import os
 import stat
 
-from rofs import acl, attic, copyup, crash, scratch
+from rofs import acl, attic, copyup, crash, origin, scratch
 from rofs._sys import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from rofs.inodes import Node
 from rofs.layers import UpperLayer, is_whiteout, open_listable
@@ -88,6 +88,9 @@ class Names:
             if is_dir and over_whiteout:
                 # Whatever the lower has under this name stays hidden.
                 layer.set_marker(work, tmp, self.markers.opaque, b"y")
+                hid = self._hidden_origin(parent, name)
+                if hid is not None:
+                    layer.set_marker(work, tmp, self.markers.origin, hid)
             st = os.stat(tmp, dir_fd=work, follow_symlinks=False)  # (rename keeps it)
             crash.point("create:prepared")
             if over_whiteout and is_dir:
@@ -112,6 +115,29 @@ class Names:
         node.layer = None if layer is self.upper else layer
         node.prot = 0  # new: no inode flags
         return node
+
+    def _hidden_origin(self, parent: Node, name: bytes) -> bytes | None:
+        """The origin marker of an opaque directory made over the lower directory
+        parent/name: that directory, its listing kept in the base store, so that entries
+        a new image adds there can be told apart (docs/image-updates.md).  None when
+        there is no such lower directory, or no room for its listing."""
+        if parent.lower is None or self.bases_fd is None:
+            return None
+        path = parent.lower + (name,)
+        st = self.lower.try_stat(path)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return None
+        where = self.lower.xattr_path(path)
+        try:
+            data = origin.listing(os.listdir(where))
+            content = origin.digest(data)
+            if not origin.keep_base(self.bases_fd, content, data):
+                return None
+        except OSError as e:
+            log.debug("base store: no listing of %r: %s", name, e.strerror)
+            return None
+        return origin.of(st, content, origin.xattrs_digest(where, self.markers.is_private),
+                         path).encode()
 
     @_changes_names
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,

@@ -47,7 +47,7 @@ class Renames:
                       dst_name: bytes, flags: int, exchange: bool, prepared: list) -> None:
         """rename's work.  `prepared` holds (tmp, signature, layer) of a copy made for a
         move across layers, which the caller discards unless the move consumed it."""
-        synced = False
+        synced = carried = False
         while True:
             src = self.lookup(src_parent, src_name)
             if src is None:
@@ -94,6 +94,13 @@ class Renames:
                         await self._sync_data(self.upper_dirfd(parent, self.upper), name,
                                               node)
                 continue
+            if not carried:
+                carried = True
+                if not exchange and dst is not None and not dst.is_dir and \
+                        not src.is_dir and layer is self.upper and self._lay(src) is layer:
+                    await self._carry_origin(src, src_parent, src_name, dst, dst_parent,
+                                             dst_name)
+                    continue
             if layer is not self._lay(src) and not prepared and \
                     await self._prepare_across(src, src_parent, src_name, layer, prepared):
                 continue  # the world may have changed while the data was copied
@@ -147,6 +154,29 @@ class Renames:
                 self._kill_dir(dst)
             self.table.remove_link(dst, dst_parent, dst_name)
         self.table.move_link(src, src_parent, src_name, dst_parent, dst_name)
+
+    async def _carry_origin(self, src: Node, src_parent: Node, src_name: bytes, dst: Node,
+                            dst_parent: Node, dst_name: bytes) -> None:
+        """A new file about to replace one the image has (sed -i, shadow-utils' passwd+
+        over passwd): it gets the origin of what it replaces (that copy's, or the lower
+        object's), so an image update merges it with the image's new version instead of
+        calling it unknown (docs/image-updates.md).  A file that has an origin of its
+        own (a copy moved here) keeps it: a change made here."""
+        sup = self.upper_dirfd(src_parent, self.upper)
+        st = self.upper.try_stat(sup, src_name)
+        if st is None or st.st_nlink != 1 or \
+                self.upper.get_marker(sup, src_name, self.markers.origin) is not None:
+            return
+        if dst.upper:
+            dup = self.upper_dirfd(dst_parent, self.upper)
+            value = self.upper.get_marker(dup, dst_name, self.markers.origin)
+        elif dst.lower is not None:
+            lst = self.lower.try_stat(dst.lower)
+            value = await self._origin(dst, lst) if lst is not None else None
+        else:
+            value = None
+        if value is not None:
+            self.upper.set_marker(sup, src_name, self.markers.origin, value)
 
     async def _prepare_across(self, src: Node, src_parent: Node, src_name: bytes,
                               layer: UpperLayer, prepared: list) -> bool:

@@ -1,0 +1,788 @@
+"""Reconcile a host's state with a new image: `rofs reconcile`, and every mount that
+finds the image changed (--on-image-change, docs/image-updates.md).
+
+`rofs diff` tells what each copy is to the image (tools.IMAGE_STATES, from the copy's
+origin marker); reconcile acts on the copies the image changed:
+
+- stale (the copy still equals what it was copied from): moved out, so the new image's
+  file shows;
+- metadata (changed here in mode, owner, times or xattrs only): the new image's
+  content, with each metadata field changed here kept and the others the image's;
+- conflict (content changed on both sides): passwd, group, shadow, gshadow, subuid and
+  subgid merged per entry (merge_accounts); other text merged three-way with merge3
+  against the content at copy-up (the base store, rofs/origin.py); when that merge
+  conflicts, or the file is binary, or its base is gone, the host's file stays and the
+  image's version is written beside it as NAME.rofs-new (as dpkg's .dpkg-dist);
+- hides (an opaque directory hides entries the image added): reported, and with
+  `unhide` those entries are copied into it.
+
+Each replacement is one rename of a prepared copy (which carries the new origin, so a
+rerun finds nothing left to do there); what it replaces is first linked into an attic
+set (rofs/attic.py), so `rofs attic` lists it until the admin drops it.  A kill at any
+point leaves every file old or new; the next run finishes the job.  Every action goes
+into the write log (op `reconcile`), which `rofs report` summarizes per host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import merge3
+
+from rofs import attic, copyup, crash, origin
+from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
+from rofs.layers import UpperLayer, open_below, open_listable
+from rofs.names import count, quote, quote_path
+from rofs.tools import (
+    IMAGE_CHANGED,
+    Change,
+    Differ,
+    Mount,
+    ToolError,
+    locked_upper,
+    record_mount,
+)
+
+log = logging.getLogger(__name__)
+
+# What a mount does when it finds the image changed (policy.ON_IMAGE_CHANGE).
+ON_IMAGE_CHANGE = {
+    "reconcile": "reconcile the state with the new image before serving (the default)",
+    "warn": "serve the state as it is and warn: copies hide the new image's versions",
+    "keep": "serve the state as it is, saying so only in `rofs status`",
+}
+DEFAULT_ON_IMAGE_CHANGE = "reconcile"
+NEW_SUFFIX = b".rofs-new"  # the image's version of a file in conflict, beside it
+
+# What reconcile did to a path (the write log's "action").
+ACTIONS = {
+    "took": "the image's new version shows (the copy here had not changed)",
+    "merged": "the image's changes and this host's, merged",
+    "kept": "this host's version kept (the image removed or changed it, and so did this "
+            "host; nothing of the image's to merge)",
+    "conflict": "changed here and in the image: see the detail and NAME.rofs-new",
+    "hidden": "an opaque directory here hides entries the image added",
+    "unhidden": "entries the image added copied into the opaque directory here",
+}
+
+# Account files merged per entry: the name of the id field's index (None: no ids), and
+# whose names left out of the first leave theirs out too.
+ACCOUNTS = {b"passwd": 2, b"group": 2, b"shadow": None, b"gshadow": None}
+SHADOWED_BY = {b"shadow": b"passwd", b"gshadow": b"group"}
+RANGES = (b"subuid", b"subgid")
+
+
+def account_kind(name: bytes) -> bytes | None:
+    """Which account file `name` is (shadow-utils' backups, NAME-, are merged alike)."""
+    kind = name[:-1] if name.endswith(b"-") else name
+    return kind if kind in ACCOUNTS or kind in RANGES else None
+
+
+def _order(name: bytes) -> tuple:
+    """passwd before shadow, group before gshadow, each before its backup."""
+    kind = account_kind(name)
+    if kind is None:
+        return (name, 0, b"")
+    return (SHADOWED_BY.get(kind, kind), kind in SHADOWED_BY, name)
+
+
+@dataclass
+class Action:
+    path: str  # as the mount shows it (escaped)
+    action: str  # ACTIONS
+    detail: str
+    beside: str | None = None  # the NAME.rofs-new written
+
+    def line(self) -> str:
+        text = "%-9s %s  (%s)" % (self.action, self.path, self.detail)
+        if self.beside:
+            text += "; the image's version: %s" % self.beside
+        return text
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "action": self.action, "detail": self.detail,
+                "beside": self.beside}
+
+
+@dataclass
+class Result:
+    mountpoint: str
+    actions: list[Action] = field(default_factory=list)
+    attic: str | None = None  # the attic set holding what was replaced
+    dry_run: bool = False
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a in self.actions:
+            out[a.action] = out.get(a.action, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        c = self.counts()
+        parts = ["%d %s" % (c[k], k) for k in ACTIONS if c.get(k)]
+        return "%s%s: %s%s" % ("would reconcile " if self.dry_run else "reconciled ",
+                              self.mountpoint, ", ".join(parts) or "nothing to do",
+                              "; replaced versions kept in attic set %s"
+                              % os.path.basename(self.attic) if self.attic else "")
+
+
+# ---------------------------------------------------------------- merges
+
+
+def _lines(data: bytes) -> list[bytes]:
+    return data.splitlines(True)
+
+
+def merge_text(base: bytes, here: bytes, new: bytes) -> bytes | None:
+    """A three-way line merge (merge3, the merge of bzr/Breezy: no git needed on the
+    host, and in memory); None when the changes overlap."""
+    m = merge3.Merge3(_lines(base), _lines(here), _lines(new))
+    out = []
+    for group in m.merge_groups():
+        if group[0] == "conflict":
+            return None
+        out += group[1]
+    return b"".join(out)
+
+
+def _entries(data: bytes) -> tuple[list[tuple[bytes | None, bytes]], dict[bytes, list[bytes]]]:
+    """The lines of an account file, each with its entry's name (None for a line that
+    is no entry), and the entries by name (fields)."""
+    lines, by_name = [], {}
+    for line in data.split(b"\n"):
+        if b":" in line and not line.startswith(b"#"):
+            fields = line.split(b":")
+            if fields[0] and fields[0] not in by_name:
+                by_name[fields[0]] = fields
+                lines.append((fields[0], line))
+                continue
+        lines.append((None, line))
+    if lines and lines[-1] == (None, b""):
+        lines.pop()
+    return lines, by_name
+
+
+def merge_accounts(kind: bytes, base: bytes, here: bytes, new: bytes,
+                   left_out: set[bytes]) -> tuple[bytes, list[str]]:
+    """passwd, group, shadow or gshadow merged per entry, keyed by name: the image's new
+    entries appear, the host's stay, a field changed here wins, the image's changes to
+    fields not changed here are taken, an entry the image removed goes unless changed
+    here.  An entry the image added whose id another entry here already has is left out
+    (a conflict, never a duplicate id); its name joins `left_out`, and the shadow file
+    leaves it out too.  Returns the merged file and the conflicts."""
+    id_field = ACCOUNTS[kind]
+    _, b = _entries(base)
+    here_lines, h = _entries(here)
+    new_lines, n = _entries(new)
+    conflicts: list[str] = []
+    what = {b"passwd": "user", b"shadow": "user", b"group": "group",
+            b"gshadow": "group"}[kind]
+    out: list[tuple[bytes | None, bytes]] = []
+    for name, line in here_lines:
+        if name is None:
+            out.append((None, line))
+            continue
+        hf, bf, nf = h[name], b.get(name), n.get(name)
+        if bf is None:
+            if nf is not None and nf != hf:
+                conflicts.append("%s %s: added here and by the image, differently; this "
+                                 "host's kept" % (what, quote(name)))
+            out.append((name, line))
+        elif nf is None:
+            if hf != bf:
+                conflicts.append("%s %s: removed by the image, changed here; kept"
+                                 % (what, quote(name)))
+                out.append((name, line))
+        elif len(hf) != len(bf) or len(nf) != len(bf):
+            out.append((name, line))
+            if nf != bf:
+                conflicts.append("%s %s: fields added or removed; this host's kept"
+                                 % (what, quote(name)))
+        else:
+            merged = []
+            for i, (x, y, z) in enumerate(zip(hf, bf, nf, strict=True)):
+                if x != y and z != y and x != z:
+                    conflicts.append("%s %s: field %d changed here and by the image; this "
+                                     "host's kept" % (what, quote(name), i + 1))
+                merged.append(x if x != y else z)
+            out.append((name, b":".join(merged)))
+    ids = {h[name][id_field]: name for name, _ in out
+           if name is not None and id_field is not None and len(h[name]) > id_field}
+    present = {name for name, _ in out if name is not None}
+    # The image's new entries, each after the entry before it in the image's file.
+    previous: bytes | None = None
+    for name, line in new_lines:
+        if name is None:
+            continue
+        if name in b or name in present or name in h:
+            previous = name
+            continue
+        if name in left_out:
+            continue
+        fields = n[name]
+        if id_field is not None and len(fields) > id_field and fields[id_field] in ids:
+            conflicts.append("%s %s of the image has id %s, which %s %s has here: left "
+                             "out" % (what, quote(name), fields[id_field].decode(
+                                 errors="replace"), what, quote(ids[fields[id_field]])))
+            left_out.add(name)
+            continue
+        at = 0  # (first in the image's file: first here too)
+        if previous is not None:
+            at = next((i + 1 for i, (nm, _) in enumerate(out) if nm == previous), len(out))
+        out.insert(at, (name, line))
+        present.add(name)
+        if id_field is not None and len(fields) > id_field:
+            ids[fields[id_field]] = name
+        previous = name
+    return b"".join(line + b"\n" for _, line in out), conflicts
+
+
+def merge_ranges(base: bytes, here: bytes, new: bytes) -> tuple[bytes, list[str]]:
+    """subuid/subgid (NAME:START:COUNT, a name may have several): the image's new lines
+    appear unless they overlap a range another name has here, lines the image removed go
+    unless this host has them anew, the host's stay."""
+    b = set(base.splitlines())
+    n = set(new.splitlines())
+    lines = [line for line in here.splitlines() if not (line in b and line not in n)]
+    conflicts = []
+
+    def span(line: bytes):
+        parts = line.split(b":")
+        try:
+            return parts[0], int(parts[1]), int(parts[1]) + int(parts[2])
+        except (IndexError, ValueError):
+            return None
+
+    have = set(lines)
+    spans = [x for x in map(span, lines) if x is not None]
+    for line in new.splitlines():
+        if line in b or line in have:
+            continue
+        mine = span(line)
+        clash = next((o for o in spans if mine and o[0] != mine[0] and o[1] < mine[2] and
+                      mine[1] < o[2]), None) if mine else None
+        if clash is not None:
+            conflicts.append("range %s of the image overlaps one of %s here: left out"
+                             % (quote(line), quote(clash[0])))
+            continue
+        lines.append(line)
+        have.add(line)
+        if mine:
+            spans.append(mine)
+    return b"".join(line + b"\n" for line in lines), conflicts
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+class Reconciler:
+    """Reconcile one mount's upper layer (which the caller has locked) with its lower."""
+
+    def __init__(self, mount: Mount, *, dry_run: bool = False, unhide: bool = False,
+                 work_fd: int | None = None) -> None:
+        self.mount = mount
+        self.dry_run = dry_run
+        self.unhide = unhide
+        self.differ = Differ(mount)
+        self.markers = self.differ.markers
+        self.result = Result(quote(mount.mountpoint), dry_run=dry_run)
+        self.root = open_listable(None, os.fsencode(mount.upper))
+        self.work = work_fd if work_fd is not None else os.open(
+            mount.work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._own_work = work_fd is None
+        self.upper = UpperLayer(self.root, self.work, self.markers)
+        self.bases = mount.bases
+        self.bases_fd = os.open(self.bases, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) \
+            if os.path.isdir(self.bases) else None
+        self.aside: attic.Aside | None = None
+        self.left_out: dict[bytes, set[bytes]] = {}  # account file -> names left out
+
+    def close(self) -> None:
+        for fd in (self.root,) + ((self.work,) if self._own_work else ()) + \
+                ((self.bases_fd,) if self.bases_fd is not None else ()):
+            os.close(fd)
+
+    def run(self, start: tuple[bytes, ...] = ()) -> Result:
+        changes = [c for c in self.differ.run(start) if c.image in IMAGE_CHANGED]
+        if changes and not self.dry_run:
+            self.aside = attic.Aside(
+                self.upper, attic.attic_dir(self.mount.state, self.mount.mountpoint),
+                quote(self.mount.mountpoint), "reconcile with a new image: the versions "
+                "it replaced", [c.rel for c in changes])
+        # Account files in an order where passwd comes before shadow, group before
+        # gshadow (a name left out of one is left out of the other).
+        changes.sort(key=lambda c: (c.rel[:-1], _order(c.rel[-1])))
+        try:
+            for change in changes:
+                self._one(change)
+        finally:
+            if self.aside is not None:
+                self.aside.close()
+                self.result.attic = self.aside.set_dir
+        return self.result
+
+    def _act(self, change: Change, action: str, detail: str, beside: bytes | None = None
+             ) -> None:
+        shown = None
+        if beside is not None:
+            shown = quote_path(change.rel[:-1] + (beside,), quote(self.mount.mountpoint))
+        self.result.actions.append(Action(change.path, action, detail, shown))
+
+    def _one(self, change: Change) -> None:
+        parent = open_below(self.root, change.rel[:-1])
+        try:
+            name = change.rel[-1]
+            here = proc_path(parent, name)
+            lower = self.differ._lower(change.lower)
+            st = os.lstat(here)
+            lst = _lstat(lower)
+            if change.image == "hides":
+                self._hides(change, parent, name, here, lower)
+            elif stat.S_ISDIR(st.st_mode):
+                self._directory(change, here, lower, lst)
+            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                self._act(change, "kept", "a hard link here: left as it is")
+            elif change.image == "stale":
+                if not self.dry_run:
+                    self.aside.move(change.rel)
+                    self._synced(parent)
+                    crash.point("reconcile:replaced")
+                self._act(change, "took", "unchanged here since its copy-up" + (
+                    "; the image removed it" if lst is None else "" if _kind(lst) == _kind(st)
+                    else "; the image's is a %s now" % _kind(lst)))
+            elif lst is None or _kind(lst) != _kind(st):
+                self._act(change, "kept", "changed here; the image removed it" if lst is None
+                          else "changed here; the image's is a %s now" % _kind(lst))
+            elif change.image == "metadata":
+                fields = self._replace(change, parent, name, st, lower, lst, None)
+                self._act(change, "merged", "the image's content, with the %s changed here"
+                          % (", ".join(fields) or "nothing"))
+            else:
+                self._conflict(change, parent, name, st, here, lower, lst)
+        finally:
+            os.close(parent)
+
+    # -- files
+
+    def _conflict(self, change, parent, name, st, here, lower, lst) -> None:
+        recorded = origin.parse(_getxattr(here, self.markers.origin))
+        base = origin.base(self.bases, recorded.content) if recorded else None
+        merged, conflicts = None, []
+        if not stat.S_ISREG(st.st_mode):
+            why = "a %s changed on both sides" % _kind(st)
+        elif base is None:
+            why = "its content at copy-up is not known (no base kept)"
+        elif max(st.st_size, lst.st_size) > origin.BASE_LIMIT:
+            why = "too big to merge"
+        else:
+            mine, theirs = _read(here), _read(lower)
+            why = "binary"
+            if b"\0" not in mine and b"\0" not in theirs:
+                kind = account_kind(name)
+                if kind in ACCOUNTS:
+                    source = SHADOWED_BY.get(kind, kind) + name[len(kind):]
+                    merged, conflicts = merge_accounts(
+                        kind, base, mine, theirs,
+                        self.left_out.setdefault(change.rel[:-1] + (source,), set()))
+                elif kind in RANGES:
+                    merged, conflicts = merge_ranges(base, mine, theirs)
+                else:
+                    merged = merge_text(base, mine, theirs)
+                    why = "the changes here and the image's overlap"
+        if merged is not None:
+            fields = self._replace(change, parent, name, st, lower, lst, merged)
+            if not conflicts:
+                self._act(change, "merged", "the image's changes and this host's" + (
+                    " (%s changed here kept)" % ", ".join(fields) if fields else ""))
+                return
+            beside = self._beside(parent, name, lower, lst)
+            self._act(change, "conflict", "merged but for: " + "; ".join(conflicts), beside)
+            return
+        beside = self._beside(parent, name, lower, lst) if stat.S_ISREG(st.st_mode) else None
+        self._settle_origin(parent, name, lower, change)
+        self._act(change, "conflict", "%s: this host's version kept" % why, beside)
+
+    def _replace(self, change: Change, parent: int, name: bytes, st, lower: bytes, lst,
+                 content: bytes | None) -> list[str]:
+        """Put a new copy at parent/name: the image's object (`content` instead of its
+        data, when given), with the metadata fields changed here kept; returns those."""
+        here = proc_path(parent, name)
+        recorded = origin.parse(_getxattr(here, self.markers.origin))
+        mine = origin.describe(here, self.markers.is_private)
+        chosen, kept = _fields(recorded, mine, lst)
+        if content is not None:
+            chosen.st_mtime_ns = time.time_ns()
+        if self.dry_run:
+            return kept
+        tmp = self.upper.temp_name()
+        try:
+            if stat.S_ISREG(lst.st_mode):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                             dir_fd=self.work)
+                try:
+                    if content is None:
+                        with open(lower, "rb") as src:
+                            copyup.copy_data(src.fileno(), fd, lst.st_size)
+                    else:
+                        _write_all(fd, content)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            elif stat.S_ISLNK(lst.st_mode):
+                os.symlink(os.readlink(lower), tmp, dir_fd=self.work)
+            else:
+                os.mknod(tmp, stat.S_IFMT(lst.st_mode) | 0o600, lst.st_rdev, dir_fd=self.work)
+            extra = self._markers_of(here)
+            extra[self.markers.origin] = self._origin_of(lower, change.lower)
+            copyup.copy_meta(chosen, self.upper.work_path(tmp), self.markers.is_private,
+                             here if "xattrs" in kept else lower, extra=extra)
+            self.aside.link(change.rel)
+            renameat2(self.work, tmp, parent, name, 0)
+        except BaseException:
+            _discard(self.work, tmp)
+            raise
+        self._synced(parent)
+        crash.point("reconcile:replaced")
+        return kept
+
+    def _beside(self, parent: int, name: bytes, lower: bytes, lst) -> bytes | None:
+        """Write the image's version of parent/name as NAME.rofs-new (replacing one an
+        earlier run wrote); None when that name holds something else."""
+        new = name + NEW_SUFFIX
+        old = self.upper.try_stat(parent, new)
+        if old is not None and not stat.S_ISREG(old.st_mode):
+            return None
+        if self.dry_run:
+            return new
+        tmp = self.upper.temp_name()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.work)
+            try:
+                with open(lower, "rb") as src:
+                    copyup.copy_data(src.fileno(), fd, lst.st_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            copyup.copy_meta(lst, self.upper.work_path(tmp), self.markers.is_private, lower)
+            renameat2(self.work, tmp, parent, new, 0)
+        except BaseException:
+            _discard(self.work, tmp)
+            raise
+        self._synced(parent)
+        return new
+
+    def _settle_origin(self, parent: int, name: bytes, lower: bytes, change: Change) -> None:
+        """A conflict kept as it is here: its origin becomes the image's object, so the
+        next update merges against the version this host chose to keep."""
+        if self.dry_run:
+            return
+        os.setxattr(proc_path(parent, name), self.markers.origin,
+                    self._origin_of(lower, change.lower), follow_symlinks=False)
+        self._synced(parent)
+        crash.point("reconcile:replaced")
+
+    def _origin_of(self, lower: bytes, rel: tuple[bytes, ...]) -> bytes:
+        """The origin marker for a copy of the lower object at `lower` (its text kept in
+        the base store for the next merge)."""
+        st = os.lstat(lower)
+        if stat.S_ISREG(st.st_mode) and st.st_size <= origin.BASE_LIMIT:
+            data = _read(lower)
+            content = origin.digest(data)
+            if self.bases_fd is not None:
+                try:
+                    origin.keep_base(self.bases_fd, content, data)
+                except OSError as e:
+                    log.warning("base store: cannot keep %s: %s", quote(lower), e.strerror)
+        else:
+            content = origin.content_digest(st, lower)
+        return origin.of(st, content, origin.xattrs_digest(lower, self.markers.is_private),
+                         rel).encode()
+
+    def _markers_of(self, path: bytes) -> dict[bytes, bytes]:
+        """The overlay markers an object carries (rofs's own: its inode number...)."""
+        out = {}
+        for n in _listxattr(path):
+            if self.markers.is_private(n) and n != self.markers.origin:
+                value = _getxattr(path, n)
+                if value is not None:
+                    out[n] = value
+        return out
+
+    # -- directories
+
+    def _directory(self, change: Change, here: bytes, lower: bytes, lst) -> None:
+        """A directory copied up whose lower changed its metadata: each field not
+        changed here takes the image's value, in place."""
+        if lst is None or not stat.S_ISDIR(lst.st_mode):
+            self._act(change, "kept", "the image has no directory here now")
+            return
+        recorded = origin.parse(_getxattr(here, self.markers.origin))
+        mine = origin.describe(here, self.markers.is_private)
+        chosen, kept = _fields(recorded, mine, lst)
+        chosen.st_mtime_ns = os.lstat(here).st_mtime_ns
+        if not self.dry_run:
+            if "xattrs" not in kept:
+                for n in _listxattr(here):
+                    if not self.markers.is_private(n):
+                        os.removexattr(here, n, follow_symlinks=False)
+            copyup.copy_meta(chosen, here, self.markers.is_private,
+                             None if "xattrs" in kept else lower,
+                             extra={self.markers.origin: self._origin_of(lower, change.lower)})
+            crash.point("reconcile:replaced")
+        self._act(change, "took" if not kept else "merged",
+                  "the image's metadata" + (", with the %s changed here" % ", ".join(kept)
+                                            if kept else ""))
+
+    def _hides(self, change: Change, parent: int, name: bytes, here: bytes,
+               lower: bytes) -> None:
+        new = self.differ.hidden_new(here, lower)
+        shown = ", ".join(quote(n) for n in new[:10]) + (" and %d more" % (len(new) - 10)
+                                                         if len(new) > 10 else "")
+        if not self.unhide:
+            self._act(change, "hidden", "replaced here; the image added %s there since, "
+                      "which it hides (reconcile --unhide copies them in)" % shown)
+            return
+        if not self.dry_run:
+            fd = open_listable(parent, name)
+            try:
+                for n in new:
+                    if self.upper.try_stat(fd, n) is None:
+                        self._copy_in(lower + b"/" + n, change.lower + (n,), fd, n)
+            finally:
+                os.close(fd)
+            # The listing it hides is now the image's.
+            data = origin.listing(os.listdir(lower))
+            content = origin.digest(data)
+            if self.bases_fd is not None and origin.keep_base(self.bases_fd, content, data):
+                recorded = origin.parse(_getxattr(here, self.markers.origin))
+                os.setxattr(here, self.markers.origin, origin.Origin(
+                    recorded.kind, 0, recorded.mode, recorded.uid, recorded.gid,
+                    recorded.mtime_ns, content, recorded.xattrs, recorded.path).encode(),
+                    follow_symlinks=False)
+            self._synced(parent)
+        self._act(change, "unhidden", "copied in the image's new entries: %s" % shown)
+
+    def _copy_in(self, src: bytes, rel: tuple[bytes, ...], dir_fd: int, name: bytes) -> None:
+        """Copy the lower object `src` (a tree: one level at a time, each whole in the
+        work dir before one rename puts it in place) to dir_fd/name."""
+        st = os.lstat(src)
+        tmp = self.upper.temp_name()
+        try:
+            self._build(src, st, rel, self.work, tmp)
+            renameat2(self.work, tmp, dir_fd, name, RENAME_NOREPLACE)
+        except BaseException:
+            _discard(self.work, tmp)
+            raise
+
+    def _build(self, src: bytes, st, rel, dir_fd: int, name: bytes) -> None:
+        extra = {self.markers.origin: self._origin_of(src, rel)}
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            fd = open_listable(dir_fd, name)
+            try:
+                for child in sorted(os.listdir(src)):
+                    path = src + b"/" + child
+                    self._build(path, os.lstat(path), rel + (child,), fd, child)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif stat.S_ISREG(st.st_mode):
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+            try:
+                with open(src, "rb") as f:
+                    copyup.copy_data(f.fileno(), fd, st.st_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(src), name, dir_fd=dir_fd)
+        else:
+            os.mknod(name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=dir_fd)
+        copyup.copy_meta(st, proc_path(dir_fd, name), self.markers.is_private, src,
+                         extra=extra)
+
+    def _synced(self, dir_fd: int) -> None:
+        """A change of names in dir_fd is on disk before the next is made."""
+        fd = os.open(proc_path(dir_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fields(recorded: origin.Origin | None, mine: origin.Origin, lst
+            ) -> tuple[SimpleNamespace, list[str]]:
+    """The metadata of a new copy: each field changed here (against the origin) kept,
+    the others the image's (`lst`); and the names of those kept."""
+    kept = []
+    if recorded is None:
+        recorded = mine  # (no origin: nothing counts as changed here)
+
+    def pick(field_name: str, mine_value, recorded_value, image_value):
+        if mine_value != recorded_value:
+            kept.append(field_name)
+            return mine_value
+        return image_value
+
+    mode = pick("mode", mine.mode, recorded.mode, stat.S_IMODE(lst.st_mode))
+    uid = pick("owner", mine.uid, recorded.uid, lst.st_uid)
+    gid = pick("group", mine.gid, recorded.gid, lst.st_gid)
+    if mine.xattrs != recorded.xattrs:
+        kept.append("xattrs")
+    # The mtime goes with the content: the image's (the caller sets it for a merge).
+    return SimpleNamespace(st_mode=stat.S_IFMT(lst.st_mode) | mode, st_uid=uid, st_gid=gid,
+                           st_atime_ns=lst.st_atime_ns, st_mtime_ns=lst.st_mtime_ns), kept
+
+
+def _kind(st) -> str:
+    return origin.kind_of(st.st_mode).decode()
+
+
+def _lstat(path: bytes | None):
+    if path is None:
+        return None
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _getxattr(path: bytes, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _listxattr(path: bytes) -> list[bytes]:
+    try:
+        return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _read(path: bytes) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(origin.BASE_LIMIT + 1)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _discard(work: int, name: bytes) -> None:
+    from rofs.layers import remove_tree
+    try:
+        remove_tree(work, name)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def reconcile_state(state: str, path: str | None, *, lower: str | None = None,
+                    dry_run: bool = False, unhide: bool = False) -> list[Result]:
+    """`rofs reconcile`: every mount of a state dir (or the one holding `path`), which
+    must be unmounted unless `dry_run`."""
+    from rofs.tools import _use_lower, mount_for, mounts
+    selected = [(m, ()) for m in mounts(state)] if path is None else [mount_for(state, path)]
+    if lower is not None:
+        _use_lower([m for m, _ in selected], lower, "name a PATH to say which one")
+    results = []
+    for mount, rel in selected:
+        if mount.live is not None and not dry_run:
+            raise ToolError("%s is mounted (at %s): unmount it to reconcile, or let its "
+                            "next mount do it (--on-image-change reconcile, the default); "
+                            "--dry-run shows what it would do"
+                            % (state, quote(mount.mountpoint)))
+        lock = None if dry_run else locked_upper(mount)
+        try:
+            r = Reconciler(mount, dry_run=dry_run, unhide=unhide)
+            try:
+                results.append(r.run(rel))
+            finally:
+                r.close()
+        finally:
+            if lock is not None:
+                os.close(lock)
+        if not dry_run:
+            log_actions(mount, results[-1])
+            if lower is None and not rel:
+                # Reconciled with the lower its mount records: the next mount has
+                # nothing left to reconcile.
+                fingerprint = origin.fingerprint(mount.lower)
+                if fingerprint is not None:
+                    record_mount(mount.state, mount.mountpoint, mount.lower, mount.overlay,
+                                 fingerprint)
+    return results
+
+
+def log_actions(mount: Mount, result: Result) -> None:
+    """The actions, in the mount's write log (op `reconcile`)."""
+    from rofs import state as state_mod
+    from rofs.writelog import append_events
+    if not result.actions:
+        return
+    try:
+        append_events(state_mod.log_path(mount.state, mount.mountpoint), mount.mountpoint,
+                      "reconcile", [(a.path, a.action, a.detail, a.beside)
+                                    for a in result.actions])
+    except OSError as e:
+        log.warning("write log: cannot record the reconcile: %s", e.strerror)
+
+
+def at_mount(state: str, mountpoint: str, lower: str, overlay, lower_fd: int, work_fd: int,
+             write_log: bool) -> Result | None:
+    """Reconcile at a mount (the mount holds the upper layer's lock): the lower through
+    the mount's own descriptor.  Failures are logged, the state stays (each file old or
+    new), and None tells the mount to try again next time."""
+    from rofs.tools import Live
+    mount = Mount(state, mountpoint, lower, Live(os.getpid(), lower_fd, ""), overlay)
+    try:
+        r = Reconciler(mount, work_fd=work_fd)
+        try:
+            result = r.run()
+        finally:
+            r.close()
+    except (OSError, ToolError) as e:
+        log.error("reconcile with the new image failed (the state is as it was, each file "
+                  "old or new; the next mount tries again, or run `rofs reconcile %s`): %s",
+                  quote(state), e)
+        return None
+    for a in result.actions:
+        (log.warning if a.action in ("conflict", "hidden") else log.info)("reconcile: %s",
+                                                                          a.line())
+    log.warning("%s", result.summary())
+    if write_log:
+        log_actions(mount, result)
+    return result
+
+
+def render(results: list[Result], as_json: bool) -> str:
+    import json
+    if as_json:
+        return json.dumps([{"mountpoint": r.mountpoint, "dry_run": r.dry_run,
+                            "attic": os.path.basename(r.attic) if r.attic else None,
+                            "counts": r.counts(),
+                            "actions": [a.as_dict() for a in r.actions]}
+                           for r in results], indent=1) + "\n"
+    lines = []
+    for r in results:
+        lines += [a.line() for a in r.actions]
+        lines.append(r.summary())
+    conflicts = sum(r.counts().get("conflict", 0) for r in results)
+    if conflicts:
+        lines.append("%s: resolve each by hand (its NAME.rofs-new is the image's "
+                     "version), then remove NAME.rofs-new" % count(conflicts, "conflict"))
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,263 @@
+"""Reconcile a host's state with a new image (issue 16): the acceptance scenario with
+shadow-utils on a copy of /etc (v1 -> host changes -> v2), --dry-run, a kill in the
+middle, three hosts in one report, and the kernel's overlayfs on the result.
+
+Every /etc the tools see is a copy, bound over /etc only inside a private mount
+namespace (in_etc); the machine's own /etc is never touched."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from helpers import ROFS, RofsProcess, manifest
+
+from rofs import reconcile
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
+TEN = "".join("line %d\n" % i for i in range(1, 11))
+
+
+def sh(cmd, **kw):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+    assert out.returncode == 0, "%s: %s%s" % (cmd, out.stdout, out.stderr)
+    return out.stdout
+
+
+def in_etc(etc, script, hostname=None):
+    """Run a shell script with `etc` bound over /etc in a private mount namespace (and
+    /home, /var/log, /var/mail private tmpfs mounts: useradd writes there)."""
+    setup = 'mount --bind "$0" /etc; for d in /var/log /var/mail /var/spool/mail /home; ' \
+            'do if [ -d $d ]; then mount -t tmpfs tmpfs $d; fi; done; '
+    if hostname:
+        setup += "hostname %s; " % hostname
+    return sh(["unshare", "-m", "-u", "--propagation", "private", "sh", "-ec",
+               setup + script, etc])
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def rofs(*args, ok=(0,)):
+    out = subprocess.run(ROFS + list(args), capture_output=True, text=True, timeout=120)
+    assert out.returncode in ok, out.stdout + out.stderr
+    return out.stdout
+
+
+def problems(tool, *files):
+    """What pwck -r / grpck -r say of these files (one line each)."""
+    out = subprocess.run([tool, "-r", *files], capture_output=True, text=True, timeout=60)
+    return {line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip()}
+
+
+@pytest.fixture
+def v1(tmp_path):
+    """Image v1: a copy of this machine's /etc, plus files for the scenario."""
+    etc = str(tmp_path / "image" / "etc")
+    os.mkdir(os.path.dirname(etc))
+    sh(["cp", "-a", "/etc", etc])
+    for name in ("app.conf", "both.conf", "chm.conf", "gone.conf", "untouched.conf"):
+        write(os.path.join(etc, name), TEN)
+    os.makedirs(os.path.join(etc, "appdir"), exist_ok=True)
+    write(os.path.join(etc, "appdir", "a.conf"), "a\n")
+    return etc
+
+
+def host(etc, state, mnt, name="host", edits=True):
+    """What a host does on image v1, through rofs."""
+    with RofsProcess(mnt, state, etc):
+        in_etc(mnt, "useradd -M %suser; groupadd %sgrp; echo %suser:Secret-%s | chpasswd"
+               % (name, name, name, name))
+        if edits:
+            sh(["sed", "-i", "s/^line 2$/line 2 edited here/", os.path.join(mnt, "app.conf")])
+            sh(["sed", "-i", "s/^line 5$/line 5 here/", os.path.join(mnt, "both.conf")])
+            os.chmod(os.path.join(mnt, "chm.conf"), 0o600)
+            os.unlink(os.path.join(mnt, "gone.conf"))
+            shutil.rmtree(os.path.join(mnt, "appdir"))
+            os.mkdir(os.path.join(mnt, "appdir"))
+            write(os.path.join(mnt, "appdir", "mine.conf"), "mine\n")
+        shadow = in_etc(mnt, "getent shadow %suser" % name).split(":")[1]
+        before = problems("pwck", os.path.join(mnt, "passwd"), os.path.join(mnt, "shadow")) \
+            | problems("grpck", os.path.join(mnt, "group"), os.path.join(mnt, "gshadow"))
+    return shadow, before
+
+
+def to_v2(etc):
+    """Image v2: a system user and group, another line of app.conf, both.conf's line 5
+    otherwise, chm.conf's and untouched.conf's content, a file in appdir."""
+    in_etc(etc, "useradd -r -M imgsvc; groupadd -r imggrp")
+    write(os.path.join(etc, "app.conf"), TEN.replace("line 8\n", "line 8 from v2\n"))
+    write(os.path.join(etc, "both.conf"), TEN.replace("line 5\n", "line 5 from v2\n"))
+    write(os.path.join(etc, "chm.conf"), "chm v2\n")
+    write(os.path.join(etc, "untouched.conf"), "untouched v2\n")
+    write(os.path.join(etc, "appdir", "new.conf"), "new in v2\n")
+
+
+def without_atimes(m):
+    return {k: v[:6] + v[7:] for k, v in m.items()}
+
+
+def test_acceptance_v1_host_v2(v1, tmp_path):
+    state, mnt = str(tmp_path / "state"), str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    shadow, host_problems = host(v1, state, mnt)
+    to_v2(v1)
+    v2_problems = problems("pwck", os.path.join(v1, "passwd"), os.path.join(v1, "shadow")) \
+        | problems("grpck", os.path.join(v1, "group"), os.path.join(v1, "gshadow"))
+
+    # --dry-run says what it would do and changes nothing.
+    before = without_atimes(manifest(state))
+    planned = rofs("reconcile", "--dry-run", state, ok=(1,))
+    assert without_atimes(manifest(state)) == before
+    assert "conflict  %s/both.conf" % os.path.realpath(mnt) in planned
+    assert "would reconcile" in planned
+
+    with RofsProcess(mnt, state, v1) as daemon:  # the default: reconcile
+        users = in_etc(mnt, "getent passwd imgsvc hostuser; getent group imggrp hostgrp; "
+                       "getent shadow hostuser")
+        assert "imgsvc:" in users and "hostuser:" in users
+        assert "imggrp:" in users and "hostgrp:" in users
+        assert ("hostuser:%s:" % shadow) in users  # the host's password
+        app = read(os.path.join(mnt, "app.conf"))
+        assert "line 2 edited here\n" in app and "line 8 from v2\n" in app
+        assert read(os.path.join(mnt, "chm.conf")) == "chm v2\n"
+        assert os.stat(os.path.join(mnt, "chm.conf")).st_mode & 0o777 == 0o600
+        assert read(os.path.join(mnt, "untouched.conf")) == "untouched v2\n"
+        assert not os.path.exists(os.path.join(mnt, "gone.conf"))
+        assert read(os.path.join(mnt, "both.conf")).count("line 5 here\n") == 1
+        assert "line 5 from v2\n" in read(os.path.join(mnt, "both.conf.rofs-new"))
+        assert sorted(os.listdir(os.path.join(mnt, "appdir"))) == ["mine.conf"]
+        merged = problems("pwck", os.path.join(mnt, "passwd"), os.path.join(mnt, "shadow")) \
+            | problems("grpck", os.path.join(mnt, "group"), os.path.join(mnt, "gshadow"))
+        assert merged <= v2_problems | host_problems, merged - v2_problems - host_problems
+        (status,) = json.loads(rofs("status", "--json", mnt))
+        assert status["reconciled"]["counts"]["conflict"] == 1, planned
+    out = daemon.output()
+    assert "conflict  %s/both.conf" % os.path.realpath(mnt) in out
+    assert "hidden    %s/appdir" % os.path.realpath(mnt) in out and "new.conf" in out
+
+    # Logged, and in the report; what it replaced is in the attic.
+    report = rofs("report", state)
+    assert "Image updates reconciled" in report
+    assert "conflict  %s/both.conf" % os.path.realpath(mnt) in report
+    assert "merged    %s/passwd" % os.path.realpath(mnt) in report
+    attic = rofs("attic", state)
+    assert "reconcile with a new image" in attic and "/passwd" in attic
+
+    # The next mount has nothing left to do; --unhide shows the image's new file.
+    with RofsProcess(mnt, state, v1) as daemon:
+        pass
+    assert "reconciled" not in daemon.output()
+    assert "unhidden" in rofs("reconcile", "--unhide", state)
+    with RofsProcess(mnt, state, v1):
+        assert sorted(os.listdir(os.path.join(mnt, "appdir"))) == ["mine.conf", "new.conf"]
+
+
+def test_kill_during_reconcile_leaves_old_or_new_and_a_rerun_finishes(v1, tmp_path):
+    state, mnt = str(tmp_path / "state"), str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    host(v1, state, mnt)
+    upper = os.path.join(state, os.path.realpath(mnt).lstrip("/"))
+    old = {n: read(os.path.join(upper, n)) for n in os.listdir(upper)
+           if os.path.isfile(os.path.join(upper, n))}
+    to_v2(v1)
+    reference = str(tmp_path / "reference")
+    sh(["cp", "-a", state, reference])
+    rofs("reconcile", reference, ok=(1,))
+    ref_upper = os.path.join(reference, os.path.realpath(mnt).lstrip("/"))
+    new = {n: read(os.path.join(ref_upper, n)) for n in os.listdir(ref_upper)
+           if os.path.isfile(os.path.join(ref_upper, n))}
+    for n in (3, 1):
+        daemon = RofsProcess(mnt, state, v1, env={"ROFS_CRASH_AT": "reconcile:replaced:%d" % n})
+        try:
+            with pytest.raises(RuntimeError, match="before mounting"):
+                daemon.start()
+        finally:
+            daemon.log.close()
+        for name in set(old) | set(new):
+            path = os.path.join(upper, name)
+            now = read(path) if os.path.exists(path) else None
+            assert now in (old.get(name), new.get(name)), name
+    assert rofs("check", state) == ""
+    with RofsProcess(mnt, state, v1):  # the mount reconciles what is left
+        pass
+    assert {n: read(os.path.join(upper, n)) for n in os.listdir(upper)
+            if os.path.isfile(os.path.join(upper, n))} == new
+
+
+def test_three_hosts_one_image_update_one_report(v1, tmp_path):
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    states = []
+    for i, name in enumerate(("web1", "web2", "db1")):
+        state = str(tmp_path / ("state-" + name))
+        host(v1, state, mnt, name=name, edits=i != 1)
+        states.append(state)
+    # db1 also edits both.conf's line 5 the way v2 will: no conflict there.
+    with RofsProcess(mnt, states[2], v1):
+        write(os.path.join(mnt, "both.conf"), TEN.replace("line 5\n", "line 5 from v2\n"))
+    to_v2(v1)
+    for name, state in zip(("web1", "web2", "db1"), states, strict=True):
+        in_etc(v1, " ".join(ROFS + ["reconcile", state]) + " || test $? = 1", hostname=name)
+    report = rofs("report", *states)
+    section = report[report.index("Image updates reconciled"):]
+    mine = os.path.realpath(mnt)
+    for name in ("web1", "web2", "db1"):
+        assert "  %s %s: " % (name, mine) in section
+    data = json.loads(rofs("report", "--json", *states))
+    by_host = {r["host"]: r["paths"] for r in data["reconciled"]}
+    assert by_host["web1"][mine + "/both.conf"]["action"] == "conflict"
+    assert mine + "/both.conf" not in by_host["web2"]  # never touched it
+    assert by_host["db1"][mine + "/both.conf"]["action"] == "merged"  # the same edit
+    assert by_host["web2"][mine + "/passwd"]["action"] == "merged"
+    assert by_host["db1"][mine + "/app.conf"]["action"] == "merged"
+
+
+def test_kernel_overlay_mounts_the_reconciled_state(v1, tmp_path, kernel_overlay):
+    state, mnt = str(tmp_path / "state"), str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    host(v1, state, mnt)
+    to_v2(v1)
+    rofs("reconcile", state, ok=(1,))
+    with RofsProcess(mnt, state, v1):
+        seen = {n: read(os.path.join(mnt, n)) for n in sorted(os.listdir(mnt))
+                if os.path.isfile(os.path.join(mnt, n)) and n.endswith(
+                    (".conf", ".rofs-new", "passwd", "group", "shadow", "gshadow"))}
+    target = str(tmp_path / "kernel")
+    os.mkdir(target)
+    work = str(tmp_path / "kwork")
+    os.mkdir(work)
+    upper = os.path.join(state, os.path.realpath(mnt).lstrip("/"))
+    kernel_overlay(v1, upper, work, target)
+    assert {n: read(os.path.join(target, n)) for n in seen} == seen
+    assert not os.path.exists(os.path.join(target, "gone.conf"))
+
+
+def test_merge_accounts_per_entry():
+    base = b"root:x:0:0::/root:/bin/sh\nold:x:5:5::/:/bin/false\n"
+    here = b"root:x:0:0::/root:/bin/bash\nold:x:5:5::/:/bin/false\nbob:x:1000:1000::/:/bin/sh\n"
+    new = (b"root:x:0:0:the root:/root:/bin/sh\nsvc:x:999:999::/:/bin/false\n"
+           b"eve:x:1000:1000::/:/bin/sh\n")
+    left: set[bytes] = set()
+    merged, conflicts = reconcile.merge_accounts(b"passwd", base, here, new, left)
+    assert merged == (b"root:x:0:0:the root:/root:/bin/bash\nsvc:x:999:999::/:/bin/false\n"
+                      b"bob:x:1000:1000::/:/bin/sh\n")  # old: removed by the image
+    assert left == {b"eve"} and "id 1000" in conflicts[0]
+    shadow, _ = reconcile.merge_accounts(b"shadow", b"", b"bob:h:1::::::\n",
+                                         b"svc:!:1::::::\neve:!:1::::::\n", left)
+    assert shadow == b"svc:!:1::::::\nbob:h:1::::::\n"  # eve left out with its passwd line
+    ranges, conflicts = reconcile.merge_ranges(b"", b"bob:100000:65536\n",
+                                               b"eve:100000:65536\nsvc:200000:65536\n")
+    assert ranges == b"bob:100000:65536\nsvc:200000:65536\n" and "overlaps" in conflicts[0]
+    assert reconcile.merge_text(b"a\nb\nc\nd\n", b"A\nb\nc\nd\n", b"a\nb\nc\nD\n") == \
+        b"A\nb\nc\nD\n"
+    assert reconcile.merge_text(b"a\nb\n", b"A\nb\n", b"X\nb\n") is None
