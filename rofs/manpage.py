@@ -70,7 +70,8 @@ def render() -> str:
         ".SH FILES",
         ".TP", "\\fISTATEDIR\\fR/\\fIMOUNTPOINT\\fR/", "the upper layer (kernel overlayfs format)",
         ".TP", "\\fISTATEDIR\\fR/.rofs/", "format, work, index, scratch layer, write log, mount "
-        "records, attic (saved changes a policy change moved aside)",
+        "records, attic (saved changes a policy change or a reconcile moved aside), bases "
+        "(what a merge with a new image needs)",
         ".TP", "/run/rofs/", "live mounts' records and control sockets "
         "(\\fB$XDG_RUNTIME_DIR\\fR/rofs/ for a user's mounts)",
         ".SH ENVIRONMENT",
