@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import merge3
 
 from rofs import attic, copyup, crash, origin
-from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
+from rofs._sys import RENAME_NOREPLACE, open_noatime, proc_path, renameat2
 from rofs.layers import UpperLayer, open_below, open_listable
 from rofs.names import count, quote, quote_path
 from rofs.tools import (
@@ -426,7 +426,7 @@ class Reconciler:
                              dir_fd=self.work)
                 try:
                     if content is None:
-                        with open(lower, "rb") as src:
+                        with _open_read(lower) as src:
                             copyup.copy_data(src.fileno(), fd, lst.st_size)
                     else:
                         _write_all(fd, content)
@@ -464,12 +464,14 @@ class Reconciler:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                          dir_fd=self.work)
             try:
-                with open(lower, "rb") as src:
+                with _open_read(lower) as src:
                     copyup.copy_data(src.fileno(), fd, lst.st_size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             copyup.copy_meta(lst, self.upper.work_path(tmp), self.markers.is_private, lower)
+            if lst.st_mode & 0o6000:  # a copy to look at, not to run
+                os.chmod(self.upper.work_path(tmp), stat.S_IMODE(lst.st_mode) & ~0o6000)
             renameat2(self.work, tmp, parent, new, 0)
         except BaseException:
             _discard(self.work, tmp)
@@ -596,7 +598,7 @@ class Reconciler:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                          dir_fd=dir_fd)
             try:
-                with open(src, "rb") as f:
+                with _open_read(src) as f:
                     copyup.copy_data(f.fileno(), fd, st.st_size)
                 os.fsync(fd)
             finally:
@@ -668,8 +670,14 @@ def _listxattr(path: bytes) -> list[bytes]:
         return []
 
 
+def _open_read(path: bytes):
+    """A file open for reading (a lower file keeps its atime: the lower is never
+    modified)."""
+    return os.fdopen(open_noatime(path), "rb")
+
+
 def _read(path: bytes) -> bytes:
-    with open(path, "rb") as f:
+    with _open_read(path) as f:
         return f.read(origin.BASE_LIMIT + 1)
 
 

@@ -114,6 +114,8 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
     v2_problems = problems("pwck", os.path.join(v1, "passwd"), os.path.join(v1, "shadow")) \
         | problems("grpck", os.path.join(v1, "group"), os.path.join(v1, "gshadow"))
 
+    image = manifest(v1)  # never modified, not even its atimes
+
     # --dry-run says what it would do and changes nothing.
     before = without_atimes(manifest(state))
     planned = rofs("reconcile", "--dry-run", state, ok=(1,))
@@ -141,6 +143,7 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
         assert merged <= v2_problems | host_problems, merged - v2_problems - host_problems
         (status,) = json.loads(rofs("status", "--json", mnt))
         assert status["reconciled"]["counts"]["conflict"] == 1, planned
+    assert manifest(v1) == image
     out = daemon.output()
     assert "conflict  %s/both.conf" % os.path.realpath(mnt) in out
     assert "hidden    %s/appdir" % os.path.realpath(mnt) in out and "new.conf" in out
