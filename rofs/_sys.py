@@ -32,6 +32,13 @@ def open_noatime(path: bytes | str, flags: int = os.O_RDONLY, *,
     except PermissionError:
         return os.open(path, flags, dir_fd=dir_fd)
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 # Inode flags (chattr).  FS_IOC_GETFLAGS/SETFLAGS move an int, whatever size their
 # number encodes.
 FS_IOC_GETFLAGS = 0x80086601

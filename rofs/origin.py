@@ -33,7 +33,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from rofs._sys import open_noatime
+from rofs._sys import open_noatime, write_all
 from rofs.names import quote, unquote
 
 VERSION = b"1"
@@ -143,9 +143,7 @@ def keep_base(bases_fd: int, content: bytes, data: bytes) -> bool:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600, dir_fd=bases_fd)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
     finally:
         os.close(fd)
     os.rename(tmp, content, src_dir_fd=bases_fd, dst_dir_fd=bases_fd)

@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import merge3
 
 from rofs import attic, copyup, crash, origin
-from rofs._sys import RENAME_NOREPLACE, open_noatime, proc_path, renameat2
+from rofs._sys import RENAME_NOREPLACE, open_noatime, proc_path, renameat2, write_all
 from rofs.layers import UpperLayer, open_below, open_listable
 from rofs.names import count, quote, quote_path
 from rofs.tools import (
@@ -44,6 +44,7 @@ from rofs.tools import (
     Differ,
     Mount,
     ToolError,
+    _getxattr,
     locked_upper,
     record_mount,
 )
@@ -422,17 +423,10 @@ class Reconciler:
         tmp = self.upper.temp_name()
         try:
             if stat.S_ISREG(lst.st_mode):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                             dir_fd=self.work)
-                try:
-                    if content is None:
-                        with _open_read(lower) as src:
-                            copyup.copy_data(src.fileno(), fd, lst.st_size)
-                    else:
-                        _write_all(fd, content)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                if content is None:
+                    _new_file(self.work, tmp, copy_of=lower, size=lst.st_size)
+                else:
+                    _new_file(self.work, tmp, data=content)
             elif stat.S_ISLNK(lst.st_mode):
                 os.symlink(os.readlink(lower), tmp, dir_fd=self.work)
             else:
@@ -461,14 +455,7 @@ class Reconciler:
             return new
         tmp = self.upper.temp_name()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                         dir_fd=self.work)
-            try:
-                with _open_read(lower) as src:
-                    copyup.copy_data(src.fileno(), fd, lst.st_size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _new_file(self.work, tmp, copy_of=lower, size=lst.st_size)
             copyup.copy_meta(lst, self.upper.work_path(tmp), self.markers.is_private, lower)
             if lst.st_mode & 0o6000:  # a copy to look at, not to run
                 os.chmod(self.upper.work_path(tmp), stat.S_IMODE(lst.st_mode) & ~0o6000)
@@ -595,14 +582,7 @@ class Reconciler:
             finally:
                 os.close(fd)
         elif stat.S_ISREG(st.st_mode):
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
-            try:
-                with _open_read(src) as f:
-                    copyup.copy_data(f.fileno(), fd, st.st_size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _new_file(dir_fd, name, copy_of=src, size=st.st_size)
         elif stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(src), name, dir_fd=dir_fd)
         else:
@@ -656,13 +636,6 @@ def _lstat(path: bytes | None):
         return None
 
 
-def _getxattr(path: bytes, name: bytes) -> bytes | None:
-    try:
-        return os.getxattr(path, name, follow_symlinks=False)
-    except OSError:
-        return None
-
-
 def _listxattr(path: bytes) -> list[bytes]:
     try:
         return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
@@ -681,10 +654,22 @@ def _read(path: bytes) -> bytes:
         return f.read(origin.BASE_LIMIT + 1)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _new_file(dir_fd: int, name: bytes, *, copy_of: bytes | None = None, size: int = 0,
+              data: bytes = b"") -> None:
+    """A new file dir_fd/name (mode 0600, for copy_meta to finish) holding the `size`
+    bytes of the file at `copy_of`, or else `data`; its data fsynced before any rename
+    gives it a name."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                 dir_fd=dir_fd)
+    try:
+        if copy_of is not None:
+            with _open_read(copy_of) as src:
+                copyup.copy_data(src.fileno(), fd, size)
+        else:
+            write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _discard(work: int, name: bytes) -> None:

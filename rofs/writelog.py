@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 
+from rofs._sys import write_all
 from rofs.names import quote, quote_path
 
 log = logging.getLogger(__name__)
@@ -329,9 +330,7 @@ class WriteLog:
             self._rotate()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         finally:
             os.close(fd)
 
@@ -397,8 +396,6 @@ def append_events(path: str, mountpoint: str, op: str,
         lines.append(json.dumps(event, separators=(",", ":")) + "\n")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        data = "".join(lines).encode()
-        while data:
-            data = data[os.write(fd, data):]
+        write_all(fd, "".join(lines).encode())
     finally:
         os.close(fd)
