@@ -342,7 +342,9 @@ class Reconciler:
             lower = self.differ._lower(change.lower)
             st = os.lstat(here)
             lst = _lstat(lower)
-            if change.image == "hides":
+            if change.image == "hides" and not stat.S_ISDIR(st.st_mode):
+                self._deleted(change, parent, lst)
+            elif change.image == "hides":
                 self._hides(change, parent, name, here, lower)
             elif stat.S_ISDIR(st.st_mode):
                 self._directory(change, here, lower, lst)
@@ -527,6 +529,20 @@ class Reconciler:
         self._act(change, "took" if not kept else "merged",
                   "the image's metadata" + (", with the %s changed here" % ", ".join(kept)
                                             if kept else ""))
+
+    def _deleted(self, change: Change, parent: int, lst) -> None:
+        """A whiteout hiding a lower object the image changed since it was deleted here:
+        reported; with `unhide`, moved to the attic, so the image's version shows."""
+        if not self.unhide:
+            self._act(change, "hidden", "deleted here; the image changed it since (a %s "
+                      "now), which the deletion hides (reconcile --unhide shows it)"
+                      % _kind(lst))
+            return
+        if not self.dry_run:
+            self.aside.move(change.rel)
+            self._synced(parent)
+            crash.point("reconcile:replaced")
+        self._act(change, "unhidden", "deleted here; the image's new version shows")
 
     def _hides(self, change: Change, parent: int, name: bytes, here: bytes,
                lower: bytes) -> None:

@@ -522,7 +522,8 @@ IMAGE_STATES = {
     "metadata": "the image changed it, this copy changed only its metadata here",
     "conflict": "the image changed it, and this copy's content changed here too",
     "unknown": "copied up before rofs recorded origins, or too big to digest",
-    "hides": "an opaque directory that hides entries the image added since it was made",
+    "hides": "deleted or replaced here, hiding what the image changed or added since: a "
+             "whiteout over a changed object, an opaque directory over new entries",
 }
 IMAGE_CHANGED = ("stale", "metadata", "conflict", "hides")
 
@@ -648,7 +649,9 @@ class Differ:
         show = self._show(rel)
         if is_whiteout(ust):
             if lst is not None:
-                self.changes.append(Change(show, "D", kind=_kind(lst.st_mode)))
+                self.changes.append(Change(show, "D", kind=_kind(lst.st_mode), rel=rel,
+                                           lower=lower_counterpart, image=self._deleted(
+                                               upper_path, lower_counterpart, lst)))
             return SKIP
         kind = _kind(ust.st_mode)
         before = len(self.changes)
@@ -689,6 +692,15 @@ class Differ:
                 recorded.mode, recorded.uid, recorded.gid, recorded.xattrs):
             return "metadata"
         return "stale"
+
+    def _deleted(self, upper_path: bytes, lower_counterpart, lst) -> str:
+        """IMAGE_STATES for a whiteout: "hides" when the lower object it hides is not
+        the one deleted here (its origin: kind, size, mode, owner, mtime), else ""."""
+        recorded = origin.parse(_getxattr(upper_path, self.markers.origin))
+        if recorded is None or recorded.path != origin.path_digest(lower_counterpart):
+            return ""
+        now = origin.of(lst, origin.UNKNOWN, origin.UNKNOWN, lower_counterpart)
+        return "" if now.same_object(recorded) else "hides"
 
     def hidden_new(self, upper_path: bytes, lpath: bytes | None) -> list[bytes]:
         """The entries of the lower directory an opaque upper directory hides that the

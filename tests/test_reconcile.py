@@ -65,7 +65,8 @@ def v1(tmp_path):
     etc = str(tmp_path / "image" / "etc")
     os.mkdir(os.path.dirname(etc))
     sh(["cp", "-a", "/etc", etc])
-    for name in ("app.conf", "both.conf", "chm.conf", "gone.conf", "untouched.conf"):
+    for name in ("app.conf", "both.conf", "chm.conf", "gone.conf", "untouched.conf",
+                 "redone.conf"):
         write(os.path.join(etc, name), TEN)
     os.makedirs(os.path.join(etc, "appdir"), exist_ok=True)
     write(os.path.join(etc, "appdir", "a.conf"), "a\n")
@@ -82,6 +83,7 @@ def host(etc, state, mnt, name="host", edits=True):
             sh(["sed", "-i", "s/^line 5$/line 5 here/", os.path.join(mnt, "both.conf")])
             os.chmod(os.path.join(mnt, "chm.conf"), 0o600)
             os.unlink(os.path.join(mnt, "gone.conf"))
+            os.unlink(os.path.join(mnt, "redone.conf"))
             shutil.rmtree(os.path.join(mnt, "appdir"))
             os.mkdir(os.path.join(mnt, "appdir"))
             write(os.path.join(mnt, "appdir", "mine.conf"), "mine\n")
@@ -100,6 +102,7 @@ def to_v2(etc):
     write(os.path.join(etc, "chm.conf"), "chm v2\n")
     write(os.path.join(etc, "untouched.conf"), "untouched v2\n")
     write(os.path.join(etc, "appdir", "new.conf"), "new in v2\n")
+    write(os.path.join(etc, "redone.conf"), "redone in v2\n")  # deleted on the host
 
 
 def without_atimes(m):
@@ -147,6 +150,9 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
     out = daemon.output()
     assert "conflict  %s/both.conf" % os.path.realpath(mnt) in out
     assert "hidden    %s/appdir" % os.path.realpath(mnt) in out and "new.conf" in out
+    assert "hidden    %s/redone.conf  (deleted here; the image changed it" \
+        % os.path.realpath(mnt) in out
+    assert "/gone.conf" not in out  # deleted here, left alone by the image
 
     # Logged, and in the report; what it replaced is in the attic.
     report = rofs("report", state)
@@ -160,9 +166,14 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
     with RofsProcess(mnt, state, v1) as daemon:
         pass
     assert "reconciled" not in daemon.output()
-    assert "unhidden" in rofs("reconcile", "--unhide", state)
+    unhidden = rofs("reconcile", "--unhide", state)
+    assert "unhidden  %s/appdir" % os.path.realpath(mnt) in unhidden
+    assert "unhidden  %s/redone.conf" % os.path.realpath(mnt) in unhidden
     with RofsProcess(mnt, state, v1):
         assert sorted(os.listdir(os.path.join(mnt, "appdir"))) == ["mine.conf", "new.conf"]
+        assert read(os.path.join(mnt, "redone.conf")) == "redone in v2\n"
+        assert not os.path.exists(os.path.join(mnt, "gone.conf"))
+    assert rofs("reconcile", "--unhide", state).startswith("reconciled")  # nothing left
 
 
 def test_kill_during_reconcile_leaves_old_or_new_and_a_rerun_finishes(v1, tmp_path):

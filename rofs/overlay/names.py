@@ -116,6 +116,25 @@ class Names:
         node.prot = 0  # new: no inode flags
         return node
 
+    def _mark_deleted(self, layer: UpperLayer, dir_fd: int, whiteout: bytes, parent: Node,
+                      name: bytes) -> None:
+        """Give a whiteout of the persistent layer the origin of the lower object it
+        hides (metadata only: no content is read to delete a file), so that an image
+        that changes it later is noticed (docs/image-updates.md).  Only where a device
+        can carry the marker (trusted.*, not user.*); never fails the deletion."""
+        if layer is not self.upper or parent.lower is None or \
+                not self.markers.prefix.startswith(b"trusted."):
+            return
+        path = parent.lower + (name,)
+        st = self.lower.try_stat(path)
+        if st is None:
+            return
+        try:
+            layer.set_marker(dir_fd, whiteout, self.markers.origin,
+                             origin.of(st, origin.UNKNOWN, origin.UNKNOWN, path).encode())
+        except OSError as e:
+            log.debug("whiteout of %r: no origin: %s", name, e.strerror)
+
     def _hidden_origin(self, parent: Node, name: bytes) -> bytes | None:
         """The origin marker of an opaque directory made over the lower directory
         parent/name: that directory, its listing kept in the base store, so that entries
@@ -332,10 +351,12 @@ class Names:
         work = layer.work_fd
         if not node.upper:  # shown from the lower layer, so the lower has the name
             layer.make_whiteout(up, name)
+            self._mark_deleted(layer, up, name, parent, name)
             return
         if self._lower_has(parent, name):
             tmp = layer.temp_name()
             layer.make_whiteout(work, tmp)
+            self._mark_deleted(layer, work, tmp, parent, name)
             crash.point("whiteout:prepared")
             try:
                 renameat2(work, tmp, up, name, RENAME_EXCHANGE if node.is_dir else 0)
