@@ -360,9 +360,21 @@ def format_status(entries: list[dict], now: float) -> str:
                          % (quote(attic["dir"]), count(attic["paths"], "saved change"),
                             count(attic["sets"], "set"), attic["newest"],
                             quote(e["state"])))
-        if e.get("image_changed"):
-            lines.append("  image    changed since the last mount: `rofs diff %s` tells "
-                         "stale copies and conflicts" % quote(e["state"]))
+        reconciled = e.get("reconciled")
+        if reconciled:
+            counts = reconciled["counts"]
+            lines.append("  image    changed; reconciled at this mount: %s%s" % (
+                ", ".join("%d %s" % (n, a) for a, n in sorted(counts.items())) or
+                "nothing to do", " (replaced versions in attic set %s)"
+                % reconciled["attic"] if reconciled.get("attic") else ""))
+            if counts.get("conflict") or counts.get("hidden"):
+                lines.append("  WARNING  the reconcile left conflicts or hidden entries: "
+                             "`rofs report %s` lists them" % quote(e["state"]))
+        elif e.get("image_changed"):
+            lines.append("  image    changed and not reconciled (on-image-change %s): "
+                         "`rofs diff %s` tells stale copies and conflicts, `rofs reconcile` "
+                         "merges them (unmounted)" % (e.get("on_image_change", "?"),
+                                                      quote(e["state"])))
         moved = e.get("moved_at_mount")
         if moved:
             lines.append("  WARNING  this mount moved %s the policy makes scratch into %s"

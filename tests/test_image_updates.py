@@ -132,6 +132,8 @@ def test_mount_notices_an_image_update(image, tmp_path):
         with RofsProcess(image["mnt"], image["state"], image["lower"], args=warn) as daemon:
             (status,) = json.loads(rofs("status", "--json", image["mnt"]))
             assert status["image_changed"] is True and status["reconciled"] is None
+            assert "changed and not reconciled (on-image-change warn)" in rofs(
+                "status", image["mnt"])
         assert "the lower layer changed since the last mount" in daemon.output()
     policy = tmp_path / "policy"
     policy.write_text("on-image-change keep\n")  # keep: as it is, and quiet
@@ -143,6 +145,9 @@ def test_mount_notices_an_image_update(image, tmp_path):
     with RofsProcess(image["mnt"], image["state"], image["lower"]) as daemon:  # the default
         (status,) = json.loads(rofs("status", "--json", image["mnt"]))
         assert status["reconciled"]["counts"] == {"took": 1, "merged": 1, "conflict": 1}
+        text = rofs("status", image["mnt"])
+        assert "reconciled at this mount: 1 conflict, 1 merged, 1 took" in text
+        assert "left conflicts or hidden entries" in text
     assert "reconciled %s: 1 took, 1 merged, 1 conflict" % os.path.realpath(image["mnt"]) \
         in daemon.output()
     with RofsProcess(image["mnt"], image["state"], image["lower"], args=warn) as daemon:
