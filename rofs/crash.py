@@ -45,6 +45,8 @@ SITES = {
                             "source name is still there",
     "materialize:linked": "a lower name of a copied-up hard link linked to the copy, the "
                           "index's count not yet lowered",
+    "reconcile:linked": "reconcile linked a copy's version into the attic, its new version "
+                        "not yet in place",
     "reconcile:replaced": "reconcile replaced (or moved out) one copy, the next not yet",
 }
 # Sites where ROFS_PAUSE_AT can hold a thread.

@@ -302,6 +302,7 @@ class Reconciler:
             if os.path.isdir(self.bases) else None
         self.aside: attic.Aside | None = None
         self.left_out: dict[bytes, set[bytes]] = {}  # account file -> names left out
+        self._sets: list | None = None  # the mount's attic sets (_attic_links)
 
     def close(self) -> None:
         for fd in (self.root,) + ((self.work,) if self._own_work else ()) + \
@@ -348,7 +349,8 @@ class Reconciler:
                 self._hides(change, parent, name, here, lower)
             elif stat.S_ISDIR(st.st_mode):
                 self._directory(change, here, lower, lst)
-            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            elif stat.S_ISREG(st.st_mode) and \
+                    st.st_nlink - self._attic_links(change.rel, st) > 1:
                 self._act(change, "kept", "a hard link here: left as it is")
             elif change.image == "stale":
                 if not self.dry_run:
@@ -369,6 +371,22 @@ class Reconciler:
                 self._conflict(change, parent, name, st, here, lower, lst)
         finally:
             os.close(parent)
+
+    def _attic_links(self, rel: tuple[bytes, ...], st) -> int:
+        """How many names of the inode `st` (at `rel`) earlier reconciles left in the
+        attic: one killed after linking a version aside and before replacing it left
+        the version with a second name there, which makes it no hard link."""
+        if self._sets is None:
+            shown = quote(self.mount.mountpoint)
+            self._sets = [s for s in attic.sets(self.mount.state) if s.mountpoint == shown]
+        n = 0
+        for s in self._sets:
+            try:
+                other = os.lstat(os.path.join(os.fsencode(s.tree), *rel))
+            except OSError:
+                continue
+            n += (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+        return n
 
     # -- files
 
@@ -438,6 +456,7 @@ class Reconciler:
             copyup.copy_meta(chosen, self.upper.work_path(tmp), self.markers.is_private,
                              here if "xattrs" in kept else lower, extra=extra)
             self.aside.link(change.rel)
+            crash.point("reconcile:linked")
             renameat2(self.work, tmp, parent, name, 0)
         except BaseException:
             _discard(self.work, tmp)

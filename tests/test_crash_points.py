@@ -216,5 +216,5 @@ def test_every_site_is_tested():
         tested = set(re.findall(r'crash_at\(site, "([a-z:-]+?)(?::\d+)?"', f.read()))
     # reconcile's, with its scenario (a mount that reconciles, killed mid-way)
     with open(os.path.join(os.path.dirname(__file__), "test_reconcile.py")) as f:
-        tested |= set(re.findall(r'"ROFS_CRASH_AT": "([a-z:-]+?)(?::%d)?"', f.read()))
+        tested |= set(re.findall(r'"(reconcile:[a-z-]+)(?::\d+)?"', f.read()))
     assert tested == set(crash.SITES)
