@@ -18,12 +18,12 @@ none: unknown, never guessed.
 Each mount also records a fingerprint of the lower tree (`fingerprint`), so the next one
 knows whether the image changed.
 
-The base store (STATE/.rofs/bases/<CONTENT>) keeps what a three-way merge needs and a
-digest cannot give back: the content of every text file up to BASE_LIMIT at its
-copy-up, and the listing of a lower directory an opaque directory hid when it was made.
-Content-addressed, written without fsync: a base is used only when its content still
-hashes to its name, so one torn by a crash is as good as none (the merge then keeps the
-host's file and reports a conflict).
+The base store (STATE/.rofs/bases/<MOUNTPOINT ...>/<CONTENT>) keeps what a three-way
+merge needs and a digest cannot give back: the content of every text file up to
+BASE_LIMIT at its copy-up, and the listing of a lower directory an opaque directory hid
+when it was made.  Content-addressed, written without fsync: a base is used only when
+its content still hashes to its name, so one torn by a crash is as good as none (the
+merge then keeps the host's file and reports a conflict).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import merge3
 
 from rofs import attic, copyup, crash, origin
 from rofs._sys import RENAME_NOREPLACE, open_noatime, proc_path, renameat2, write_all
-from rofs.layers import UpperLayer, open_below, open_listable
+from rofs.layers import UpperLayer, open_below, open_listable, visit_tree
 from rofs.names import count, quote, quote_path
 from rofs.tools import (
     IMAGE_CHANGED,
@@ -326,7 +326,42 @@ class Reconciler:
             if self.aside is not None:
                 self.aside.close()
                 self.result.attic = self.aside.set_dir
+        if not self.dry_run and not start:
+            self._collect_garbage()
         return self.result
+
+    def _collect_garbage(self) -> None:
+        """Drop the bases no origin of this mount refers to any more (in its upper
+        layer or its attic sets): what versions the last reconcile replaced were
+        based on.  The caller holds the mount's lock, so no copy-up adds one meanwhile."""
+        if self.bases_fd is None:
+            return
+        used = set()
+
+        def visit(fd: int, name: bytes, st) -> None:
+            recorded = origin.parse(_getxattr(proc_path(fd, name), self.markers.origin))
+            if recorded is not None:
+                used.add(recorded.content)
+
+        visit_tree(self.root, b".", visit)
+        shown = quote(self.mount.mountpoint)
+        for s in attic.sets(self.mount.state):
+            if s.mountpoint == shown and os.path.isdir(s.tree):
+                tree = open_listable(None, os.fsencode(s.tree))
+                try:
+                    visit_tree(tree, b".", visit)
+                finally:
+                    os.close(tree)
+        dropped = 0
+        for name in os.listdir(os.fsencode(self.bases)):
+            if name not in used:
+                try:
+                    os.unlink(name, dir_fd=self.bases_fd)
+                    dropped += 1
+                except OSError as e:
+                    log.warning("base store: cannot drop %s: %s", name, e.strerror)
+        if dropped:
+            log.info("base store: dropped %d bases nothing refers to any more", dropped)
 
     def _act(self, change: Change, action: str, detail: str, beside: bytes | None = None
              ) -> None:

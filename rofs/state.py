@@ -102,9 +102,10 @@ def layer_paths(state: str, mountpoint: str,
             index_dir(state, mountpoint))
 
 
-def bases_dir(state: str) -> str:
-    """The base store of a state dir (rofs/origin.py), shared by its mounts."""
-    return os.path.join(state, PRIVATE_DIR, "bases")
+def bases_dir(state: str, mountpoint: str) -> str:
+    """The base store of a mount (rofs/origin.py): one per mount, so that a reconcile,
+    which holds that mount's lock, can drop what no origin of the mount refers to."""
+    return os.path.join(state, PRIVATE_DIR, "bases", mount_name(mountpoint))
 
 
 def log_path(state: str, mountpoint: str) -> str:
@@ -344,7 +345,7 @@ def prepare(state: str, mountpoint: str, lower: str,
             copyup.copy_meta(os.fstat(lower_fd), proc_path(upper_fd), markers.is_private,
                              proc_path(lower_fd))
         clean_work(work_fd, UpperLayer(upper_fd, work_fd, markers))
-        bases = bases_dir(state)
+        bases = bases_dir(state, mountpoint)
         _makedirs(bases, created, 0o700)
         prepared = Prepared(lower_fd, upper_fd, work_fd, index_fd, lock_fd, upper_path,
                             work_path, markers, created)

@@ -216,7 +216,7 @@ class Mount:
 
     @property
     def bases(self) -> str:
-        return bases_dir(self.state)
+        return bases_dir(self.state, self.mountpoint)
 
     def lower_root(self) -> str:
         """A path that opens the real lower directory, also under a live mount."""

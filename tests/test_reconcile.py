@@ -14,9 +14,11 @@ import pytest
 from helpers import ROFS, RofsProcess, manifest
 
 from rofs import reconcile
+from rofs.layers import Markers
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
+ORIGIN = Markers.TRUSTED + b"rofs.origin"
 TEN = "".join("line %d\n" % i for i in range(1, 11))
 
 
@@ -119,6 +121,9 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
 
     image = manifest(v1)  # never modified, not even its atimes
 
+    bases = os.path.join(state, ".rofs", "bases", os.path.realpath(mnt).lstrip("/"))
+    write(os.path.join(bases, "0" * 64), "a base nothing refers to\n")
+
     # --dry-run says what it would do and changes nothing.
     before = without_atimes(manifest(state))
     planned = rofs("reconcile", "--dry-run", state, ok=(1,))
@@ -147,6 +152,20 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
         (status,) = json.loads(rofs("status", "--json", mnt))
         assert status["reconciled"]["counts"]["conflict"] == 1, planned
     assert manifest(v1) == image
+    # The base store keeps what the origins of the upper layer and the attic refer to.
+    referenced = set()
+    for top in (os.path.join(state, os.path.realpath(mnt).lstrip("/")),
+                os.path.join(state, ".rofs", "attic")):
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in dirnames + filenames:
+                try:
+                    value = os.getxattr(os.path.join(dirpath, name), ORIGIN,
+                                        follow_symlinks=False)
+                except OSError:
+                    continue
+                referenced.add(value.split()[7].decode())
+    assert "0" * 64 not in os.listdir(bases)
+    assert set(os.listdir(bases)) <= referenced and len(os.listdir(bases)) > 5
     out = daemon.output()
     assert "conflict  %s/both.conf" % os.path.realpath(mnt) in out
     assert "hidden    %s/appdir" % os.path.realpath(mnt) in out and "new.conf" in out
