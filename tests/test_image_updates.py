@@ -164,3 +164,22 @@ def test_on_image_change_typos_are_refused(image, tmp_path):
                              timeout=60)
         assert out.returncode == 2 and ("sometimes" in out.stderr or "merge" in out.stderr)
         assert not os.path.exists(image["state"])
+
+
+@pytest.mark.parametrize("markers", [(), ("-o", "userxattr")])
+def test_renaming_over_a_lower_file_carries_its_origin(image, markers):
+    """sed -i's way (a new file renamed over one the image has) is an edit in place to
+    an image update; a symlink renamed so is left alone (a user.* xattr cannot be set
+    on it, and that must not fail the rename)."""
+    m = image["mnt"]
+    with RofsProcess(m, image["state"], image["lower"], args=markers):
+        write(os.path.join(m, "new"), "v1 here\nedited\n")
+        os.rename(os.path.join(m, "new"), os.path.join(m, "here"))
+        os.symlink("here", os.path.join(m, "sym"))
+        os.rename(os.path.join(m, "sym"), os.path.join(m, "both"))
+        assert os.readlink(os.path.join(m, "both")) == "here"
+    prefix = b"user.overlay." if markers else Markers.TRUSTED
+    recorded = origin.parse(os.getxattr(upper_of(image, "here"), prefix + b"rofs.origin"))
+    assert recorded.path == origin.path_digest((b"here",))
+    assert recorded.same_object(origin.describe(
+        os.fsencode(os.path.join(image["lower"], "here")), Markers(prefix).is_private))

@@ -164,7 +164,7 @@ class Renames:
         own (a copy moved here) keeps it: a change made here."""
         sup = self.upper_dirfd(src_parent, self.upper)
         st = self.upper.try_stat(sup, src_name)
-        if st is None or st.st_nlink != 1 or \
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or \
                 self.upper.get_marker(sup, src_name, self.markers.origin) is not None:
             return
         if dst.upper:
@@ -175,8 +175,12 @@ class Renames:
             value = await self._origin(dst, lst) if lst is not None else None
         else:
             value = None
-        if value is not None:
+        if value is None:
+            return
+        try:
             self.upper.set_marker(sup, src_name, self.markers.origin, value)
+        except OSError as e:  # (a full xattr block, say): the file is then unknown
+            log.warning("rename of %r: its origin is not recorded: %s", src_name, e.strerror)
 
     async def _prepare_across(self, src: Node, src_parent: Node, src_name: bytes,
                               layer: UpperLayer, prepared: list) -> bool:
