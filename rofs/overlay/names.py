@@ -88,9 +88,7 @@ class Names:
             if is_dir and over_whiteout:
                 # Whatever the lower has under this name stays hidden.
                 layer.set_marker(work, tmp, self.markers.opaque, b"y")
-                hid = self._hidden_origin(parent, name)
-                if hid is not None:
-                    layer.set_marker(work, tmp, self.markers.origin, hid)
+                self._hidden_origin(layer, tmp, parent, name)
             st = os.stat(tmp, dir_fd=work, follow_symlinks=False)  # (rename keeps it)
             crash.point("create:prepared")
             if over_whiteout and is_dir:
@@ -135,28 +133,28 @@ class Names:
         except OSError as e:
             log.debug("whiteout of %r: no origin: %s", name, e.strerror)
 
-    def _hidden_origin(self, parent: Node, name: bytes) -> bytes | None:
-        """The origin marker of an opaque directory made over the lower directory
-        parent/name: that directory, its listing kept in the base store, so that entries
-        a new image adds there can be told apart (docs/image-updates.md).  None when
-        there is no such lower directory, or no room for its listing."""
+    def _hidden_origin(self, layer: UpperLayer, tmp: bytes, parent: Node,
+                       name: bytes) -> None:
+        """Give the opaque directory work/tmp, about to replace the lower directory
+        parent/name, that directory's origin, its listing kept in the base store, so
+        that entries a new image adds there can be told apart (docs/image-updates.md).
+        Nothing when there is no such lower directory; never fails the mkdir."""
         if parent.lower is None or self.bases_fd is None:
-            return None
+            return
         path = parent.lower + (name,)
         st = self.lower.try_stat(path)
         if st is None or not stat.S_ISDIR(st.st_mode):
-            return None
+            return
         where = self.lower.xattr_path(path)
         try:
             data = origin.listing(os.listdir(where))
             content = origin.digest(data)
-            if not origin.keep_base(self.bases_fd, content, data):
-                return None
+            if origin.keep_base(self.bases_fd, content, data):
+                layer.set_marker(layer.work_fd, tmp, self.markers.origin, origin.of(
+                    st, content, origin.xattrs_digest(where, self.markers.is_private),
+                    path).encode())
         except OSError as e:
-            log.debug("base store: no listing of %r: %s", name, e.strerror)
-            return None
-        return origin.of(st, content, origin.xattrs_digest(where, self.markers.is_private),
-                         path).encode()
+            log.warning("mkdir of %r: what it hides is not recorded: %s", name, e.strerror)
 
     @_changes_names
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int,
