@@ -32,8 +32,6 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-import merge3
-
 from rofs import attic, copyup, crash, origin
 from rofs._sys import RENAME_NOREPLACE, open_noatime, proc_path, renameat2, write_all
 from rofs.layers import UpperLayer, open_below, open_listable, visit_tree
@@ -141,7 +139,9 @@ def _lines(data: bytes) -> list[bytes]:
 
 def merge_text(base: bytes, here: bytes, new: bytes) -> bytes | None:
     """A three-way line merge (merge3, the merge of bzr/Breezy: no git needed on the
-    host, and in memory); None when the changes overlap."""
+    host, and in memory); None when the changes overlap.  ImportError without merge3
+    (rofs itself needs only the standard library: only this merge needs it)."""
+    import merge3
     m = merge3.Merge3(_lines(base), _lines(here), _lines(new))
     out = []
     for group in m.merge_groups():
@@ -448,8 +448,11 @@ class Reconciler:
                 elif kind in RANGES:
                     merged, conflicts = merge_ranges(base, mine, theirs)
                 else:
-                    merged = merge_text(base, mine, theirs)
-                    why = "the changes here and the image's overlap"
+                    try:
+                        merged = merge_text(base, mine, theirs)
+                        why = "the changes here and the image's overlap"
+                    except ImportError:
+                        why = "no text merge: merge3 is not installed (pip install merge3)"
         if merged is not None:
             fields = self._replace(change, parent, name, st, lower, lst, merged)
             if not conflicts:

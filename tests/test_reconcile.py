@@ -296,3 +296,24 @@ def test_merge_accounts_per_entry():
     assert reconcile.merge_text(b"a\nb\nc\nd\n", b"A\nb\nc\nd\n", b"a\nb\nc\nD\n") == \
         b"A\nb\nc\nD\n"
     assert reconcile.merge_text(b"a\nb\n", b"A\nb\n", b"X\nb\n") is None
+
+
+def test_without_merge3_a_text_merge_is_a_conflict_that_says_so(tmp_path):
+    lower, state, mnt = (str(tmp_path / n) for n in ("lower", "state", "mnt"))
+    os.makedirs(lower)
+    os.mkdir(mnt)
+    write(os.path.join(lower, "app.conf"), TEN)
+    with RofsProcess(mnt, state, lower):
+        sh(["sed", "-i", "s/^line 2$/line 2 here/", os.path.join(mnt, "app.conf")])
+    write(os.path.join(lower, "app.conf"), TEN.replace("line 8\n", "line 8 v2\n"))
+    fake = tmp_path / "no-merge3"
+    fake.mkdir()
+    (fake / "merge3.py").write_text("raise ImportError('no merge3 here')\n")
+    out = subprocess.run(ROFS + ["reconcile", state], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(fake)})
+    assert out.returncode == 1, out.stderr
+    assert "conflict  %s/app.conf  (no text merge: merge3 is not installed" \
+        % os.path.realpath(mnt) in out.stdout
+    with RofsProcess(mnt, state, lower):
+        assert "line 2 here\n" in read(os.path.join(mnt, "app.conf"))
+        assert "line 8 v2\n" in read(os.path.join(mnt, "app.conf.rofs-new"))
