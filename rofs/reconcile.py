@@ -82,6 +82,12 @@ def account_kind(name: bytes) -> bytes | None:
     return kind if kind in ACCOUNTS or kind in RANGES else None
 
 
+def _entry_lines(data: bytes) -> bool:
+    """Whether every line of `data` (but blank and # lines) is NAME:FIELDS."""
+    return all(b":" in line for line in data.split(b"\n")
+               if line.strip() and not line.startswith(b"#"))
+
+
 def _order(name: bytes) -> tuple:
     """passwd before shadow, group before gshadow, each before its backup."""
     kind = account_kind(name)
@@ -440,6 +446,8 @@ class Reconciler:
             why = "binary"
             if b"\0" not in mine and b"\0" not in theirs:
                 kind = account_kind(name)
+                if not all(map(_entry_lines, (base, mine, theirs))):
+                    kind = None  # named like one, but no account file: merged as text
                 if kind in ACCOUNTS:
                     source = SHADOWED_BY.get(kind, kind) + name[len(kind):]
                     merged, conflicts = merge_accounts(
@@ -820,10 +828,10 @@ def at_mount(state: str, mountpoint: str, lower: str, overlay, lower_fd: int, wo
             result = r.run()
         finally:
             r.close()
-    except (OSError, ToolError) as e:
+    except Exception as e:  # a mount (of /etc, at boot) goes on whatever went wrong here
         log.error("reconcile with the new image failed (the state is as it was, each file "
                   "old or new; the next mount tries again, or run `rofs reconcile %s`): %s",
-                  quote(state), e)
+                  quote(state), e, exc_info=not isinstance(e, (OSError, ToolError)))
         return None
     for a in result.actions:
         (log.warning if a.action in ("conflict", "hidden") else log.info)("reconcile: %s",

@@ -298,14 +298,22 @@ def test_merge_accounts_per_entry():
     assert reconcile.merge_text(b"a\nb\n", b"A\nb\n", b"X\nb\n") is None
 
 
-def test_without_merge3_a_text_merge_is_a_conflict_that_says_so(tmp_path):
+def edited_twice(tmp_path, name, text, here, image):
+    """A lower file `name`, edited on the host (sed expression `here`) and then in the
+    image (`image`: text to replace, replacement); returns (state, mnt, lower)."""
     lower, state, mnt = (str(tmp_path / n) for n in ("lower", "state", "mnt"))
-    os.makedirs(lower)
+    os.makedirs(os.path.dirname(os.path.join(lower, name)), exist_ok=True)
     os.mkdir(mnt)
-    write(os.path.join(lower, "app.conf"), TEN)
+    write(os.path.join(lower, name), text)
     with RofsProcess(mnt, state, lower):
-        sh(["sed", "-i", "s/^line 2$/line 2 here/", os.path.join(mnt, "app.conf")])
-    write(os.path.join(lower, "app.conf"), TEN.replace("line 8\n", "line 8 v2\n"))
+        sh(["sed", "-i", here, os.path.join(mnt, name)])
+    write(os.path.join(lower, name), text.replace(*image))
+    return state, mnt, lower
+
+
+def test_without_merge3_a_text_merge_is_a_conflict_that_says_so(tmp_path):
+    state, mnt, lower = edited_twice(tmp_path, "app.conf", TEN, "s/^line 2$/line 2 here/",
+                                     ("line 8\n", "line 8 v2\n"))
     fake = tmp_path / "no-merge3"
     fake.mkdir()
     (fake / "merge3.py").write_text("raise ImportError('no merge3 here')\n")
@@ -317,3 +325,12 @@ def test_without_merge3_a_text_merge_is_a_conflict_that_says_so(tmp_path):
     with RofsProcess(mnt, state, lower):
         assert "line 2 here\n" in read(os.path.join(mnt, "app.conf"))
         assert "line 8 v2\n" in read(os.path.join(mnt, "app.conf.rofs-new"))
+
+
+def test_a_file_only_named_like_an_account_file_is_merged_as_text(tmp_path):
+    state, mnt, lower = edited_twice(tmp_path, "app/group", TEN, "s/^line 2$/line 2 here/",
+                                     ("line 8\n", "line 8 v2\n"))
+    assert "merged    %s/app/group" % os.path.realpath(mnt) in rofs("reconcile", state)
+    with RofsProcess(mnt, state, lower):
+        text = read(os.path.join(mnt, "app", "group"))
+    assert "line 2 here\n" in text and "line 8 v2\n" in text
