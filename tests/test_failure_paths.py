@@ -126,6 +126,15 @@ CHANGES = {
                       state(os.path.join(m, "scratch", "n%d" % i))),
         lambda i: (digest(lower_of("cc", i)), digest("new %d\n" % i)),
         lambda i: (digest("new %d\n" % i), None)),
+    # sed -i's way: a new file renamed over a lower one (which gives it that file's
+    # origin, for image updates: bookkeeping that must not fail the rename).
+    "rename-over-lower": (
+        lambda m, i: write(os.path.join(m, "rl%d.new" % i), "new %d\n" % i),
+        lambda m, i: os.rename(os.path.join(m, "rl%d.new" % i), os.path.join(m, "rl%d" % i)),
+        lambda m, i: (state(os.path.join(m, "rl%d" % i)),
+                      state(os.path.join(m, "rl%d.new" % i))),
+        lambda i: (digest(lower_of("rl", i)), digest("new %d\n" % i)),
+        lambda i: (digest("new %d\n" % i), None)),
     "hard-link-copy-up": (
         lambda m, i: [os.stat(p) for p in names(m, "hl", i)],
         lambda m, i: write(names(m, "hl", i)[0], "+", "a"),
@@ -168,7 +177,7 @@ REMOUNTED = {
 def build(lower):
     os.makedirs(lower)
     for i in range(TARGETS):
-        for kind in ("cu", "tr", "wl", "wu", "cc"):
+        for kind in ("cu", "tr", "wl", "wu", "cc", "rl"):
             write(os.path.join(lower, "%s%d" % (kind, i)), lower_of(kind, i))
         os.setxattr(os.path.join(lower, "cu%d" % i), "user.note", b"kept")
         write(os.path.join(lower, "su%d" % i), "setuid\n")

@@ -124,14 +124,14 @@ class Names:
                 not self.markers.prefix.startswith(b"trusted."):
             return
         path = parent.lower + (name,)
-        st = self.lower.try_stat(path)
-        if st is None:
-            return
         try:
-            layer.set_marker(dir_fd, whiteout, self.markers.origin,
-                             origin.of(st, origin.UNKNOWN, origin.UNKNOWN, path).encode())
-        except OSError as e:
-            log.debug("whiteout of %r: no origin: %s", name, e.strerror)
+            st = self.lower.try_stat(path)
+            if st is not None:
+                layer.set_marker(dir_fd, whiteout, self.markers.origin,
+                                 origin.of(st, origin.UNKNOWN, origin.UNKNOWN, path).encode())
+        except OSError as e:  # (after the commit point of an unlink of a lower file)
+            log.warning("deletion of %r: what it hides is not recorded: %s", name,
+                        e.strerror)
 
     def _hidden_origin(self, layer: UpperLayer, tmp: bytes, parent: Node,
                        name: bytes) -> None:
@@ -142,11 +142,11 @@ class Names:
         if parent.lower is None or self.bases_fd is None:
             return
         path = parent.lower + (name,)
-        st = self.lower.try_stat(path)
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            return
-        where = self.lower.xattr_path(path)
         try:
+            st = self.lower.try_stat(path)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                return
+            where = self.lower.xattr_path(path)
             data = origin.listing(os.listdir(where))
             content = origin.digest(data)
             if origin.keep_base(self.bases_fd, content, data):

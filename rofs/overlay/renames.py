@@ -167,19 +167,18 @@ class Renames:
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or \
                 self.upper.get_marker(sup, src_name, self.markers.origin) is not None:
             return
-        if dst.upper:
-            dup = self.upper_dirfd(dst_parent, self.upper)
-            value = self.upper.get_marker(dup, dst_name, self.markers.origin)
-        elif dst.lower is not None:
-            lst = self.lower.try_stat(dst.lower)
-            value = await self._origin(dst, lst) if lst is not None else None
-        else:
-            value = None
-        if value is None:
-            return
         try:
-            self.upper.set_marker(sup, src_name, self.markers.origin, value)
-        except OSError as e:  # (a full xattr block, say): the file is then unknown
+            if dst.upper:
+                dup = self.upper_dirfd(dst_parent, self.upper)
+                value = self.upper.get_marker(dup, dst_name, self.markers.origin)
+            elif dst.lower is not None:
+                lst = self.lower.try_stat(dst.lower)
+                value = await self._origin(dst, lst) if lst is not None else None
+            else:
+                value = None
+            if value is not None:
+                self.upper.set_marker(sup, src_name, self.markers.origin, value)
+        except OSError as e:  # bookkeeping for image updates: the file is then unknown
             log.warning("rename of %r: its origin is not recorded: %s", src_name, e.strerror)
 
     async def _prepare_across(self, src: Node, src_parent: Node, src_name: bytes,
