@@ -327,6 +327,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
                       index_fd=prepared.index_fd)
     overlay.bases_fd = prepared.bases_fd
+    overlay.base_writer = origin.BaseWriter(prepared.bases_fd)
     scratch_layer = None
     if prepared.scratch_upper_fd >= 0:
         scratch_layer = UpperLayer(prepared.scratch_upper_fd, prepared.scratch_work_fd,
@@ -361,6 +362,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
     except fuse_mount.MountError as e:
         if writelog is not None:
             writelog.close()
+        overlay.base_writer.close()
         overlay.close()
         prepared.close()
         hint = ""
@@ -429,6 +431,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         session.close()
         if writelog is not None:
             writelog.close()
+        overlay.base_writer.close()
         overlay.close()
         prepared.close()
     log.info("unmounted %s", quote(config.mountpoint))

@@ -6,15 +6,18 @@ origin marker); reconcile acts on the copies the image changed:
 
 - stale (the copy still equals what it was copied from): moved out, so the new image's
   file shows;
-- metadata (changed here in mode, owner, times or xattrs only): the new image's
-  content, with each metadata field changed here kept and the others the image's;
+- metadata (changed here in mode, owner or xattrs only): the new image's content, with
+  each of those fields changed here kept and the others (and the mtime) the image's;
 - conflict (content changed on both sides): passwd, group, shadow, gshadow, subuid and
   subgid merged per entry (merge_accounts); other text merged three-way with merge3
   against the content at copy-up (the base store, rofs/origin.py); when that merge
   conflicts, or the file is binary, or its base is gone, the host's file stays and the
   image's version is written beside it as NAME.rofs-new (as dpkg's .dpkg-dist);
-- hides (an opaque directory hides entries the image added): reported, and with
-  `unhide` those entries are copied into it.
+- hides (an opaque directory hides entries the image added, a whiteout an object the
+  image changed since): reported; with `unhide` the new entries are copied into the
+  directory, the whiteout moved to the attic.
+
+Afterwards the mount's base store keeps only what some origin still refers to.
 
 Each replacement is one rename of a prepared copy (which carries the new origin, so a
 rerun finds nothing left to do there); what it replaces is first linked into an attic

@@ -183,3 +183,24 @@ def test_renaming_over_a_lower_file_carries_its_origin(image, markers):
     assert recorded.path == origin.path_digest((b"here",))
     assert recorded.same_object(origin.describe(
         os.fsencode(os.path.join(image["lower"], "here")), Markers(prefix).is_private))
+
+
+def test_base_writer_keeps_texts_off_the_request_path_and_bounded(tmp_path):
+    """Unit test of origin.BaseWriter: texts are written by its thread (or at close),
+    binary data never, and past MAX_PENDING queued bytes texts are dropped and counted."""
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    writer = origin.BaseWriter(fd)
+    try:
+        writer.MAX_PENDING = 10
+        writer.add(origin.digest(b"abc\n"), b"abc\n")
+        writer.add(origin.digest(b"\0bin"), b"\0bin")
+        writer.add(origin.digest(b"too long\n"), b"too long\n")
+        assert writer.dropped == 1
+    finally:
+        writer.close()
+        os.close(fd)
+    assert os.listdir(tmp_path) == [origin.digest(b"abc\n").decode()]
+    assert origin.base(str(tmp_path), origin.digest(b"abc\n")) == b"abc\n"
+    with open(tmp_path / origin.digest(b"abc\n").decode(), "wb") as f:
+        f.write(b"torn")
+    assert origin.base(str(tmp_path), origin.digest(b"abc\n")) is None

@@ -68,7 +68,7 @@ def v1(tmp_path):
     os.mkdir(os.path.dirname(etc))
     sh(["cp", "-a", "/etc", etc])
     for name in ("app.conf", "both.conf", "chm.conf", "gone.conf", "untouched.conf",
-                 "redone.conf"):
+                 "redone.conf", "touched.conf", "legacy.conf"):
         write(os.path.join(etc, name), TEN)
     os.makedirs(os.path.join(etc, "appdir"), exist_ok=True)
     write(os.path.join(etc, "appdir", "a.conf"), "a\n")
@@ -84,6 +84,7 @@ def host(etc, state, mnt, name="host", edits=True):
             sh(["sed", "-i", "s/^line 2$/line 2 edited here/", os.path.join(mnt, "app.conf")])
             sh(["sed", "-i", "s/^line 5$/line 5 here/", os.path.join(mnt, "both.conf")])
             os.chmod(os.path.join(mnt, "chm.conf"), 0o600)
+            os.utime(os.path.join(mnt, "touched.conf"))  # a copy-up, nothing changed
             os.unlink(os.path.join(mnt, "gone.conf"))
             os.unlink(os.path.join(mnt, "redone.conf"))
             shutil.rmtree(os.path.join(mnt, "appdir"))
@@ -105,6 +106,8 @@ def to_v2(etc):
     write(os.path.join(etc, "untouched.conf"), "untouched v2\n")
     write(os.path.join(etc, "appdir", "new.conf"), "new in v2\n")
     write(os.path.join(etc, "redone.conf"), "redone in v2\n")  # deleted on the host
+    write(os.path.join(etc, "touched.conf"), "touched v2\n")  # only touched on the host
+    os.unlink(os.path.join(etc, "legacy.conf"))
 
 
 def without_atimes(m):
@@ -142,6 +145,7 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
         assert read(os.path.join(mnt, "chm.conf")) == "chm v2\n"
         assert os.stat(os.path.join(mnt, "chm.conf")).st_mode & 0o777 == 0o600
         assert read(os.path.join(mnt, "untouched.conf")) == "untouched v2\n"
+        assert read(os.path.join(mnt, "touched.conf")) == "touched v2\n"
         assert not os.path.exists(os.path.join(mnt, "gone.conf"))
         assert read(os.path.join(mnt, "both.conf")).count("line 5 here\n") == 1
         assert "line 5 from v2\n" in read(os.path.join(mnt, "both.conf.rofs-new"))
@@ -237,9 +241,11 @@ def test_three_hosts_one_image_update_one_report(v1, tmp_path):
         state = str(tmp_path / ("state-" + name))
         host(v1, state, mnt, name=name, edits=i != 1)
         states.append(state)
-    # db1 also edits both.conf's line 5 the way v2 will: no conflict there.
+    # db1 also edits both.conf's line 5 the way v2 will (no conflict there), and
+    # legacy.conf, which v2 removes.
     with RofsProcess(mnt, states[2], v1):
         write(os.path.join(mnt, "both.conf"), TEN.replace("line 5\n", "line 5 from v2\n"))
+        write(os.path.join(mnt, "legacy.conf"), "kept on db1\n")
     to_v2(v1)
     for name, state in zip(("web1", "web2", "db1"), states, strict=True):
         in_etc(v1, " ".join(ROFS + ["reconcile", state]) + " || test $? = 1", hostname=name)
@@ -255,6 +261,11 @@ def test_three_hosts_one_image_update_one_report(v1, tmp_path):
     assert by_host["db1"][mine + "/both.conf"]["action"] == "merged"  # the same edit
     assert by_host["web2"][mine + "/passwd"]["action"] == "merged"
     assert by_host["db1"][mine + "/app.conf"]["action"] == "merged"
+    for name in ("web1", "db1"):  # what each took, kept and left in conflict
+        assert by_host[name][mine + "/touched.conf"]["action"] == "took"
+    assert by_host["db1"][mine + "/legacy.conf"]["action"] == "kept"
+    assert "kept      %s/legacy.conf  (changed here; the image removed it)" % mine in section
+    assert "took      %s/touched.conf" % mine in section
 
 
 def test_kernel_overlay_mounts_the_reconciled_state(v1, tmp_path, kernel_overlay):

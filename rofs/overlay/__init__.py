@@ -30,6 +30,7 @@ import os
 import resource
 import stat
 
+from rofs import origin
 from rofs._sys import FS_APPEND_FL, FS_IMMUTABLE_FL, get_inode_flags, set_inode_flags
 from rofs.fuse import Event
 from rofs.inodes import ROOT_INO, Node, NodeTable
@@ -82,6 +83,7 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
         # The base store (rofs/origin.py), where copy-ups keep the text a later merge
         # with a new image needs; None: kept nowhere.
         self.bases_fd: int | None = None
+        self.base_writer: origin.BaseWriter | None = None  # copy-ups' texts to keep
         self.table = NodeTable(self.lower.dev, self.upper.dev)
         root_st = os.fstat(upper_fd)
         self.root = Node(ROOT_INO, stat.S_IFDIR, upper=True, lower=(),

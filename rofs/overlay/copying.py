@@ -121,13 +121,13 @@ class CopyUp:
         """The origin marker of a copy-up of `node` (rofs/origin.py): its lower object's
         metadata, content digest (read in a worker thread past BASE_LIMIT; a text file
         up to it is kept in the base store) and xattrs."""
-        path = self.lower.xattr_path(node.lower)
-        xattrs = origin.xattrs_digest(path, self.markers.is_private)
         if not stat.S_ISREG(st.st_mode):
-            return origin.of(st, origin.content_digest(st, path), xattrs,
-                             node.lower).encode()
+            path = self.lower.xattr_path(node.lower)
+            return origin.of(st, origin.content_digest(st, path), origin.xattrs_digest(
+                path, self.markers.is_private), node.lower).encode()
         fd = self.lower.open(node.lower)
         try:
+            xattrs = origin.xattrs_digest(fd, self.markers.is_private)  # (no path walk)
             if st.st_size > origin.BASE_LIMIT:
                 content = await offload(origin.file_digest, fd, st.st_size)
             else:
@@ -139,14 +139,10 @@ class CopyUp:
         return origin.of(st, content, xattrs, node.lower).encode()
 
     def _keep_base(self, content: bytes, data: bytes) -> None:
-        """Keep a copied-up text file's content for a later merge (never fails the
-        copy-up: a base missing makes that merge a reported conflict)."""
-        if self.bases_fd is None:
-            return
-        try:
-            origin.keep_base(self.bases_fd, content, data)
-        except OSError as e:
-            log.debug("base store: cannot keep %s: %s", content.decode(), e.strerror)
+        """Keep a copied-up text file's content for a later merge (origin.BaseWriter,
+        off the request path; never fails the copy-up)."""
+        if self.base_writer is not None:
+            self.base_writer.add(content, data)
 
     def _lower_flags(self, node: Node) -> int:
         """The lower inode flags of a regular file or directory about to be copied up
