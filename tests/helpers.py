@@ -223,6 +223,16 @@ def view(root, mtimes: bool = False) -> tuple[dict, list]:
     return entries, sorted(sorted(v) for v in inodes.values() if len(v) > 1)
 
 
+def read_text(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def write_text(path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def readb(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 from helpers import ROFS, RofsProcess
+from helpers import write_text as write
 
 from rofs import origin
 from rofs.layers import Markers
@@ -16,11 +17,6 @@ from rofs.layers import Markers
 pytestmark = pytest.mark.fuse
 
 ORIGIN = Markers.TRUSTED + b"rofs.origin"
-
-
-def write(path, data):
-    with open(path, "w") as f:
-        f.write(data)
 
 
 def rofs(*args):

@@ -12,6 +12,8 @@ import subprocess
 
 import pytest
 from helpers import ROFS, RofsProcess, manifest
+from helpers import read_text as read
+from helpers import write_text as write
 
 from rofs import reconcile
 from rofs.layers import Markers
@@ -37,16 +39,6 @@ def in_etc(etc, script, hostname=None):
         setup += "hostname %s; " % hostname
     return sh(["unshare", "-m", "-u", "--propagation", "private", "sh", "-ec",
                setup + script, etc])
-
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
 
 
 def rofs(*args, ok=(0,)):
