@@ -124,8 +124,10 @@ def test_mount_notices_an_image_update(image, tmp_path):
         assert status["image_changed"] is False
     assert "lower layer changed" not in daemon.output()
     image_v2(image)
-    for _ in range(2):  # warn: every mount says so, until the state is reconciled
-        with RofsProcess(image["mnt"], image["state"], image["lower"], args=warn) as daemon:
+    # warn (on the command line, then as fstab has it): every mount says so, until the
+    # state is reconciled
+    for args in (warn, ("-o", "on_image_change=warn")):
+        with RofsProcess(image["mnt"], image["state"], image["lower"], args=args) as daemon:
             (status,) = json.loads(rofs("status", "--json", image["mnt"]))
             assert status["image_changed"] is True and status["reconciled"] is None
             assert "changed and not reconciled (on-image-change warn)" in rofs(
