@@ -326,7 +326,6 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                      ready) -> int:
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
                       index_fd=prepared.index_fd)
-    overlay.bases_fd = prepared.bases_fd
     overlay.base_writer = origin.BaseWriter(prepared.bases_fd)
     scratch_layer = None
     if prepared.scratch_upper_fd >= 0:
@@ -395,6 +394,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                 "log_written": writelog.written if writelog is not None else 0,
                 "log_dropped": writelog.dropped if writelog is not None else 0,
                 "image_changed": prepared.image_changed,
+                "bases_dropped": overlay.base_writer.dropped,
                 "on_image_change": config.on_image_change,
                 "reconciled": {"counts": prepared.reconciled.counts(),
                                "attic": os.path.basename(prepared.reconciled.attic)

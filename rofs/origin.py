@@ -133,6 +133,25 @@ def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).hexdigest().encode()
 
 
+def of_regular(fd: int, st: os.stat_result, lower_path: tuple[bytes, ...],
+               is_private) -> tuple[Origin, bytes | None]:
+    """The origin of the regular file open at `fd`, and its data when the base store
+    may keep it (up to BASE_LIMIT; None past it).  Reads the whole file: for a big one,
+    call it in a worker thread."""
+    xattrs = xattrs_digest(fd, is_private)
+    if st.st_size > BASE_LIMIT:
+        return of(st, file_digest(fd, st.st_size), xattrs, lower_path), None
+    data = read_small(fd, st.st_size)
+    return of(st, digest(data), xattrs, lower_path), data
+
+
+def listed(names) -> tuple[bytes, bytes] | None:
+    """A directory listing as the base store keeps it (escaped names, one a line), with
+    its digest: (digest, data); None past BASE_LIMIT."""
+    data = b"".join(quote(n).encode() + b"\n" for n in sorted(names))
+    return (digest(data), data) if len(data) <= BASE_LIMIT else None
+
+
 def keep_base(bases_fd: int, content: bytes, data: bytes) -> bool:
     """Keep text `data`, whose digest is `content`, in the base store (at most
     BASE_LIMIT bytes, no NUL); whether it is there now.  OSError: not kept."""
@@ -177,10 +196,13 @@ class BaseWriter:
         self._thread.start()
 
     def add(self, content: bytes, data: bytes) -> None:
-        if b"\0" in data:
-            return  # not text: never merged, so never needed
+        """Queue `data` (keep_base, in the thread, leaves out what is no text)."""
         with self._lock:
             if self._bytes + len(data) > self.MAX_PENDING:
+                if not self.dropped:
+                    log.warning("base store: copy-ups come faster than their texts are "
+                                "kept; dropping (and counting) texts: later merges of those "
+                                "files will be conflicts")
                 self.dropped += 1
                 return
             self._pending.append((content, data))
@@ -217,11 +239,6 @@ def base(bases_dir: str, content: bytes) -> bytes | None:
     except OSError:
         return None
     return data if digest(data) == content else None
-
-
-def listing(names) -> bytes:
-    """A directory's entry names as the base store keeps them: escaped, one a line."""
-    return b"".join(quote(n).encode() + b"\n" for n in sorted(names))
 
 
 def unlisting(data: bytes) -> set[bytes]:

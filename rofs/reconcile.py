@@ -28,6 +28,7 @@ into the write log (op `reconcile`), which `rofs report` summarizes per host.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -384,7 +385,7 @@ class Reconciler:
         try:
             name = change.rel[-1]
             here = proc_path(parent, name)
-            lower = self.differ._lower(change.lower)
+            lower = self.differ.lower_path(change.lower)
             st = os.lstat(here)
             lst = _lstat(lower)
             if change.image == "hides" and not stat.S_ISDIR(st.st_mode):
@@ -550,18 +551,28 @@ class Reconciler:
         """The origin marker for a copy of the lower object at `lower` (its text kept in
         the base store for the next merge)."""
         st = os.lstat(lower)
-        if stat.S_ISREG(st.st_mode) and st.st_size <= origin.BASE_LIMIT:
-            data = _read(lower)
-            content = origin.digest(data)
-            if self.bases_fd is not None:
-                try:
-                    origin.keep_base(self.bases_fd, content, data)
-                except OSError as e:
-                    log.warning("base store: cannot keep %s: %s", quote(lower), e.strerror)
-        else:
-            content = origin.content_digest(st, lower)
-        return origin.of(st, content, origin.xattrs_digest(lower, self.markers.is_private),
-                         rel).encode()
+        private = self.markers.is_private
+        if not stat.S_ISREG(st.st_mode):
+            return origin.of(st, origin.content_digest(st, lower),
+                             origin.xattrs_digest(lower, private), rel).encode()
+        fd = open_noatime(lower, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            found, data = origin.of_regular(fd, st, rel, private)
+        finally:
+            os.close(fd)
+        if data is not None:
+            self._keep(found.content, data)
+        return found.encode()
+
+    def _keep(self, content: bytes, data: bytes) -> bool:
+        """Keep a text in the base store now; whether it is there."""
+        if self.bases_fd is None:
+            return False
+        try:
+            return origin.keep_base(self.bases_fd, content, data)
+        except OSError as e:
+            log.warning("base store: cannot keep %s: %s", content.decode(), e.strerror)
+            return False
 
     def _markers_of(self, path: bytes) -> dict[bytes, bytes]:
         """The overlay markers an object carries (rofs's own: its inode number...)."""
@@ -630,14 +641,11 @@ class Reconciler:
             finally:
                 os.close(fd)
             # The listing it hides is now the image's.
-            data = origin.listing(os.listdir(lower))
-            content = origin.digest(data)
-            if self.bases_fd is not None and origin.keep_base(self.bases_fd, content, data):
+            found = origin.listed(os.listdir(lower))
+            if found is not None and self._keep(*found):
                 recorded = origin.parse(_getxattr(here, self.markers.origin))
-                os.setxattr(here, self.markers.origin, origin.Origin(
-                    recorded.kind, 0, recorded.mode, recorded.uid, recorded.gid,
-                    recorded.mtime_ns, content, recorded.xattrs, recorded.path).encode(),
-                    follow_symlinks=False)
+                os.setxattr(here, self.markers.origin, dataclasses.replace(
+                    recorded, content=found[0]).encode(), follow_symlinks=False)
             self._synced(parent)
         self._act(change, "unhidden", "copied in the image's new entries: %s" % shown)
 

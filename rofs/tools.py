@@ -375,6 +375,11 @@ def format_status(entries: list[dict], now: float) -> str:
                          "`rofs diff %s` tells stale copies and conflicts, `rofs reconcile` "
                          "merges them (unmounted)" % (e.get("on_image_change", "?"),
                                                       quote(e["state"])))
+        if e.get("bases_dropped"):
+            lines.append("  WARNING  %s of copy-ups not kept in the base store (copy-ups "
+                         "came faster than they were written): an image update will call "
+                         "those files conflicts instead of merging them"
+                         % count(e["bases_dropped"], "text"))
         moved = e.get("moved_at_mount")
         if moved:
             lines.append("  WARNING  this mount moved %s the policy makes scratch into %s"
@@ -562,7 +567,7 @@ class Differ:
     def _show(self, rel: tuple[bytes, ...]) -> str:
         return quote_path(rel, quote(self.mount.mountpoint))
 
-    def _lower(self, rel: tuple[bytes, ...] | None) -> bytes | None:
+    def lower_path(self, rel: tuple[bytes, ...] | None) -> bytes | None:
         if rel is None:
             return None
         return os.fsencode(self.lower_root) + b"".join(b"/" + c for c in rel)
@@ -653,7 +658,7 @@ class Differ:
         upper_path = proc_path(dir_fd, name)
         ust = os.lstat(upper_path)
         lower_counterpart = None if parent_lower is None else parent_lower + (rel[-1],)
-        lpath = self._lower(lower_counterpart)
+        lpath = self.lower_path(lower_counterpart)
         try:
             lst = os.lstat(lpath) if lpath is not None else None
         except (FileNotFoundError, NotADirectoryError):
@@ -843,7 +848,7 @@ def patch(differ: Differ, change: Change) -> str:
     root = open_listable(None, os.fsencode(mount.upper))
     try:
         parent = differ._parent_lower(root, comps)
-        lower = differ._lower(parent + (comps[-1],)) if parent is not None else None
+        lower = differ.lower_path(parent + (comps[-1],)) if parent is not None else None
         old = _text(lower if change.status != "A" else None)
         if change.status == "D":
             new = _text(None)

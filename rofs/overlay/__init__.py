@@ -82,8 +82,7 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
         self.upper.index_fd = index_fd
         # The base store (rofs/origin.py), where copy-ups keep the text a later merge
         # with a new image needs; None: kept nowhere.
-        self.bases_fd: int | None = None
-        self.base_writer: origin.BaseWriter | None = None  # copy-ups' texts to keep
+        self.base_writer: origin.BaseWriter | None = None
         self.table = NodeTable(self.lower.dev, self.upper.dev)
         root_st = os.fstat(upper_fd)
         self.root = Node(ROOT_INO, stat.S_IFDIR, upper=True, lower=(),

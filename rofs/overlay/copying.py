@@ -121,28 +121,22 @@ class CopyUp:
         """The origin marker of a copy-up of `node` (rofs/origin.py): its lower object's
         metadata, content digest (read in a worker thread past BASE_LIMIT; a text file
         up to it is kept in the base store) and xattrs."""
+        private = self.markers.is_private
         if not stat.S_ISREG(st.st_mode):
             path = self.lower.xattr_path(node.lower)
-            return origin.of(st, origin.content_digest(st, path), origin.xattrs_digest(
-                path, self.markers.is_private), node.lower).encode()
+            return origin.of(st, origin.content_digest(st, path),
+                             origin.xattrs_digest(path, private), node.lower).encode()
         fd = self.lower.open(node.lower)
         try:
-            xattrs = origin.xattrs_digest(fd, self.markers.is_private)  # (no path walk)
             if st.st_size > origin.BASE_LIMIT:
-                content = await offload(origin.file_digest, fd, st.st_size)
+                found, data = await offload(origin.of_regular, fd, st, node.lower, private)
             else:
-                data = origin.read_small(fd, st.st_size)
-                content = origin.digest(data)
-                self._keep_base(content, data)
+                found, data = origin.of_regular(fd, st, node.lower, private)
         finally:
             os.close(fd)
-        return origin.of(st, content, xattrs, node.lower).encode()
-
-    def _keep_base(self, content: bytes, data: bytes) -> None:
-        """Keep a copied-up text file's content for a later merge (origin.BaseWriter,
-        off the request path; never fails the copy-up)."""
-        if self.base_writer is not None:
-            self.base_writer.add(content, data)
+        if data is not None and self.base_writer is not None:
+            self.base_writer.add(found.content, data)  # (off the request path)
+        return found.encode()
 
     def _lower_flags(self, node: Node) -> int:
         """The lower inode flags of a regular file or directory about to be copied up

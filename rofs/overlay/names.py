@@ -139,7 +139,7 @@ class Names:
         parent/name, that directory's origin, its listing kept in the base store, so
         that entries a new image adds there can be told apart (docs/image-updates.md).
         Nothing when there is no such lower directory; never fails the mkdir."""
-        if parent.lower is None or self.bases_fd is None:
+        if parent.lower is None or self.base_writer is None:
             return
         path = parent.lower + (name,)
         try:
@@ -147,12 +147,13 @@ class Names:
             if st is None or not stat.S_ISDIR(st.st_mode):
                 return
             where = self.lower.xattr_path(path)
-            data = origin.listing(os.listdir(where))
-            content = origin.digest(data)
-            if origin.keep_base(self.bases_fd, content, data):
-                layer.set_marker(layer.work_fd, tmp, self.markers.origin, origin.of(
-                    st, content, origin.xattrs_digest(where, self.markers.is_private),
-                    path).encode())
+            found = origin.listed(os.listdir(where))
+            if found is None:
+                return  # (too long to keep: what it hides stays unknown)
+            self.base_writer.add(*found)
+            layer.set_marker(layer.work_fd, tmp, self.markers.origin, origin.of(
+                st, found[0], origin.xattrs_digest(where, self.markers.is_private),
+                path).encode())
         except OSError as e:
             log.warning("mkdir of %r: what it hides is not recorded: %s", name, e.strerror)
 

@@ -97,10 +97,10 @@ class Renames:
             if not carried:
                 carried = True
                 if not exchange and dst is not None and not dst.is_dir and \
-                        not src.is_dir and layer is self.upper and self._lay(src) is layer:
-                    await self._carry_origin(src, src_parent, src_name, dst, dst_parent,
-                                             dst_name)
-                    continue
+                        stat.S_ISREG(src.mode) and layer is self.upper and \
+                        self._lay(src) is layer and await self._carry_origin(
+                            src_parent, src_name, dst, dst_parent, dst_name):
+                    continue  # (it read the lower file: the world may have changed)
             if layer is not self._lay(src) and not prepared and \
                     await self._prepare_across(src, src_parent, src_name, layer, prepared):
                 continue  # the world may have changed while the data was copied
@@ -155,24 +155,27 @@ class Renames:
             self.table.remove_link(dst, dst_parent, dst_name)
         self.table.move_link(src, src_parent, src_name, dst_parent, dst_name)
 
-    async def _carry_origin(self, src: Node, src_parent: Node, src_name: bytes, dst: Node,
-                            dst_parent: Node, dst_name: bytes) -> None:
+    async def _carry_origin(self, src_parent: Node, src_name: bytes, dst: Node,
+                            dst_parent: Node, dst_name: bytes) -> bool:
         """A new file about to replace one the image has (sed -i, shadow-utils' passwd+
         over passwd): it gets the origin of what it replaces (that copy's, or the lower
         object's), so an image update merges it with the image's new version instead of
         calling it unknown (docs/image-updates.md).  A file that has an origin of its
-        own (a copy moved here) keeps it: a change made here."""
+        own (a copy moved here) keeps it: a change made here.  Returns whether it
+        awaited (read the lower file)."""
         sup = self.upper_dirfd(src_parent, self.upper)
-        st = self.upper.try_stat(sup, src_name)
-        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or \
-                self.upper.get_marker(sup, src_name, self.markers.origin) is not None:
-            return
+        awaited = False
         try:
+            st = self.upper.try_stat(sup, src_name)
+            if st is None or st.st_nlink != 1 or \
+                    self.upper.get_marker(sup, src_name, self.markers.origin) is not None:
+                return False
             if dst.upper:
                 dup = self.upper_dirfd(dst_parent, self.upper)
                 value = self.upper.get_marker(dup, dst_name, self.markers.origin)
             elif dst.lower is not None:
                 lst = self.lower.try_stat(dst.lower)
+                awaited = lst is not None
                 value = await self._origin(dst, lst) if lst is not None else None
             else:
                 value = None
@@ -180,6 +183,7 @@ class Renames:
                 self.upper.set_marker(sup, src_name, self.markers.origin, value)
         except OSError as e:  # bookkeeping for image updates: the file is then unknown
             log.warning("rename of %r: its origin is not recorded: %s", src_name, e.strerror)
+        return awaited
 
     async def _prepare_across(self, src: Node, src_parent: Node, src_name: bytes,
                               layer: UpperLayer, prepared: list) -> bool:
