@@ -10,6 +10,7 @@ import textwrap
 import time
 
 from rofs import __version__
+from rofs._sys import raise_open_file_limit
 from rofs.names import quote
 from rofs.policy import CLASS_NAMES, ON_IMAGE_CHANGE, PolicyError
 
@@ -608,6 +609,7 @@ def run_subcommand(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
     words = sys.argv[1:] if argv is None else argv
+    raise_open_file_limit()  # every command: the tools walk trees a user made
     if words and words[0] in SUBCOMMANDS:
         return run_subcommand(words[0], words[1:])
     parser = build_parser()

@@ -109,43 +109,124 @@ def lstat_below(root_fd: int, path: tuple[bytes, ...]) -> os.stat_result | None:
 
 SKIP = object()  # walk_sorted: do not walk into this entry
 
+OPEN_LEVELS = 32  # descriptors a tree walk holds at most, however deep the tree
+
+
+class Descent:
+    """The chain of directories from a walk's top (level 0, the caller's descriptor) to
+    where the walk is, holding at most OPEN_LEVELS descriptors whatever the depth: a
+    user may make a tree deeper than any open-file limit.  A level whose descriptor was
+    closed is opened again by name, from the top, when the walk comes back to it, and
+    must still be the same directory (device and inode), else ESTALE: the tree was
+    moved while it was walked.
+
+    Open levels are always level 0 and one run at the bottom, [first_open, len)."""
+
+    def __init__(self, top_fd: int) -> None:
+        st = os.fstat(top_fd)
+        self._fds: list[int | None] = [top_fd]
+        self._names: list[bytes] = [b""]
+        self._ids: list[tuple[int, int]] = [(st.st_dev, st.st_ino)]
+        self._first_open = 1
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def push(self, name: bytes) -> int:
+        """Descend into the directory `name` of the bottom level; its descriptor."""
+        fd = open_listable(self.fd(len(self._fds) - 1), name)
+        st = os.fstat(fd)
+        self._fds.append(fd)
+        self._names.append(name)
+        self._ids.append((st.st_dev, st.st_ino))
+        if len(self._fds) - self._first_open > OPEN_LEVELS:
+            os.close(self._fds[self._first_open])
+            self._fds[self._first_open] = None
+            self._first_open += 1
+        return fd
+
+    def pop(self) -> None:
+        """Leave the bottom level (never level 0)."""
+        fd = self._fds.pop()
+        self._names.pop()
+        self._ids.pop()
+        if fd is not None:
+            os.close(fd)
+        self._first_open = min(self._first_open, len(self._fds))
+
+    def fd(self, level: int) -> int:
+        """The descriptor of `level` (negative: from the bottom), opened again if it
+        was closed, with half the window of levels above it."""
+        level %= len(self._fds)
+        if level == 0 or level >= self._first_open:
+            return self._fds[level]
+        first = max(1, level - OPEN_LEVELS // 2 + 1)
+        reopened: list[int] = []
+        passing = None  # a level above the window, open only to reach the next one
+        try:
+            parent = self._fds[0]
+            for i in range(1, self._first_open):
+                child = open_listable(parent, self._names[i])
+                if passing is not None:
+                    os.close(passing)
+                    passing = None
+                if i >= first:
+                    reopened.append(child)
+                else:
+                    passing = child
+                st = os.fstat(child)
+                if (st.st_dev, st.st_ino) != self._ids[i]:
+                    raise OSError(errno.ESTALE, "a directory was moved while the tree was "
+                                  "walked", os.fsdecode(b"/".join(self._names[1:i + 1])))
+                parent = child
+        except BaseException:
+            for fd in reopened + ([] if passing is None else [passing]):
+                os.close(fd)
+            raise
+        self._fds[first:self._first_open] = reopened
+        self._first_open = first
+        return self._fds[level]
+
+    def close(self) -> None:
+        """Close every descriptor this walk opened (level 0 stays the caller's)."""
+        for i in range(1, len(self._fds)):
+            if self._fds[i] is not None:
+                os.close(self._fds[i])
+                self._fds[i] = None
+        self._first_open = len(self._fds)
+
 
 def walk_sorted(top_fd: int, rel: tuple[bytes, ...], context, visit) -> None:
     """Visit every entry below the directory top_fd, depth first and in name order:
     visit(dir_fd, name, rel, context) returns SKIP, or the context to walk that entry (a
     directory) with; dir_fd is valid during the call, so visit may use
     proc_path(dir_fd, name), which stays short however deep the tree is.  Iterative,
-    with one descriptor per level (top_fd stays the caller's)."""
+    with at most OPEN_LEVELS descriptors (top_fd stays the caller's)."""
     def names(fd: int):
         return iter(sorted(os.fsencode(n) for n in os.listdir(fd)))
 
-    stack = [(top_fd, rel, context, names(top_fd))]
+    levels = Descent(top_fd)
+    stack = [(rel, context, names(top_fd))]
     try:
         while stack:
-            fd, rel, ctx, rest = stack[-1]
+            rel, ctx, rest = stack[-1]
             name = next(rest, None)
             if name is None:
-                if fd != top_fd:
-                    os.close(fd)
                 stack.pop()
+                if stack:
+                    levels.pop()
                 continue
-            sub = visit(fd, name, rel + (name,), ctx)
+            sub = visit(levels.fd(-1), name, rel + (name,), ctx)
             if sub is not SKIP:
-                child = open_listable(fd, name)
-                try:
-                    stack.append((child, rel + (name,), sub, names(child)))
-                except BaseException:
-                    os.close(child)
-                    raise
+                child = levels.push(name)
+                stack.append((rel + (name,), sub, names(child)))
     finally:
-        for fd, *_ in stack:
-            if fd != top_fd:
-                os.close(fd)
+        levels.close()
 
 
 def visit_tree(dir_fd: int, name: bytes, visit) -> None:
     """visit(directory descriptor, name, lstat result) for dir_fd/name and every entry
-    below it (walk_sorted's walk: iterative, one descriptor per level)."""
+    below it (walk_sorted's walk: iterative, with bounded descriptors)."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     visit(dir_fd, name, st)
     if not stat.S_ISDIR(st.st_mode):
@@ -178,8 +259,8 @@ def open_below(root_fd: int, path: tuple[bytes, ...]) -> int:
 
 def remove_tree(dir_fd: int, name: bytes) -> None:
     """Remove `name` (a file or a whole directory tree) below dir_fd, fd-relative and
-    iteratively: one descriptor per level and each directory listed once, so a tree of
-    any depth or width a user made goes in time linear in its size."""
+    iteratively: at most OPEN_LEVELS descriptors and each directory listed once, so a
+    tree of any depth or width a user made goes in time linear in its size."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -188,31 +269,32 @@ def remove_tree(dir_fd: int, name: bytes) -> None:
         os.unlink(name, dir_fd=dir_fd)
         return
 
-    def frame(parent: int, child: bytes):
-        fd = open_listable(parent, child)
-        with os.scandir(fd) as entries:
+    levels = Descent(dir_fd)
+    stack = []  # (name, its entries not yet removed), one per level below dir_fd
+
+    def enter(child: bytes) -> None:
+        with os.scandir(levels.push(child)) as entries:
             listed = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False))
                       for e in entries]
-        return parent, child, fd, iter(listed)
+        stack.append((child, iter(listed)))
 
-    stack = [frame(dir_fd, name)]
     try:
+        enter(name)
         while stack:
-            parent, child, fd, rest = stack[-1]
+            child, rest = stack[-1]
             entry = next(rest, None)
             if entry is None:
-                os.close(fd)
                 stack.pop()
-                os.rmdir(child, dir_fd=parent)
+                levels.pop()
+                os.rmdir(child, dir_fd=levels.fd(-1))
                 continue
             ename, is_dir = entry
             if is_dir:
-                stack.append(frame(fd, ename))
+                enter(ename)
             else:
-                os.unlink(ename, dir_fd=fd)
+                os.unlink(ename, dir_fd=levels.fd(-1))
     finally:
-        for _, _, fd, _ in stack:
-            os.close(fd)
+        levels.close()
 
 
 def remove_path(path: str | bytes) -> None:

@@ -75,13 +75,6 @@ def fuse_options(config: Config) -> list[str]:
     return options + [o for o in config.fuse_options if o not in options]
 
 
-def _raise_nofile() -> None:
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 class _JournalFormatter(logging.Formatter):
     """Lines for the journal: each with its syslog priority as a "<N>" prefix, which
     journald reads from a service's stderr (sd-daemon(3))."""
@@ -147,7 +140,7 @@ def run(config: Config) -> int:
         crash.check()
     except ValueError as e:
         raise MountError(str(e)) from None
-    _raise_nofile()
+    _sys.raise_open_file_limit()
     prepared = state.prepare(config.state, config.mountpoint, config.lower, config.overlay,
                              config.userxattr)
     markers = prepared.markers

@@ -588,8 +588,8 @@ class Differ:
         return out
 
     def run(self, start: tuple[bytes, ...] = ()) -> list[Change]:
-        """The changes at `start` and below.  The upper tree is walked with descriptors,
-        one per level, never recursively: a user may have made it any depth."""
+        """The changes at `start` and below.  The upper tree is walked with descriptors
+        (a bounded number), never recursively: a user may have made it any depth."""
         root = open_listable(None, os.fsencode(self.mount.upper))
         try:
             if not start:
@@ -1084,7 +1084,7 @@ def _check_mount(mount: Mount, markers: Markers) -> list[Problem]:
             return target
         return None if opaque == b"y" else counterpart
 
-    # Iterative, one descriptor per level: a user may have made the tree any depth.
+    # Iterative, with bounded descriptors: a user may have made the tree any depth.
     root_fd = open_listable(None, upper)
     try:
         walk_sorted(root_fd, (), (), visit)

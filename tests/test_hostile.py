@@ -18,6 +18,7 @@ pytestmark = pytest.mark.fuse
 NOBODY = 65534
 PYTHON = "/usr/bin/python3"  # one every user can run (not a pyenv under /root)
 DEPTH = 2100  # directories "d/d/d/...": a path of 4200 bytes, beyond PATH_MAX / 2
+FEW = 128  # an open-file limit far below DEPTH
 
 
 def as_nobody(*cmd, timeout=120):
@@ -26,9 +27,11 @@ def as_nobody(*cmd, timeout=120):
                           timeout=timeout)
 
 
-def rofs(*args, code=0):
-    result = subprocess.run(ROFS + [str(a) for a in args], capture_output=True, text=True,
-                            timeout=120)
+def rofs(*args, code=0, nofile=None):
+    """Run a rofs command; `nofile`: its open-file limit, soft and hard."""
+    limit = [] if nofile is None else ["prlimit", "--nofile=%d:%d" % (nofile, nofile), "--"]
+    result = subprocess.run(limit + ROFS + [str(a) for a in args], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == code, result.stdout + result.stderr
     return result.stdout
 
@@ -93,15 +96,16 @@ def on_both(public, kernel_overlay, script: str):
 def test_a_deep_tree_breaks_no_mount_and_no_tool(public):
     """A user's tree deeper than PATH_MAX / 2, in a scratch directory (wiped at the next
     mount) and in a persistent one (walked by diff, check and revert): every later mount
-    works, every tool finishes, nothing is left half-done."""
+    works, every tool finishes, nothing is left half-done.  The tools run with an
+    open-file limit far below the depth (they walk with bounded descriptors)."""
     mnt, state, lower = public["mnt"], public["state"], public["lower"]
     with RofsProcess(mnt, state, lower, public["args"]) as proc:
         for where in ("tmp", "pub"):
             result = as_nobody(PYTHON, "-c", DEEP, os.path.join(mnt, where), str(DEPTH))
             assert result.returncode == 0, result.stderr
-        diff = rofs("diff", state).splitlines()
+        diff = rofs("diff", state, nofile=FEW).splitlines()
         assert len(diff) == DEPTH + 1 and diff[-1].endswith("/d/leaf")
-        assert rofs("check", state) == ""
+        assert rofs("check", state, nofile=FEW) == ""
         # A live revert of the whole tree (the daemon walks it for hard links).
         assert rofs("revert", os.path.join(mnt, "pub", "d")) == \
             "reverted %s/pub/d\n" % mnt
@@ -120,11 +124,11 @@ def test_a_deep_tree_breaks_no_mount_and_no_tool(public):
     assert not proc.internal_errors(), proc.output()
     # Offline: check with repairs, then revert, walk and remove the whole tree.
     deep = os.path.join(os.fsencode(upper), b"pub")
-    assert rofs("check", "--repair", state) == ""
-    assert rofs("revert", "--state", state, os.path.join(mnt, "pub", "d")) == \
-        "reverted %s/pub/d\n" % mnt
+    assert rofs("check", "--repair", state, nofile=FEW) == ""
+    assert rofs("revert", "--state", state, os.path.join(mnt, "pub", "d"),
+                nofile=FEW) == "reverted %s/pub/d\n" % mnt
     assert os.listdir(deep) == [] and os.listdir(work) == []
-    info = json.loads(rofs("diff", "--json", state))
+    info = json.loads(rofs("diff", "--json", state, nofile=FEW))
     assert info == []
 
 
