@@ -161,8 +161,10 @@ def fuse_missing() -> str | None:
 def manifest(root: str) -> dict:
     """Everything about every entry below root that must never change in a lower layer:
     type and mode, owner, size, times, inode number, link count, content (read with
-    O_NOATIME), symlink target, xattrs.  Directory atimes are left out: listing a
-    directory to build the manifest may update them."""
+    O_NOATIME), symlink target, xattrs.  Directory and symlink atimes are left out:
+    listing a directory or reading a link (to build the manifest, or rofs answering
+    READLINK, as kernel overlayfs does) may update them, and always does on a
+    strictatime filesystem (systemd's tmpfs /tmp)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames + ["."]:
@@ -177,7 +179,8 @@ def manifest(root: str) -> dict:
                 data = os.readlink(path).encode(errors="surrogateescape")
             xattrs = {} if stat.S_ISLNK(st.st_mode) else {
                 n: os.getxattr(path, n) for n in os.listxattr(path)}
-            atime = None if stat.S_ISDIR(st.st_mode) else st.st_atime_ns
+            atime = None if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode) \
+                else st.st_atime_ns
             out[os.path.relpath(path, root)] = (
                 st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                 atime, st.st_ino, st.st_nlink, data, xattrs)
