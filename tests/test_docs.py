@@ -10,9 +10,9 @@ Runnable blocks run in a private mount namespace that looks like the machine the
 talk about, without touching this one: `/etc` is a copy of this machine's `/etc`
 (bound read-only, or writable where the docs edit the image), and tmpfs covers
 /var/lib (but dpkg's database), /srv, /mnt, /run, /opt, /usr/local/bin and
-/usr/local/lib (with the `rofs` command of this checkout, and the checkout at
-/opt/rofs).  A *situation* prepares what the
-block expects (rofs mounted with changes, a dead mount, a copied state on an image
+/usr/local/lib (with the `rofs` command of this checkout, and the checkout at its own
+path, wherever that is, and at /opt/rofs).  A *situation* prepares what the block
+expects (rofs mounted with changes, a dead mount, a copied state on an image
 builder); `check` is run after the block.  Every process left in the namespace is
 killed at the end.
 """
@@ -262,13 +262,19 @@ fails() {  # `! cmd` does not stop a `set -e` script
 echo $(readlink /proc/self/ns/mnt) > "$BASE/ns"
 # rofs mounts of this machine (other tests) are not the docs' machine's: drop the copies
 for m in $(findmnt -rn -t fuse.rofs -o TARGET); do umount -l "$m"; done
-mount --bind /var/lib/dpkg "$BASE/dpkg"   # (setup.sh asks dpkg what is installed)
+# What the tmpfs mounts below would hide, kept reachable first: dpkg's database (setup.sh
+# asks dpkg what is installed) and the checkout, wherever it is (the README puts it in
+# /opt/rofs); both are put back at their own paths, and the checkout at /opt/rofs too.
+mount --bind /var/lib/dpkg "$BASE/dpkg"
+mount --bind "$CHECKOUT" "$BASE/checkout"
 for d in /usr/local/bin /usr/local/lib /usr/local/share /var/lib /srv /mnt /run /opt; do
     mount -t tmpfs -o mode=755 rofs-docs "$d"
 done
 mkdir /var/lib/dpkg && mount --bind "$BASE/dpkg" /var/lib/dpkg
+mkdir -p "$CHECKOUT" /opt/rofs
+test -e "$CHECKOUT/README.md" || mount --bind "$BASE/checkout" "$CHECKOUT"
+mountpoint -q /opt/rofs || mount --bind "$BASE/checkout" /opt/rofs
 ln -s "$CHECKOUT/.venv/bin/rofs" /usr/local/bin/rofs
-mkdir /opt/rofs && mount --bind "$CHECKOUT" /opt/rofs
 mount --bind "$BASE/etc" /etc
 mkdir -p /var/lib/stateless
 """
@@ -335,6 +341,7 @@ def test_block_runs(key):
     base = tempfile.mkdtemp(prefix="rofs-docs-", dir="/tmp")
     try:
         os.mkdir(os.path.join(base, "dpkg"))
+        os.mkdir(os.path.join(base, "checkout"))
         subprocess.run(["cp", "-a", "/etc", os.path.join(base, "etc")], check=True)
         etc = os.path.join(base, "etc")
         os.makedirs(os.path.join(etc, "ssh"), exist_ok=True)
