@@ -93,6 +93,9 @@ class Scenario:
 
     def setup(self) -> None:
         sh("cp -a /etc %s" % self.copy)
+        # The image's hosts, which sed -i edits (a minimal root has none).
+        with open(os.path.join(self.copy, "hosts"), "w") as f:
+            f.write("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
         for path in ("/home", "/var/mail", "/var/log", "/var/spool"):
             if os.path.isdir(path):
                 sh("mount -t tmpfs tmpfs %s" % path)

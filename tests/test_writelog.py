@@ -151,6 +151,7 @@ def etc_copy(tmp_path):
     lower = tmp_path / "lower"
     subprocess.run(["cp", "-a", "/etc", str(lower)], check=True)
     (lower / "ssh").mkdir(exist_ok=True)
+    (lower / "hosts").write_text("127.0.0.1 localhost\n")  # a minimal root has none
     shutil.rmtree(lower / "scratch", ignore_errors=True)
     (lower / "scratch").mkdir()
     (lower / "scratch" / "keep-me").write_text("lower\n")
