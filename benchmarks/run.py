@@ -7,7 +7,9 @@ fuse-overlayfs and unionfs-fuse, over the same lower tree.
 
 Every filesystem is mounted fresh (empty upper layer) for every workload in every round,
 and rounds interleave the filesystems, so machine noise spreads over all of them.  Cold
-workloads drop the kernel's caches first (and run on a fresh mount).  Reported: the
+workloads drop the kernel's caches first (and run on a fresh mount); where they cannot
+be dropped (/proc/sys read-only, as in a container) they are not run, and the output
+and the JSON's "not_run" say so.  Reported: the
 median time and its spread (min-max) over rounds, the ratio to native, to kernel
 overlayfs and to fuse-overlayfs (higher is better: ratio = their time / our time), the
 daemon's CPU time and its peak RSS, and, from separate untimed passes, the number of FUSE
@@ -426,10 +428,21 @@ class RequestCounter:
 # ---------------------------------------------------------------- workloads
 
 
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
 def drop_caches() -> None:
     os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
+    with open(DROP_CACHES, "w") as f:
         f.write("3\n")
+
+
+def cold_caches_missing() -> str | None:
+    """Why caches cannot be dropped here (a cold workload then measures nothing cold),
+    or None."""
+    if os.access(DROP_CACHES, os.W_OK):
+        return None
+    return "no cold caches here: %s is read-only (a container?)" % DROP_CACHES
 
 
 def walk(root: str) -> int:
@@ -716,6 +729,11 @@ def run(args) -> dict:
         systems.append(fs)
     chosen = [w for w in workloads(sizes, work)
               if not args.workloads or w.name in args.workloads]
+    no_cold = cold_caches_missing()
+    not_run = {w.name: no_cold for w in chosen if w.cold and no_cold}
+    if not_run:
+        notes.append("not run: %s (%s)" % (", ".join(not_run), no_cold))
+        chosen = [w for w in chosen if w.name not in not_run]
     samples: dict[str, dict[str, list[float]]] = {w.name: {} for w in chosen}
     cpu: dict[str, dict[str, list[float]]] = {w.name: {} for w in chosen}
     rss: dict[str, int] = {}
@@ -761,7 +779,11 @@ def run(args) -> dict:
                               args) if not args.no_requests else {}
     memory = memory_pass(fuse_systems, os.path.join(base, "many"), sizes) \
         if not args.no_memory else {}
-    return report(chosen, systems, samples, cpu, rss, requests, memory, sizes, notes, args)
+    if memory and no_cold:
+        notes.append("daemon memory after the kernel forgot the nodes not measured (%s)"
+                     % no_cold)
+    return report(chosen, systems, samples, cpu, rss, requests, memory, sizes, notes,
+                  not_run, args)
 
 
 # A timed workload still running after this long is taken as hung (a peer's deadlock:
@@ -795,7 +817,8 @@ class Watchdog:
 def memory_pass(systems, many: str, sizes: Sizes) -> dict:
     """Each FUSE daemon's RSS before and after walking a tree of `sizes.many_files`
     files, and after the kernel dropped its dentries and inodes (which sends FORGET for
-    every node): does the daemon give the memory back?"""
+    every node): does the daemon give the memory back?  (None where the caches cannot
+    be dropped.)"""
     build_many(many, sizes.many_files)
     out = {}
     for proto in systems:
@@ -807,10 +830,12 @@ def memory_pass(systems, many: str, sizes: Sizes) -> dict:
             idle = fs.rss_kib()
             walked = walk(root)
             after_walk = fs.rss_kib()
-            os.sync()
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("2\n")
-            after_forget = settled_rss(fs)
+            after_forget = None
+            if cold_caches_missing() is None:
+                os.sync()
+                with open(DROP_CACHES, "w") as f:
+                    f.write("2\n")
+                after_forget = settled_rss(fs)
         finally:
             fs.unmount()
         out[fs.name] = {"entries": walked, "idle_kib": idle, "after_walk_kib": after_walk,
@@ -860,7 +885,8 @@ def count_requests(chosen, systems, sizes, notes, args) -> dict:
     return out
 
 
-def report(chosen, systems, samples, cpu, rss, requests, memory, sizes, notes, args) -> dict:
+def report(chosen, systems, samples, cpu, rss, requests, memory, sizes, notes, not_run,
+           args) -> dict:
     names = [fs.name for fs in systems]
     rows = []
     for w in chosen:
@@ -888,6 +914,7 @@ def report(chosen, systems, samples, cpu, rss, requests, memory, sizes, notes, a
     data = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
             "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick,
             "rounds": sizes.rounds, "filesystems": names, "notes": notes,
+            "not_run": not_run,
             "peak_rss_kib": rss, "memory": memory, "workloads": rows}
     print_table(data)
     results = args.results or RESULTS
