@@ -31,7 +31,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from rofs import copyup
+from rofs import copyup, index
 from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
 from rofs.layers import (
     UpperLayer,
@@ -74,61 +74,6 @@ def _write_info(directory: str, info: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-
-
-def _index_name(upper: UpperLayer, dir_fd: int, name: bytes) -> bytes | None:
-    """The index name an upper file records (a copied-up lower hard link), if any."""
-    value = upper.get_marker(dir_fd, name, upper.markers.ino)
-    parts = value.split() if value else []
-    return parts[1] if len(parts) == 2 else None
-
-
-def index_keys(upper: UpperLayer, dir_fd: int, name: bytes) -> collections.Counter:
-    """Index names of the indexed hard links at dir_fd/name and below, with how many of
-    their names are there."""
-    keys: collections.Counter = collections.Counter()
-
-    def visit(parent: int, child: bytes, st: os.stat_result) -> None:
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            key = _index_name(upper, parent, child)
-            if key is not None:
-                keys[key] += 1
-
-    visit_tree(dir_fd, name, visit)
-    return keys
-
-
-def drop_index_entries(upper: UpperLayer, elsewhere: dict[bytes, int]) -> None:
-    """Remove the index entries (upper.index_fd) of copied-up hard links with no name
-    left in the upper layer, `elsewhere` (key -> names) being the names they have
-    outside it (in the attic, or none once deleted), so that their other lower names
-    show the lower file again."""
-    if upper.index_fd is None:
-        return
-    for key, names in elsewhere.items():
-        st = upper.try_stat(upper.index_fd, key)
-        if st is not None and st.st_nlink - names <= 1:
-            os.unlink(key, dir_fd=upper.index_fd)
-
-
-def relink_index(upper: UpperLayer, dir_fd: int, name: bytes) -> None:
-    """After entries came back into the upper layer: link the indexed hard links among
-    them into the index again, where their entry was dropped when they moved out."""
-    if upper.index_fd is None:
-        return
-
-    def visit(parent: int, child: bytes, st: os.stat_result) -> None:
-        if not stat.S_ISREG(st.st_mode):
-            return
-        key = _index_name(upper, parent, child)
-        # Only while some of its lower names are still outside the upper layer (the
-        # nlink marker); once none is, the index entry has no more use.
-        if key is not None and upper.get_marker(parent, child, upper.markers.nlink) and \
-                upper.try_stat(upper.index_fd, key) is None:
-            os.link(child, key, src_dir_fd=parent, dst_dir_fd=upper.index_fd,
-                    follow_symlinks=False)
-
-    visit_tree(dir_fd, name, visit)
 
 
 @dataclass
@@ -183,7 +128,7 @@ class Aside:
                     os.link(path[-1], path[-1], src_dir_fd=src, dst_dir_fd=dst,
                             follow_symlinks=False)
                 else:
-                    inside = index_keys(self.upper, src, path[-1])
+                    inside = index.index_keys(self.upper, src, path[-1])
                     renameat2(src, path[-1], dst, path[-1], RENAME_NOREPLACE)
                     self._keys += inside  # only once they have moved
                 self.taken.append(path)
@@ -204,7 +149,7 @@ class Aside:
             return
         os.close(self._tree)
         self._tree = -1
-        drop_index_entries(self.upper, self._keys)
+        index.drop_index_entries(self.upper, self._keys)
         self.info["paths"] = [quote_path(p, self.mountpoint) for p in self.taken]
         self.info["complete"] = complete
         _write_info(self.set_dir, self.info)
@@ -433,7 +378,7 @@ def _restore_offline(mount, s: AtticSet, shown: str) -> None:
         if upper.try_stat(fd, rel[-1]) is not None:
             raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
         renameat2(attic_fd, rel[-1], fd, rel[-1], RENAME_NOREPLACE)
-        relink_index(upper, fd, rel[-1])
+        index.relink_index(upper, fd, rel[-1])
     finally:
         for o in reversed(opened):
             os.close(o)

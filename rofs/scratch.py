@@ -74,18 +74,6 @@ def _scratch_entries(policy: Policy, dir_fd: int, path: Path, out: list[Path]) -
                 os.close(fd)
 
 
-def detach(upper: UpperLayer, dir_fd: int, name: bytes) -> None:
-    """Remove dir_fd/name (a whole tree) from the upper layer: one atomic rename into
-    the work dir, then the deletion.  A copied-up lower hard link left without an upper
-    name leaves the index too (upper.index_fd), so its other lower names show the lower
-    file again."""
-    tmp = upper.temp_name()
-    renameat2(dir_fd, name, upper.work_fd, tmp, RENAME_NOREPLACE)
-    keys = attic.index_keys(upper, upper.work_fd, tmp)
-    upper.remove_tree(upper.work_fd, tmp)
-    attic.drop_index_entries(upper, dict.fromkeys(keys, 0))  # deleted: no names left
-
-
 def lay_out(policy: Policy, overlay) -> list[str]:
     """Give rwtab `empty` and `dirs` paths their starting layout; returns notes about
     the ones skipped."""

@@ -22,7 +22,7 @@ import stat
 import urllib.parse
 from dataclasses import dataclass, field
 
-from rofs import origin
+from rofs import index, origin
 from rofs._sys import mount_entries, mount_table, open_noatime, proc_path
 from rofs.layers import (
     SKIP,
@@ -945,7 +945,6 @@ def locked_upper(mount: Mount) -> int:
 
 def revert_offline(mount: Mount, rel: tuple[bytes, ...]) -> bool:
     """Drop the upper entry at `rel` of an unmounted mount; whether there was one."""
-    from rofs import scratch
     if not rel:
         raise ToolError("cannot revert the mount's root; name a path below it")
     lock = locked_upper(mount)
@@ -961,17 +960,17 @@ def revert_offline(mount: Mount, rel: tuple[bytes, ...]) -> bool:
             return False
         raise
     work = os.open(mount.work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    index = os.open(mount.index, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) \
+    index_fd = os.open(mount.index, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) \
         if os.path.isdir(mount.index) else None
     try:
         upper = UpperLayer(parent, work, mount.markers)
-        upper.index_fd = index
+        upper.index_fd = index_fd
         if upper.try_stat(parent, rel[-1]) is None:
             return False
-        scratch.detach(upper, parent, rel[-1])
+        index.detach(upper, parent, rel[-1])
         return True
     finally:
-        for fd in (parent, work, lock) + ((index,) if index is not None else ()):
+        for fd in (parent, work, lock) + ((index_fd,) if index_fd is not None else ()):
             os.close(fd)
 
 

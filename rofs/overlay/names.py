@@ -8,7 +8,7 @@ import logging
 import os
 import stat
 
-from rofs import acl, attic, copyup, crash, origin, scratch
+from rofs import acl, copyup, crash, index, origin
 from rofs._sys import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from rofs.inodes import Node
 from rofs.layers import UpperLayer, is_whiteout, open_listable
@@ -401,7 +401,7 @@ class Names:
                 continue
             up = self.upper_dirfd(parent, layer, create=False)
             if up is not None and layer.try_stat(up, name) is not None:
-                scratch.detach(layer, up, name)
+                index.detach(layer, up, name)
                 self._entries_changed(layer, up)
 
     # ---------------------------------------------------------------- revert
@@ -426,7 +426,7 @@ class Names:
                 raise _err(errno.ENOENT)  # a typo, not "unchanged"
             return None
         affected = self._names_below(parent, name)
-        scratch.detach(layer, up, name)
+        index.detach(layer, up, name)
         self._unname(affected)
         return parent.ino, name
 
@@ -491,6 +491,6 @@ class Names:
         affected = self._names_below(parent, name)
         up = self.upper_dirfd(parent, self.upper)
         renameat2(src_fd, src_name, up, name, RENAME_NOREPLACE)
-        attic.relink_index(self.upper, up, name)
+        index.relink_index(self.upper, up, name)
         self._unname(affected)
         return parent.ino, name
