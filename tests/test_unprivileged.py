@@ -104,15 +104,24 @@ def walk_state(root: str) -> dict:
 
 
 def fuse_for_users() -> str:
-    """Shell lines for a private namespace: /dev/fuse as users find it.  Distributions
-    make it 0666 (the kernel's own checks apply), containers sometimes 0600; then the
-    namespace gets a 0666 node of the same device, as a standard machine has.  The
-    host's /dev/fuse is not touched."""
-    if os.stat("/dev/fuse").st_mode & 0o006 == 0o006:
-        return ""
-    return ("mount -t tmpfs -o mode=755 tmpfs {b}/dev\n"
-            "mknod -m 666 {b}/dev/fuse c 10 229\n"
-            "mount --bind {b}/dev/fuse /dev/fuse\n")
+    """Shell lines for a private namespace: FUSE as users find it on a standard machine.
+    /dev/fuse: distributions make it 0666 (the kernel's own checks apply), containers
+    sometimes 0600; then the namespace gets a 0666 node of the same device.  /etc/mtab:
+    fusermount3 -u reads it to find whose mount it is; systemd makes it a symlink to
+    /proc/self/mounts at boot, a minimal root without systemd has none; then the
+    namespace's /etc is the machine's with that symlink added (an overlay whose upper
+    layer is the test's).  Neither the host's /dev/fuse nor its /etc is touched."""
+    lines = ""
+    if os.stat("/dev/fuse").st_mode & 0o006 != 0o006:
+        lines += ("mount -t tmpfs -o mode=755 tmpfs {b}/dev\n"
+                  "mknod -m 666 {b}/dev/fuse c 10 229\n"
+                  "mount --bind {b}/dev/fuse /dev/fuse\n")
+    if not os.path.lexists("/etc/mtab"):
+        lines += ("mkdir {b}/etc-upper {b}/etc-work\n"
+                  "mount -t overlay overlay -o lowerdir=/etc,upperdir={b}/etc-upper,"
+                  "workdir={b}/etc-work /etc\n"
+                  "ln -s ../proc/self/mounts /etc/mtab\n")
+    return lines
 
 
 def test_unprivileged_mount(site):
@@ -157,7 +166,7 @@ def test_unprivileged_mount(site):
         assert any(d.startswith(line + " ") or d == line for d in diff), out["diff"]
     assert out["revert"] == "reverted %s/newlink\n" % mnt and not out["after_revert"]
 
-    assert out["unmount"] == [0, ""] and "daemon gone" in out["steps"]
+    assert out["unmount"] == [0, ""] and "daemon gone" in out["steps"], out["steps"]
     assert out["after_unmount"] == sorted(os.listdir(lower))
     assert "gone" in out["after_unmount"]
     # Kept, with the same inode numbers; but user.* xattrs cannot be set on a symlink,

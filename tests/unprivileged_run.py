@@ -68,12 +68,33 @@ def unmount() -> None:
         subprocess.run(["fusermount3", "-u", "-z", MNT], capture_output=True)
 
 
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (exited, not yet reaped by whoever adopted it)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def wait_gone(pid: int) -> None:
     deadline = time.monotonic() + 20
-    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+    while not exited(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    out["steps"].append("daemon %s" % ("gone" if not os.path.exists("/proc/%d" % pid)
-                                       else "still running"))
+    if exited(pid):
+        out["steps"].append("daemon gone")
+        return
+    # What it waits on, per thread, for the failure's message.
+    threads = []
+    for task in sorted(os.listdir("/proc/%d/task" % pid)):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, task)) as f:
+                comm = f.read().strip()
+            with open("/proc/%d/task/%s/wchan" % (pid, task)) as f:
+                threads.append("%s %s" % (comm, f.read()))
+        except OSError:
+            pass
+    out["steps"].append("daemon still running (threads waiting in: %s)" % ", ".join(threads))
 
 
 def live_pid() -> int:
