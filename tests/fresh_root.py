@@ -14,8 +14,9 @@ user and sets a password through it, and unmounts) and the test command.
 
 TEST ARGS go to the test command (pytest's: `-- -x tests/test_docs.py`).  Needs root,
 debootstrap and systemd-nspawn (installed with apt-get when missing).  The exit code is
-the container's: 0 when both commands passed.  tests/test_fresh_root.py runs this when
-ROFS_FRESH_ROOT=1 (about a quarter of an hour: the whole suite runs in the container).
+the container's: 0 when both commands passed.  It takes as long as the suite plus a few
+minutes (the whole suite runs in the container), so it is not part of the suite: run it
+before a change to set-up, tests' assumptions or the README's commands lands.
 """
 
 from __future__ import annotations
