@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+from rofs import _sys
+
 log = logging.getLogger(__name__)
 
 # Every site, and where it is (docs/reliability.md lists what each test checks).
@@ -122,7 +124,6 @@ def install_failures() -> None:
     path = os.environ.get("ROFS_FAIL_AT")
     if not path:
         return
-    from rofs import _sys
     failure = _Failure()
 
     def arm(signum, frame) -> None:

@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from rofs import __version__, cli
+from rofs.commands import mount
 
 
 def _roff(text: str) -> str:
@@ -51,14 +52,14 @@ def _section(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def render() -> str:
-    main = cli.build_parser()
+    main = mount.build_parser()
     lines = [
         '.TH ROFS 1 "" "rofs %s" "User Commands"' % __version__,
         ".SH NAME",
         "rofs \\- copy\\-on\\-write FUSE overlay for read\\-only roots",
         ".SH SYNOPSIS",
     ]
-    parsers = [main] + [build() for build in cli.SUBCOMMANDS.values()]
+    parsers = [main] + [command.build_parser() for command in cli.COMMANDS.values()]
     for parser in parsers:
         lines += [".PP", "\\fB%s\\fR" % _roff(_usage(parser))]
     lines += [".SH DESCRIPTION", _roff(" ".join(main.description.split())), ".SH OPTIONS"]

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from rofs._sys import RENAME_EXCHANGE
 from rofs.fuse import FuseError, Operations, proto
 from rofs.overlay import Attr, Overlay
-from rofs.policy import Policy
-from rofs.writelog import WriteLog
+from rofs.store.policy import Policy
+from rofs.store.writelog import WriteLog
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def open_out(fh: int) -> bytes:
 class RofsOperations(Operations):
     # The kernel keeps directory listings across opens: every change of a name goes
     # through this mount (the kernel drops the listing itself), and where rofs changes
-    # one behind its back (revert, restore) it invalidates the directory (rofs.control).
+    # one behind its back (revert, restore) it invalidates the directory (rofs.daemon.control).
     opendir_flags = proto.FOPEN_CACHE_DIR | proto.FOPEN_KEEP_CACHE
 
     def __init__(self, overlay: Overlay, on_ready: Callable[[], None] | None = None, *,

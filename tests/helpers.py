@@ -147,6 +147,29 @@ def kill_daemons(marker: str) -> None:
             pass
 
 
+def run_rofs(*args, code: int | tuple[int, ...] | None = 0, nofile: int | None = None,
+             timeout: float = 120, errors: str = "surrogateescape",
+             **popen) -> subprocess.CompletedProcess:
+    """Run a rofs command of this checkout; arguments may be str, bytes or paths.  Its
+    exit code must be `code` (one of them, for a tuple; None: any).  `nofile`: its
+    open-file limit, soft and hard.  Output as UTF-8 text, undecodable bytes escaped
+    (errors="strict": an error)."""
+    limit = [] if nofile is None else ["prlimit", "--nofile=%d:%d" % (nofile, nofile), "--"]
+    result = subprocess.run(limit + ROFS + [os.fsdecode(a) for a in args],
+                            capture_output=True, encoding="utf-8", errors=errors,
+                            timeout=timeout, **popen)
+    if code is not None:
+        assert result.returncode in (code if isinstance(code, tuple) else (code,)), \
+            "rofs %s: exit %d\n%s%s" % (" ".join(map(os.fsdecode, args)), result.returncode,
+                                        result.stdout, result.stderr)
+    return result
+
+
+def rofs_out(*args, **kw) -> str:
+    """run_rofs's standard output."""
+    return run_rofs(*args, **kw).stdout
+
+
 def fuse_missing() -> str | None:
     """Why FUSE tests cannot run here, or None."""
     if not os.path.exists("/dev/fuse"):
@@ -231,9 +254,12 @@ def read_text(path) -> str:
         return f.read()
 
 
-def write_text(path, text: str) -> None:
+def write_text(path, text: str, mode: int | None = None) -> None:
+    """Write `text` to path (created or emptied), then chmod it to `mode` if given."""
     with open(path, "w") as f:
         f.write(text)
+    if mode is not None:
+        os.chmod(path, mode)
 
 
 def readb(path) -> bytes:

@@ -20,7 +20,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import ROFS, is_rofs_mounted, kill_daemons, manifest, mounted_fstype  # noqa: E402
+from helpers import (  # noqa: E402
+    ROFS,
+    is_rofs_mounted,
+    kill_daemons,
+    manifest,
+    mounted_fstype,
+    read_text,
+)
 
 USERS = ["rofsp%02d" % i for i in range(20)]
 
@@ -141,17 +148,17 @@ class Scenario:
         policy = os.path.join(self.work, "stateless.policy")
         with open(policy, "w") as f:
             f.write("default scratch\npersistent /etc/shadow\npersistent /etc/gshadow\n")
-        hosts = read("/etc/hosts")
+        hosts = read_text("/etc/hosts")
         mount_rofs(state, "--policy", policy)
         sh("chpasswd", stdin="root:stateless-pw\n")
         new_hash = shadow_hash("root")
         sh("sed -i '1i # scratch edit' /etc/hosts && touch /etc/rofs-scratch-only")
-        assert read("/etc/hosts").startswith("# scratch edit\n")
+        assert read_text("/etc/hosts").startswith("# scratch edit\n")
         unmount_rofs(state)
         mount_rofs(state, "--policy", policy)
         assert_(shadow_hash("root") == new_hash)
         print("ok: with default scratch, the password change survives a remount")
-        assert_(read("/etc/hosts") == hosts and not os.path.lexists("/etc/rofs-scratch-only"))
+        assert_(read_text("/etc/hosts") == hosts and not os.path.lexists("/etc/rofs-scratch-only"))
         print("ok: ... and the scratch changes do not")
         unmount_rofs(state)
         report = sh(" ".join(ROFS + ["report", state])).stdout
@@ -182,7 +189,7 @@ class Scenario:
                                                  check=False).returncode == 2))
 
         sh("sed -i '1i # edited through rofs' /etc/hosts")
-        self.check("sed -i", lambda: assert_(read("/etc/hosts").startswith(
+        self.check("sed -i", lambda: assert_(read_text("/etc/hosts").startswith(
             "# edited through rofs\n")))
 
         link = pick(["os-release", "localtime", "mtab"], os.path.islink)
@@ -220,11 +227,6 @@ class Scenario:
             sh("pwck -r", check=False), baseline_pwck))
         self.check("grpck -r finds nothing new", lambda: assert_same(
             sh("grpck -r", check=False), baseline_grpck))
-
-
-def read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 def assert_(condition: bool) -> None:

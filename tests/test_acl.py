@@ -1,12 +1,12 @@
-"""rofs.acl: the inheritance rule of posix_acl_create(), on the xattr form.  (Through a
+"""rofs.store.acl: the inheritance rule of posix_acl_create(), on the xattr form.  (Through a
 mount, against kernel overlayfs: test_hostile.py.)"""
 
 import errno
 
 import pytest
 
-from rofs import acl
-from rofs.acl import GROUP_OBJ, MASK, OTHER, USER, USER_OBJ
+from rofs.store import acl
+from rofs.store.acl import GROUP_OBJ, MASK, OTHER, USER, USER_OBJ
 
 
 def entries(*triples):

@@ -8,20 +8,12 @@ lists them, puts them back (live through the daemon, or offline) and drops them.
 import json
 import os
 import re
-import subprocess
 
 import pytest
 from conftest import build_lower
-from helpers import ROFS, RofsProcess, view
+from helpers import RofsProcess, run_rofs, view
 
 pytestmark = pytest.mark.fuse
-
-
-def rofs(*args, code=0):
-    result = subprocess.run(ROFS + [str(a) for a in args], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == code, result.stdout + result.stderr
-    return result
 
 
 @pytest.fixture
@@ -69,19 +61,19 @@ def test_a_policy_change_moves_saved_changes_aside_and_they_come_back(etc):
         assert "alice" not in (etc / "passwd").read_text()
         assert sorted(os.listdir(etc / "cron.d")) == ["old-job"]
         assert not (etc / "newdir").exists() and os.readlink(etc / "link") == "passwd"
-        status = rofs("status", m).stdout
+        status = run_rofs("status", m).stdout
         # passwd-hardlink too: view() met it, so it was linked in the upper layer.
         assert re.search(r"attic .*: 6 saved changes moved aside in 1 set", status), status
-        listing = rofs("attic", state).stdout
+        listing = run_rofs("attic", state).stdout
         set_id = listing.split()[0]
         assert {"%s/%s" % (m, p) for p in ("passwd", "passwd-hardlink", "cron.d", "newdir",
                                            "link", "ssh")} \
             == {line.strip() for line in listing.splitlines()[2:]}
         # The live policy makes them scratch: restoring them there would hide nothing
         # and be set aside again, so it is refused, and nothing moves.
-        refused = rofs("attic", "--restore", set_id, state, code=1)
+        refused = run_rofs("attic", "--restore", set_id, state, code=1)
         assert "policy makes it scratch" in refused.stderr
-        assert rofs("attic", "--state", state).stdout == listing
+        assert run_rofs("attic", "--state", state).stdout == listing
     out = proc.output()
     assert re.search(r"WARNING .*policy: 6 saved changes under paths this policy makes "
                      r"scratch moved to \S+/attic/\S+/%s instead of being deleted" % set_id,
@@ -93,10 +85,10 @@ def test_a_policy_change_moves_saved_changes_aside_and_they_come_back(etc):
     # The admin fixes the policy, mounts again (nothing more moves), and restores live.
     with RofsProcess(m, str(state)) as proc:
         assert sorted(os.listdir(etc / "cron.d")) == ["old-job"]  # looked up before
-        restored = rofs("attic", "--restore", set_id, state).stdout
+        restored = run_rofs("attic", "--restore", set_id, state).stdout
         assert restored.count("restored ") == 6
         assert view(etc) == saved
-        assert rofs("attic", state).stdout == "the attic is empty\n"
+        assert run_rofs("attic", state).stdout == "the attic is empty\n"
     assert "WARNING" not in proc.output()
 
 
@@ -107,23 +99,23 @@ def test_offline_restore_of_some_paths_and_drop(etc):
     saved = saved_then(etc, state, policy, "scratch %s/passwd %s/cron.d\n" % (m, m))
     with RofsProcess(m, str(state), args=("--policy", str(policy))):
         assert "alice" not in (etc / "passwd").read_text()
-    set_id = rofs("attic", state).stdout.split()[0]
+    set_id = run_rofs("attic", state).stdout.split()[0]
     # Not mounted: restored under the upper layer's lock.  A path not in the set is an
     # error, and so is a set that does not exist.
-    assert "not in attic set" in rofs("attic", "--restore", set_id, state, m + "/hosts",
+    assert "not in attic set" in run_rofs("attic", "--restore", set_id, state, m + "/hosts",
                                       code=2).stderr
-    assert "no attic set nope" in rofs("attic", "--restore", "nope", state, code=2).stderr
-    assert rofs("attic", "--restore", set_id, state, m + "/passwd").stdout == \
+    assert "no attic set nope" in run_rofs("attic", "--restore", "nope", state, code=2).stderr
+    assert run_rofs("attic", "--restore", set_id, state, m + "/passwd").stdout == \
         "restored %s/passwd\n" % m
     with RofsProcess(m, str(state)):
         assert "alice" in (etc / "passwd").read_text()
         assert sorted(os.listdir(etc / "cron.d")) == ["old-job"]
-    assert rofs("attic", "--drop", set_id, "--state", state).stdout.startswith(
+    assert run_rofs("attic", "--drop", set_id, "--state", state).stdout.startswith(
         "dropped %s" % set_id)
     with RofsProcess(m, str(state)):
         after = view(etc)
     assert after != saved and "cron.d/backup" not in after[0]
-    assert rofs("attic", state).stdout == "the attic is empty\n"
+    assert run_rofs("attic", state).stdout == "the attic is empty\n"
 
 
 def test_a_hard_link_set_aside_leaves_the_index_and_comes_back_whole(etc):
@@ -138,8 +130,8 @@ def test_a_hard_link_set_aside_leaves_the_index_and_comes_back_whole(etc):
     policy.write_text("scratch %s/passwd\n" % m)
     with RofsProcess(m, str(state), args=("--policy", str(policy))):
         assert "bob" not in (etc / "passwd-hardlink").read_text()
-    set_id = rofs("attic", state).stdout.split()[0]
-    rofs("attic", "--restore", set_id, state)
+    set_id = run_rofs("attic", state).stdout.split()[0]
+    run_rofs("attic", "--restore", set_id, state)
     with RofsProcess(m, str(state)):
         assert "bob" in (etc / "passwd-hardlink").read_text()
         assert os.stat(etc / "passwd").st_ino == os.stat(etc / "passwd-hardlink").st_ino

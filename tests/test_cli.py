@@ -8,13 +8,9 @@ import sys
 import time
 
 import pytest
-from helpers import ROFS, RofsProcess, is_rofs_mounted, unmount
+from helpers import ROFS, RofsProcess, is_rofs_mounted, run_rofs, unmount
 
 pytestmark = pytest.mark.fuse
-
-
-def rofs(*args, **kw):
-    return subprocess.run(ROFS + list(args), capture_output=True, text=True, timeout=60, **kw)
 
 
 def tree(path):
@@ -55,15 +51,16 @@ def wait_gone(needle, timeout=15):
 
 
 def test_help_and_version():
-    result = rofs("--help")
+    result = run_rofs("--help", code=None)
     assert result.returncode == 0
     assert "--state" in result.stdout and "created (mode 0700)" in result.stdout
-    result = rofs("--version")
+    result = run_rofs("--version", code=None)
     assert result.returncode == 0 and result.stdout.startswith("rofs ")
 
 
 def test_background_mount_is_live_on_return_and_unmount_ends_daemon(layers):
-    result = rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"])
+    result = run_rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"],
+                      code=None)
     try:
         assert result.returncode == 0, result.stderr
         assert is_rofs_mounted(layers["mnt"])
@@ -111,13 +108,14 @@ def test_mount_over_itself(tmp_path):
 
 
 def test_missing_mountpoint(layers):
-    result = rofs(os.path.join(layers["mnt"], "nope"), "--state", layers["state"])
+    result = run_rofs(os.path.join(layers["mnt"], "nope"), "--state", layers["state"], code=None)
     assert_refused(result, layers, "does not exist")
     assert not os.path.exists(layers["state"])
 
 
 def test_missing_lower(layers):
-    result = rofs(layers["mnt"], "--state", layers["state"], "--lower", "/nonexistent/x")
+    result = run_rofs(layers["mnt"], "--state", layers["state"], "--lower", "/nonexistent/x",
+                      code=None)
     assert_refused(result, layers, "does not exist")
     assert not os.path.exists(layers["state"])
 
@@ -125,15 +123,15 @@ def test_missing_lower(layers):
 def test_several_lower_layers(layers):
     """lowerdir=A:B, as the kernel's overlay stacks them: rofs has one lower layer."""
     lowers = "%s:%s" % (layers["lower"], layers["mnt"])
-    result = rofs("rofs", layers["mnt"], "-o", "state=%s,lowerdir=%s" % (layers["state"],
-                                                                       lowers))
+    result = run_rofs("rofs", layers["mnt"], "-o", "state=%s,lowerdir=%s" % (layers["state"],
+                                                                       lowers), code=None)
     assert_refused(result, layers, "names several lower layers")
     assert not os.path.exists(layers["state"])
 
 
 def test_missing_state_parent(layers):
     state = os.path.join(str(layers["tmp"]), "no", "such", "state")
-    result = rofs(layers["mnt"], "--state", state, "--lower", layers["lower"])
+    result = run_rofs(layers["mnt"], "--state", state, "--lower", layers["lower"], code=None)
     assert_refused(result, layers, "nor does its parent")
     assert not os.path.exists(os.path.join(str(layers["tmp"]), "no"))
 
@@ -141,27 +139,28 @@ def test_missing_state_parent(layers):
 def test_state_is_a_file(layers):
     with open(layers["state"], "w"):
         pass
-    result = rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"])
+    result = run_rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"],
+                      code=None)
     assert_refused(result, layers, "not a directory")
 
 
 def test_state_inside_lower_and_lower_inside_state(layers):
     before = tree(layers["lower"])
     state = os.path.join(layers["lower"], "state")
-    result = rofs(layers["mnt"], "--state", state, "--lower", layers["lower"])
+    result = run_rofs(layers["mnt"], "--state", state, "--lower", layers["lower"], code=None)
     assert_refused(result, layers, "inside the lower")
     assert tree(layers["lower"]) == before
     os.makedirs(layers["state"])
     inner = os.path.join(layers["state"], "lower")
     os.makedirs(inner)
-    result = rofs(layers["mnt"], "--state", layers["state"], "--lower", inner)
+    result = run_rofs(layers["mnt"], "--state", layers["state"], "--lower", inner, code=None)
     assert_refused(result, layers, "inside the state dir")
     assert tree(layers["state"]) == [inner]
 
 
 def test_already_mounted(mounted):
-    result = rofs(mounted["mnt"], "--state", mounted["state"] + "2", "--lower",
-                  mounted["lower"])
+    result = run_rofs(mounted["mnt"], "--state", mounted["state"] + "2", "--lower",
+                  mounted["lower"], code=None)
     assert_refused(result, mounted | {"mnt": "/nonexistent"}, "already mounted")
     assert not os.path.exists(mounted["state"] + "2")
 
@@ -189,11 +188,11 @@ def test_state_on_read_only_filesystem(layers, tmp_path):
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
         before = tree(layers["state"])
-        result = rofs(layers["mnt"], "--state", str(ro), "--lower", layers["lower"])
+        result = run_rofs(layers["mnt"], "--state", str(ro), "--lower", layers["lower"], code=None)
         assert_refused(result, layers, "cannot hold whiteouts")
         assert tree(layers["state"]) == before
-        result = rofs(layers["mnt"], "--state", str(ro / "fresh"), "--lower",
-                      layers["lower"])
+        result = run_rofs(layers["mnt"], "--state", str(ro / "fresh"), "--lower",
+                      layers["lower"], code=None)
         assert_refused(result, layers, "Read-only file system")
     finally:
         subprocess.run(["umount", str(ro)], check=True)
@@ -203,14 +202,15 @@ def test_newer_state_format_refused(layers):
     os.makedirs(os.path.join(layers["state"], ".rofs"))
     with open(os.path.join(layers["state"], ".rofs", "format"), "w") as f:
         f.write("rofs-state 99\n")
-    result = rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"])
+    result = run_rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"],
+                      code=None)
     assert_refused(result, layers, "newer")
     assert sorted(os.listdir(layers["state"])) == [".rofs"]
 
 
 def test_bad_fuse_option_fails_without_mount(layers):
-    result = rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"],
-                  "-o", "no_such_option_xyz")
+    result = run_rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"],
+                  "-o", "no_such_option_xyz", code=None)
     assert result.returncode != 0
     assert "rofs: error:" in result.stderr
     assert not is_rofs_mounted(layers["mnt"])
@@ -218,8 +218,8 @@ def test_bad_fuse_option_fails_without_mount(layers):
 
 
 def test_usage_errors_exit_2():
-    assert rofs().returncode == 2
-    assert rofs("/tmp").returncode == 2  # --state is required
+    assert run_rofs(code=None).returncode == 2
+    assert run_rofs("/tmp", code=None).returncode == 2  # --state is required
 
 
 def test_console_script_installed():
@@ -241,7 +241,8 @@ def test_debug_logs_every_request(layers):
 
 
 def test_background_start_is_quiet(layers):
-    result = rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"])
+    result = run_rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"],
+                      code=None)
     try:
         assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
     finally:
@@ -256,7 +257,8 @@ def test_killed_daemon_leaves_a_dead_mount_that_is_explained(layers):
             f.write("before the kill")
         proc.proc.kill()
         proc.proc.wait()
-        result = rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"])
+        result = run_rofs(layers["mnt"], "--state", layers["state"], "--lower", layers["lower"],
+                          code=None)
         assert result.returncode == 2
         assert "dead FUSE mount" in result.stderr and "umount -l" in result.stderr
     finally:
@@ -270,11 +272,12 @@ def test_man_page_agrees_with_help():
     """docs/rofs.1 is generated from the parsers (python -m rofs.manpage): regenerate it
     when the options change, and every option of --help is in it."""
     from rofs import cli, manpage
+    from rofs.commands import mount
     page = os.path.join(os.path.dirname(__file__), "..", "docs", "rofs.1")
     with open(page) as f:
         assert f.read() == manpage.render(), "docs/rofs.1 is stale: python -m rofs.manpage"
     text = manpage.render().replace("\\-", "-")
-    for parser in [cli.build_parser()] + [build() for build in cli.SUBCOMMANDS.values()]:
+    for parser in [mount.build_parser()] + [c.build_parser() for c in cli.COMMANDS.values()]:
         assert parser.prog.split()[-1] in text
         for action in parser._actions:
             for option in action.option_strings:

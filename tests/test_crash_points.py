@@ -11,22 +11,11 @@ list to rofs.crash.SITES.
 import os
 import re
 import signal
-import subprocess
 
 import pytest
-from helpers import ROFS, RofsProcess, manifest
+from helpers import RofsProcess, manifest, read_text, run_rofs, write_text
 
 pytestmark = pytest.mark.fuse
-
-
-def write(path, data):
-    with open(path, "w") as f:
-        f.write(data)
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
 
 
 @pytest.fixture
@@ -34,23 +23,18 @@ def site(tmp_path):
     lower, state, mnt = (str(tmp_path / n) for n in ("lower", "state", "mnt"))
     os.makedirs(os.path.join(lower, "d"))
     os.makedirs(mnt)
-    write(os.path.join(lower, "passwd"), "root:x:0:0::/root:/bin/sh\n")
-    write(os.path.join(lower, "victim"), "lower victim\n")
-    write(os.path.join(lower, "d", "inside"), "inside\n")
-    write(os.path.join(lower, "hl-a"), "one inode\n")
+    write_text(os.path.join(lower, "passwd"), "root:x:0:0::/root:/bin/sh\n")
+    write_text(os.path.join(lower, "victim"), "lower victim\n")
+    write_text(os.path.join(lower, "d", "inside"), "inside\n")
+    write_text(os.path.join(lower, "hl-a"), "one inode\n")
     for name in ("hl-b", "hl-c"):
         os.link(os.path.join(lower, "hl-a"), os.path.join(lower, name))
     policy = str(tmp_path / "policy")
-    write(policy, "scratch %s/scratch\n" % os.path.realpath(mnt))
+    write_text(policy, "scratch %s/scratch\n" % os.path.realpath(mnt))
     before = manifest(lower)
     yield {"lower": lower, "state": state, "mnt": mnt,
            "args": ("--policy", policy)}
     assert manifest(lower) == before, "the lower layer changed"
-
-
-def rofs_check(state, *extra):
-    return subprocess.run(ROFS + ["check", *extra, state], capture_output=True, text=True,
-                          timeout=60)
 
 
 def crash_at(s, where, action, prepare=None):
@@ -67,12 +51,12 @@ def crash_at(s, where, action, prepare=None):
         assert daemon.proc.wait(timeout=20) == -signal.SIGKILL, daemon.output()
     finally:
         daemon.stop()
-    found = rofs_check(s["state"])
+    found = run_rofs("check", s["state"], code=None)
     if found.returncode:
         assert all("left over by an interrupted operation" in line
                    for line in found.stdout.splitlines()), found.stdout
-        assert rofs_check(s["state"], "--repair").returncode == 0
-    assert rofs_check(s["state"]).returncode == 0
+        run_rofs("check", "--repair", s["state"])
+    run_rofs("check", s["state"])
 
 
 def remounted(s):
@@ -91,13 +75,13 @@ def append(mnt, name, data="appended\n"):
 def test_copy_up_prepared(site):
     crash_at(site, "copy-up:prepared", lambda m: append(m, "passwd"))
     with remounted(site):
-        assert read(p(site, "passwd")) == "root:x:0:0::/root:/bin/sh\n"
+        assert read_text(p(site, "passwd")) == "root:x:0:0::/root:/bin/sh\n"
 
 
 def same_inode(s, names, content):
     sts = [os.stat(p(s, n)) for n in names]
     assert len({st.st_ino for st in sts}) == 1, "a hard link was split"
-    assert all(read(p(s, n)) == content for n in names)
+    assert all(read_text(p(s, n)) == content for n in names)
     return sts[0]
 
 
@@ -140,7 +124,7 @@ def test_materialize_linked(site):
 
 
 def test_create_prepared(site):
-    crash_at(site, "create:prepared", lambda m: write(os.path.join(m, "new"), "x"))
+    crash_at(site, "create:prepared", lambda m: write_text(os.path.join(m, "new"), "x"))
     with remounted(site):
         assert not os.path.exists(p(site, "new"))
         assert sorted(os.listdir(site["mnt"])) == ["d", "hl-a", "hl-b", "hl-c", "passwd",
@@ -158,7 +142,7 @@ def test_whiteout_prepared(site):
     crash_at(site, "whiteout:prepared", lambda m: os.unlink(os.path.join(m, "victim")),
              prepare=lambda m: append(m, "victim"))
     with remounted(site):
-        assert read(p(site, "victim")) == "lower victim\nappended\n"
+        assert read_text(p(site, "victim")) == "lower victim\nappended\n"
 
 
 def test_rename_marked(site):
@@ -166,11 +150,11 @@ def test_rename_marked(site):
              lambda m: os.rename(os.path.join(m, "d"), os.path.join(m, "e")),
              prepare=lambda m: os.chmod(os.path.join(m, "d"), 0o750))
     with remounted(site):
-        assert read(p(site, "d", "inside")) == "inside\n"
+        assert read_text(p(site, "d", "inside")) == "inside\n"
         assert not os.path.exists(p(site, "e"))
         site_rename = os.path.join(site["mnt"], "e")
         os.rename(p(site, "d"), site_rename)  # and the rename still works
-        assert read(p(site, "e", "inside")) == "inside\n"
+        assert read_text(p(site, "e", "inside")) == "inside\n"
 
 
 def test_rename_across_classes_placed(site):
@@ -178,22 +162,22 @@ def test_rename_across_classes_placed(site):
     # place when the daemon dies; the scratch source goes with the next mount.
     def prepare(m):
         os.mkdir(os.path.join(m, "scratch"))
-        write(os.path.join(m, "scratch", "npasswd"), "new passwd\n")
+        write_text(os.path.join(m, "scratch", "npasswd"), "new passwd\n")
 
     crash_at(site, "rename:across-placed",
              lambda m: os.rename(os.path.join(m, "scratch", "npasswd"),
                                  os.path.join(m, "passwd")), prepare=prepare)
     with remounted(site):
-        assert read(p(site, "passwd")) == "new passwd\n"
+        assert read_text(p(site, "passwd")) == "new passwd\n"
         assert not os.path.exists(p(site, "scratch", "npasswd"))
 
 
 def test_n_th_time(site):
     # site:n crashes the n-th time: the first create goes through.
-    crash_at(site, "create:prepared:2", lambda m: write(os.path.join(m, "second"), "2"),
-             prepare=lambda m: write(os.path.join(m, "first"), "1"))
+    crash_at(site, "create:prepared:2", lambda m: write_text(os.path.join(m, "second"), "2"),
+             prepare=lambda m: write_text(os.path.join(m, "first"), "1"))
     with remounted(site):
-        assert read(p(site, "first")) == "1" and not os.path.exists(p(site, "second"))
+        assert read_text(p(site, "first")) == "1" and not os.path.exists(p(site, "second"))
 
 
 @pytest.mark.parametrize("env, message", [

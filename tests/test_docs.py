@@ -130,7 +130,7 @@ BLOCKS: dict[str, Block] = {
         "/etc/rofs/etc.policy"),
     "DIR/upper/<MOUNTPOINT without its leading slash>/   the scratch changes": Block(
         reason="a layout, not a command (test_scratch_layer checks it)"),
-    "rofs: WARNING rofs.mount: policy: /etc/rofs/etc.policy:3: persistent /etc/shadw":
+    "rofs: WARNING rofs.daemon.serve: policy: /etc/rofs/etc.policy:3: persistent /etc/shadw":
         Block(reason="sample output; tests/test_attic.py checks this warning"),
     "STATEDIR/.rofs/attic/<MOUNTPOINT without its leading slash>/<ID>/tree/...": Block(
         reason="a layout, not a command (tests/test_attic.py checks it)"),
@@ -325,7 +325,7 @@ def test_synopsis():
     for line in text.splitlines():
         words = line.split()
         if not line.startswith(" "):  # an indented line continues the one above
-            sub = words[1] if len(words) > 1 and words[1] in cli.SUBCOMMANDS else None
+            sub = words[1] if len(words) > 1 and words[1] in cli.COMMANDS else None
         command = ["rofs"] + ([sub] if sub else []) + ["--help"]
         helptext = subprocess.run(command, capture_output=True, text=True).stdout
         for option in re.findall(r"(?<![\w=])(--?[a-z][-a-z]*)", line):

@@ -7,16 +7,12 @@ import os
 import stat
 
 import pytest
+from helpers import readb
 
 pytestmark = pytest.mark.fuse
 
 NAME = b"x" * 200
 DEPTH = 30  # 30 * 201 bytes: well past PATH_MAX (4096)
-
-
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def make_deep(root_fd: int, depth: int) -> int:
@@ -103,16 +99,16 @@ def test_rename_directory_with_open_and_cached_descendants(mounted):
         os.rename(os.path.join(base, "d"), os.path.join(base, "moved"))
         assert os.pread(reader, 100, 0) == b"leaf\n"
         os.pwrite(writer, b"IN", 0)
-        assert read(os.path.join(base, "moved", "file")) == b"IN d\n"
+        assert readb(os.path.join(base, "moved", "file")) == b"IN d\n"
         # relative to a directory fd opened before the move
         with open(os.open(b"created-after-move", os.O_CREAT | os.O_WRONLY, 0o644,
                           dir_fd=cwd_fd), "wb") as f:
             f.write(b"ok")
-        assert read(os.path.join(base, "moved", "sub", "created-after-move")) == b"ok"
+        assert readb(os.path.join(base, "moved", "sub", "created-after-move")) == b"ok"
         assert os.stat(os.path.join(base, "moved", "sub")).st_ino == os.fstat(cwd_fd).st_ino
         assert not os.path.exists(os.path.join(base, "d"))
         os.rename(os.path.join(base, "moved", "sub"), os.path.join(base, "sub-top"))
-        assert read(os.path.join(base, "sub-top", "deep", "leaf")) == b"leaf\n"
+        assert readb(os.path.join(base, "sub-top", "deep", "leaf")) == b"leaf\n"
         assert sorted(os.listdir(cwd_fd)) == ["created-after-move", "deep"]
     finally:
         os.close(reader)
@@ -212,7 +208,7 @@ def test_o_trunc_on_big_lower_file_copies_no_data(mounted):
         os.write(fd, b"short")
     finally:
         os.close(fd)
-    assert read(path) == b"short"
+    assert readb(path) == b"short"
 
 
 def test_link_count_through_every_name(mounted):
@@ -259,7 +255,7 @@ def test_deleted_file_held_by_the_kernel_keeps_its_inode(mounted, remount):
     remount()
     for i, (path, ino) in enumerate(created):
         assert os.lstat(path).st_ino == ino
-        assert read(path) == b"new %d" % i
+        assert readb(path) == b"new %d" % i
 
 
 def test_open_fifo_after_unlink(mounted):

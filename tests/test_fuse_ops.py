@@ -8,7 +8,7 @@ import stat
 import subprocess
 
 import pytest
-from helpers import manifest, read_lower, readb
+from helpers import manifest, read_lower, read_text, readb
 
 pytestmark = pytest.mark.fuse
 
@@ -22,13 +22,6 @@ def renameat2(old, new, flags):
     if libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
-
-
 
 
 def touch(path, mode="w"):
@@ -86,7 +79,7 @@ def test_name_of_255_bytes(m):
         f.write("ok")
     assert name in os.listdir(m["mnt"])
     os.rename(p(m, name), p(m, "d", name))
-    assert read(p(m, "d", name)) == "ok"
+    assert read_text(p(m, "d", name)) == "ok"
 
 
 def test_non_utf8_names(m):
@@ -109,7 +102,7 @@ def test_write_copies_up_atomically_with_metadata(m):
     with open(p(m, "d", "file"), "a") as f:
         f.write("more\n")
     after = os.lstat(p(m, "d", "file"))
-    assert read(p(m, "d", "file")) == "in d\nmore\n"
+    assert read_text(p(m, "d", "file")) == "in d\nmore\n"
     assert read_lower(os.path.join(m["lower"], "d", "file")) == b"in d\n"
     assert after.st_ino == before.st_ino  # stable across copy-up
     assert (after.st_uid, after.st_gid) == (1234, 2345)
@@ -140,14 +133,14 @@ def test_truncate_and_o_trunc(m):
     assert os.path.getsize(p(m, "big")) == 10
     with open(p(m, "shadow"), "w") as f:  # O_TRUNC on a lower file
         f.write("new\n")
-    assert read(p(m, "shadow")) == "new\n"
+    assert read_text(p(m, "shadow")) == "new\n"
     assert stat.S_IMODE(os.lstat(p(m, "shadow")).st_mode) == 0o600
     fd = os.open(p(m, "d", "file"), os.O_RDWR)
     try:
         os.ftruncate(fd, 2)
     finally:
         os.close(fd)
-    assert read(p(m, "d", "file")) == "in"
+    assert read_text(p(m, "d", "file")) == "in"
 
 
 def test_create_exclusive_append(m):
@@ -239,7 +232,7 @@ def test_unlink_lower_leaves_whiteout(m):
         os.unlink(p(m, "d"))
     with open(p(m, "shadow"), "w") as f:  # create over the whiteout
         f.write("back\n")
-    assert read(p(m, "shadow")) == "back\n"
+    assert read_text(p(m, "shadow")) == "back\n"
     assert stat.S_ISREG(os.lstat(upper(m, "shadow")).st_mode)
 
 
@@ -276,7 +269,7 @@ def test_rename_file_over_lower_file_passwd_style(m):
         f.flush()
         os.fsync(f.fileno())
     os.rename(p(m, "nshadow"), p(m, "shadow"))
-    assert read(p(m, "shadow")).startswith("root:$6$new")
+    assert read_text(p(m, "shadow")).startswith("root:$6$new")
     assert "nshadow" not in os.listdir(m["mnt"])
     assert os.lstat(p(m, "shadow")).st_ino != ino_before
 
@@ -284,7 +277,7 @@ def test_rename_file_over_lower_file_passwd_style(m):
 def test_rename_lower_file_leaves_whiteout(m):
     os.rename(p(m, "passwd"), p(m, "passwd.old"))
     assert not os.path.exists(p(m, "passwd"))
-    assert read(p(m, "passwd.old")).startswith("root:")
+    assert read_text(p(m, "passwd.old")).startswith("root:")
     assert stat.S_ISCHR(os.lstat(upper(m, "passwd")).st_mode)
 
 
@@ -292,10 +285,10 @@ def test_rename_directory_with_lower_content_no_exdev(m):
     ino = os.lstat(p(m, "d")).st_ino
     os.rename(p(m, "d"), p(m, "moved"))
     assert not os.path.exists(p(m, "d"))
-    assert read(p(m, "moved", "sub", "deep", "leaf")) == "leaf\n"
+    assert read_text(p(m, "moved", "sub", "deep", "leaf")) == "leaf\n"
     assert os.lstat(p(m, "moved")).st_ino == ino
     os.rename(p(m, "moved"), p(m, "ssh", "nested"))
-    assert read(p(m, "ssh", "nested", "file")) == "in d\n"
+    assert read_text(p(m, "ssh", "nested", "file")) == "in d\n"
     # renaming back where it came from works too
     os.rename(p(m, "ssh", "nested"), p(m, "d"))
     assert sorted(os.listdir(p(m, "d"))) == ["file", "sub"]
@@ -334,13 +327,13 @@ def test_rename_noreplace_and_exchange(m):
     with pytest.raises(FileExistsError):
         renameat2(p(m, "passwd"), p(m, "shadow"), 1)
     renameat2(p(m, "passwd"), p(m, "fresh-name"), 1)
-    assert read(p(m, "fresh-name")).startswith("root:x")
+    assert read_text(p(m, "fresh-name")).startswith("root:x")
     renameat2(p(m, "fresh-name"), p(m, "shadow"), 2)
-    assert read(p(m, "shadow")).startswith("root:x")
-    assert read(p(m, "fresh-name")).startswith("root:*")
+    assert read_text(p(m, "shadow")).startswith("root:x")
+    assert read_text(p(m, "fresh-name")).startswith("root:*")
     renameat2(p(m, "d"), p(m, "shadow"), 2)  # a directory with a file
     assert os.path.isdir(p(m, "shadow")) and os.path.isfile(p(m, "d"))
-    assert read(p(m, "shadow", "sub", "deep", "leaf")) == "leaf\n"
+    assert read_text(p(m, "shadow", "sub", "deep", "leaf")) == "leaf\n"
     with pytest.raises(FileNotFoundError):
         renameat2(p(m, "d"), p(m, "missing"), 2)
 
@@ -363,7 +356,7 @@ def test_hard_links_stay_one_inode(m):
     assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
     with open(p(m, "file-link"), "a") as f:
         f.write("via link\n")
-    assert read(p(m, "d", "file")) == "in d\nvia link\n"
+    assert read_text(p(m, "d", "file")) == "in d\nvia link\n"
     with pytest.raises(PermissionError):
         os.link(p(m, "d"), p(m, "dirlink"))
 
@@ -372,7 +365,7 @@ def test_lower_hard_links_copy_up_together(m):
     assert os.lstat(p(m, "passwd")).st_ino == os.lstat(p(m, "passwd-hardlink")).st_ino
     with open(p(m, "passwd"), "a") as f:
         f.write("x\n")
-    assert read(p(m, "passwd-hardlink")).endswith("x\n")
+    assert read_text(p(m, "passwd-hardlink")).endswith("x\n")
     assert os.lstat(p(m, "passwd")).st_ino == os.lstat(p(m, "passwd-hardlink")).st_ino
 
 
@@ -533,11 +526,11 @@ def test_lower_hard_link_met_after_copy_up_shares_the_copy(mounted, remount):
     remount()
     alias, name = os.lstat(p(m, "passwd-hardlink")), os.lstat(p(m, "passwd"))
     assert alias.st_ino == name.st_ino and alias.st_nlink == name.st_nlink == 2
-    assert read(p(m, "passwd-hardlink")).endswith("new\n")
+    assert read_text(p(m, "passwd-hardlink")).endswith("new\n")
     assert os.listdir(index) == []  # every name is in the upper layer now
     with open(p(m, "passwd-hardlink"), "a") as f:
         f.write("via alias\n")
-    assert read(p(m, "passwd")).endswith("via alias\n")
+    assert read_text(p(m, "passwd")).endswith("via alias\n")
 
 
 def test_fallocate_reaches_the_upper_copy(m):

@@ -10,9 +10,9 @@ import tempfile
 
 import pytest
 from conftest import build_lower
-from helpers import ROFS, RofsProcess
+from helpers import ROFS, RofsProcess, rofs_out
 
-from rofs.names import unquote
+from rofs.store.quoting import unquote
 
 pytestmark = pytest.mark.fuse
 
@@ -26,15 +26,6 @@ def as_nobody(*cmd, timeout=120):
     return subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
                            "--clear-groups", "--", *cmd], capture_output=True, text=True,
                           timeout=timeout)
-
-
-def rofs(*args, code=0, nofile=None):
-    """Run a rofs command; `nofile`: its open-file limit, soft and hard."""
-    limit = [] if nofile is None else ["prlimit", "--nofile=%d:%d" % (nofile, nofile), "--"]
-    result = subprocess.run(limit + ROFS + [str(a) for a in args], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == code, result.stdout + result.stderr
-    return result.stdout
 
 
 DEEP = """
@@ -104,11 +95,11 @@ def test_a_deep_tree_breaks_no_mount_and_no_tool(public):
         for where in ("tmp", "pub"):
             result = as_nobody(PYTHON, "-c", DEEP, os.path.join(mnt, where), str(DEPTH))
             assert result.returncode == 0, result.stderr
-        diff = rofs("diff", state, nofile=FEW).splitlines()
+        diff = rofs_out("diff", state, nofile=FEW).splitlines()
         assert len(diff) == DEPTH + 1 and diff[-1].endswith("/d/leaf")
-        assert rofs("check", state, nofile=FEW) == ""
+        assert rofs_out("check", state, nofile=FEW) == ""
         # A live revert of the whole tree (the daemon walks it for hard links).
-        assert rofs("revert", os.path.join(mnt, "pub", "d")) == \
+        assert rofs_out("revert", os.path.join(mnt, "pub", "d")) == \
             "reverted %s/pub/d\n" % mnt
         assert os.listdir(os.path.join(mnt, "pub")) == []
         result = as_nobody(PYTHON, "-c", DEEP, os.path.join(mnt, "pub"), str(DEPTH))
@@ -125,11 +116,11 @@ def test_a_deep_tree_breaks_no_mount_and_no_tool(public):
     assert not proc.internal_errors(), proc.output()
     # Offline: check with repairs, then revert, walk and remove the whole tree.
     deep = os.path.join(os.fsencode(upper), b"pub")
-    assert rofs("check", "--repair", state, nofile=FEW) == ""
-    assert rofs("revert", "--state", state, os.path.join(mnt, "pub", "d"),
+    assert rofs_out("check", "--repair", state, nofile=FEW) == ""
+    assert rofs_out("revert", "--state", state, os.path.join(mnt, "pub", "d"),
                 nofile=FEW) == "reverted %s/pub/d\n" % mnt
     assert os.listdir(deep) == [] and os.listdir(work) == []
-    info = json.loads(rofs("diff", "--json", state, nofile=FEW))
+    info = json.loads(rofs_out("diff", "--json", state, nofile=FEW))
     assert info == []
 
 
@@ -207,7 +198,7 @@ def test_a_write_log_bomb_is_bounded_in_memory_disk_and_reserve(public):
     """One process with a ~1.9 MB command line making tiny changes as fast as it can:
     the daemon once grew to 7 GiB, wrote a 1 GiB log file and filled the state
     filesystem, after which root's passwd failed with ENOSPC."""
-    from rofs import writelog
+    from rofs.store import writelog
     base, mnt, lower = public["base"], public["mnt"], public["lower"]
     statefs = os.path.join(base, "statefs")
     os.mkdir(statefs)
@@ -222,7 +213,7 @@ def test_a_write_log_bomb_is_bounded_in_memory_disk_and_reserve(public):
             assert result.returncode == 0, result.stderr
             changes = int(result.stdout)
             grown = rss_kib(proc.proc.pid) - before
-            (status,) = json.loads(rofs("status", "--json", mnt))
+            (status,) = json.loads(rofs_out("status", "--json", mnt))
             # Root's own changes still fit: the log left the reserve alone.
             with open(os.path.join(mnt, "nshadow"), "w") as f:
                 f.write("root:$6$after:20000:0:99999:7:::\n" * 100)
@@ -296,7 +287,7 @@ def test_listings_held_open_are_shared_and_bounded(public):
         child, seen = hold(30, churn=False)
         try:
             assert seen == str([20000] * 30) + "\n"
-            (status,) = json.loads(rofs("status", "--json", mnt))
+            (status,) = json.loads(rofs_out("status", "--json", mnt))
             assert status["open_dirs"] == 30 and status["listed_names"] == 20000
         finally:
             child.communicate("")
@@ -313,7 +304,7 @@ def test_listings_held_open_are_shared_and_bounded(public):
             assert seen == "[20004]\n"
         finally:
             churner.communicate("")
-        (status,) = json.loads(rofs("status", "--json", mnt))
+        (status,) = json.loads(rofs_out("status", "--json", mnt))
         assert status["open_dirs"] == 0 and status["listed_names"] == 0
     assert not proc.internal_errors(), proc.output()
 
@@ -380,7 +371,7 @@ def test_open_files_cannot_take_the_daemons_descriptors_from_root(public):
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             held, error = child.stdout.readline().split()
-            (status,) = json.loads(rofs("status", "--json", mnt))
+            (status,) = json.loads(rofs_out("status", "--json", mnt))
             # 3,000 read-only opens of passwd: one descriptor.  Then the user's own
             # file, opened for writing until refused: at a quarter of what users may
             # hold (with the daemon at 4,096: 2,520 for users, 630 for one of them, the
@@ -407,7 +398,7 @@ def test_open_files_cannot_take_the_daemons_descriptors_from_root(public):
                 assert f.read() == "root:$6$new:20000:0:99999:7:::\n"
         finally:
             child.communicate("")
-        (status,) = json.loads(rofs("status", "--json", mnt))
+        (status,) = json.loads(rofs_out("status", "--json", mnt))
         assert status["open_files"] == 0 and status["file_fds"] == 0
     assert not proc.internal_errors(), proc.output()
 

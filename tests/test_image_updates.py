@@ -1,4 +1,4 @@
-"""Image updates under a live state (issue 16), the first part: origins recorded at
+"""Image updates under a live state, the first part: origins recorded at
 copy-up, the lower's fingerprint at each mount, and `rofs diff` telling a change made
 here from a stale copy and from a conflict (docs/image-updates.md)."""
 
@@ -8,21 +8,14 @@ import os
 import subprocess
 
 import pytest
-from helpers import ROFS, RofsProcess
-from helpers import write_text as write
+from helpers import ROFS, RofsProcess, rofs_out, write_text
 
-from rofs import origin
-from rofs.layers import Markers
+from rofs.store import origin
+from rofs.store.layers import Markers
 
 pytestmark = pytest.mark.fuse
 
 ORIGIN = Markers.TRUSTED + b"rofs.origin"
-
-
-def rofs(*args):
-    out = subprocess.run(ROFS + list(args), capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 @pytest.fixture
@@ -31,7 +24,7 @@ def image(tmp_path):
     os.makedirs(os.path.join(lower, "conf.d"))
     os.makedirs(mnt)
     for name in ("here", "meta", "both", "stale", "untouched", "untouched-2"):
-        write(os.path.join(lower, name), "v1 %s\n" % name)
+        write_text(os.path.join(lower, name), "v1 %s\n" % name)
     os.setxattr(os.path.join(lower, "here"), "user.note", b"v1")
     os.symlink("here", os.path.join(lower, "link"))
     return {"lower": lower, "state": state, "mnt": mnt}
@@ -84,17 +77,17 @@ def image_v2(s):
     """The image update: it changes what the host changed (both, meta), what the host
     only copied up (stale), and nothing else."""
     for name in ("meta", "both", "stale", "moved"):
-        write(os.path.join(s["lower"], name), "v2 %s\n" % name)
+        write_text(os.path.join(s["lower"], name), "v2 %s\n" % name)
 
 
 def test_diff_tells_here_stale_metadata_and_conflict_apart(image):
     host_changes(image)
     before = {c["path"].rsplit("/", 1)[-1]: c for c in json.loads(
-        rofs("diff", "--json", image["state"]))}
+        rofs_out("diff", "--json", image["state"]))}
     assert before["here"]["image"] == "here" and before["meta"]["image"] == "here"
     image_v2(image)
     changes = {c["path"].rsplit("/", 1)[-1]: c for c in json.loads(
-        rofs("diff", "--json", image["state"]))}
+        rofs_out("diff", "--json", image["state"]))}
     assert changes["here"]["image"] == "here"  # the image left it alone
     assert changes["meta"]["image"] == "metadata"  # the host only chmodded it
     assert changes["both"]["image"] == "conflict"
@@ -102,7 +95,7 @@ def test_diff_tells_here_stale_metadata_and_conflict_apart(image):
     assert changes["conf.d"]["image"] == "here"
     assert "untouched" not in changes
     assert changes["moved"]["image"] == "here"  # renamed here: a change made here
-    text = rofs("diff", image["state"])
+    text = rofs_out("diff", image["state"])
     assert "both  (content, mtime)  [image changed: conflict]" in text
     assert "[image changed: stale]" in text and "[image changed: metadata]" in text
 
@@ -112,7 +105,7 @@ def test_a_copy_made_before_origins_is_unknown(image):
     os.removexattr(upper_of(image, "both"), ORIGIN)
     image_v2(image)
     changes = {c["path"].rsplit("/", 1)[-1]: c for c in json.loads(
-        rofs("diff", "--json", image["state"]))}
+        rofs_out("diff", "--json", image["state"]))}
     assert changes["both"]["image"] == "unknown"  # never guessed
 
 
@@ -120,7 +113,7 @@ def test_mount_notices_an_image_update(image, tmp_path):
     warn = ("--on-image-change", "warn")
     host_changes(image)
     with RofsProcess(image["mnt"], image["state"], image["lower"], args=warn) as daemon:
-        (status,) = json.loads(rofs("status", "--json", image["mnt"]))
+        (status,) = json.loads(rofs_out("status", "--json", image["mnt"]))
         assert status["image_changed"] is False
     assert "lower layer changed" not in daemon.output()
     image_v2(image)
@@ -128,28 +121,28 @@ def test_mount_notices_an_image_update(image, tmp_path):
     # state is reconciled
     for args in (warn, ("-o", "on_image_change=warn")):
         with RofsProcess(image["mnt"], image["state"], image["lower"], args=args) as daemon:
-            (status,) = json.loads(rofs("status", "--json", image["mnt"]))
+            (status,) = json.loads(rofs_out("status", "--json", image["mnt"]))
             assert status["image_changed"] is True and status["reconciled"] is None
-            assert "changed and not reconciled (on-image-change warn)" in rofs(
+            assert "changed and not reconciled (on-image-change warn)" in rofs_out(
                 "status", image["mnt"])
         assert "the lower layer changed since the last mount" in daemon.output()
     policy = tmp_path / "policy"
     policy.write_text("on-image-change keep\n")  # keep: as it is, and quiet
     with RofsProcess(image["mnt"], image["state"], image["lower"],
                      args=("--policy", str(policy))) as daemon:
-        assert json.loads(rofs("status", "--json", image["mnt"]))[0]["image_changed"]
+        assert json.loads(rofs_out("status", "--json", image["mnt"]))[0]["image_changed"]
     assert "lower layer changed" not in daemon.output()
     assert "reconcile" not in daemon.output()
     with RofsProcess(image["mnt"], image["state"], image["lower"]) as daemon:  # the default
-        (status,) = json.loads(rofs("status", "--json", image["mnt"]))
+        (status,) = json.loads(rofs_out("status", "--json", image["mnt"]))
         assert status["reconciled"]["counts"] == {"took": 1, "merged": 1, "conflict": 1}
-        text = rofs("status", image["mnt"])
+        text = rofs_out("status", image["mnt"])
         assert "reconciled at this mount: 1 conflict, 1 merged, 1 took" in text
         assert "left conflicts or hidden entries" in text
     assert "reconciled %s: 1 took, 1 merged, 1 conflict" % os.path.realpath(image["mnt"]) \
         in daemon.output()
     with RofsProcess(image["mnt"], image["state"], image["lower"], args=warn) as daemon:
-        assert not json.loads(rofs("status", "--json", image["mnt"]))[0]["image_changed"]
+        assert not json.loads(rofs_out("status", "--json", image["mnt"]))[0]["image_changed"]
 
 
 def test_on_image_change_typos_are_refused(image, tmp_path):
@@ -171,7 +164,7 @@ def test_renaming_over_a_lower_file_carries_its_origin(image, markers):
     on it, and that must not fail the rename)."""
     m = image["mnt"]
     with RofsProcess(m, image["state"], image["lower"], args=markers):
-        write(os.path.join(m, "new"), "v1 here\nedited\n")
+        write_text(os.path.join(m, "new"), "v1 here\nedited\n")
         os.rename(os.path.join(m, "new"), os.path.join(m, "here"))
         os.symlink("here", os.path.join(m, "sym"))
         os.rename(os.path.join(m, "sym"), os.path.join(m, "both"))

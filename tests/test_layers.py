@@ -1,5 +1,5 @@
 """Walking a layer: trees deeper than any open-file limit, walked with a bounded number
-of descriptors (rofs.layers.Descent), by the daemon and by the state tools alike."""
+of descriptors (rofs.store.layers.Descent), by the daemon and by the state tools alike."""
 
 import errno
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rofs import layers
+from rofs.store import layers
 
 DEPTH = 300
 

@@ -10,8 +10,7 @@ import subprocess
 
 import pytest
 from conftest import serve
-from helpers import RofsProcess, manifest, read_lower
-from helpers import readb as read
+from helpers import RofsProcess, manifest, read_lower, readb
 
 pytestmark = pytest.mark.fuse
 
@@ -36,10 +35,10 @@ def test_cached_reads_cost_no_request(no_open):
     m, proc = no_open, no_open["proc"]
     path = os.path.join(m["mnt"], "passwd")
     expected = read_lower(os.path.join(m["lower"], "passwd"))
-    assert read(path) == expected
+    assert readb(path) == expected
     reads = requests(proc, "read")
     for _ in range(200):
-        assert read(path) == expected
+        assert readb(path) == expected
     # One OPEN ever (answered ENOSYS: the kernel stops asking), no RELEASE, and the
     # pages stay cached: no more reads.
     assert requests(proc, "open") == 1 and requests(proc, "release") == 0
@@ -56,19 +55,19 @@ def test_the_first_write_copies_up_and_truncation_comes_as_setattr(no_open):
         f.seek(0, os.SEEK_END)
         f.write(b"appended\n")
         f.flush()
-        assert read(upper(m, "passwd")) == lower + b"appended\n"
-    assert read(path) == lower + b"appended\n"
+        assert readb(upper(m, "passwd")) == lower + b"appended\n"
+    assert readb(path) == lower + b"appended\n"
     with open(os.path.join(m["mnt"], "group"), "wb") as f:  # O_TRUNC: a SETATTR
-        assert read(upper(m, "group")) == b""
+        assert readb(upper(m, "group")) == b""
         f.write(b"new group\n")
-    assert read(os.path.join(m["mnt"], "group")) == b"new group\n"
+    assert readb(os.path.join(m["mnt"], "group")) == b"new group\n"
     fd = os.open(path, os.O_WRONLY)
     try:
         os.ftruncate(fd, 4)
         os.fsync(fd)
     finally:
         os.close(fd)
-    assert read(path) == lower[:4] == read(upper(m, "passwd"))
+    assert readb(path) == lower[:4] == readb(upper(m, "passwd"))
 
 
 def test_a_reader_sees_a_copy_up_made_by_a_writer(no_open):
@@ -135,7 +134,7 @@ def test_read_only_paths_refuse_the_first_write(layers):
         with pytest.raises(OSError) as e:
             os.open(path, os.O_WRONLY | os.O_TRUNC)  # the truncation is a SETATTR
         assert e.value.errno == errno.EROFS
-        assert read(path) == read_lower(os.path.join(layers["lower"], "passwd"))
+        assert readb(path) == read_lower(os.path.join(layers["lower"], "passwd"))
         with open(os.path.join(layers["mnt"], "group"), "ab") as f:  # others: as ever
             f.write(b"x\n")
     assert proc.stop() == 0 and not proc.internal_errors(), proc.output()
@@ -163,8 +162,8 @@ def test_immutable_and_append_only_hold_at_the_first_write(layers):
                     os.close(fd)
             with open(os.path.join(mnt, "log"), "ab") as f:
                 f.write(b"appended\n")
-            assert read(os.path.join(mnt, "log")) == b"old\nappended\n"
-            assert read(os.path.join(mnt, "frozen")) == b"old\n"
+            assert readb(os.path.join(mnt, "log")) == b"old\nappended\n"
+            assert readb(os.path.join(mnt, "frozen")) == b"old\n"
     finally:
         for name in ("frozen", "log"):
             subprocess.run(["chattr", "-i", "-a", os.path.join(lower, name)])
@@ -205,7 +204,7 @@ def test_fallocate_seek_and_copy_file_range_by_node(no_open):
     finally:
         os.close(src)
         os.close(dst)
-    data = read(upper(m, "d", "file"))
+    data = readb(upper(m, "d", "file"))
     assert len(data) == 1 << 16
     assert data[:size] == read_lower(os.path.join(m["lower"], "passwd"))
     assert m["proc"].output().count("copy_file_range(") == 1

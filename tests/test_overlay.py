@@ -7,11 +7,11 @@ import stat
 import pytest
 from conftest import build_lower
 
-from rofs import copyup, policy, state
-from rofs.fuse import run_inline
-from rofs.inodes import UPPER_TAG
-from rofs.layers import UpperLayer
+from rofs.fuse import LOOP, run_inline
 from rofs.overlay import Overlay
+from rofs.store import copyup, policy, state
+from rofs.store.inodes import UPPER_TAG
+from rofs.store.layers import UpperLayer
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def ov(tmp_path):
     build_lower(str(lower))
     prepared = state.prepare(str(tmp_path / "state"), "/mnt", str(lower))
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd,
-                      index_fd=prepared.index_fd)
+                      index_fd=prepared.index_fd, loop=LOOP)
     overlay.paths = {"lower": str(lower), "upper": prepared.upper_path,
                      "work": prepared.work_path}
     yield overlay
@@ -252,7 +252,7 @@ def test_move_across_classes_copies_again_when_the_file_changed(tmp_path, monkey
     prepared = state.prepare(str(tmp_path / "state"), "/mnt", str(lower))
     state.prepare_scratch(prepared, str(tmp_path / "state"), "/mnt", None, prepared.markers)
     ov = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, prepared.markers,
-                 index_fd=prepared.index_fd)
+                 index_fd=prepared.index_fd, loop=LOOP)
     scratch = UpperLayer(prepared.scratch_upper_fd, prepared.scratch_work_fd,
                          prepared.markers, tag="S")
     scratch.index_fd = prepared.scratch_index_fd

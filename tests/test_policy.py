@@ -11,28 +11,16 @@ import re
 import subprocess
 
 import pytest
-from helpers import ROFS, RofsProcess, is_rofs_mounted
+from helpers import ROFS, RofsProcess, is_rofs_mounted, read_text, write_text
 
-from rofs.policy import BUILT_IN_SOURCE, Class, PolicyError, load
+from rofs.store.policy import BUILT_IN_SOURCE, Class, PolicyError, load
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "policy.md")
 
 
-def write(path, text, mode=None):
-    with open(path, "w") as f:
-        f.write(text)
-    if mode is not None:
-        os.chmod(path, mode)
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
-
-
 def doc_block(name):
     """The fenced block of docs/policy.md that follows a `<!-- name -->` comment."""
-    text = read(DOCS)
+    text = read_text(DOCS)
     m = re.search(r"<!-- %s -->\s*```[a-z]*\n(.*?)```" % re.escape(name), text, re.S)
     assert m, "docs/policy.md has no block %s" % name
     return m.group(1)
@@ -51,14 +39,14 @@ def test_built_in_rule_for_fusermount3s_lock_only_over_etc(tmp_path):
     assert p.classify((b"mtab.fuselock",)) is Class.READ_ONLY and not mine(p)
     assert load("/srv", str(tmp_path)).rules == {}
     pol = tmp_path / "policy"
-    write(pol, "persistent /etc/mtab.fuselock\n")
+    write_text(pol, "persistent /etc/mtab.fuselock\n")
     p = load("/etc", str(tmp_path), policy_file=str(pol))
     assert p.classify((b"mtab.fuselock",)) is Class.PERSISTENT
 
 
 def test_classes_follow_the_longest_rule(tmp_path):
     pol = tmp_path / "policy"
-    write(pol, "# comment\n\ndefault scratch\npersistent /etc/ssh\n"
+    write_text(pol, "# comment\n\ndefault scratch\npersistent /etc/ssh\n"
           "read-only /etc/ssh/moduli\nscratch /etc/ssh/keys/tmp\n")
     p = load("/etc", str(tmp_path), policy_file=str(pol))
     assert p.classify(()) is Class.SCRATCH
@@ -75,10 +63,10 @@ def test_fedora_files_every_line_type(tmp_path):
     etc = tmp_path / "etc"
     (etc / "rwtab.d").mkdir(parents=True)
     (etc / "statetab.d").mkdir()
-    write(etc / "rwtab", "# rwtab\ndirs\t/etc/spool\nempty /etc/cache\n")
-    write(etc / "rwtab.d" / "extra", "files /etc/adjtime\nfiles /var/lib/outside\n")
-    write(etc / "statetab", "/etc/ssh\n# nothing\n")
-    write(etc / "statetab.d" / "more", "/etc/machine-id\n")
+    write_text(etc / "rwtab", "# rwtab\ndirs\t/etc/spool\nempty /etc/cache\n")
+    write_text(etc / "rwtab.d" / "extra", "files /etc/adjtime\nfiles /var/lib/outside\n")
+    write_text(etc / "statetab", "/etc/ssh\n# nothing\n")
+    write_text(etc / "statetab.d" / "more", "/etc/machine-id\n")
     p = load("/etc", str(tmp_path), rwtab=str(etc))
     kinds = {r.path: (r.cls, r.kind) for r in mine(p)}
     assert kinds == {(b"spool",): (Class.SCRATCH, "dirs"),
@@ -98,7 +86,7 @@ def test_fedora_files_every_line_type(tmp_path):
 ])
 def test_malformed_policy_lines_name_file_and_line(tmp_path, text, message):
     pol = tmp_path / "policy"
-    write(pol, "# first\n" + text)
+    write_text(pol, "# first\n" + text)
     with pytest.raises(PolicyError) as e:
         load("/etc", str(tmp_path), policy_file=str(pol))
     assert "%s:2:" % pol in str(e.value) and message in str(e.value)
@@ -143,16 +131,16 @@ def test_names_are_never_syntax(tmp_path, line, message):
 
 
 def test_fedora_files_take_one_path_per_line(tmp_path):
-    write(tmp_path / "statetab", "/etc/shadow /etc/gshadow\n")
+    write_text(tmp_path / "statetab", "/etc/shadow /etc/gshadow\n")
     with pytest.raises(PolicyError, match=r"statetab:1: one path per line.*\\x20"):
         load("/etc", str(tmp_path), rwtab=str(tmp_path))
-    write(tmp_path / "statetab", "/etc/shadow   # comment\n/etc/my\\x20key\n")
+    write_text(tmp_path / "statetab", "/etc/shadow   # comment\n/etc/my\\x20key\n")
     p = load("/etc", str(tmp_path), rwtab=str(tmp_path))
     assert {r.path for r in mine(p)} == {(b"shadow",), (b"my key",)}
 
 
 def test_malformed_rwtab_line(tmp_path):
-    write(tmp_path / "rwtab", "files /etc/a\nbind /etc/b\n")
+    write_text(tmp_path / "rwtab", "files /etc/a\nbind /etc/b\n")
     with pytest.raises(PolicyError, match=r"rwtab:2: expected `empty\|dirs\|files PATH`"):
         load("/etc", str(tmp_path), rwtab=str(tmp_path))
 
@@ -163,7 +151,7 @@ def test_malformed_rwtab_line(tmp_path):
 def passwd_change(mnt, content):
     """What shadow-utils does: lock by link(), write the new file, rename it over."""
     mine = mnt / ("shadow.%d" % os.getpid())
-    write(mine, "%d\n" % os.getpid())
+    write_text(mine, "%d\n" % os.getpid())
     os.link(mine, mnt / "shadow.lock")
     os.unlink(mine)
     fd = os.open(mnt / "nshadow", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -178,18 +166,18 @@ def test_persistent_shadow_with_scratch_default(site):
     """The issue's scenario: /etc/shadow persistent, everything else scratch."""
     lower, mnt, state = site
     pol = mnt.parent / "policy"
-    write(pol, doc_block("policy-shadow").replace("/etc", str(mnt)))
+    write_text(pol, doc_block("policy-shadow").replace("/etc", str(mnt)))
     args = ("--policy", str(pol))
     with RofsProcess(str(mnt), str(state), str(lower), args):
         passwd_change(mnt, "root:$6$new:20000:0:99999:7:::\n")
-        write(mnt / "passwd", "root:x:0:0:changed:/root:/bin/sh\n")  # scratch
-        write(mnt / "new-file", "scratch\n")
+        write_text(mnt / "passwd", "root:x:0:0:changed:/root:/bin/sh\n")  # scratch
+        write_text(mnt / "new-file", "scratch\n")
         os.mkdir(mnt / "new-dir")
         os.unlink(mnt / "link")
         os.rename(mnt / "d", mnt / "d-moved")
         os.chmod(mnt / "ssh", 0o755)
-        assert read(mnt / "shadow") == "root:$6$new:20000:0:99999:7:::\n"
-        assert read(mnt / "passwd").endswith("changed:/root:/bin/sh\n")
+        assert read_text(mnt / "shadow") == "root:$6$new:20000:0:99999:7:::\n"
+        assert read_text(mnt / "passwd").endswith("changed:/root:/bin/sh\n")
         # Scratch changes never reach the state's upper layer: they are in the scratch
         # layer (here the default, STATE/.rofs/scratch).
         upper = os.path.join(state, str(mnt).lstrip("/"))
@@ -198,12 +186,12 @@ def test_persistent_shadow_with_scratch_default(site):
         assert {"passwd", "new-file", "new-dir", "link", "d", "d-moved"} <= set(
             os.listdir(layer))
     with RofsProcess(str(mnt), str(state), str(lower), args) as rofs:
-        assert read(mnt / "shadow") == "root:$6$new:20000:0:99999:7:::\n"
+        assert read_text(mnt / "shadow") == "root:$6$new:20000:0:99999:7:::\n"
         assert os.stat(mnt / "shadow").st_mode & 0o777 == 0o600
-        assert read(mnt / "passwd") == read(lower / "passwd")
+        assert read_text(mnt / "passwd") == read_text(lower / "passwd")
         assert not (mnt / "new-file").exists() and not (mnt / "new-dir").exists()
         assert os.readlink(mnt / "link") == "passwd"
-        assert read(mnt / "d" / "file") == "in d\n" and not (mnt / "d-moved").exists()
+        assert read_text(mnt / "d" / "file") == "in d\n" and not (mnt / "d-moved").exists()
         assert os.stat(mnt / "ssh").st_mode & 0o777 == 0o700
         assert sorted(os.listdir(mnt)) == sorted(os.listdir(lower))
         assert os.listdir(upper) == ["shadow"]
@@ -214,15 +202,15 @@ def test_persistent_shadow_with_scratch_default(site):
 def test_rwtab_and_statetab_drive_the_classes(site):
     lower, mnt, state = site
     (lower / "cache" / "sub").mkdir(parents=True)
-    write(lower / "cache" / "old", "old cache\n")
+    write_text(lower / "cache" / "old", "old cache\n")
     (lower / "spool" / "mail" / "root").mkdir(parents=True)
-    write(lower / "spool" / "mail" / "root" / "msg", "hello\n")
+    write_text(lower / "spool" / "mail" / "root" / "msg", "hello\n")
     os.chmod(lower / "spool" / "mail", 0o2775)
-    write(lower / "adjtime", "0.0 0 0.0\n")
+    write_text(lower / "adjtime", "0.0 0 0.0\n")
     m = str(mnt)
-    write(lower / "rwtab", "empty %s/cache\ndirs %s/spool\nfiles %s/adjtime\n" % (m, m, m))
+    write_text(lower / "rwtab", "empty %s/cache\ndirs %s/spool\nfiles %s/adjtime\n" % (m, m, m))
     (lower / "statetab.d").mkdir()
-    write(lower / "statetab.d" / "ssh", "%s/ssh\n" % m)
+    write_text(lower / "statetab.d" / "ssh", "%s/ssh\n" % m)
     args = ("--rwtab", str(lower), "--default", "read-only")
 
     def check_start():
@@ -231,16 +219,16 @@ def test_rwtab_and_statetab_drive_the_classes(site):
         assert os.listdir(mnt / "spool" / "mail") == ["root"]
         assert os.listdir(mnt / "spool" / "mail" / "root") == []
         assert os.stat(mnt / "spool" / "mail").st_mode & 0o7777 == 0o2775
-        assert read(mnt / "adjtime") == "0.0 0 0.0\n"
+        assert read_text(mnt / "adjtime") == "0.0 0 0.0\n"
 
     with RofsProcess(m, str(state), str(lower), args) as rofs:
         check_start()
-        write(mnt / "cache" / "new", "x")
-        write(mnt / "spool" / "mail" / "root" / "msg2", "y")
-        write(mnt / "adjtime", "1.5 0 0.0\n")
-        write(mnt / "ssh" / "sshd_config", "Port 2222\n")
-        for attempt in (lambda: write(mnt / "passwd", "x"),
-                        lambda: write(mnt / "new-file", "x"),
+        write_text(mnt / "cache" / "new", "x")
+        write_text(mnt / "spool" / "mail" / "root" / "msg2", "y")
+        write_text(mnt / "adjtime", "1.5 0 0.0\n")
+        write_text(mnt / "ssh" / "sshd_config", "Port 2222\n")
+        for attempt in (lambda: write_text(mnt / "passwd", "x"),
+                        lambda: write_text(mnt / "new-file", "x"),
                         lambda: os.mkdir(mnt / "new-dir"),
                         lambda: os.unlink(mnt / "link"),
                         lambda: os.chmod(mnt / "shadow", 0o644),
@@ -250,7 +238,7 @@ def test_rwtab_and_statetab_drive_the_classes(site):
             with pytest.raises(OSError) as e:
                 attempt()
             assert e.value.errno == errno.EROFS
-        assert read(mnt / "passwd") == read(lower / "passwd")
+        assert read_text(mnt / "passwd") == read_text(lower / "passwd")
     assert not rofs.internal_errors()
     # The refused writes are in the write log, and the report shows them as refused.
     report = subprocess.run(ROFS + ["report", "--json", str(state)], capture_output=True,
@@ -268,29 +256,29 @@ def test_rwtab_and_statetab_drive_the_classes(site):
     assert "(8 refused)" in text and m + "/link  unlink  REFUSED x1" in text
     with RofsProcess(m, str(state), str(lower), args):
         check_start()
-        assert read(mnt / "ssh" / "sshd_config") == "Port 2222\n"
+        assert read_text(mnt / "ssh" / "sshd_config") == "Port 2222\n"
 
 
 def test_read_only_directory_cannot_be_moved_away(site):
     lower, mnt, state = site
     pol = mnt.parent / "policy"
-    write(pol, "read-only %s/d/sub/deep\n" % mnt)
+    write_text(pol, "read-only %s/d/sub/deep\n" % mnt)
     with RofsProcess(str(mnt), str(state), str(lower), ("--policy", str(pol))):
-        write(mnt / "d" / "ok", "writable\n")
+        write_text(mnt / "d" / "ok", "writable\n")
         for src in ("d", "d/sub", "d/sub/deep"):
             with pytest.raises(OSError) as e:
                 os.rename(mnt / src, mnt / "moved")
             assert e.value.errno == errno.EROFS
         with pytest.raises(OSError) as e:
-            write(mnt / "d" / "sub" / "deep" / "leaf", "x")
+            write_text(mnt / "d" / "sub" / "deep" / "leaf", "x")
         assert e.value.errno == errno.EROFS
-        assert read(mnt / "d" / "ok") == "writable\n"
+        assert read_text(mnt / "d" / "ok") == "writable\n"
 
 
 def test_bad_policy_refuses_the_mount_and_writes_nothing(site):
     lower, mnt, state = site
     pol = mnt.parent / "policy"
-    write(pol, "persistent %s/shadow\nscratch\n" % mnt)
+    write_text(pol, "persistent %s/shadow\nscratch\n" % mnt)
     result = subprocess.run(ROFS + [str(mnt), "--lower", str(lower), "--state", str(state),
                                     "--policy", str(pol)], capture_output=True, text=True)
     assert result.returncode == 2

@@ -1,4 +1,4 @@
-"""Reconcile a host's state with a new image (issue 16): the acceptance scenario with
+"""Reconcile a host's state with a new image: the acceptance scenario with
 shadow-utils on a copy of /etc (v1 -> host changes -> v2), --dry-run, a kill in the
 middle, three hosts in one report, and the kernel's overlayfs on the result.
 
@@ -11,12 +11,10 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import ROFS, RofsProcess, manifest
-from helpers import read_text as read
-from helpers import write_text as write
+from helpers import ROFS, RofsProcess, manifest, read_text, rofs_out, write_text
 
-from rofs import reconcile
-from rofs.layers import Markers
+from rofs.store import merge
+from rofs.store.layers import Markers
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -41,12 +39,6 @@ def in_etc(etc, script, hostname=None):
                setup + script, etc])
 
 
-def rofs(*args, ok=(0,)):
-    out = subprocess.run(ROFS + list(args), capture_output=True, text=True, timeout=120)
-    assert out.returncode in ok, out.stdout + out.stderr
-    return out.stdout
-
-
 def problems(tool, *files):
     """What pwck -r / grpck -r say of these files (one line each)."""
     out = subprocess.run([tool, "-r", *files], capture_output=True, text=True, timeout=60)
@@ -61,9 +53,9 @@ def v1(tmp_path):
     sh(["cp", "-a", "/etc", etc])
     for name in ("app.conf", "both.conf", "chm.conf", "gone.conf", "untouched.conf",
                  "redone.conf", "touched.conf", "legacy.conf"):
-        write(os.path.join(etc, name), TEN)
+        write_text(os.path.join(etc, name), TEN)
     os.makedirs(os.path.join(etc, "appdir"), exist_ok=True)
-    write(os.path.join(etc, "appdir", "a.conf"), "a\n")
+    write_text(os.path.join(etc, "appdir", "a.conf"), "a\n")
     return etc
 
 
@@ -81,7 +73,7 @@ def host(etc, state, mnt, name="host", edits=True):
             os.unlink(os.path.join(mnt, "redone.conf"))
             shutil.rmtree(os.path.join(mnt, "appdir"))
             os.mkdir(os.path.join(mnt, "appdir"))
-            write(os.path.join(mnt, "appdir", "mine.conf"), "mine\n")
+            write_text(os.path.join(mnt, "appdir", "mine.conf"), "mine\n")
         shadow = in_etc(mnt, "getent shadow %suser" % name).split(":")[1]
         before = problems("pwck", os.path.join(mnt, "passwd"), os.path.join(mnt, "shadow")) \
             | problems("grpck", os.path.join(mnt, "group"), os.path.join(mnt, "gshadow"))
@@ -92,13 +84,13 @@ def to_v2(etc):
     """Image v2: a system user and group, another line of app.conf, both.conf's line 5
     otherwise, chm.conf's and untouched.conf's content, a file in appdir."""
     in_etc(etc, "useradd -r -M imgsvc; groupadd -r imggrp")
-    write(os.path.join(etc, "app.conf"), TEN.replace("line 8\n", "line 8 from v2\n"))
-    write(os.path.join(etc, "both.conf"), TEN.replace("line 5\n", "line 5 from v2\n"))
-    write(os.path.join(etc, "chm.conf"), "chm v2\n")
-    write(os.path.join(etc, "untouched.conf"), "untouched v2\n")
-    write(os.path.join(etc, "appdir", "new.conf"), "new in v2\n")
-    write(os.path.join(etc, "redone.conf"), "redone in v2\n")  # deleted on the host
-    write(os.path.join(etc, "touched.conf"), "touched v2\n")  # only touched on the host
+    write_text(os.path.join(etc, "app.conf"), TEN.replace("line 8\n", "line 8 from v2\n"))
+    write_text(os.path.join(etc, "both.conf"), TEN.replace("line 5\n", "line 5 from v2\n"))
+    write_text(os.path.join(etc, "chm.conf"), "chm v2\n")
+    write_text(os.path.join(etc, "untouched.conf"), "untouched v2\n")
+    write_text(os.path.join(etc, "appdir", "new.conf"), "new in v2\n")
+    write_text(os.path.join(etc, "redone.conf"), "redone in v2\n")  # deleted on the host
+    write_text(os.path.join(etc, "touched.conf"), "touched v2\n")  # only touched on the host
     os.unlink(os.path.join(etc, "legacy.conf"))
 
 
@@ -117,11 +109,11 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
     image = manifest(v1)  # never modified, not even its atimes
 
     bases = os.path.join(state, ".rofs", "bases", os.path.realpath(mnt).lstrip("/"))
-    write(os.path.join(bases, "0" * 64), "a base nothing refers to\n")
+    write_text(os.path.join(bases, "0" * 64), "a base nothing refers to\n")
 
     # --dry-run says what it would do and changes nothing.
     before = without_atimes(manifest(state))
-    planned = rofs("reconcile", "--dry-run", state, ok=(1,))
+    planned = rofs_out("reconcile", "--dry-run", state, code=(1,))
     assert without_atimes(manifest(state)) == before
     assert "conflict  %s/both.conf" % os.path.realpath(mnt) in planned
     assert "would reconcile" in planned
@@ -132,20 +124,20 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
         assert "imgsvc:" in users and "hostuser:" in users
         assert "imggrp:" in users and "hostgrp:" in users
         assert ("hostuser:%s:" % shadow) in users  # the host's password
-        app = read(os.path.join(mnt, "app.conf"))
+        app = read_text(os.path.join(mnt, "app.conf"))
         assert "line 2 edited here\n" in app and "line 8 from v2\n" in app
-        assert read(os.path.join(mnt, "chm.conf")) == "chm v2\n"
+        assert read_text(os.path.join(mnt, "chm.conf")) == "chm v2\n"
         assert os.stat(os.path.join(mnt, "chm.conf")).st_mode & 0o777 == 0o600
-        assert read(os.path.join(mnt, "untouched.conf")) == "untouched v2\n"
-        assert read(os.path.join(mnt, "touched.conf")) == "touched v2\n"
+        assert read_text(os.path.join(mnt, "untouched.conf")) == "untouched v2\n"
+        assert read_text(os.path.join(mnt, "touched.conf")) == "touched v2\n"
         assert not os.path.exists(os.path.join(mnt, "gone.conf"))
-        assert read(os.path.join(mnt, "both.conf")).count("line 5 here\n") == 1
-        assert "line 5 from v2\n" in read(os.path.join(mnt, "both.conf.rofs-new"))
+        assert read_text(os.path.join(mnt, "both.conf")).count("line 5 here\n") == 1
+        assert "line 5 from v2\n" in read_text(os.path.join(mnt, "both.conf.rofs-new"))
         assert sorted(os.listdir(os.path.join(mnt, "appdir"))) == ["mine.conf"]
         merged = problems("pwck", os.path.join(mnt, "passwd"), os.path.join(mnt, "shadow")) \
             | problems("grpck", os.path.join(mnt, "group"), os.path.join(mnt, "gshadow"))
         assert merged <= v2_problems | host_problems, merged - v2_problems - host_problems
-        (status,) = json.loads(rofs("status", "--json", mnt))
+        (status,) = json.loads(rofs_out("status", "--json", mnt))
         assert status["reconciled"]["counts"]["conflict"] == 1, planned
     assert manifest(v1) == image
     # The base store keeps what the origins of the upper layer and the attic refer to.
@@ -170,25 +162,25 @@ def test_acceptance_v1_host_v2(v1, tmp_path):
     assert "/gone.conf" not in out  # deleted here, left alone by the image
 
     # Logged, and in the report; what it replaced is in the attic.
-    report = rofs("report", state)
+    report = rofs_out("report", state)
     assert "Image updates reconciled" in report
     assert "conflict  %s/both.conf" % os.path.realpath(mnt) in report
     assert "merged    %s/passwd" % os.path.realpath(mnt) in report
-    attic = rofs("attic", state)
+    attic = rofs_out("attic", state)
     assert "reconcile with a new image" in attic and "/passwd" in attic
 
     # The next mount has nothing left to do; --unhide shows the image's new file.
     with RofsProcess(mnt, state, v1) as daemon:
         pass
     assert "reconciled" not in daemon.output()
-    unhidden = rofs("reconcile", "--unhide", state)
+    unhidden = rofs_out("reconcile", "--unhide", state)
     assert "unhidden  %s/appdir" % os.path.realpath(mnt) in unhidden
     assert "unhidden  %s/redone.conf" % os.path.realpath(mnt) in unhidden
     with RofsProcess(mnt, state, v1):
         assert sorted(os.listdir(os.path.join(mnt, "appdir"))) == ["mine.conf", "new.conf"]
-        assert read(os.path.join(mnt, "redone.conf")) == "redone in v2\n"
+        assert read_text(os.path.join(mnt, "redone.conf")) == "redone in v2\n"
         assert not os.path.exists(os.path.join(mnt, "gone.conf"))
-    assert rofs("reconcile", "--unhide", state).startswith("reconciled")  # nothing left
+    assert rofs_out("reconcile", "--unhide", state).startswith("reconciled")  # nothing left
 
 
 def test_kill_during_reconcile_leaves_old_or_new_and_a_rerun_finishes(v1, tmp_path):
@@ -196,14 +188,14 @@ def test_kill_during_reconcile_leaves_old_or_new_and_a_rerun_finishes(v1, tmp_pa
     os.mkdir(mnt)
     host(v1, state, mnt)
     upper = os.path.join(state, os.path.realpath(mnt).lstrip("/"))
-    old = {n: read(os.path.join(upper, n)) for n in os.listdir(upper)
+    old = {n: read_text(os.path.join(upper, n)) for n in os.listdir(upper)
            if os.path.isfile(os.path.join(upper, n))}
     to_v2(v1)
     reference = str(tmp_path / "reference")
     sh(["cp", "-a", state, reference])
-    rofs("reconcile", reference, ok=(1,))
+    rofs_out("reconcile", reference, code=(1,))
     ref_upper = os.path.join(reference, os.path.realpath(mnt).lstrip("/"))
-    new = {n: read(os.path.join(ref_upper, n)) for n in os.listdir(ref_upper)
+    new = {n: read_text(os.path.join(ref_upper, n)) for n in os.listdir(ref_upper)
            if os.path.isfile(os.path.join(ref_upper, n))}
     # Killed between two files, then between linking a version aside and replacing it
     # (the version then has a second name, in the attic: no hard link for all that).
@@ -216,12 +208,12 @@ def test_kill_during_reconcile_leaves_old_or_new_and_a_rerun_finishes(v1, tmp_pa
             daemon.log.close()
         for name in set(old) | set(new):
             path = os.path.join(upper, name)
-            now = read(path) if os.path.exists(path) else None
+            now = read_text(path) if os.path.exists(path) else None
             assert now in (old.get(name), new.get(name)), name
-    assert rofs("check", state) == ""
+    assert rofs_out("check", state) == ""
     with RofsProcess(mnt, state, v1):  # the mount reconciles what is left
         pass
-    assert {n: read(os.path.join(upper, n)) for n in os.listdir(upper)
+    assert {n: read_text(os.path.join(upper, n)) for n in os.listdir(upper)
             if os.path.isfile(os.path.join(upper, n))} == new
 
 
@@ -236,17 +228,17 @@ def test_three_hosts_one_image_update_one_report(v1, tmp_path):
     # db1 also edits both.conf's line 5 the way v2 will (no conflict there), and
     # legacy.conf, which v2 removes.
     with RofsProcess(mnt, states[2], v1):
-        write(os.path.join(mnt, "both.conf"), TEN.replace("line 5\n", "line 5 from v2\n"))
-        write(os.path.join(mnt, "legacy.conf"), "kept on db1\n")
+        write_text(os.path.join(mnt, "both.conf"), TEN.replace("line 5\n", "line 5 from v2\n"))
+        write_text(os.path.join(mnt, "legacy.conf"), "kept on db1\n")
     to_v2(v1)
     for name, state in zip(("web1", "web2", "db1"), states, strict=True):
         in_etc(v1, " ".join(ROFS + ["reconcile", state]) + " || test $? = 1", hostname=name)
-    report = rofs("report", *states)
+    report = rofs_out("report", *states)
     section = report[report.index("Image updates reconciled"):]
     mine = os.path.realpath(mnt)
     for name in ("web1", "web2", "db1"):
         assert "  %s %s: " % (name, mine) in section
-    data = json.loads(rofs("report", "--json", *states))
+    data = json.loads(rofs_out("report", "--json", *states))
     by_host = {r["host"]: r["paths"] for r in data["reconciled"]}
     assert by_host["web1"][mine + "/both.conf"]["action"] == "conflict"
     assert mine + "/both.conf" not in by_host["web2"]  # never touched it
@@ -265,9 +257,9 @@ def test_kernel_overlay_mounts_the_reconciled_state(v1, tmp_path, kernel_overlay
     os.mkdir(mnt)
     host(v1, state, mnt)
     to_v2(v1)
-    rofs("reconcile", state, ok=(1,))
+    rofs_out("reconcile", state, code=(1,))
     with RofsProcess(mnt, state, v1):
-        seen = {n: read(os.path.join(mnt, n)) for n in sorted(os.listdir(mnt))
+        seen = {n: read_text(os.path.join(mnt, n)) for n in sorted(os.listdir(mnt))
                 if os.path.isfile(os.path.join(mnt, n)) and n.endswith(
                     (".conf", ".rofs-new", "passwd", "group", "shadow", "gshadow"))}
     target = str(tmp_path / "kernel")
@@ -276,7 +268,7 @@ def test_kernel_overlay_mounts_the_reconciled_state(v1, tmp_path, kernel_overlay
     os.mkdir(work)
     upper = os.path.join(state, os.path.realpath(mnt).lstrip("/"))
     kernel_overlay(v1, upper, work, target)
-    assert {n: read(os.path.join(target, n)) for n in seen} == seen
+    assert {n: read_text(os.path.join(target, n)) for n in seen} == seen
     assert not os.path.exists(os.path.join(target, "gone.conf"))
 
 
@@ -286,19 +278,19 @@ def test_merge_accounts_per_entry():
     new = (b"root:x:0:0:the root:/root:/bin/sh\nsvc:x:999:999::/:/bin/false\n"
            b"eve:x:1000:1000::/:/bin/sh\n")
     left: set[bytes] = set()
-    merged, conflicts = reconcile.merge_accounts(b"passwd", base, here, new, left)
+    merged, conflicts = merge.merge_accounts(b"passwd", base, here, new, left)
     assert merged == (b"root:x:0:0:the root:/root:/bin/bash\nsvc:x:999:999::/:/bin/false\n"
                       b"bob:x:1000:1000::/:/bin/sh\n")  # old: removed by the image
     assert left == {b"eve"} and "id 1000" in conflicts[0]
-    shadow, _ = reconcile.merge_accounts(b"shadow", b"", b"bob:h:1::::::\n",
+    shadow, _ = merge.merge_accounts(b"shadow", b"", b"bob:h:1::::::\n",
                                          b"svc:!:1::::::\neve:!:1::::::\n", left)
     assert shadow == b"svc:!:1::::::\nbob:h:1::::::\n"  # eve left out with its passwd line
-    ranges, conflicts = reconcile.merge_ranges(b"", b"bob:100000:65536\n",
+    ranges, conflicts = merge.merge_ranges(b"", b"bob:100000:65536\n",
                                                b"eve:100000:65536\nsvc:200000:65536\n")
     assert ranges == b"bob:100000:65536\nsvc:200000:65536\n" and "overlaps" in conflicts[0]
-    assert reconcile.merge_text(b"a\nb\nc\nd\n", b"A\nb\nc\nd\n", b"a\nb\nc\nD\n") == \
+    assert merge.merge_text(b"a\nb\nc\nd\n", b"A\nb\nc\nd\n", b"a\nb\nc\nD\n") == \
         b"A\nb\nc\nD\n"
-    assert reconcile.merge_text(b"a\nb\n", b"A\nb\n", b"X\nb\n") is None
+    assert merge.merge_text(b"a\nb\n", b"A\nb\n", b"X\nb\n") is None
 
 
 def edited_twice(tmp_path, name, text, here, image):
@@ -307,10 +299,10 @@ def edited_twice(tmp_path, name, text, here, image):
     lower, state, mnt = (str(tmp_path / n) for n in ("lower", "state", "mnt"))
     os.makedirs(os.path.dirname(os.path.join(lower, name)), exist_ok=True)
     os.mkdir(mnt)
-    write(os.path.join(lower, name), text)
+    write_text(os.path.join(lower, name), text)
     with RofsProcess(mnt, state, lower):
         sh(["sed", "-i", here, os.path.join(mnt, name)])
-    write(os.path.join(lower, name), text.replace(*image))
+    write_text(os.path.join(lower, name), text.replace(*image))
     return state, mnt, lower
 
 
@@ -326,14 +318,14 @@ def test_without_merge3_a_text_merge_is_a_conflict_that_says_so(tmp_path):
     assert "conflict  %s/app.conf  (no text merge: merge3 is not installed" \
         % os.path.realpath(mnt) in out.stdout
     with RofsProcess(mnt, state, lower):
-        assert "line 2 here\n" in read(os.path.join(mnt, "app.conf"))
-        assert "line 8 v2\n" in read(os.path.join(mnt, "app.conf.rofs-new"))
+        assert "line 2 here\n" in read_text(os.path.join(mnt, "app.conf"))
+        assert "line 8 v2\n" in read_text(os.path.join(mnt, "app.conf.rofs-new"))
 
 
 def test_a_file_only_named_like_an_account_file_is_merged_as_text(tmp_path):
     state, mnt, lower = edited_twice(tmp_path, "app/group", TEN, "s/^line 2$/line 2 here/",
                                      ("line 8\n", "line 8 v2\n"))
-    assert "merged    %s/app/group" % os.path.realpath(mnt) in rofs("reconcile", state)
+    assert "merged    %s/app/group" % os.path.realpath(mnt) in rofs_out("reconcile", state)
     with RofsProcess(mnt, state, lower):
-        text = read(os.path.join(mnt, "app", "group"))
+        text = read_text(os.path.join(mnt, "app", "group"))
     assert "line 2 here\n" in text and "line 8 v2\n" in text

@@ -9,19 +9,9 @@ import threading
 import time
 
 import pytest
-from helpers import ROFS, RofsProcess
+from helpers import ROFS, RofsProcess, read_text, write_text
 
 pytestmark = pytest.mark.fuse
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
-
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
 
 
 @pytest.fixture
@@ -42,7 +32,7 @@ def site(site):
     """conftest's layers, and a /var/cache with a file in the lower."""
     lower = site[0]
     (lower / "var" / "cache").mkdir(parents=True)
-    write(lower / "var" / "cache" / "old", "old\n")
+    write_text(lower / "var" / "cache" / "old", "old\n")
     return site
 
 
@@ -54,14 +44,14 @@ def files_under(root):
 def test_scratch_on_tmpfs_never_touches_the_state_dir(site, tmpfs):
     lower, mnt, state = site
     policy = mnt.parent / "policy"
-    write(policy, "scratch %s/var\nscratch %s/d\n" % (mnt, mnt))
+    write_text(policy, "scratch %s/var\nscratch %s/d\n" % (mnt, mnt))
     args = ("--policy", str(policy), "--scratch", str(tmpfs))
     with RofsProcess(str(mnt), str(state), str(lower), args):
-        write(mnt / "var" / "cache" / "new", "new\n")
-        write(mnt / "var" / "cache" / "old", "changed\n")
+        write_text(mnt / "var" / "cache" / "new", "new\n")
+        write_text(mnt / "var" / "cache" / "old", "changed\n")
         os.unlink(mnt / "d" / "file")
         os.mkdir(mnt / "d" / "newdir")
-        write(mnt / "hosts", "persistent\n")
+        write_text(mnt / "hosts", "persistent\n")
         upper = state / str(mnt).lstrip("/")
         assert files_under(upper) == ["hosts"]
         layer = tmpfs / "upper" / str(mnt).lstrip("/")
@@ -69,10 +59,10 @@ def test_scratch_on_tmpfs_never_touches_the_state_dir(site, tmpfs):
                                       "var/cache/new", "var/cache/old"]
         assert sorted(os.listdir(mnt / "var" / "cache")) == ["new", "old"]
     with RofsProcess(str(mnt), str(state), str(lower), args):
-        assert read(mnt / "var" / "cache" / "old") == "old\n"
+        assert read_text(mnt / "var" / "cache" / "old") == "old\n"
         assert os.listdir(mnt / "var" / "cache") == ["old"]
-        assert read(mnt / "d" / "file") == "in d\n"
-        assert read(mnt / "hosts") == "persistent\n"
+        assert read_text(mnt / "d" / "file") == "in d\n"
+        assert read_text(mnt / "hosts") == "persistent\n"
         assert files_under(tmpfs / "upper" / str(mnt).lstrip("/")) == []
 
 
@@ -82,15 +72,15 @@ def test_classes_mix_in_one_directory(site):
     lower, mnt, state = site
     m = str(mnt)
     policy = mnt.parent / "policy"
-    write(policy, "default scratch\npersistent %s/d/keep\npersistent %s/ssh\n"
+    write_text(policy, "default scratch\npersistent %s/d/keep\npersistent %s/ssh\n"
           "scratch %s/ssh/tmp\n" % (m, m, m))
     args = ("--policy", str(policy))
     with RofsProcess(m, str(state), str(lower), args):
-        write(mnt / "d" / "keep", "kept\n")
-        write(mnt / "d" / "lost", "lost\n")
-        write(mnt / "ssh" / "sshd_config", "Port 2222\n")
+        write_text(mnt / "d" / "keep", "kept\n")
+        write_text(mnt / "d" / "lost", "lost\n")
+        write_text(mnt / "ssh" / "sshd_config", "Port 2222\n")
         os.mkdir(mnt / "ssh" / "tmp")
-        write(mnt / "ssh" / "tmp" / "x", "x\n")
+        write_text(mnt / "ssh" / "tmp" / "x", "x\n")
         assert sorted(os.listdir(mnt / "d")) == ["file", "keep", "lost", "sub"]
         assert sorted(os.listdir(mnt / "ssh")) == ["sshd_config", "tmp"]
         # A name cannot be linked across classes, nor a directory moved across them.
@@ -108,33 +98,34 @@ def test_classes_mix_in_one_directory(site):
         # mv falls back to copy and delete.
         subprocess.run(["mv", str(mnt / "ssh" / "tmp"), str(mnt / "ssh" / "kept-dir")],
                        check=True)
-        assert read(mnt / "ssh" / "kept-dir" / "x") == "x\n"
+        assert read_text(mnt / "ssh" / "kept-dir" / "x") == "x\n"
         assert not (mnt / "ssh" / "tmp").exists()
         # A file moves across classes, and keeps its inode number.
         ino = os.stat(mnt / "d" / "lost").st_ino
         os.rename(mnt / "d" / "lost", mnt / "d" / "keep")
-        assert read(mnt / "d" / "keep") == "lost\n" and os.stat(mnt / "d" / "keep").st_ino == ino
+        assert read_text(mnt / "d" / "keep") == "lost\n"
+        assert os.stat(mnt / "d" / "keep").st_ino == ino
         assert sorted(os.listdir(mnt / "d")) == ["file", "keep", "sub"]
     with RofsProcess(m, str(state), str(lower), args):
-        assert read(mnt / "d" / "keep") == "lost\n"
+        assert read_text(mnt / "d" / "keep") == "lost\n"
         assert sorted(os.listdir(mnt / "d")) == ["file", "keep", "sub"]
-        assert read(mnt / "ssh" / "sshd_config") == "Port 2222\n"
+        assert read_text(mnt / "ssh" / "sshd_config") == "Port 2222\n"
         assert sorted(os.listdir(mnt / "ssh")) == ["kept-dir", "sshd_config"]
-        assert read(mnt / "ssh" / "kept-dir" / "x") == "x\n"
+        assert read_text(mnt / "ssh" / "kept-dir" / "x") == "x\n"
 
 
 def test_persistent_file_moved_into_scratch_is_gone_after_remount(site):
     lower, mnt, state = site
     m = str(mnt)
     policy = mnt.parent / "policy"
-    write(policy, "scratch %s/var\n" % m)
+    write_text(policy, "scratch %s/var\n" % m)
     args = ("--policy", str(policy))
     with RofsProcess(m, str(state), str(lower), args):
         os.rename(mnt / "passwd", mnt / "var" / "passwd")
         assert not (mnt / "passwd").exists()
-        assert read(mnt / "var" / "passwd") == read(lower / "passwd")
+        assert read_text(mnt / "var" / "passwd") == read_text(lower / "passwd")
         # The other names of a lower hard link are not affected.
-        assert read(mnt / "passwd-hardlink") == read(lower / "passwd")
+        assert read_text(mnt / "passwd-hardlink") == read_text(lower / "passwd")
     with RofsProcess(m, str(state), str(lower), args):
         assert not (mnt / "passwd").exists()  # the removal was persistent
         assert not (mnt / "var" / "passwd").exists()  # the scratch copy is gone
@@ -145,13 +136,13 @@ def test_scratch_dir_made_when_missing(site, tmpfs):
     yet; rofs makes it (mode 0700).  A missing parent is an error, nothing mounted."""
     lower, mnt, state = site
     policy = mnt.parent / "policy"
-    write(policy, "default scratch\n")
+    write_text(policy, "default scratch\n")
     scratch = tmpfs / "rofs-scratch"
     with RofsProcess(str(mnt), str(state), str(lower),
                      ("--policy", str(policy), "--scratch", str(scratch))):
-        write(mnt / "hosts", "scratch\n")
+        write_text(mnt / "hosts", "scratch\n")
         assert stat.S_IMODE(os.stat(scratch).st_mode) == 0o700
-        assert read(scratch / "upper" / str(mnt).lstrip("/") / "hosts") == "scratch\n"
+        assert read_text(scratch / "upper" / str(mnt).lstrip("/") / "hosts") == "scratch\n"
     result = subprocess.run(ROFS + [str(mnt), "--state", str(state), "--lower", str(lower),
                                     "--scratch", str(tmpfs / "no" / "such")],
                             capture_output=True, text=True)
@@ -166,7 +157,7 @@ def test_big_file_moves_across_classes_off_the_event_loop(site):
     the file is whole in the persistent layer, and survives a remount."""
     lower, mnt, state = site
     policy = mnt.parent / "policy"
-    write(policy, "default scratch\npersistent %s/big-kept\n" % mnt)
+    write_text(policy, "default scratch\npersistent %s/big-kept\n" % mnt)
     work = state / ".rofs" / "work" / str(mnt).lstrip("/")
     data = os.urandom(1 << 20) * 256  # 256 MiB
     with RofsProcess(str(mnt), str(state), str(lower), ("--policy", str(policy))):
@@ -201,20 +192,20 @@ def test_a_move_across_classes_that_cannot_remove_its_source_still_succeeds(site
     lower, mnt, state = site
     m = str(mnt)
     policy = mnt.parent / "policy"
-    write(policy, "scratch %s/var\n" % m)
+    write_text(policy, "scratch %s/var\n" % m)
     proc = RofsProcess(m, str(state), str(lower), ("--policy", str(policy)))
     sealed = None
     with proc:
-        write(mnt / "var" / "cache" / "nshadow", "new shadow\n")
+        write_text(mnt / "var" / "cache" / "nshadow", "new shadow\n")
         (found,) = [d for d, _, names in os.walk(state) if "nshadow" in names]
         sealed = found
         subprocess.run(["chattr", "+i", sealed], check=True)
         try:
             os.rename(mnt / "var" / "cache" / "nshadow", mnt / "shadow")
-            assert read(mnt / "shadow") == "new shadow\n"
-            assert read(mnt / "var" / "cache" / "nshadow") == "new shadow\n"
+            assert read_text(mnt / "shadow") == "new shadow\n"
+            assert read_text(mnt / "var" / "cache" / "nshadow") == "new shadow\n"
         finally:
             subprocess.run(["chattr", "-i", sealed], check=True)
     assert "the change itself is done" in proc.output(), proc.output()
     with RofsProcess(m, str(state), str(lower), ("--policy", str(policy))):
-        assert read(mnt / "shadow") == "new shadow\n"
+        assert read_text(mnt / "shadow") == "new shadow\n"

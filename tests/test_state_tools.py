@@ -8,23 +8,11 @@ import subprocess
 
 import pytest
 from conftest import build_lower
-from helpers import ROFS, RofsProcess, manifest
+from helpers import ROFS, RofsProcess, manifest, read_text, rofs_out
 
 pytestmark = pytest.mark.fuse
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "state-tools.md")
-
-
-def rofs(*args, code=0):
-    result = subprocess.run(ROFS + [str(a) for a in args], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == code, result.stdout + result.stderr
-    return result.stdout
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
 
 
 @pytest.fixture
@@ -72,13 +60,13 @@ def test_diff_live_and_offline(over_itself):
     lower = manifest(str(etc))
     with RofsProcess(str(etc), str(state)):
         make_changes(etc)
-        live = rofs("diff", state)
-        live_json = json.loads(rofs("diff", "--json", state))
-        one = rofs("diff", state, etc / "d")
-        patch = rofs("diff", "--patch", state, etc / "hosts")
-    offline = rofs("diff", "--patch", state)
+        live = rofs_out("diff", state)
+        live_json = json.loads(rofs_out("diff", "--json", state))
+        one = rofs_out("diff", state, etc / "d")
+        patch = rofs_out("diff", "--patch", state, etc / "hosts")
+    offline = rofs_out("diff", "--patch", state)
     assert manifest(str(etc)) == lower  # diff reads the lower without touching atimes
-    offline = rofs("diff", state)
+    offline = rofs_out("diff", state)
     m = str(etc)
     assert live == expected(m)
     assert offline == live
@@ -96,39 +84,39 @@ def test_diff_of_a_copied_state_against_the_image(over_itself, tmp_path):
     etc, state = over_itself
     with RofsProcess(str(etc), str(state)):
         make_changes(etc)
-    original = rofs("diff", state)
+    original = rofs_out("diff", state)
     builder = tmp_path / "builder"
     builder.mkdir()
     subprocess.run(["cp", "-a", str(state), str(builder / "state")], check=True)
     subprocess.run(["cp", "-a", str(etc), str(builder / "etc")], check=True)
     shutil.rmtree(etc)  # the recorded lower is gone on the builder
-    assert rofs("diff", "--lower", builder / "etc", builder / "state") == original
+    assert rofs_out("diff", "--lower", builder / "etc", builder / "state") == original
     # Without --lower the recorded lower is missing: an error, not every path "added",
     # and not every whiteout "over nothing" for check --repair to delete.
-    rofs("diff", builder / "state", code=2)
-    rofs("check", "--repair", builder / "state", code=2)
-    rofs("diff", "--lower", builder / "nothing", builder / "state", code=2)
-    assert rofs("check", "--lower", builder / "etc", builder / "state") == ""
+    rofs_out("diff", builder / "state", code=2)
+    rofs_out("check", "--repair", builder / "state", code=2)
+    rofs_out("diff", "--lower", builder / "nothing", builder / "state", code=2)
+    assert rofs_out("check", "--lower", builder / "etc", builder / "state") == ""
 
 
 def test_revert_every_kind_while_mounted(over_itself):
     etc, state = over_itself
-    lower_hosts = read(etc / "hosts")
+    lower_hosts = read_text(etc / "hosts")
     with RofsProcess(str(etc), str(state)) as daemon:
         make_changes(etc)
         st_passwd = os.stat(etc / "passwd")
-        assert read(etc / "hosts") != lower_hosts  # now in the kernel's page cache
+        assert read_text(etc / "hosts") != lower_hosts  # now in the kernel's page cache
         fd = os.open(etc / "added", os.O_RDONLY)  # an open file survives its revert
         # Listings the kernel may cache: a revert must not leave them stale.  (Listing
         # looks passwd-hardlink up, which links that name of the copied-up passwd in the
         # upper layer too; reverting passwd would leave it changed, so it goes too.)
         assert "added" in os.listdir(etc) and "sub-moved" in os.listdir(etc / "d")
-        out = rofs("revert", etc / "hosts", etc / "passwd", etc / "passwd-hardlink",
+        out = rofs_out("revert", etc / "hosts", etc / "passwd", etc / "passwd-hardlink",
                    etc / "added",
                    etc / "added-dir", etc / "link", etc / "gone-dir", etc / "opaque",
                    etc / "d" / "sub-moved", etc / "d" / "sub", etc / "shadow")
         assert out.splitlines()[0] == "reverted %s/hosts" % etc
-        assert read(etc / "hosts") == lower_hosts
+        assert read_text(etc / "hosts") == lower_hosts
         assert os.stat(etc / "passwd").st_mode & 0o777 == 0o644 != st_passwd.st_mode & 0o777
         assert not (etc / "added").exists() and not (etc / "added-dir").exists()
         listing = os.listdir(etc)
@@ -137,20 +125,20 @@ def test_revert_every_kind_while_mounted(over_itself):
         assert os.read(fd, 100) == b"new file\n"
         os.close(fd)
         assert os.readlink(etc / "link") == "passwd"
-        assert read(etc / "gone-dir" / "inside") == "x\n"
+        assert read_text(etc / "gone-dir" / "inside") == "x\n"
         assert sorted(os.listdir(etc / "opaque")) == ["old"]
         assert not (etc / "d" / "sub-moved").exists()
-        assert read(etc / "d" / "sub" / "deep" / "leaf") == "leaf\n"
-        assert rofs("revert", etc / "hosts") == "unchanged %s/hosts\n" % etc
-        remaining = rofs("diff", state).splitlines()
+        assert read_text(etc / "d" / "sub" / "deep" / "leaf") == "leaf\n"
+        assert rofs_out("revert", etc / "hosts") == "unchanged %s/hosts\n" % etc
+        remaining = rofs_out("diff", state).splitlines()
         assert remaining == ["M %s/d/file  (owner 1234:2345 -> 0:0)" % etc,
                              "M %s/ssh/sshd_config  (xattrs)" % etc]
         assert not daemon.internal_errors()
     # What is left survives a remount, and an offline revert does the rest.
-    out = rofs("revert", "--state", state, etc / "d" / "file", etc / "ssh" / "sshd_config")
+    out = rofs_out("revert", "--state", state, etc / "d" / "file", etc / "ssh" / "sshd_config")
     assert out.splitlines() == ["reverted %s/d/file" % etc,
                                 "reverted %s/ssh/sshd_config" % etc]
-    assert rofs("diff", state) == ""
+    assert rofs_out("diff", state) == ""
 
 
 def test_revert_errors(over_itself, tmp_path):
@@ -172,7 +160,7 @@ def test_check_finds_and_repairs_damage(over_itself):
         make_changes(etc)
     upper = state / str(etc).lstrip("/")
     work = state / ".rofs" / "work" / str(etc).lstrip("/")
-    assert rofs("check", state) == ""  # a clean state dir
+    assert rofs_out("check", state) == ""  # a clean state dir
     # Damage it on purpose.
     (work / "#rofs.999.1").write_text("half a copy-up")
     os.mknod(upper / "nothing-here", 0o020000, os.makedev(0, 0))
@@ -183,13 +171,13 @@ def test_check_finds_and_repairs_damage(over_itself):
     os.setxattr(upper / "lost", "trusted.overlay.redirect", b"/no/such/dir")
     # A damaged state still mounts, and shows what it holds.
     with RofsProcess(str(etc), str(state)) as daemon:
-        assert read(etc / "hosts").endswith("10.0.0.1 db\n")
-        assert read(etc / "added") == "new file\n"
+        assert read_text(etc / "hosts").endswith("10.0.0.1 db\n")
+        assert read_text(etc / "added") == "new file\n"
         assert not os.path.lexists(etc / "nothing-here")
         assert sorted(os.listdir(etc / "opaque")) == ["fresh"]
     assert not daemon.internal_errors(), daemon.output()
     (work / "#rofs.999.1").write_text("half a copy-up")  # the mount removed it
-    found = rofs("check", state, code=1).splitlines()
+    found = rofs_out("check", state, code=1).splitlines()
     assert len(found) == 6, found
     for text in ("#rofs.999.1: left over by an interrupted operation",
                  "nothing-here: whiteout over nothing",
@@ -198,14 +186,14 @@ def test_check_finds_and_repairs_damage(over_itself):
                  "added-dir: opaque marker with value b'maybe'",
                  "lost: redirect to b'/no/such/dir', which the lower does not have"):
         assert any(text in line for line in found), (text, found)
-    repaired = rofs("check", "--repair", state, code=1)
+    repaired = rofs_out("check", "--repair", state, code=1)
     assert "lost: redirect to b'/no/such/dir'" in repaired and "decide by hand" in repaired
     assert sum(line.startswith("repaired: ") for line in repaired.splitlines()) == 5
     os.rmdir(upper / "lost")
-    assert rofs("check", state) == ""
+    assert rofs_out("check", state) == ""
     with RofsProcess(str(etc), str(state)):
-        assert read(etc / "hosts").endswith("10.0.0.1 db\n")
-        assert read(etc / "added") == "new file\n"
+        assert read_text(etc / "hosts").endswith("10.0.0.1 db\n")
+        assert read_text(etc / "added") == "new file\n"
         assert not os.path.lexists(etc / "nothing-here")
 
 
@@ -219,25 +207,25 @@ def test_status_of_live_and_dead_mounts(over_itself, tmp_path):
                          env={"ROFS_FAULT_NAME": "boom"}).start()
     try:
         (etc / "hosts").write_text("changed\n")
-        text = rofs("status")
+        text = rofs_out("status")
         assert "%s: live, pid %d, up 0d 00:00:" % (etc, daemon.proc.pid) in text
         assert "  state    %s (upper %s/%s, trusted.overlay.* markers)" % (
             state, state, str(etc).lstrip("/")) in text
         assert "  policy   default persistent; rules: 1 read-only, 1 scratch" in text
         assert "0 internal errors" in text
-        (entry,) = json.loads(rofs("status", "--json", etc))
+        (entry,) = json.loads(rofs_out("status", "--json", etc))
         assert entry["ok"] and entry["lower"] == str(etc) and entry["nodes"] > 1
         assert entry["log"] == str(state / ".rofs" / "log" / str(etc).lstrip("/")) + ".jsonl"
         with pytest.raises(OSError):
             os.stat(etc / "boom")
-        (entry,) = json.loads(rofs("status", "--json", etc, code=1))
+        (entry,) = json.loads(rofs_out("status", "--json", etc, code=1))
         assert entry["internal_errors"] == 1
         daemon.proc.kill()
         daemon.proc.wait()
-        assert "dead: the daemon is gone" in rofs("status", etc, code=1)
+        assert "dead: the daemon is gone" in rofs_out("status", etc, code=1)
     finally:
         daemon.stop()
-    assert rofs("status", etc, code=1) == "%s: not a rofs mount\n" % etc
+    assert rofs_out("status", etc, code=1) == "%s: not a rofs mount\n" % etc
 
 
 def test_typos_fail_and_a_path_inside_a_mount_is_its_mount(over_itself, tmp_path):
@@ -257,7 +245,7 @@ def test_typos_fail_and_a_path_inside_a_mount_is_its_mount(over_itself, tmp_path
         assert result.stdout == "reverted %s/hosts\nunchanged %s/passwd\n" % (etc, etc)
         assert result.stderr == ("rofs revert: error: %s/hots: no such file or directory in "
                                  "the lower layer or the state\n" % etc)
-        status = rofs("status", etc / "ssh")
+        status = rofs_out("status", etc / "ssh")
         assert status.startswith("%s/ssh is inside the rofs mount %s:\n%s: live"
                                  % (etc, etc, etc))
     result = run("revert", "--state", state, etc / "nope")

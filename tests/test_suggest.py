@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from helpers import ROFS, RofsProcess, view
 
-from rofs.policy import Class, load
+from rofs.store.policy import Class, load
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(shutil.which("git") is None, reason="git is missing")]

@@ -84,7 +84,7 @@ def test_unit_start_notifies_only_once_live_and_stop_unmounts(tmp_path):
     logged = (tmp_path / "output").read_text()
     assert "Traceback" not in logged
     # journald reads each line's priority from its "<N>" prefix
-    assert "<6>rofs: INFO rofs.mount: mounted %s" % mnt in logged
+    assert "<6>rofs: INFO rofs.daemon.serve: mounted %s" % mnt in logged
     assert all(line.startswith("<") for line in logged.splitlines()), logged
 
 

@@ -7,21 +7,14 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import ROFS, RofsProcess
+from helpers import RofsProcess, run_rofs
 
-from rofs import state
-from rofs.policy import Class, load
-from rofs.report import load_events
-from rofs.writelog import ProcessCache, WriteLog
+from rofs.commands.report import load_events
+from rofs.store import state
+from rofs.store.policy import Class, load
+from rofs.store.writelog import ProcessCache, WriteLog
 
 pytestmark = pytest.mark.fuse
-
-
-def rofs(*args, check=True):
-    result = subprocess.run(ROFS + list(args), capture_output=True, text=True, timeout=60)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def events_of(state_dir):
@@ -113,7 +106,7 @@ def test_process_cache_notices_a_new_process_behind_the_same_pid(monkeypatch):
     me = cache.info(os.getpid())
     assert me[1] == os.fsencode(os.readlink("/proc/self/exe"))
     # Pretend time passed and the pid now belongs to a process with another start time.
-    from rofs import writelog
+    from rofs.store import writelog
     monkeypatch.setattr(writelog, "RECHECK_SECONDS", -1)
     monkeypatch.setattr(writelog, "_start_time", lambda pid: b"other")
     new = (b"new", b"/bin/new", [b"new"], None)
@@ -175,18 +168,18 @@ def test_learn_run_report_and_suggested_policy(tmp_path, etc_copy):
     with RofsProcess(str(etc), str(learn_state), str(lower), ("--policy", str(learn_policy))):
         workload(root, etc / "scratch")
 
-    report = rofs("report", str(learn_state)).stdout
+    report = run_rofs("report", str(learn_state)).stdout
     for program in ("/usr/sbin/useradd (useradd)", "/usr/bin/sed (sed)",
                     "/usr/bin/ssh-keygen (ssh-keygen)", "(mkdir)", "(sh)"):
         assert program in report, report
     for path in ("/passwd", "/shadow", "/group", "/hosts", "/ssh/ssh_host_rofs_key",
                  "/scratch/run/stamp"):
         assert str(etc) + path + "  " in report, report
-    data = json.loads(rofs("report", "--json", str(learn_state)).stdout)
+    data = json.loads(run_rofs("report", "--json", str(learn_state)).stdout)
     sed = next(p for p in data["programs"] if p["names"] == ["sed"])
     assert str(etc / "hosts") in sed["paths"] and sed["refused"] == 0
 
-    suggested = rofs("report", "--suggest", str(learn_state)).stdout
+    suggested = run_rofs("report", "--suggest", str(learn_state)).stdout
     policy = tmp_path / "suggested.policy"
     policy.write_text(suggested)
     parsed = load(str(etc), str(lower), policy_file=str(policy))
@@ -228,13 +221,13 @@ def test_report_merges_the_logs_of_several_hosts(tmp_path):
                     "result": "ok", "class": "persistent", "rule": None}) + "\n")
         with open(tmp_path / ("%s.jsonl" % host), "a") as f:
             f.write('{"t": 1, "cut short')  # a crash in the middle of a line
-    text = rofs("report", str(tmp_path / "web1.jsonl"), str(tmp_path / "web2.jsonl")).stdout
+    text = run_rofs("report", str(tmp_path / "web1.jsonl"), str(tmp_path / "web2.jsonl")).stdout
     assert text.startswith("6 changes and 0 refused writes by 1 program on 2 hosts, from 2 "
                            "log files\n")
     assert "2 log lines were not events (cut short?) and were skipped" in text
     assert "/usr/bin/sed (sed): 6 changes" in text and "hosts web1, web2" in text
     assert "/etc/hosts  rename (target) x6" in text
-    data = json.loads(rofs("report", "--json", str(tmp_path)).stdout)
+    data = json.loads(run_rofs("report", "--json", str(tmp_path)).stdout)
     (sed,) = data["programs"]
     assert sed["first"] == 50.0 and sed["last"] == 102.0 and sed["hosts"] == ["web1", "web2"]
 
@@ -255,7 +248,7 @@ def test_report_names_scripts_summarizes_and_ignores(tmp_path):
         subprocess.run([str(script), str(mnt)], check=True)
         subprocess.run(["sh", "-c", "echo a > %s/.git/objects/a && echo b > %s/.git/HEAD"
                         % (mnt, mnt)], check=True)
-    report = rofs("report", "--state", str(st)).stdout
+    report = run_rofs("report", "--state", str(st)).stdout
     m = str(mnt)
     lines = report.splitlines()
     assert lines[0] == "3 changes and 0 refused writes by 2 programs on 1 host, from 1 " \
@@ -265,25 +258,25 @@ def test_report_names_scripts_summarizes_and_ignores(tmp_path):
     assert re.search(r"^ +1 +0  %s \(update-ca-certificates\)$" % re.escape(str(script)),
                      report, re.M), report
     assert re.search(r"^ +2 +0  %s/\.git$" % re.escape(m), report, re.M), report
-    ignored = rofs("report", "--ignore", m + "/.git/**", str(st)).stdout
+    ignored = run_rofs("report", "--ignore", m + "/.git/**", str(st)).stdout
     assert m + "/.git" not in ignored and m + "/ssl/ca.pem  create" in ignored
     assert "2 events left out by the exceptions list and --ignore" in ignored
     patterns = tmp_path / "ignore"
     patterns.write_text("# per-machine churn\n%s/*/objects\n" % m)
-    ignored = rofs("report", "--ignore-file", str(patterns), str(st)).stdout
+    ignored = run_rofs("report", "--ignore-file", str(patterns), str(st)).stdout
     assert m + "/.git/objects" not in ignored and m + "/.git/HEAD" in ignored
-    summary = rofs("report", "--summary", str(st)).stdout
+    summary = run_rofs("report", "--summary", str(st)).stdout
     assert "By directory:" in summary and "    " + m + "/ssl/ca.pem" not in summary
     # The same patterns for rofs diff, and its summary.
-    diff = rofs("diff", "--ignore", m + "/.git", "--state", str(st)).stdout
+    diff = run_rofs("diff", "--ignore", m + "/.git", "--state", str(st)).stdout
     assert diff == "A %s/ssl/ca.pem\n" % m
-    diff = rofs("diff", "--summary", str(st)).stdout.splitlines()
+    diff = run_rofs("diff", "--summary", str(st)).stdout.splitlines()
     assert diff[0].startswith("3 changes (A added") and diff[2].split() == [
         "2", "0", "0", "0", m + "/.git"]
 
 
 def test_script_of_interpreters():
-    from rofs.writelog import script_of
+    from rofs.store.writelog import script_of
     assert script_of(b"/usr/bin/dash", [b"/bin/sh", b"-e", b"/usr/sbin/update-ca"]) == \
         b"/usr/sbin/update-ca"
     assert script_of(b"/usr/bin/perl", [b"/usr/bin/perl", b"-w", b"--", b"/usr/sbin/x"]) \
@@ -302,6 +295,6 @@ def test_logs_written_before_names_were_escaped_are_read_the_same(tmp_path):
              "op": "create", "path": "/etc/caf\udce9\nD x", "result": "ok",
              "class": "persistent", "rule": None}
     (tmp_path / "old.jsonl").write_text(json.dumps(event) + "\n")
-    report = rofs("report", str(tmp_path / "old.jsonl")).stdout
+    report = run_rofs("report", str(tmp_path / "old.jsonl")).stdout
     assert "    /etc/caf\\xe9\\x0aD\\x20x  create\n" in report
     assert "/usr/sbin/update-ca (update-ca): 1 change," in report

@@ -4,12 +4,15 @@ pyfuse3).  Knows nothing about overlays.
 - `rofs.fuse.proto`: the structures and constants of <linux/fuse.h>;
 - `rofs.fuse.mount`: mount(2) as root, fusermount3 for other users; unmounting;
 - `rofs.fuse.session`: the request loop, and how a handler waits for slow work
-  (`offload`, `Event`) without holding up the others.
+  (`offload`, `Event`; for a model that must not import the protocol, the same as the
+  `LOOP` object handed to it) without holding up the others.
 """
 
 from rofs.fuse.session import (
+    LOOP,
     Event,
     FuseError,
+    Loop,
     Operations,
     Request,
     Session,
@@ -18,5 +21,5 @@ from rofs.fuse.session import (
     run_inline,
 )
 
-__all__ = ["Event", "FuseError", "Operations", "Request", "Session", "SetAttr", "offload",
-           "run_inline"]
+__all__ = ["LOOP", "Event", "FuseError", "Loop", "Operations", "Request", "Session",
+           "SetAttr", "offload", "run_inline"]

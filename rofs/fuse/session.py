@@ -130,6 +130,26 @@ class _Wait:
             yield self
 
 
+class Loop:
+    """What the request loop offers the coroutines of a filesystem's model, which may
+    then know nothing of this protocol: `await loop.offload(fn, *args)` runs fn(*args)
+    on a worker thread while the loop serves other requests; `loop.event()` is an Event
+    that coroutines wait on (`await event.wait()`) until one sets it."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def offload(fn: Callable, *args) -> Offload:
+        return Offload(fn, *args)
+
+    @staticmethod
+    def event() -> Event:
+        return Event()
+
+
+LOOP = Loop()  # the one the Session and run_inline serve
+
+
 def run_inline(*coros):
     """Run coroutines to their ends on this thread (tests, and callers outside the
     loop), taking turns at each await; offloaded work runs inline.  Returns the value

@@ -1,13 +1,15 @@
 """The merged view: kernel-overlayfs semantics over a lower and an upper directory.
 
-This module knows nothing of the FUSE protocol; it works on two directory descriptors
-and can be driven directly in tests (`rofs.fuse.run_inline` runs its coroutines).
+This package knows nothing of the FUSE protocol; it works on two directory descriptors.
+What it needs of the request loop (work offloaded to a thread, an event to wait on)
+comes in as `loop` (rofs.fuse.Loop's interface), so it can be driven directly in tests
+(`rofs.fuse.run_inline` runs its coroutines).
 
 Concurrency.  All methods run on one thread (the FUSE loop's, rofs.fuse.session).
 Synchronous methods and the synchronous stretches of the async ones are atomic with
 respect to every other request: nothing else runs until the next `await`.  The only
 awaits are the slow parts of a copy-up (data copy, fsync) and fsync requests, which run
-on worker threads (`offload`).  So:
+on worker threads (`loop.offload`).  So:
 - after an await, everything resolved before it (nodes, names, descriptors) is checked
   again before it is used;
 - a copy-up of one node happens once: concurrent requests wait for the one in flight
@@ -30,11 +32,7 @@ import os
 import resource
 import stat
 
-from rofs import origin
 from rofs._sys import FS_APPEND_FL, FS_IMMUTABLE_FL, get_inode_flags, set_inode_flags
-from rofs.fuse import Event
-from rofs.inodes import ROOT_INO, Node, NodeTable
-from rofs.layers import DirFdCache, LowerLayer, Markers, UpperLayer
 from rofs.overlay.base import (
     LISTING_BUDGET,
     PROTECTION_FLAGS,
@@ -51,7 +49,10 @@ from rofs.overlay.files import Files
 from rofs.overlay.names import Names
 from rofs.overlay.renames import Renames
 from rofs.overlay.view import View
-from rofs.policy import Class, Policy
+from rofs.store import origin
+from rofs.store.inodes import ROOT_INO, Node, NodeTable
+from rofs.store.layers import DirFdCache, LowerLayer, Markers, UpperLayer
+from rofs.store.policy import Class, Policy
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,13 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
 
     def __init__(self, lower_fd: int, upper_fd: int, work_fd: int,
                  markers: Markers | None = None, *, index_fd: int | None = None,
-                 fd_cache_size: int = 4096) -> None:
+                 fd_cache_size: int = 4096, loop) -> None:
         # Descriptors: the directory cache gets a quarter of the limit (at most
         # fd_cache_size), some stay for everything else, and open files get the rest;
         # of those, users other than root may hold all but a reserve, so that however
         # many files they keep open, root can still open, list and change /etc.
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.loop = loop  # the request loop's offload and events (rofs.fuse.Loop)
         self.fds = DirFdCache(max(16, min(fd_cache_size, limit // 4)))
         self.file_limit = max(32, limit - self.fds.capacity - 64 - limit // 32)
         self.user_file_limit = self.file_limit - max(16, self.file_limit // 8)
@@ -80,7 +82,7 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
         self.upper = UpperLayer(upper_fd, work_fd, markers or Markers())
         self.markers = self.upper.markers
         self.upper.index_fd = index_fd
-        # The base store (rofs/origin.py), where copy-ups keep the text a later merge
+        # The base store (rofs/store/origin.py), where copy-ups keep the text a later merge
         # with a new image needs; None: kept nowhere.
         self.base_writer: origin.BaseWriter | None = None
         self.table = NodeTable(self.lower.dev, self.upper.dev)
@@ -89,7 +91,7 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
                          backing=("U", root_st.st_dev, root_st.st_ino))
         self.root.lookups = 1
         self.table.add_root(self.root)
-        self._copying: dict[int, Event] = {}
+        self._copying: dict = {}  # inode -> the event its copy-up sets when done
         self.failures_after_commit = 0  # see _after_commit
         # Durability (rofs/overlay/durable.py): directories whose entries changed since
         # the last batch of fsyncs, (st_dev, st_ino) -> a descriptor of each; moved

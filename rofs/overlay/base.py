@@ -8,7 +8,7 @@ import inspect
 import os
 
 from rofs._sys import FS_APPEND_FL, FS_IMMUTABLE_FL, FS_NOATIME_FL, FS_NODUMP_FL, FS_SYNC_FL
-from rofs.inodes import Node
+from rofs.store.inodes import Node
 
 PROTECTION_FLAGS = FS_IMMUTABLE_FL | FS_APPEND_FL
 # Inode flags a copy-up carries to the upper inode itself, as kernel overlayfs does.

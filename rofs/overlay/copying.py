@@ -7,12 +7,12 @@ import logging
 import os
 import stat
 
-from rofs import copyup, crash, origin
+from rofs import crash
 from rofs._sys import FS_APPEND_FL, FS_IMMUTABLE_FL, RENAME_NOREPLACE, add_inode_flags, renameat2
-from rofs.fuse import Event, offload
-from rofs.inodes import Node
-from rofs.layers import UpperLayer
 from rofs.overlay.base import COPIED_FLAGS, INLINE_COPY, PROTECTION_FLAGS, _err, _index_key
+from rofs.store import copyup, origin
+from rofs.store.inodes import Node
+from rofs.store.layers import UpperLayer
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class CopyUp:
                 continue
             if not node.links:
                 raise _err(errno.ENOENT)
-            done = Event()
+            done = self.loop.event()
             self._copying[node.ino] = done
             try:
                 return await self._copy_up_file(node, data_limit, keep)
@@ -118,7 +118,7 @@ class CopyUp:
         self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
 
     async def _origin(self, node: Node, st: os.stat_result) -> bytes:
-        """The origin marker of a copy-up of `node` (rofs/origin.py): its lower object's
+        """The origin marker of a copy-up of `node` (rofs/store/origin.py): its lower object's
         metadata, content digest (read in a worker thread past BASE_LIMIT; a text file
         up to it is kept in the base store) and xattrs."""
         private = self.markers.is_private
@@ -129,7 +129,8 @@ class CopyUp:
         fd = self.lower.open(node.lower)
         try:
             if st.st_size > origin.BASE_LIMIT:
-                found, data = await offload(origin.of_regular, fd, st, node.lower, private)
+                found, data = await self.loop.offload(origin.of_regular, fd, st, node.lower,
+                                                      private)
             else:
                 found, data = origin.of_regular(fd, st, node.lower, private)
         finally:
@@ -258,7 +259,7 @@ class CopyUp:
                           | os.O_CLOEXEC, 0o600, dir_fd=layer.work_fd)
             try:
                 if size > INLINE_COPY:
-                    await offload(copyup.copy_data, src, dst, size)
+                    await self.loop.offload(copyup.copy_data, src, dst, size)
                 elif size:
                     copyup.copy_data(src, dst, size)
                 # Metadata after the data: writing drops file capabilities.
@@ -266,7 +267,7 @@ class CopyUp:
                                  self.lower.xattr_path(node.lower), extra=extra)
                 if flags:
                     add_inode_flags(dst, flags)
-                await offload(os.fsync, dst)
+                await self.loop.offload(os.fsync, dst)
             except BaseException:
                 os.close(dst)
                 raise

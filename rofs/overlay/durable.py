@@ -24,9 +24,8 @@ import errno
 import logging
 import os
 
-from rofs.fuse import Event, offload
-from rofs.layers import UpperLayer
 from rofs.overlay.base import _err
+from rofs.store.layers import UpperLayer
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,8 @@ log = logging.getLogger(__name__)
 class _Batch:
     __slots__ = ("done", "error")
 
-    def __init__(self) -> None:
-        self.done = Event()
+    def __init__(self, done) -> None:
+        self.done = done  # an event of the loop's, set when the batch is on disk
         self.error: OSError | None = None
 
 
@@ -104,7 +103,7 @@ class Durable:
         fds = [*self._unsynced.values(), *self._unsynced_objects]
         self._unsynced.clear()
         self._unsynced_objects.clear()
-        batch = _Batch()
+        batch = _Batch(self.loop.event())
         previous, self._sync_tail = self._sync_tail, batch
         return self._run_batch(fds, previous, batch, strict)
 
@@ -112,7 +111,7 @@ class Durable:
                          batch: _Batch, strict: bool) -> None:
         try:
             if fds:
-                await offload(_fsync_all, fds)
+                await self.loop.offload(_fsync_all, fds)
         except OSError as e:
             batch.error = e
             self.sync_failures += 1
@@ -135,7 +134,7 @@ class Durable:
         if fd is None:
             log.warning("cannot open %r to fsync it before its rename", name)
             return
-        await offload(_fsync_all, [fd])
+        await self.loop.offload(_fsync_all, [fd])
 
 
 def _open_to_sync(dir_fd: int, name: bytes) -> int | None:

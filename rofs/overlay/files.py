@@ -8,8 +8,6 @@ import logging
 import os
 
 from rofs._sys import fallocate
-from rofs.fuse import offload
-from rofs.inodes import NO_FDS, Node
 from rofs.overlay.base import (
     IDLE_READERS,
     NODE_HANDLES,
@@ -18,6 +16,7 @@ from rofs.overlay.base import (
     OpenFile,
     _err,
 )
+from rofs.store.inodes import NO_FDS, Node
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +247,12 @@ class Files:
         source, target = self.handle(fh_in), self.handle(fh_out)
         if target.on_lower:
             raise _err(errno.EBADF)
-        return await offload(os.copy_file_range, source.fd, target.fd, length, off_in,
+        return await self.loop.offload(os.copy_file_range, source.fd, target.fd, length, off_in,
                              off_out)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd = self.handle(fh).fd
-        await offload(os.fdatasync if datasync else os.fsync, fd)
+        await self.loop.offload(os.fdatasync if datasync else os.fsync, fd)
 
     def release(self, fh: int) -> None:
         handle = self.files.pop(fh, None)

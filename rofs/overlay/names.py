@@ -8,11 +8,12 @@ import logging
 import os
 import stat
 
-from rofs import acl, copyup, crash, index, origin
+from rofs import crash
 from rofs._sys import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from rofs.inodes import Node
-from rofs.layers import UpperLayer, is_whiteout, open_listable
 from rofs.overlay.base import FileHandle, _changes_names, _err
+from rofs.store import acl, copyup, index, origin
+from rofs.store.inodes import Node
+from rofs.store.layers import UpperLayer, is_whiteout, open_listable
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Names:
                   umask: int = 0) -> tuple[int, int, int, dict[bytes, bytes]]:
         """Owner, mode and ACL xattrs of a new entry: the caller's owner, or the group of
         a setgid dir; the mode the parent's default ACL leaves, or `mode` less `umask`
-        (see rofs.acl)."""
+        (see rofs.store.acl)."""
         pst = self._stat(parent)
         if pst.st_mode & stat.S_ISGID:
             gid = pst.st_gid
@@ -472,7 +473,7 @@ class Names:
     @_changes_names
     def restore(self, path: tuple[bytes, ...], src_fd: int, src_name: bytes
                 ) -> tuple[int, bytes]:
-        """Put an entry set aside (rofs.attic) back at `path` in the persistent upper
+        """Put an entry set aside (rofs.store.attic) back at `path` in the persistent upper
         layer: src_fd/src_name is renamed there.  Returns the (parent inode, name) entry
         the kernel must forget.
 

@@ -7,12 +7,12 @@ import logging
 import os
 import stat
 
-from rofs import copyup, crash
+from rofs import crash
 from rofs._sys import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
-from rofs.fuse import offload
-from rofs.inodes import Node
-from rofs.layers import UpperLayer, is_whiteout, open_listable
 from rofs.overlay.base import INLINE_COPY, _changes_names, _err, _signature
+from rofs.store import copyup
+from rofs.store.inodes import Node
+from rofs.store.layers import UpperLayer, is_whiteout, open_listable
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,8 @@ class Renames:
             fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                              dir_fd=layer.work_fd)
             try:
-                await offload(copyup.copy_data, fd_in, fd_out, st.st_size)
-                await offload(os.fsync, fd_out)
+                await self.loop.offload(copyup.copy_data, fd_in, fd_out, st.st_size)
+                await self.loop.offload(os.fsync, fd_out)
             finally:
                 os.close(fd_out)
         finally:

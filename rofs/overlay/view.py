@@ -10,11 +10,8 @@ import os
 import stat
 from collections.abc import Iterator
 
-from rofs import acl, copyup, crash
+from rofs import crash
 from rofs._sys import malloc_trim, proc_path
-from rofs.fuse import offload
-from rofs.inodes import Node
-from rofs.layers import UpperLayer, getxattr_or_none, is_whiteout, open_dir_fd, reopen_listable
 from rofs.overlay.base import (
     HASHED_NAMES,
     NAME_MAX,
@@ -26,6 +23,15 @@ from rofs.overlay.base import (
     _index_key,
     _parse_ino,
     _parse_int,
+)
+from rofs.store import acl, copyup
+from rofs.store.inodes import Node
+from rofs.store.layers import (
+    UpperLayer,
+    getxattr_or_none,
+    is_whiteout,
+    open_dir_fd,
+    reopen_listable,
 )
 
 log = logging.getLogger(__name__)
@@ -621,6 +627,6 @@ class View:
         fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                      dir_fd=self.upper_dirfd(node))
         try:
-            await offload(os.fdatasync if datasync else os.fsync, fd)
+            await self.loop.offload(os.fdatasync if datasync else os.fsync, fd)
         finally:
             os.close(fd)

@@ -1,6 +1,6 @@
 """The control socket of a live mount: tools ask the daemon to change its state.
 
-/run/rofs/<hash of the mountpoint>.sock (see rofs.tools.runtime_path), mode 0600 in a
+/run/rofs/<hash of the mountpoint>.sock (see rofs.store.registry.runtime_path), mode 0600 in a
 0700 directory, and only root or the daemon's own user are answered.  One request per
 connection, one JSON line each way:
 
@@ -8,7 +8,7 @@ connection, one JSON line each way:
     {"op": "ping"}                                     ->  {"ok": true, "pid": 1234}
     {"op": "status"}          ->  {"ok": true, "state": ..., "nodes": ..., ...} (rofs status)
     {"op": "restore", "path": [...], "source": "STATE/.rofs/attic/.../tree/..."}
-                              ->  {"ok": true}   (rofs attic --restore; rofs.attic)
+                              ->  {"ok": true}   (rofs attic --restore; rofs.store.attic)
 
 Errors come back as {"ok": false, "error": "..."}.
 """
@@ -23,8 +23,8 @@ import socket
 import struct
 import threading
 
-from rofs.layers import open_listable
-from rofs.names import quote_path
+from rofs.store.layers import open_listable
+from rofs.store.quoting import quote_path
 
 log = logging.getLogger(__name__)
 

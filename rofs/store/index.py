@@ -16,7 +16,7 @@ import os
 import stat
 
 from rofs._sys import RENAME_NOREPLACE, renameat2
-from rofs.layers import UpperLayer, visit_tree
+from rofs.store.layers import UpperLayer, visit_tree
 
 
 def index_name(upper: UpperLayer, dir_fd: int, name: bytes) -> bytes | None:

@@ -1,10 +1,10 @@
 """Scratch paths at mount time: set aside what an older policy saved, lay out rwtab dirs.
 
 Runs before the mount serves anything, on the persistent upper layer directly (the
-scratch layer itself is simply emptied, rofs.state.prepare_scratch):
+scratch layer itself is simply emptied, rofs.store.state.prepare_scratch):
 1. `set_aside`: every upper entry whose path the policy now makes scratch (and that
    holds no path of another class) was saved under an older policy, so it is moved
-   into the attic (rofs.attic), one atomic rename each, never deleted.  The lower
+   into the attic (rofs.store.attic), one atomic rename each, never deleted.  The lower
    layer shows through again.  A directory that holds a persistent or read-only path
    is kept as it is (its metadata, and whether it hides the lower directory's other
    entries); only its other entries move.
@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 import os
 
-from rofs import attic, copyup
 from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
-from rofs.layers import UpperLayer, open_dir_fd, open_listable
-from rofs.names import quote, quote_path
-from rofs.policy import Class, Path, Policy
+from rofs.store import attic, copyup
+from rofs.store.layers import UpperLayer, open_dir_fd, open_listable
+from rofs.store.policy import Class, Path, Policy
+from rofs.store.quoting import quote, quote_path
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import threading
 from dataclasses import dataclass
 
 from rofs._sys import open_noatime, write_all
-from rofs.names import quote, unquote
+from rofs.store.quoting import quote, unquote
 
 log = logging.getLogger(__name__)
 

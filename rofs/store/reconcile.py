@@ -1,7 +1,7 @@
 """Reconcile a host's state with a new image: `rofs reconcile`, and every mount that
 finds the image changed (--on-image-change, docs/image-updates.md).
 
-`rofs diff` tells what each copy is to the image (tools.IMAGE_STATES, from the copy's
+`rofs diff` tells what each copy is to the image (rofs.store.differ.IMAGE_STATES, from the copy's
 origin marker); reconcile acts on the copies the image changed:
 
 - stale (the copy still equals what it was copied from): moved out, so the new image's
@@ -9,10 +9,11 @@ origin marker); reconcile acts on the copies the image changed:
 - metadata (changed here in mode, owner or xattrs only): the new image's content, with
   each of those fields changed here kept and the others (and the mtime) the image's;
 - conflict (content changed on both sides): passwd, group, shadow, gshadow, subuid and
-  subgid merged per entry (merge_accounts); other text merged three-way with merge3
-  against the content at copy-up (the base store, rofs/origin.py); when that merge
-  conflicts, or the file is binary, or its base is gone, the host's file stays and the
-  image's version is written beside it as NAME.rofs-new (as dpkg's .dpkg-dist);
+  subgid merged per entry; other text merged three-way with merge3 against the content
+  at copy-up (the base store, rofs/store/origin.py; the merges, rofs/store/merge.py);
+  when that merge conflicts, or the file is binary, or its base is gone, the host's
+  file stays and the image's version is written beside it as NAME.rofs-new (as dpkg's
+  .dpkg-dist);
 - hides (an opaque directory hides entries the image added, a whiteout an object the
   image changed since): reported; with `unhide` the new entries are copied into the
   directory, the whiteout moved to the attic.
@@ -21,7 +22,7 @@ Afterwards the mount's base store keeps only what some origin still refers to.
 
 Each replacement is one rename of a prepared copy (which carries the new origin, so a
 rerun finds nothing left to do there); what it replaces is first linked into an attic
-set (rofs/attic.py), so `rofs attic` lists it until the admin drops it.  A kill at any
+set (rofs/store/attic.py), so `rofs attic` lists it until the admin drops it.  A kill at any
 point leaves every file old or new; the next run finishes the job.  Every action goes
 into the write log (op `reconcile`), which `rofs report` summarizes per host.
 """
@@ -36,30 +37,18 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from rofs import attic, copyup, crash, origin
+from rofs import crash
 from rofs._sys import RENAME_NOREPLACE, open_noatime, proc_path, renameat2, write_all
-from rofs.layers import UpperLayer, open_below, open_listable, visit_tree
-from rofs.names import count, quote, quote_path
-from rofs.tools import (
-    IMAGE_CHANGED,
-    Change,
-    Differ,
-    Mount,
-    ToolError,
-    _getxattr,
-    locked_upper,
-    record_mount,
-)
+from rofs.store import attic, copyup, merge, origin
+from rofs.store import state as state_mod
+from rofs.store.differ import IMAGE_CHANGED, Change, Differ, read_xattr
+from rofs.store.layers import UpperLayer, open_below, open_listable, remove_tree, visit_tree
+from rofs.store.quoting import quote, quote_path
+from rofs.store.registry import Live, Mount, ToolError
+from rofs.store.writelog import append_events
 
 log = logging.getLogger(__name__)
 
-# What a mount does when it finds the image changed (policy.ON_IMAGE_CHANGE).
-ON_IMAGE_CHANGE = {
-    "reconcile": "reconcile the state with the new image before serving (the default)",
-    "warn": "serve the state as it is and warn: copies hide the new image's versions",
-    "keep": "serve the state as it is, saying so only in `rofs status`",
-}
-DEFAULT_ON_IMAGE_CHANGE = "reconcile"
 NEW_SUFFIX = b".rofs-new"  # the image's version of a file in conflict, beside it
 
 # What reconcile did to a path (the write log's "action").
@@ -73,31 +62,13 @@ ACTIONS = {
     "unhidden": "entries the image added copied into the opaque directory here",
 }
 
-# Account files merged per entry: the name of the id field's index (None: no ids), and
-# whose names left out of the first leave theirs out too.
-ACCOUNTS = {b"passwd": 2, b"group": 2, b"shadow": None, b"gshadow": None}
-SHADOWED_BY = {b"shadow": b"passwd", b"gshadow": b"group"}
-RANGES = (b"subuid", b"subgid")
-
-
-def account_kind(name: bytes) -> bytes | None:
-    """Which account file `name` is (shadow-utils' backups, NAME-, are merged alike)."""
-    kind = name[:-1] if name.endswith(b"-") else name
-    return kind if kind in ACCOUNTS or kind in RANGES else None
-
-
-def _entry_lines(data: bytes) -> bool:
-    """Whether every line of `data` (but blank and # lines) is NAME:FIELDS."""
-    return all(b":" in line for line in data.split(b"\n")
-               if line.strip() and not line.startswith(b"#"))
-
 
 def _order(name: bytes) -> tuple:
     """passwd before shadow, group before gshadow, each before its backup."""
-    kind = account_kind(name)
+    kind = merge.account_kind(name)
     if kind is None:
         return (name, 0, b"")
-    return (SHADOWED_BY.get(kind, kind), kind in SHADOWED_BY, name)
+    return (merge.SHADOWED_BY.get(kind, kind), kind in merge.SHADOWED_BY, name)
 
 
 @dataclass
@@ -141,151 +112,6 @@ class Result:
 
 
 # ---------------------------------------------------------------- merges
-
-
-def _lines(data: bytes) -> list[bytes]:
-    return data.splitlines(True)
-
-
-def merge_text(base: bytes, here: bytes, new: bytes) -> bytes | None:
-    """A three-way line merge (merge3, the merge of bzr/Breezy: no git needed on the
-    host, and in memory); None when the changes overlap.  ImportError without merge3
-    (rofs itself needs only the standard library: only this merge needs it)."""
-    import merge3
-    m = merge3.Merge3(_lines(base), _lines(here), _lines(new))
-    out = []
-    for group in m.merge_groups():
-        if group[0] == "conflict":
-            return None
-        out += group[1]
-    return b"".join(out)
-
-
-def _entries(data: bytes) -> tuple[list[tuple[bytes | None, bytes]], dict[bytes, list[bytes]]]:
-    """The lines of an account file, each with its entry's name (None for a line that
-    is no entry), and the entries by name (fields)."""
-    lines, by_name = [], {}
-    for line in data.split(b"\n"):
-        if b":" in line and not line.startswith(b"#"):
-            fields = line.split(b":")
-            if fields[0] and fields[0] not in by_name:
-                by_name[fields[0]] = fields
-                lines.append((fields[0], line))
-                continue
-        lines.append((None, line))
-    if lines and lines[-1] == (None, b""):
-        lines.pop()
-    return lines, by_name
-
-
-def merge_accounts(kind: bytes, base: bytes, here: bytes, new: bytes,
-                   left_out: set[bytes]) -> tuple[bytes, list[str]]:
-    """passwd, group, shadow or gshadow merged per entry, keyed by name: the image's new
-    entries appear, the host's stay, a field changed here wins, the image's changes to
-    fields not changed here are taken, an entry the image removed goes unless changed
-    here.  An entry the image added whose id another entry here already has is left out
-    (a conflict, never a duplicate id); its name joins `left_out`, and the shadow file
-    leaves it out too.  Returns the merged file and the conflicts."""
-    id_field = ACCOUNTS[kind]
-    _, b = _entries(base)
-    here_lines, h = _entries(here)
-    new_lines, n = _entries(new)
-    conflicts: list[str] = []
-    what = {b"passwd": "user", b"shadow": "user", b"group": "group",
-            b"gshadow": "group"}[kind]
-    out: list[tuple[bytes | None, bytes]] = []
-    for name, line in here_lines:
-        if name is None:
-            out.append((None, line))
-            continue
-        hf, bf, nf = h[name], b.get(name), n.get(name)
-        if bf is None:
-            if nf is not None and nf != hf:
-                conflicts.append("%s %s: added here and by the image, differently; this "
-                                 "host's kept" % (what, quote(name)))
-            out.append((name, line))
-        elif nf is None:
-            if hf != bf:
-                conflicts.append("%s %s: removed by the image, changed here; kept"
-                                 % (what, quote(name)))
-                out.append((name, line))
-        elif len(hf) != len(bf) or len(nf) != len(bf):
-            out.append((name, line))
-            if nf != bf:
-                conflicts.append("%s %s: fields added or removed; this host's kept"
-                                 % (what, quote(name)))
-        else:
-            merged = []
-            for i, (x, y, z) in enumerate(zip(hf, bf, nf, strict=True)):
-                if x != y and z != y and x != z:
-                    conflicts.append("%s %s: field %d changed here and by the image; this "
-                                     "host's kept" % (what, quote(name), i + 1))
-                merged.append(x if x != y else z)
-            out.append((name, b":".join(merged)))
-    ids = {h[name][id_field]: name for name, _ in out
-           if name is not None and id_field is not None and len(h[name]) > id_field}
-    present = {name for name, _ in out if name is not None}
-    # The image's new entries, each after the entry before it in the image's file.
-    previous: bytes | None = None
-    for name, line in new_lines:
-        if name is None:
-            continue
-        if name in b or name in present or name in h:
-            previous = name
-            continue
-        if name in left_out:
-            continue
-        fields = n[name]
-        if id_field is not None and len(fields) > id_field and fields[id_field] in ids:
-            conflicts.append("%s %s of the image has id %s, which %s %s has here: left "
-                             "out" % (what, quote(name), fields[id_field].decode(
-                                 errors="replace"), what, quote(ids[fields[id_field]])))
-            left_out.add(name)
-            continue
-        at = 0  # (first in the image's file: first here too)
-        if previous is not None:
-            at = next((i + 1 for i, (nm, _) in enumerate(out) if nm == previous), len(out))
-        out.insert(at, (name, line))
-        present.add(name)
-        if id_field is not None and len(fields) > id_field:
-            ids[fields[id_field]] = name
-        previous = name
-    return b"".join(line + b"\n" for _, line in out), conflicts
-
-
-def merge_ranges(base: bytes, here: bytes, new: bytes) -> tuple[bytes, list[str]]:
-    """subuid/subgid (NAME:START:COUNT, a name may have several): the image's new lines
-    appear unless they overlap a range another name has here, lines the image removed go
-    unless this host has them anew, the host's stay."""
-    b = set(base.splitlines())
-    n = set(new.splitlines())
-    lines = [line for line in here.splitlines() if not (line in b and line not in n)]
-    conflicts = []
-
-    def span(line: bytes):
-        parts = line.split(b":")
-        try:
-            return parts[0], int(parts[1]), int(parts[1]) + int(parts[2])
-        except (IndexError, ValueError):
-            return None
-
-    have = set(lines)
-    spans = [x for x in map(span, lines) if x is not None]
-    for line in new.splitlines():
-        if line in b or line in have:
-            continue
-        mine = span(line)
-        clash = next((o for o in spans if mine and o[0] != mine[0] and o[1] < mine[2] and
-                      mine[1] < o[2]), None) if mine else None
-        if clash is not None:
-            conflicts.append("range %s of the image overlaps one of %s here: left out"
-                             % (quote(line), quote(clash[0])))
-            continue
-        lines.append(line)
-        have.add(line)
-        if mine:
-            spans.append(mine)
-    return b"".join(line + b"\n" for line in lines), conflicts
 
 
 # ---------------------------------------------------------------- reconcile
@@ -349,7 +175,7 @@ class Reconciler:
         used = set()
 
         def visit(fd: int, name: bytes, st) -> None:
-            recorded = origin.parse(_getxattr(proc_path(fd, name), self.markers.origin))
+            recorded = origin.parse(read_xattr(proc_path(fd, name), self.markers.origin))
             if recorded is not None:
                 used.add(recorded.content)
 
@@ -403,11 +229,11 @@ class Reconciler:
                     self._synced(parent)
                     crash.point("reconcile:replaced")
                 self._act(change, "took", "unchanged here since its copy-up" + (
-                    "; the image removed it" if lst is None else "" if _kind(lst) == _kind(st)
-                    else "; the image's is a %s now" % _kind(lst)))
-            elif lst is None or _kind(lst) != _kind(st):
+                    "; the image removed it" if lst is None else "" if kind_of(lst) == kind_of(st)
+                    else "; the image's is a %s now" % kind_of(lst)))
+            elif lst is None or kind_of(lst) != kind_of(st):
                 self._act(change, "kept", "changed here; the image removed it" if lst is None
-                          else "changed here; the image's is a %s now" % _kind(lst))
+                          else "changed here; the image's is a %s now" % kind_of(lst))
             elif change.image == "metadata":
                 fields = self._replace(change, parent, name, st, lower, lst, None)
                 self._act(change, "merged", "the image's content, with the %s changed here"
@@ -436,11 +262,11 @@ class Reconciler:
     # -- files
 
     def _conflict(self, change, parent, name, st, here, lower, lst) -> None:
-        recorded = origin.parse(_getxattr(here, self.markers.origin))
+        recorded = origin.parse(read_xattr(here, self.markers.origin))
         base = origin.base(self.bases, recorded.content) if recorded else None
         merged, conflicts = None, []
         if not stat.S_ISREG(st.st_mode):
-            why = "a %s changed on both sides" % _kind(st)
+            why = "a %s changed on both sides" % kind_of(st)
         elif base is None:
             why = "its content at copy-up is not known (no base kept)"
         elif max(st.st_size, lst.st_size) > origin.BASE_LIMIT:
@@ -449,19 +275,19 @@ class Reconciler:
             mine, theirs = _read(here), _read(lower)
             why = "binary"
             if b"\0" not in mine and b"\0" not in theirs:
-                kind = account_kind(name)
-                if not all(map(_entry_lines, (base, mine, theirs))):
+                kind = merge.account_kind(name)
+                if not all(map(merge.entry_lines, (base, mine, theirs))):
                     kind = None  # named like one, but no account file: merged as text
-                if kind in ACCOUNTS:
-                    source = SHADOWED_BY.get(kind, kind) + name[len(kind):]
-                    merged, conflicts = merge_accounts(
+                if kind in merge.ACCOUNTS:
+                    source = merge.SHADOWED_BY.get(kind, kind) + name[len(kind):]
+                    merged, conflicts = merge.merge_accounts(
                         kind, base, mine, theirs,
                         self.left_out.setdefault(change.rel[:-1] + (source,), set()))
-                elif kind in RANGES:
-                    merged, conflicts = merge_ranges(base, mine, theirs)
+                elif kind in merge.RANGES:
+                    merged, conflicts = merge.merge_ranges(base, mine, theirs)
                 else:
                     try:
-                        merged = merge_text(base, mine, theirs)
+                        merged = merge.merge_text(base, mine, theirs)
                         why = "the changes here and the image's overlap"
                     except ImportError:
                         why = "no text merge: merge3 is not installed (pip install merge3)"
@@ -483,7 +309,7 @@ class Reconciler:
         """Put a new copy at parent/name: the image's object (`content` instead of its
         data, when given), with the metadata fields changed here kept; returns those."""
         here = proc_path(parent, name)
-        recorded = origin.parse(_getxattr(here, self.markers.origin))
+        recorded = origin.parse(read_xattr(here, self.markers.origin))
         mine = origin.describe(here, self.markers.is_private)
         chosen, kept = _fields(recorded, mine, lst)
         if content is not None:
@@ -579,7 +405,7 @@ class Reconciler:
         out = {}
         for n in _listxattr(path):
             if self.markers.is_private(n) and n != self.markers.origin:
-                value = _getxattr(path, n)
+                value = read_xattr(path, n)
                 if value is not None:
                     out[n] = value
         return out
@@ -592,7 +418,7 @@ class Reconciler:
         if lst is None or not stat.S_ISDIR(lst.st_mode):
             self._act(change, "kept", "the image has no directory here now")
             return
-        recorded = origin.parse(_getxattr(here, self.markers.origin))
+        recorded = origin.parse(read_xattr(here, self.markers.origin))
         mine = origin.describe(here, self.markers.is_private)
         chosen, kept = _fields(recorded, mine, lst)
         chosen.st_mtime_ns = os.lstat(here).st_mtime_ns
@@ -615,7 +441,7 @@ class Reconciler:
         if not self.unhide:
             self._act(change, "hidden", "deleted here; the image changed it since (a %s "
                       "now), which the deletion hides (reconcile --unhide shows it)"
-                      % _kind(lst))
+                      % kind_of(lst))
             return
         if not self.dry_run:
             self.aside.move(change.rel)
@@ -643,7 +469,7 @@ class Reconciler:
             # The listing it hides is now the image's.
             found = origin.listed(os.listdir(lower))
             if found is not None and self._keep(*found):
-                recorded = origin.parse(_getxattr(here, self.markers.origin))
+                recorded = origin.parse(read_xattr(here, self.markers.origin))
                 os.setxattr(here, self.markers.origin, dataclasses.replace(
                     recorded, content=found[0]).encode(), follow_symlinks=False)
             self._synced(parent)
@@ -715,7 +541,7 @@ def _fields(recorded: origin.Origin | None, mine: origin.Origin, lst
                            st_atime_ns=lst.st_atime_ns, st_mtime_ns=lst.st_mtime_ns), kept
 
 
-def _kind(st) -> str:
+def kind_of(st) -> str:
     return origin.kind_of(st.st_mode).decode()
 
 
@@ -765,7 +591,6 @@ def _new_file(dir_fd: int, name: bytes, *, copy_of: bytes | None = None, size: i
 
 
 def _discard(work: int, name: bytes) -> None:
-    from rofs.layers import remove_tree
     try:
         remove_tree(work, name)
     except FileNotFoundError:
@@ -775,47 +600,8 @@ def _discard(work: int, name: bytes) -> None:
 # ---------------------------------------------------------------- entry points
 
 
-def reconcile_state(state: str, path: str | None, *, lower: str | None = None,
-                    dry_run: bool = False, unhide: bool = False) -> list[Result]:
-    """`rofs reconcile`: every mount of a state dir (or the one holding `path`), which
-    must be unmounted unless `dry_run`."""
-    from rofs.tools import _use_lower, mount_for, mounts
-    selected = [(m, ()) for m in mounts(state)] if path is None else [mount_for(state, path)]
-    if lower is not None:
-        _use_lower([m for m, _ in selected], lower, "name a PATH to say which one")
-    results = []
-    for mount, rel in selected:
-        if mount.live is not None and not dry_run:
-            raise ToolError("%s is mounted (at %s): unmount it to reconcile, or let its "
-                            "next mount do it (--on-image-change reconcile, the default); "
-                            "--dry-run shows what it would do"
-                            % (state, quote(mount.mountpoint)))
-        lock = None if dry_run else locked_upper(mount)
-        try:
-            r = Reconciler(mount, dry_run=dry_run, unhide=unhide)
-            try:
-                results.append(r.run(rel))
-            finally:
-                r.close()
-        finally:
-            if lock is not None:
-                os.close(lock)
-        if not dry_run:
-            log_actions(mount, results[-1])
-            if lower is None and not rel:
-                # Reconciled with the lower its mount records: the next mount has
-                # nothing left to reconcile.
-                fingerprint = origin.fingerprint(mount.lower)
-                if fingerprint is not None:
-                    record_mount(mount.state, mount.mountpoint, mount.lower, mount.overlay,
-                                 fingerprint)
-    return results
-
-
 def log_actions(mount: Mount, result: Result) -> None:
     """The actions, in the mount's write log (op `reconcile`)."""
-    from rofs import state as state_mod
-    from rofs.writelog import append_events
     if not result.actions:
         return
     try:
@@ -831,7 +617,6 @@ def at_mount(state: str, mountpoint: str, lower: str, overlay, lower_fd: int, wo
     """Reconcile at a mount (the mount holds the upper layer's lock): the lower through
     the mount's own descriptor.  Failures are logged, the state stays (each file old or
     new), and None tells the mount to try again next time."""
-    from rofs.tools import Live
     mount = Mount(state, mountpoint, lower, Live(os.getpid(), lower_fd, ""), overlay)
     try:
         r = Reconciler(mount, work_fd=work_fd)
@@ -852,22 +637,4 @@ def at_mount(state: str, mountpoint: str, lower: str, overlay, lower_fd: int, wo
         log_actions(mount, result)
     return result
 
-
-def render(results: list[Result], as_json: bool) -> str:
-    import json
-    if as_json:
-        return json.dumps([{"mountpoint": r.mountpoint, "dry_run": r.dry_run,
-                            "attic": os.path.basename(r.attic) if r.attic else None,
-                            "counts": r.counts(),
-                            "actions": [a.as_dict() for a in r.actions]}
-                           for r in results], indent=1) + "\n"
-    lines = []
-    for r in results:
-        lines += [a.line() for a in r.actions]
-        lines.append(r.summary())
-    conflicts = sum(r.counts().get("conflict", 0) for r in results)
-    if conflicts:
-        lines.append("%s: resolve each by hand (its NAME.rofs-new is the image's "
-                     "version), then remove NAME.rofs-new" % count(conflicts, "conflict"))
-    return "\n".join(lines) + "\n"
 

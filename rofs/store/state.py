@@ -5,7 +5,7 @@
                                                 version, and which markers it uses
     STATE/.rofs/work/<mountpoint ...>/          the work dir of that mount (same fs)
     STATE/.rofs/index/<mountpoint ...>/         copied-up lower hard links (same fs)
-    STATE/.rofs/log/<mountpoint ...>.jsonl      the write log (rofs.writelog)
+    STATE/.rofs/log/<mountpoint ...>.jsonl      the write log (rofs.store.writelog)
 
 See docs/state-format.md.  Everything that can be wrong with a state dir is checked
 before the mount, and a failed check leaves nothing behind that it created.
@@ -19,9 +19,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from rofs import copyup
 from rofs._sys import RENAME_WHITEOUT, open_read_only_tree, proc_path, renameat2
-from rofs.layers import Markers, UpperLayer, remove_path
+from rofs.store import copyup
+from rofs.store.layers import Markers, UpperLayer, remove_path
 
 FORMAT_VERSION = 1
 FORMAT_FILE = "format"
@@ -46,7 +46,7 @@ class Prepared:
     work_path: str
     markers: Markers
     created: list[str] = field(default_factory=list)
-    moved: object = None  # rofs.attic.Moved: saved changes set aside at this mount
+    moved: object = None  # rofs.store.attic.Moved: saved changes set aside at this mount
     # Whether the lower tree differs from the one the last mount recorded (an image
     # update): None when unknown (a first mount, or a lower too big to fingerprint).
     image_changed: bool | None = None
@@ -55,8 +55,8 @@ class Prepared:
     scratch_work_fd: int = -1
     scratch_index_fd: int = -1
     scratch_path: str = ""
-    bases_fd: int = -1  # the base store (rofs/origin.py)
-    reconciled: object = None  # rofs.reconcile.Result of a reconcile at this mount
+    bases_fd: int = -1  # the base store (rofs/store/origin.py)
+    reconciled: object = None  # rofs.store.reconcile.Result of a reconcile at this mount
 
     def close(self) -> None:
         for fd in (self.index_fd, self.work_fd, self.upper_fd, self.lower_fd, self.lock_fd,
@@ -103,7 +103,7 @@ def layer_paths(state: str, mountpoint: str,
 
 
 def bases_dir(state: str, mountpoint: str) -> str:
-    """The base store of a mount (rofs/origin.py): one per mount, so that a reconcile,
+    """The base store of a mount (rofs/store/origin.py): one per mount, so that a reconcile,
     which holds that mount's lock, can drop what no origin of the mount refers to."""
     return os.path.join(state, PRIVATE_DIR, "bases", mount_name(mountpoint))
 

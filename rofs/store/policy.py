@@ -15,7 +15,7 @@ system sees them; a rule outside the mount is ignored with a note.
 
 Lines end at `\n` only; words are separated by spaces and tabs; a word starting with
 `#` comments out the rest of its line; a class or rwtab line may name several paths;
-paths are in the escaped form of rofs.names (`\x20` for a space), the form every rofs
+paths are in the escaped form of rofs.store.quoting (`\x20` for a space), the form every rofs
 command prints, so a name can never be read as syntax.  Parsing is strict: a malformed
 line is an error naming the file and the line, and nothing is mounted.
 """
@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from rofs.names import quote, unquote
+from rofs.store.quoting import quote, unquote
 
 Path = tuple[bytes, ...]  # components below the mount; () is the mount itself
 
@@ -74,7 +74,7 @@ class Policy:
     default: Class = Class.PERSISTENT
     rules: dict[Path, Rule] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # rules ignored, and why
-    # What a mount does when the image changed (rofs.reconcile.ON_IMAGE_CHANGE); None:
+    # What a mount does when the image changed (rofs.store.reconcile.ON_IMAGE_CHANGE); None:
     # not said here (the command line's, else the default).
     on_image_change: str | None = None
     _depth: int | None = field(default=None, repr=False, compare=False)
@@ -155,7 +155,7 @@ _WORD = re.compile(r"[^ \t]+")
 def _lines(path: str):
     """(line number, words) of the meaningful lines of a config file: lines end at
     `\n` only, a `#` starting a word comments out the rest of the line, and words are
-    in the escaped form of rofs.names (checked by the callers that read paths)."""
+    in the escaped form of rofs.store.quoting (checked by the callers that read paths)."""
     try:
         with open(path, "rb") as f:
             data = f.read()

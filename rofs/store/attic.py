@@ -11,13 +11,14 @@ policy), the mount moves them here instead of deleting them, and says so:
 format (files, whiteouts, opaque and redirected directories, markers and all); the
 directories above them are plain directories with the owner, mode and markers of the
 upper directories they came from.  `info.json` says when, why, and which paths (escaped
-as rofs.names writes them).  ID is the UTC time of the move, `YYYYmmddTHHMMSSZ` (with
+as rofs.store.quoting writes them).  ID is the UTC time of the move, `YYYYmmddTHHMMSSZ` (with
 `-2`, `-3`... when taken).  Each entry moves with one rename on the state filesystem,
 so at every moment it is either in the upper layer or in the attic.
 
 A set stays until the admin drops it (`rofs attic --drop`); `rofs attic --restore` puts
 entries back into the upper layer (through the daemon of a live mount, whose kernel
-caches it invalidates, or under the upper layer's lock when nothing is mounted).
+caches it invalidates, or here, under the upper layer's lock, when nothing is mounted:
+rofs/commands/attic.py chooses).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from rofs import copyup, index
 from rofs._sys import RENAME_NOREPLACE, proc_path, renameat2
-from rofs.layers import (
+from rofs.store import copyup, index
+from rofs.store.layers import (
     UpperLayer,
     getxattr_or_none,
     open_below,
@@ -41,8 +42,9 @@ from rofs.layers import (
     remove_path,
     visit_tree,
 )
-from rofs.names import count, quote, quote_path, unquote
-from rofs.state import PRIVATE_DIR, mount_name
+from rofs.store.quoting import count, quote, quote_path, unquote
+from rofs.store.registry import ToolError, locked_upper
+from rofs.store.state import PRIVATE_DIR, mount_name
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +272,7 @@ def summary(state: str, mountpoint: str) -> dict:
             "dir": attic_dir(state, mountpoint)}
 
 
-def _select(state: str, set_id: str) -> list[AtticSet]:
-    from rofs.tools import ToolError
+def select(state: str, set_id: str) -> list[AtticSet]:
     chosen = [s for s in sets(state) if s.id == set_id]
     if not chosen:
         known = ", ".join(s.id for s in sets(state)) or "none"
@@ -296,67 +297,7 @@ def format_sets(found: list[AtticSet]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def restore(state: str, set_id: str, wanted: list[str]) -> tuple[list[str], list[str]]:
-    """Put a set's entries (or those named in `wanted`, as the mount shows them) back
-    into the upper layer.  Returns (lines for what was restored, errors)."""
-    from rofs.tools import ToolError, mounts
-    done, errors = [], []
-    chosen = _select(state, set_id)
-    by_mount = {quote(m.mountpoint): m for m in mounts(state)}
-    known = {p for s in chosen for p in s.present}
-    for path in wanted:
-        if path not in known:
-            raise ToolError("%s is not in attic set %s (see `rofs attic`)"
-                            % (path, set_id))
-    for s in chosen:
-        mount = by_mount.get(s.mountpoint)
-        if mount is None:
-            raise ToolError("%s: no recorded mount %s in %s" % (s.id, s.mountpoint, state))
-        for shown in s.present:
-            if wanted and shown not in wanted:
-                continue
-            try:
-                if mount.live is not None:
-                    _restore_live(mount, s, shown)
-                else:
-                    _restore_offline(mount, s, shown)
-            except (OSError, ToolError) as e:
-                errors.append("%s: %s" % (shown, _why(e)))
-                continue
-            done.append("restored %s" % shown)
-        _drop_if_empty(s)
-    return done, errors
-
-
-def _why(e: Exception) -> str:
-    if isinstance(e, OSError) and e.errno == errno.EEXIST:
-        return ("it has changes of its own since it was set aside: keep them, or drop "
-                "them with `rofs revert` and restore again")
-    if isinstance(e, OSError) and e.errno == errno.EXDEV:
-        return ("the live mount's policy makes it scratch: change the policy and mount "
-                "again, then restore")
-    if isinstance(e, OSError) and e.errno == errno.ENOENT:
-        return "its parent directory no longer exists"
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
-    return str(e)
-
-
-def _restore_live(mount, s: AtticSet, shown: str) -> None:
-    from rofs import control
-    from rofs.tools import ToolError
-    try:
-        control.request(mount.live.socket, {
-            "op": "restore", "path": [os.fsdecode(c) for c in s.relative(shown)],
-            "source": os.fsdecode(s.source(shown))})
-    except control.ControlError as e:
-        if e.errno is not None:
-            raise OSError(e.errno, str(e)) from None
-        raise ToolError(str(e)) from None
-
-
-def _restore_offline(mount, s: AtticSet, shown: str) -> None:
-    from rofs.tools import locked_upper
+def restore_offline(mount, s: AtticSet, shown: str) -> None:
     rel = s.relative(shown)
     lock = locked_upper(mount)
     opened: list[int] = []
@@ -385,7 +326,7 @@ def _restore_offline(mount, s: AtticSet, shown: str) -> None:
         os.close(lock)
 
 
-def _drop_if_empty(s: AtticSet) -> None:
+def drop_if_empty(s: AtticSet) -> None:
     """A set whose every entry went back is removed (only directories are left)."""
     if any(os.path.lexists(s.source(p)) for p in s.paths):
         return
@@ -407,7 +348,7 @@ def _drop_if_empty(s: AtticSet) -> None:
 def drop(state: str, set_id: str) -> list[str]:
     """Delete an attic set for good (the admin's decision)."""
     out = []
-    for s in _select(state, set_id):
+    for s in select(state, set_id):
         remove_path(s.directory)
         out.append("dropped %s (%s, %s)" % (s.id, s.mountpoint,
                                             count(len(s.present), "path")))

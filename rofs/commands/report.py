@@ -15,12 +15,13 @@ which the workload created files that stayed (a spool, a cron.d, a git repositor
 objects) is kept whole, so the files the same programs create there next time are kept
 too; a version-control directory (.git, ...) is kept whole wherever it changed.
 
-Every name in the input and the output is in the escaped form of rofs.names, so that a
+Every name in the input and the output is in the escaped form of rofs.store.quoting, so that a
 name is one field on one line and a suggested policy parses back as it was meant.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -29,8 +30,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rofs.names import count, quote, top_dir
-from rofs.writelog import log_files, script_of
+from rofs.commands.common import ignore_options, state_option
+from rofs.store.quoting import count, quote, top_dir
+from rofs.store.writelog import log_files, script_of
 
 # Paths that are expected to be written and are not worth reporting (rolo shipped a
 # similar list).  A pattern matches a path and everything below it.
@@ -518,7 +520,50 @@ def render_reconciled(found: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(args) -> int:
+REPORT_DESCRIPTION = """\
+Summarise write logs: per program, which paths it changed, how often, first and last
+time, and the writes the read-only class refused.  LOG is a state dir (all its logs),
+a log directory or a log file; logs of several hosts merge into one report."""
+
+
+REPORT_EPILOG = """\
+Paths under the exceptions list are left out (default: %s).
+
+examples:
+  rofs report /var/lib/stateless/state
+  rofs report --suggest /var/lib/stateless/state > /etc/rofs/etc.policy
+  rofs report --json host1.jsonl host2.jsonl"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rofs report", description=REPORT_DESCRIPTION,
+        epilog=REPORT_EPILOG % " ".join(DEFAULT_EXCEPTIONS),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", metavar="LOG", nargs="*",
+                        help="state dir, log directory or log file")
+    state_option(parser, "a state dir whose logs to read (the same as naming it as a LOG)")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="the report as JSON")
+    out.add_argument("--suggest", action="store_true",
+                     help="print the policy that keeps exactly what the logged workload "
+                     "changed for good (a rofs policy file, with the statetab/rwtab "
+                     "equivalents as comments)")
+    parser.add_argument("--exceptions", metavar="FILE",
+                        help="paths or patterns to leave out, one per line (replaces the "
+                        "default list)")
+    ignore_options(parser)
+    parser.add_argument("--summary", action="store_true",
+                        help="only the summary: changes per program and per top directory")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.logs += [args.state] if args.state else []
+    if not args.logs:
+        parser.error("name a state dir, log directory or log file (LOG or --state)")
     patterns = patterns_of(args)
     events, files, bad = load_events(args.logs)
     found = reconciled(events)

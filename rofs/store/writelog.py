@@ -40,7 +40,7 @@ import threading
 import time
 
 from rofs._sys import write_all
-from rofs.names import quote, quote_path
+from rofs.store.quoting import quote, quote_path
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ CHUNK = 256 << 10  # bytes written at a time (rotation is checked between chunks
 # it, at least 1 MiB and at most 64 MiB.  Below that, events are dropped and counted.
 RESERVE_FRACTION, RESERVE_MIN, RESERVE_MAX = 0.05, 1 << 20, 64 << 20
 RECHECK_SECONDS = 1.0  # how long a pid's identity is trusted without looking again
-# 2: every name (paths, comm, exe, cmd, script, host) in the escaped form of rofs.names;
-# lines without "v" hold names decoded with surrogateescape (rofs.report reads both).
+# 2: every name (paths, comm, exe, cmd, script, host) in the escaped form of rofs.store.quoting;
+# lines without "v" hold names decoded with surrogateescape (rofs.commands.report reads both).
 LOG_VERSION = 2
 
 

@@ -21,15 +21,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from rofs import _sys, attic, control, crash, origin, reconcile, scratch, state, tools
+from rofs import _sys, crash
 from rofs import fuse as fuse_channel
+from rofs.daemon import control, scratch
 from rofs.fuse import mount as fuse_mount
-from rofs.layers import Markers, UpperLayer, lstat_below
-from rofs.names import count, quote, quote_path
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
-from rofs.policy import BUILT_IN_SOURCE, Policy
-from rofs.writelog import WriteLog
+from rofs.store import attic, origin, reconcile, registry, state
+from rofs.store.layers import Markers, UpperLayer, lstat_below
+from rofs.store.policy import BUILT_IN_SOURCE, Policy
+from rofs.store.quoting import count, quote, quote_path
+from rofs.store.writelog import WriteLog
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ def run(config: Config) -> int:
                                    "follow user.overlay.redirect either)")
         markers.redirects = config.redirects
     fingerprint = origin.fingerprint(config.lower)
-    before = (tools.mount_record(config.state, config.mountpoint) or {}).get(
+    before = (registry.mount_record(config.state, config.mountpoint) or {}).get(
         "lower_fingerprint")
     if fingerprint is not None and before is not None:
         prepared.image_changed = before != fingerprint
@@ -178,7 +180,7 @@ def run(config: Config) -> int:
             # the next one that may reconcile does.
             fingerprint = before
     try:
-        tools.record_mount(config.state, config.mountpoint, config.lower, config.overlay,
+        registry.record_mount(config.state, config.mountpoint, config.lower, config.overlay,
                            fingerprint)
     except OSError as e:
         prepared.close()
@@ -318,7 +320,7 @@ def unmatched_rules(policy: Policy, prepared: state.Prepared) -> list[str]:
 def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                      ready) -> int:
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
-                      index_fd=prepared.index_fd)
+                      index_fd=prepared.index_fd, loop=fuse_channel.LOOP)
     overlay.base_writer = origin.BaseWriter(prepared.bases_fd)
     scratch_layer = None
     if prepared.scratch_upper_fd >= 0:
@@ -368,7 +370,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                                    fault_name=os.fsencode(fault) if fault else None)
     log.info("mounted %s (lower %s, upper %s)", quote(config.mountpoint),
              quote(config.lower), quote(prepared.upper_path))
-    published = tools.publish_live(config.mountpoint, config.state, prepared.lower_fd)
+    published = registry.publish_live(config.mountpoint, config.state, prepared.lower_fd)
     started = time.time()
 
     def describe() -> dict:
@@ -399,7 +401,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
 
     server = None
     if published is not None:
-        control_path = tools.runtime_path(config.mountpoint, ".sock")
+        control_path = registry.runtime_path(config.mountpoint, ".sock")
         try:
             server = control.Server(control_path, overlay, session, describe)
         except OSError as e:
