@@ -56,16 +56,15 @@ DT_DIR = stat.S_IFDIR >> 12
 
 _ENTRY = proto.ENTRY_OUT.pack
 _ATTR = proto.ATTR_OUT.pack
-_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 def entry_out(attr: Attr) -> bytes:
-    """A struct fuse_entry_out (times: seconds as the kernel's u64, and nanoseconds)."""
+    """A struct fuse_entry_out (times: seconds, signed, and nanoseconds)."""
     a_s, a_ns = divmod(attr.atime_ns, 1_000_000_000)
     m_s, m_ns = divmod(attr.mtime_ns, 1_000_000_000)
     c_s, c_ns = divmod(attr.ctime_ns, 1_000_000_000)
     return _ENTRY(attr.ino, attr.generation, TIMEOUT, TIMEOUT, 0, 0, attr.ino, attr.size,
-                  attr.blocks, a_s & _U64, m_s & _U64, c_s & _U64, a_ns, m_ns, c_ns,
+                  attr.blocks, a_s, m_s, c_s, a_ns, m_ns, c_ns,
                   attr.mode, attr.nlink, attr.uid, attr.gid, attr.rdev & 0xFFFFFFFF,
                   attr.blksize, 0)
 
@@ -75,8 +74,8 @@ def attr_out(attr: Attr) -> bytes:
     a_s, a_ns = divmod(attr.atime_ns, 1_000_000_000)
     m_s, m_ns = divmod(attr.mtime_ns, 1_000_000_000)
     c_s, c_ns = divmod(attr.ctime_ns, 1_000_000_000)
-    return _ATTR(TIMEOUT, 0, 0, attr.ino, attr.size, attr.blocks, a_s & _U64, m_s & _U64,
-                 c_s & _U64, a_ns, m_ns, c_ns, attr.mode, attr.nlink, attr.uid, attr.gid,
+    return _ATTR(TIMEOUT, 0, 0, attr.ino, attr.size, attr.blocks, a_s, m_s,
+                 c_s, a_ns, m_ns, c_ns, attr.mode, attr.nlink, attr.uid, attr.gid,
                  attr.rdev & 0xFFFFFFFF, attr.blksize, 0)
 
 

@@ -654,3 +654,41 @@ def test_listings_start_with_dot_and_dot_dot(m):
     by_name = dict(zip(inos[1::2], inos[0::2], strict=True))
     assert int(by_name["."]) == os.stat(p(m, "d")).st_ino
     assert int(by_name[".."]) == os.stat(m["mnt"]).st_ino
+
+
+# ------------------------------------------------ fields decoded as the kernel means them
+
+
+def outcome(call):
+    """What a call gave: ("ok", its value) or ("err", errno name); never a traceback."""
+    try:
+        return "ok", call()
+    except OSError as e:
+        return "err", errno.errorcode.get(e.errno, e.errno)
+
+
+def test_signed_fields_answer_as_the_filesystem_underneath(m, tmp_path):
+    """loff_t and time fields are signed in the kernel: lseek(-1, SEEK_DATA) was decoded
+    as 2**64 - 1, Python raised OverflowError, the caller got EIO and the log a
+    traceback (an unprivileged log flood); a time before 1970 the same.  The directory
+    under the tests (a native filesystem) is the oracle, for a lower file and a copy."""
+    native = tmp_path / "native"
+    native.write_bytes(b"x" * 10000)
+    with open(p(m, "passwd"), "ab") as f:  # a copied-up file
+        f.write(b"more\n")
+    for path in (p(m, "big"), p(m, "passwd"), str(native)):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                for offset in (-1, -(1 << 63), (1 << 63) - 1):
+                    assert outcome(lambda: os.lseek(fd, offset, whence)) == \
+                        ("err", "ENXIO"), (path, offset, whence)
+        finally:
+            os.close(fd)
+    for when in (-1, -86400 * 365 * 20, -(1 << 40), 1 << 40):
+        seen = []
+        for path in (p(m, "shadow"), str(native)):
+            result = outcome(lambda: os.utime(path, ns=(when * 10**9, when * 10**9)))
+            st = os.stat(path)
+            seen.append((result, st.st_mtime_ns, st.st_atime_ns))
+        assert seen[0] == seen[1], when

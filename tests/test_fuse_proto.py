@@ -45,7 +45,8 @@ def test_dirent_records_are_padded_to_8_bytes():
 
 
 def test_times_before_1970_reach_the_kernel_as_it_reads_them(tmp_path):
-    """Seconds are the kernel's u64 read as signed; nanoseconds count forward."""
+    """Seconds are signed (the kernel's u64 read as time64_t); nanoseconds count
+    forward."""
     from rofs.ops import attr_out
     from rofs.overlay import Attr
     path = tmp_path / "old"
@@ -54,5 +55,8 @@ def test_times_before_1970_reach_the_kernel_as_it_reads_them(tmp_path):
     reply = attr_out(Attr(os.stat(path), 5, 1))
     fields = proto.ATTR_OUT.unpack(reply)
     atime, mtime, atimensec, mtimensec = fields[6], fields[7], fields[9], fields[10]
-    assert (atime, atimensec) == (0xFFFFFFFFFFFFFFFF, 999_999_999)
-    assert (mtime, mtimensec) == (0xFFFFFFFFFFFFFFFE, 500_000_000)
+    assert (atime, atimensec) == (-1, 999_999_999)
+    assert (mtime, mtimensec) == (-2, 500_000_000)
+    # the bytes the kernel reads: two's complement in its u64 field
+    start = proto.ATTR_OUT.size - proto.ATTR.size + 24
+    assert reply[start:start + 16] == b"\xff" * 8 + b"\xfe" + b"\xff" * 7

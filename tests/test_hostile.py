@@ -643,3 +643,21 @@ def test_chattr_and_lsattr_work_as_on_the_kernel(public, kernel_overlay):
     flags = subprocess.run(["lsattr", "-d", os.path.join(ours_upper, "d")],
                            capture_output=True, text=True).stdout
     assert flags.startswith("------d-"), flags
+
+
+def test_internal_errors_a_user_triggers_cannot_flood_the_log(public):
+    """A request that fails inside the daemon (here one made to fail: ROFS_FAULT_NAME)
+    was logged with its whole traceback each time: any user who found one could fill
+    the journal.  Each kind is logged once per minute; every one is still counted and
+    answered EIO."""
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    with RofsProcess(mnt, state, lower, env={"ROFS_FAULT_NAME": "boom"}) as proc:
+        loop = "import os, sys\nfor _ in range(200): os.path.exists(sys.argv[1])\n"
+        result = as_nobody(PYTHON, "-c", loop, os.path.join(mnt, "pub", "boom"))
+        assert result.returncode == 0, result.stderr
+        (status,) = json.loads(rofs_out("status", "--json", mnt, code=1))
+        assert status["internal_errors"] == 200
+    output = proc.output()
+    assert output.count("Traceback") == 1, output[-3000:]
+    assert output.count("internal error in lookup") == 1
+    assert "200 requests failed with internal errors" in output

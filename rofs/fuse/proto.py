@@ -88,10 +88,13 @@ IOCTL_UNRESTRICTED = 1 << 1
 IOCTL_32BIT = 1 << 3
 IOCTL_DIR = 1 << 4
 
-# Structures
+# Structures.  Each field is decoded as the kernel means it, whatever <linux/fuse.h>
+# spells: file offsets and lengths (loff_t) and times (time64_t) are signed ('q': a
+# caller's lseek(fd, -1, SEEK_DATA) arrives as -1, to be answered as a filesystem
+# answers it, ENXIO), sizes, counts, ids, handles and flags unsigned.
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen -
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # fuse_attr (times signed: before 1970)
 ENTRY_OUT = struct.Struct("<QQQQII" + ATTR.format[1:])  # fuse_entry_out
 ATTR_OUT = struct.Struct("<QII" + ATTR.format[1:])  # fuse_attr_out
 INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags (flags2 follows)
@@ -100,14 +103,16 @@ OPEN_IN = struct.Struct("<II")  # flags open_flags
 OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
 CREATE_IN = struct.Struct("<IIII")  # flags mode umask open_flags
 GETATTR_IN = struct.Struct("<IIQ")  # getattr_flags dummy fh
-SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+SETATTR_IN = struct.Struct("<IIQqQqqqIIIIIIII")  # size and times signed
 MKNOD_IN = struct.Struct("<IIII")  # mode rdev umask padding
 MKDIR_IN = struct.Struct("<II")  # mode umask
 RENAME_IN = struct.Struct("<Q")
 RENAME2_IN = struct.Struct("<QII")  # newdir flags padding
 LINK_IN = struct.Struct("<Q")
-READ_IN = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flags pad
-WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags pad
+READ_IN = struct.Struct("<QqIIQII")  # fh offset size read_flags lock_owner flags pad
+# READDIR(PLUS) has READ_IN's layout, but its offset is the filesystem's own cookie.
+READDIR_IN = struct.Struct("<QQIIQII")
+WRITE_IN = struct.Struct("<QqIIQII")  # fh offset size write_flags lock_owner flags pad
 WRITE_OUT = struct.Struct("<II")
 RELEASE_IN = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
 FSYNC_IN = struct.Struct("<QII")  # fh fsync_flags padding
@@ -124,10 +129,10 @@ STATFS_OUT = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree b
 #                                             namelen frsize padding spare[6]
 IOCTL_IN = struct.Struct("<QIIQII")  # fh flags cmd arg in_size out_size
 IOCTL_OUT = struct.Struct("<iIII")  # result flags in_iovs out_iovs
-LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
-FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
-LSEEK_OUT = struct.Struct("<Q")
-COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in off_in nodeid_out fh_out off_out
+LSEEK_IN = struct.Struct("<QqII")  # fh offset whence padding
+FALLOCATE_IN = struct.Struct("<QqqII")  # fh offset length mode padding
+LSEEK_OUT = struct.Struct("<q")
+COPY_FILE_RANGE_IN = struct.Struct("<QqQQqQQ")  # fh_in off_in nodeid_out fh_out off_out
 #                                                 len flags
 DIRENT = struct.Struct("<QQII")  # ino off namelen type
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len

@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import select
+import time
 import types
 from collections.abc import Callable
 
@@ -39,6 +40,10 @@ WORKERS = 16  # threads for offloaded work (copy-ups of big files, fsync)
 # Errnos no caller can cause: rofs works on its own descriptors, one name at a time with
 # O_NOFOLLOW (the kernel resolves symlinks), so these mean a bug in rofs.
 SUSPECT = frozenset((errno.EBADF, errno.ELOOP, errno.EFAULT, errno.ENOTSOCK))
+# An internal error is logged with its traceback once per kind (handler and exception
+# type) per REPORT_SECONDS; the others of that kind are counted and said at the next
+# report.  Whatever a caller finds that fails inside the daemon, it cannot flood the log.
+REPORT_SECONDS = 60.0
 
 
 class FuseError(OSError):
@@ -202,6 +207,25 @@ class Operations:
         pass
 
 
+class _ErrorReports:
+    """The rate limit of internal-error reports (REPORT_SECONDS); its memory is bounded
+    by the kinds the code has, not by the requests."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def report(self, name: str, e: BaseException) -> None:
+        kind = (name, type(e).__name__)
+        now = time.monotonic()
+        last, quiet = self._kinds.get(kind, (None, 0))
+        if last is not None and now - last < REPORT_SECONDS:
+            self._kinds[kind] = (last, quiet + 1)
+            return
+        self._kinds[kind] = (now, 0)
+        log.error("internal error in %s%s", name, " (and %d more of this kind since the "
+                  "last report, not logged)" % quiet if quiet else "", exc_info=e)
+
+
 class Session:
     """Serves one mount: `run()` until it is unmounted or `stop()` is called."""
 
@@ -213,6 +237,7 @@ class Session:
         self.flags = 0  # what was negotiated
         self.minor = 0
         self.internal_errors = 0  # requests answered EIO because of a bug (logged)
+        self._reports = _ErrorReports()
         self.fault_name = fault_name
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._stopping = False
@@ -361,8 +386,7 @@ class Session:
             # A descriptor rofs lost or a symlink it followed: a bug, not the caller's
             # doing, whatever the errno says.  Answered with it, but logged as internal.
             self.internal_errors += 1
-            log.error("internal error in %s: %s", _METHOD.get(opcode, opcode), e,
-                      exc_info=e)
+            self._reports.report(_METHOD.get(opcode, opcode), e)
             self.reply_error(req.unique, e.errno)
             return
         if isinstance(e, OSError):
@@ -374,7 +398,7 @@ class Session:
         name = _METHOD.get(opcode, opcode)
         if isinstance(e, InjectedFault):
             e.args = ("injected fault in %s" % name,)
-        log.error("internal error in %s", name, exc_info=e)
+        self._reports.report(name, e)
         self.reply_error(req.unique, errno.EIO)
 
     def _step(self, req: Request, opcode: int, coro, value, error) -> None:
@@ -536,11 +560,11 @@ class Session:
             return proto.OPEN_OUT.pack(fh, ops.opendir_flags, 0)
 
         def readdir(req, nodeid, body):
-            fh, offset, size, _, _, _, _ = proto.READ_IN.unpack_from(body)
+            fh, offset, size, _, _, _, _ = proto.READDIR_IN.unpack_from(body)
             return ops.readdir(req, nodeid, fh, offset, size, False)
 
         def readdirplus(req, nodeid, body):
-            fh, offset, size, _, _, _, _ = proto.READ_IN.unpack_from(body)
+            fh, offset, size, _, _, _, _ = proto.READDIR_IN.unpack_from(body)
             return ops.readdir(req, nodeid, fh, offset, size, True)
 
         def releasedir(req, nodeid, body):
