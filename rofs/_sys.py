@@ -107,6 +107,9 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
+FALLOC_FL_KEEP_SIZE = 0x01
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2), with its mode (keep size, punch hole, zero range, ...)."""
     if _fallocate(fd, mode, offset, length) != 0:

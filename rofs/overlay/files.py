@@ -7,7 +7,7 @@ import fcntl
 import logging
 import os
 
-from rofs._sys import fallocate
+from rofs._sys import FALLOC_FL_KEEP_SIZE, FS_APPEND_FL, FS_IMMUTABLE_FL, fallocate
 from rofs.overlay.base import (
     IDLE_READERS,
     NODE_HANDLES,
@@ -224,14 +224,28 @@ class Files:
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self.handle(fh).fd, size, offset)
 
+    def _check_data_change(self, handle: FileHandle, fallocate_mode: int = 0) -> None:
+        """EPERM for a change of an immutable file's data, or for one that may remove
+        an append-only file's (fallocate but for allocating), whenever its descriptor was
+        opened: what the kernel does for local files (VFS write and fallocate checks)
+        and cannot do for FUSE, whose inodes never carry the flags."""
+        prot = self.protection(handle.node)
+        if prot & FS_IMMUTABLE_FL or \
+                prot & FS_APPEND_FL and fallocate_mode & ~FALLOC_FL_KEEP_SIZE:
+            raise _err(errno.EPERM)
+
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        return os.pwrite(self.handle(fh).fd, data, offset)
+        handle = self.handle(fh)
+        if handle.node.prot:  # known unprotected (0) costs nothing more
+            self._check_data_change(handle)
+        return os.pwrite(handle.fd, data, offset)
 
     def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
         """On a handle open for writing (the kernel checks), so on the upper copy."""
         handle = self.handle(fh)
         if handle.on_lower:
             raise _err(errno.EBADF)
+        self._check_data_change(handle, mode)
         fallocate(handle.fd, mode, offset, length)
 
     def lseek(self, fh: int, offset: int, whence: int) -> int:
@@ -247,6 +261,7 @@ class Files:
         source, target = self.handle(fh_in), self.handle(fh_out)
         if target.on_lower:
             raise _err(errno.EBADF)
+        self._check_data_change(target)
         return await self.loop.offload(os.copy_file_range, source.fd, target.fd, length, off_in,
                              off_out)
 
