@@ -361,12 +361,14 @@ class RofsOperations(Operations):
 
     async def copy_file_range(self, req, inode, fh_in, off_in, inode_out, fh_out, off_out,
                               length, flags):
-        fh_in = self._handle_of(inode, fh_in)
         if fh_out:
             self._wrote(fh_out)
         else:
             fh_out = (await self._node_writer(req, self._node(inode_out))).fh
             await self.overlay.settle()  # a copy-up
+        # The source after the destination: opening a node for writing replaces its
+        # read-only handle (the same node) or may push others out of the LRU.
+        fh_in = self._handle_of(inode, fh_in)
         copied = await self.overlay.copy_file_range(fh_in, off_in, fh_out, off_out, length)
         return proto.WRITE_OUT.pack(copied, 0)
 

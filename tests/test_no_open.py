@@ -268,3 +268,48 @@ def _getdents(fd, size=1024):
         out.append((ino, name))
         pos += reclen
     return out
+
+
+def test_copy_file_range_keeps_its_source_whatever_the_node_handles_do(layers):
+    """With --no-open, copy_file_range read the source through the node's cached
+    handle, then opened the destination for writing: for a copy within one file that
+    closed the read-only handle the request had just taken (EBADF, and a traceback
+    per call), as did pushing it out of the handle LRU.  The filesystem under the tests
+    is the oracle: the copies succeed and give the same bytes."""
+    lower, mnt = layers["lower"], layers["mnt"]
+    data = os.urandom(1 << 16)
+    for name in ("same", "src"):
+        with open(os.path.join(lower, name), "wb") as f:
+            f.write(data)
+    others = os.path.join(lower, "others")
+    os.mkdir(others)
+    for i in range(300):  # more than the node handles rofs keeps
+        with open(os.path.join(others, "%d" % i), "w") as f:
+            f.write("%d\n" % i)
+
+    def copies(root):
+        fd = os.open(os.path.join(root, "same"), os.O_RDWR)
+        try:
+            os.pread(fd, 1, 0)  # the node's read-only handle, with --no-open
+            done = [os.copy_file_range(fd, fd, 4096, 0, 1 << 16)]
+        finally:
+            os.close(fd)
+        src = os.open(os.path.join(root, "src"), os.O_RDONLY)
+        dst = os.open(os.path.join(root, "dst"), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pread(src, 1, 0)
+            for i in range(300):  # the source's handle goes out of the LRU
+                readb(os.path.join(root, "others", "%d" % i))
+            done.append(os.copy_file_range(src, dst, 1 << 16, 0, 0))
+        finally:
+            os.close(src)
+            os.close(dst)
+        return done, readb(os.path.join(root, "same")), readb(os.path.join(root, "dst"))
+
+    native = layers["tmp"] / "native"
+    subprocess.run(["cp", "-a", lower, str(native)], check=True)
+    expected = copies(str(native))
+    assert expected[0] == [4096, 1 << 16] and expected[2] == data
+    with RofsProcess(mnt, layers["state"], lower, ("--no-open",)) as proc:
+        assert copies(mnt) == expected
+    assert not proc.internal_errors(), proc.output()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -19,6 +20,18 @@ from rofs.overlay.base import (
 from rofs.store.inodes import NO_FDS, Node
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _held(fd: int):
+    """A descriptor of the same open file for offloaded work, the job's own until it
+    ends: the handle's may be closed meanwhile (a release, the LRU of node handles) and
+    its number given to another file, which the job must never touch."""
+    own = os.dup(fd)
+    try:
+        yield own
+    finally:
+        os.close(own)
 
 
 class Files:
@@ -262,12 +275,13 @@ class Files:
         if target.on_lower:
             raise _err(errno.EBADF)
         self._check_data_change(target)
-        return await self.loop.offload(os.copy_file_range, source.fd, target.fd, length, off_in,
-                             off_out)
+        with _held(source.fd) as src, _held(target.fd) as dst:
+            return await self.loop.offload(os.copy_file_range, src, dst, length, off_in,
+                                           off_out)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self.handle(fh).fd
-        await self.loop.offload(os.fdatasync if datasync else os.fsync, fd)
+        with _held(self.handle(fh).fd) as fd:
+            await self.loop.offload(os.fdatasync if datasync else os.fsync, fd)
 
     def release(self, fh: int) -> None:
         handle = self.files.pop(fh, None)
