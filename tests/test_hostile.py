@@ -5,8 +5,10 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
+import time
 
 import pytest
 from conftest import build_lower
@@ -748,3 +750,47 @@ def test_protection_flags_hold_on_every_way_data_changes(public, tmp_path, optio
     assert ours.stdout == expected
     assert "i pwrite at 0 EPERM" in ours.stdout and "a fallocate punch hole EPERM" in \
         ours.stdout, ours.stdout
+
+
+def test_not_empty_is_found_at_the_first_name_not_by_listing_all(public, tmp_path):
+    """rmdir of a big directory, or rename(empty, big), listed the whole directory on
+    the request loop just to answer ENOTEMPTY: a user repeating it held everyone's
+    requests up for as long as each listing took.  The first visible name answers it:
+    counted as the daemon's getdents64 calls, under strace, per attempt."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is missing (setup.sh --test installs it)")
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    big = os.path.join(lower, "pub", "big")
+    os.mkdir(big)
+    for i in range(60000):  # a directory listing takes dozens of getdents64 calls
+        os.close(os.open(os.path.join(big, "n%05d" % i), os.O_CREAT | os.O_WRONLY, 0o644))
+    os.chown(big, NOBODY, NOBODY)  # the user's own (a sticky directory)
+    attack = ("import errno, os, sys\n"
+              "d = sys.argv[1]\n"
+              "os.mkdir(os.path.join(d, 'empty'))\n"
+              "for _ in range(10):\n"
+              "    for call in (lambda: os.rmdir(os.path.join(d, 'big')),\n"
+              "                 lambda: os.rename(os.path.join(d, 'empty'),\n"
+              "                                   os.path.join(d, 'big'))):\n"
+              "        try:\n"
+              "            call()\n"
+              "        except OSError as e:\n"
+              "            assert e.errno == errno.ENOTEMPTY, e\n")
+    trace = tmp_path / "trace"
+    with RofsProcess(mnt, state, lower) as proc:
+        os.listdir(os.path.join(mnt, "pub"))
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=getdents64", "-o",
+                                   str(trace), "-p", str(proc.proc.pid)])
+        try:
+            deadline = time.monotonic() + 10
+            while not trace.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # strace attached to every thread
+            result = as_nobody(PYTHON, "-c", attack, os.path.join(mnt, "pub"))
+        finally:
+            tracer.terminate()
+            tracer.wait(timeout=30)
+        assert result.returncode == 0, result.stderr
+    calls = sum(1 for line in trace.read_text().splitlines() if "getdents64(" in line)
+    assert calls <= 4 * 20, calls  # 20 attempts: a few calls each, not the whole listing
+    assert not proc.internal_errors(), proc.output()

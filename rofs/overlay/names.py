@@ -317,7 +317,7 @@ class Names:
         if node is self.root or name in (b".", b".."):
             raise _err(errno.EBUSY if node is self.root else errno.EINVAL)
         self.check_unprotected(parent, node)
-        if self.list_names(node):
+        if self.has_entries(node):
             raise _err(errno.ENOTEMPTY)
         self._losing_name(node)
         self._remove_entry(parent, name, node)

@@ -73,7 +73,7 @@ class Renames:
                     self._needs_redirect(src, dst_parent, dst_name) or
                     exchange and self._needs_redirect(dst, src_parent, src_name)):
                 raise _err(errno.EXDEV)  # no redirects with user.overlay.* (as the kernel)
-            if not exchange and dst is not None and dst.is_dir and self.list_names(dst):
+            if not exchange and dst is not None and dst.is_dir and self.has_entries(dst):
                 raise _err(errno.ENOTEMPTY)  # after EXDEV, as the kernel checks
             if not src.upper:
                 await self.copy_up(src)

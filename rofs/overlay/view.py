@@ -446,9 +446,38 @@ class View:
     def list_names(self, node: Node) -> list[bytes]:
         """The merged directory listing: upper names (minus whiteouts), then the lower
         names the upper does not hide."""
+        return list(self._merged_names(node))
+
+    def has_entries(self, node: Node) -> bool:
+        """Whether the merged directory holds any name (rmdir's and rename's ENOTEMPTY):
+        the listing is read only up to its first visible name, so a directory of any
+        size costs little here unless it is all whiteouts."""
+        names = self._merged_names(node)
+        try:
+            return next(names, None) is not None
+        finally:
+            names.close()
+
+    def _names_within(self, node: Node, limit: int | None) -> list[bytes]:
+        """list_names for a listing held for a user: ENOMEM as soon as it passes
+        `limit` names (None: no limit), so a directory past the user's share is not
+        read to its end first."""
+        names: list[bytes] = []
+        merged = self._merged_names(node)
+        try:
+            for name in merged:
+                names.append(name)
+                if limit is not None and len(names) > limit:
+                    raise _err(errno.ENOMEM)
+        finally:
+            merged.close()
+        return names
+
+    def _merged_names(self, node: Node) -> Iterator[bytes]:
+        """list_names's names as they are read, each layer's listing open only while
+        it is being read (a caller that stops early closes the generator)."""
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
-        names: list[bytes] = []
         hidden: set[bytes] = set()
         home = self._lay(node)
         base = self.path_of(node) if self.scratch_layer is not None else None
@@ -473,23 +502,22 @@ class View:
                                 entry.is_symlink()) and is_whiteout(
                                     entry.stat(follow_symlinks=False)):
                             continue
-                        names.append(name)
+                        yield name
             finally:
                 os.close(fd)
         if node.lower is not None:
             try:
                 fd = self.lower.open_dir(node.lower)
             except (FileNotFoundError, NotADirectoryError):
-                return names
+                return
             try:
                 with os.scandir(fd) as entries:
                     for entry in entries:
                         name = os.fsencode(entry.name)
                         if name not in hidden:
-                            names.append(name)
+                            yield name
             finally:
                 os.close(fd)
-        return names
 
     def opendir(self, node: Node, uid: int = 0) -> int:
         if not node.is_dir:
@@ -566,11 +594,10 @@ class View:
             self._hashed.move_to_end(node.ino)
             return kept[1], kept[2]
         key = self._hash_key
+        listed = self._names_within(node, None if uid == 0 else self.listing_budget // 4)
         pairs = sorted(((int.from_bytes(hashlib.blake2b(name, key=key, digest_size=8)
                                         .digest(), "little") >> 3) + 3, name)
-                       for name in self.list_names(node))
-        if uid != 0 and len(pairs) > self.listing_budget // 4:
-            raise _err(errno.ENOMEM)
+                       for name in listed)
         cookies, names = [c for c, _ in pairs], [n for _, n in pairs]
         if kept is not None:
             self._hashed_names -= len(kept[2])
@@ -585,12 +612,11 @@ class View:
         node = handle.node
         listing = self._listings.get(node.ino)
         if listing is None or listing.generation != self.generation:
-            names = tuple(self.list_names(node))
             uid = handle.uid
-            if uid != 0 and (
-                    self.listed_names + len(names) > self.listing_budget or
-                    self._listed_by_uid[uid] + len(names) > self.listing_budget // 4):
-                raise _err(errno.ENOMEM)
+            limit = None if uid == 0 else min(
+                self.listing_budget - self.listed_names,
+                self.listing_budget // 4 - self._listed_by_uid[uid])
+            names = tuple(self._names_within(node, limit))
             listing = Listing(names, self.generation, uid)
             self._listings[node.ino] = listing
             self.listed_names += len(names)
