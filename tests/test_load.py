@@ -163,3 +163,55 @@ def test_stat_answers_while_a_big_copy_up_runs(tmp_path):
             paused.unlink(missing_ok=True)
             copier.join(timeout=60)
         assert os.path.getsize(mnt / "big") == (8 << 20) + 1
+
+
+def test_durable_changes_are_not_queued_behind_bulk_copies(tmp_path):
+    """The fsyncs that make a change durable before its reply waited in the same queue
+    as big copy-ups: one user's copies filled every worker, and root's passwd cycle
+    (create, write, rename) waited for them all.  Held in flight at a pause point,
+    more big copy-ups than there are workers must leave root's cycle answered."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    for i in range(24):
+        (lower / ("big%d" % i)).write_bytes(b"x" * (2 << 20))
+    (lower / "shadow").write_text("root:*:19000:0:99999:7:::\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    paused = tmp_path / "paused"
+    env = {"ROFS_PAUSE_AT": "copy-up:data", "ROFS_PAUSE_FILE": str(paused)}
+    with RofsProcess(str(mnt), str(tmp_path / "state"), str(lower), env=env):
+        def copy_up(i):
+            with open(mnt / ("big%d" % i), "ab") as f:  # the open copies it up
+                f.write(b"+")
+
+        copiers = [threading.Thread(target=copy_up, args=(i,)) for i in range(24)]
+        for copier in copiers:
+            copier.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not paused.exists():
+                assert time.monotonic() < deadline, "the copy-ups never started"
+                time.sleep(0.01)
+            time.sleep(1)  # the others reach the pause too (or wait for a worker)
+            done = []
+
+            def passwd_cycle():
+                (mnt / "nshadow").write_text("root:$6$new:19001:0:99999:7:::\n")
+                os.rename(mnt / "nshadow", mnt / "shadow")
+                done.append((mnt / "shadow").read_text())
+
+            cycle = threading.Thread(target=passwd_cycle, daemon=True)
+            cycle.start()
+            cycle.join(timeout=60)
+            assert done == ["root:$6$new:19001:0:99999:7:::\n"], \
+                "root's passwd cycle waited for the paused copy-ups"
+            assert any(c.is_alive() for c in copiers), "the copy-ups did not wait"
+        finally:
+            # Each copy-up that reaches the pause makes the file again: unpause them all.
+            deadline = time.monotonic() + 120
+            while any(c.is_alive() for c in copiers) and time.monotonic() < deadline:
+                paused.unlink(missing_ok=True)
+                time.sleep(0.02)
+            paused.unlink(missing_ok=True)
+            for copier in copiers:
+                copier.join(timeout=10)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_WRITE = 1 << 20  # bytes per WRITE request (256 pages)
 MAX_PAGES = MAX_WRITE // 4096
 WORKERS = 16  # threads for offloaded work (copy-ups of big files, fsync)
+SHORT_WORKERS = 4  # threads for short offloaded work (durability's fsyncs)
 # Errnos no caller can cause: rofs works on its own descriptors, one name at a time with
 # O_NOFOLLOW (the kernel resolves symlinks), so these mean a bug in rofs.
 SUSPECT = frozenset((errno.EBADF, errno.ELOOP, errno.EFAULT, errno.ENOTSOCK))
@@ -88,12 +89,14 @@ class SetAttr:
 
 
 class Offload:
-    """`await offload(fn, *args)`: fn(*args) on a worker thread (see the docstring)."""
+    """`await offload(fn, *args)`: fn(*args) on a worker thread (see the docstring).
+    `short`: work that must not wait behind bulk copies (the fsyncs that make a change
+    durable before its reply): it has workers of its own."""
 
-    __slots__ = ("fn", "args")
+    __slots__ = ("fn", "args", "short")
 
-    def __init__(self, fn: Callable, *args) -> None:
-        self.fn, self.args = fn, args
+    def __init__(self, fn: Callable, *args, short: bool = False) -> None:
+        self.fn, self.args, self.short = fn, args, short
 
     def __await__(self):
         return (yield self)
@@ -139,13 +142,20 @@ class Loop:
     """What the request loop offers the coroutines of a filesystem's model, which may
     then know nothing of this protocol: `await loop.offload(fn, *args)` runs fn(*args)
     on a worker thread while the loop serves other requests; `loop.event()` is an Event
-    that coroutines wait on (`await event.wait()`) until one sets it."""
+    that coroutines wait on (`await event.wait()`) until one sets it;
+    `loop.offload_short` is offload for short work that must not queue behind bulk
+    copies."""
 
     __slots__ = ()
 
     @staticmethod
     def offload(fn: Callable, *args) -> Offload:
         return Offload(fn, *args)
+
+    @staticmethod
+    def offload_short(fn: Callable, *args) -> Offload:
+        """offload, on workers no bulk copy occupies (see Offload)."""
+        return Offload(fn, *args, short=True)
 
     @staticmethod
     def event() -> Event:
@@ -244,6 +254,7 @@ class Session:
         self._ready: collections.deque = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._short_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._handlers = self._table()
 
     # ------------------------------------------------------------------ control
@@ -346,8 +357,9 @@ class Session:
                         return
         finally:
             poll.close()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+            for pool in (self._pool, self._short_pool):
+                if pool is not None:
+                    pool.shutdown(wait=True)
 
     def close(self) -> None:
         for fd in (self._wake_r, self._wake_w):
@@ -413,10 +425,7 @@ class Session:
             self._fail(req, opcode, e)
             return
         if isinstance(step, Offload):
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    WORKERS, thread_name_prefix="rofs-io")
-            future = self._pool.submit(step.fn, *step.args)
+            future = self._pool_for(step).submit(step.fn, *step.args)
 
             def done(future, req=req, opcode=opcode, coro=coro) -> None:
                 exc = future.exception()
@@ -430,6 +439,19 @@ class Session:
         else:
             self._step(req, opcode, coro, None,
                        RuntimeError("a handler awaited %r, not offload() or an Event" % step))
+
+    def _pool_for(self, step: Offload) -> concurrent.futures.ThreadPoolExecutor:
+        """The workers for offloaded work, started at first use: bulk work's, or the
+        short work's own (SHORT_WORKERS), so bulk copies never hold it up."""
+        if step.short:
+            if self._short_pool is None:
+                self._short_pool = concurrent.futures.ThreadPoolExecutor(
+                    SHORT_WORKERS, thread_name_prefix="rofs-sync")
+            return self._short_pool
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                WORKERS, thread_name_prefix="rofs-io")
+        return self._pool
 
     # ------------------------------------------------------------- decoding
 

@@ -111,7 +111,7 @@ class Durable:
                          batch: _Batch, strict: bool) -> None:
         try:
             if fds:
-                await self.loop.offload(_fsync_all, fds)
+                await self.loop.offload_short(_fsync_all, fds)
         except OSError as e:
             batch.error = e
             self.sync_failures += 1
@@ -134,7 +134,7 @@ class Durable:
         if fd is None:
             log.warning("cannot open %r to fsync it before its rename", name)
             return
-        await self.loop.offload(_fsync_all, [fd])
+        await self.loop.offload_short(_fsync_all, [fd])
 
 
 def _open_to_sync(dir_fd: int, name: bytes) -> int | None:
