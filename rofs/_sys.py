@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import re
+import resource
 import struct
 
 RENAME_NOREPLACE = 1 << 0
@@ -32,10 +33,10 @@ def open_noatime(path: bytes | str, flags: int = os.O_RDONLY, *,
     except PermissionError:
         return os.open(path, flags, dir_fd=dir_fd)
 
+
 def raise_open_file_limit() -> None:
     """The soft open-file limit up to the hard one: a login shell's stock 1,024 is not
     what a daemon serving every user, or a tool walking a state, should be held to."""
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -9,6 +9,7 @@ import sys
 from rofs._sys import raise_open_file_limit
 from rofs.commands import attic, check, diff, mount, reconcile, report, revert, status
 from rofs.commands.common import EXIT_USAGE
+from rofs.commands.patterns import PatternError
 from rofs.commands.report import ReportError
 from rofs.store.registry import ToolError
 from rofs.store.state import StateError
@@ -21,7 +22,7 @@ COMMANDS = {"report": report, "diff": diff, "revert": revert, "check": check,
 def run_command(name: str, argv: list[str]) -> int:
     try:
         return COMMANDS[name].main(argv)
-    except (ReportError, ToolError, StateError) as e:
+    except (PatternError, ReportError, ToolError, StateError) as e:
         print("rofs %s: error: %s" % (name, e), file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

@@ -305,3 +305,14 @@ def test_pip_install_gives_the_command_and_the_unit(tmp_path):
                            text=True, check=True, cwd=tmp_path).stdout
     assert shown.startswith(str(site / "rofs" / "__init__.py"))
     assert "Type=notify" in shown and "ExecStart=/usr/local/bin/rofs" in shown
+
+
+def test_a_bad_pattern_is_one_line_and_exit_code_2(tmp_path):
+    """--ignore and --ignore-file, which diff and report share, refuse a relative
+    pattern or a missing file with one line, before reading anything."""
+    for args, said in ((("diff", "--ignore", "relative"), "rofs diff: error: 'relative' is "
+                        "not an absolute path or pattern"),
+                       (("report", "--ignore-file", "/nonexistent"), "rofs report: error: "
+                        "cannot read /nonexistent: No such file or directory")):
+        result = run_rofs(*args, tmp_path, code=2)
+        assert result.stderr == said + "\n" and result.stdout == ""

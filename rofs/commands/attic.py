@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  rofs attic --restore 20261128T050000Z /var/lib/stateless/state /etc/passwd\n"
         "  rofs attic --drop 20261128T050000Z --state /var/lib/stateless/state")
     state_operands(parser, "STATEDIR [PATH ...]", "; for --restore, only these paths of "
-                    "the set, as the mount shows them")
+                   "the set, as the mount shows them")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--restore", metavar="ID",
                         help="put the entries of set ID back into the upper layer")

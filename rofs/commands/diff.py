@@ -16,7 +16,7 @@ from rofs.commands.common import (
     state_operands,
     take_state,
 )
-from rofs.commands.report import patterns_of
+from rofs.commands.patterns import patterns_of
 from rofs.store.differ import Change, Differ, text_lines
 from rofs.store.layers import (
     open_below,
@@ -64,7 +64,7 @@ def diff(state: str, path: str | None, *, as_json: bool = False,
          summary: bool = False) -> str:
     """The changes of a state dir.  `lower`: compare with this directory instead of the
     lower layer the mount recorded (a copied state dir, next to the image it is for).
-    `ignore`: a rofs.commands.report.Patterns of paths to leave out; `summary`: counts per top
+    `ignore`: a rofs.commands.patterns.Patterns of paths to leave out; `summary`: counts per top
     directory and status instead of the changes."""
     if path is None:
         selected = [(m, ()) for m in mounts(state)]
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "examples:\n  rofs diff /var/lib/stateless/state\n"
         "  rofs diff --patch /var/lib/stateless/state /etc/ssh")
     state_operands(parser, "STATEDIR [PATH]", ", and optionally only this path (and "
-                    "below), as the mount shows it")
+                   "below), as the mount shows it")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--patch", action="store_true",
                      help="also a unified diff of each changed text file")

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  rofs reconcile /var/lib/stateless/state\n"
         "  rofs reconcile --lower /mnt/image-v2/etc /srv/hosts/web1/state")
     state_operands(parser, "STATEDIR [PATH]", ", and optionally only this path (and "
-                    "below), as the mount shows it")
+                   "below), as the mount shows it")
     parser.add_argument("--dry-run", action="store_true",
                         help="say what it would do, change nothing (also while mounted)")
     parser.add_argument("--unhide", action="store_true",
