@@ -53,6 +53,14 @@ def parallel(commands):
     raise AssertionError("lock races never settled: %r" % pending)
 
 
+def wait_for_pause(paused) -> None:
+    """Until a copy-up is held at the pause point (ROFS_PAUSE_AT=copy-up:data)."""
+    deadline = time.monotonic() + 30
+    while not paused.exists():
+        assert time.monotonic() < deadline, "no copy-up reached the pause point"
+        time.sleep(0.01)
+
+
 def test_mixed_load_with_user_management(tmp_path):
     lower = tmp_path / "lower"
     subprocess.run(["cp", "-a", "/etc", str(lower)], check=True)
@@ -141,10 +149,7 @@ def test_stat_answers_while_a_big_copy_up_runs(tmp_path):
         copier = threading.Thread(target=copy_up)
         copier.start()
         try:
-            deadline = time.monotonic() + 30
-            while not paused.exists():
-                assert time.monotonic() < deadline, "the copy-up never started"
-                time.sleep(0.01)
+            wait_for_pause(paused)
             answered = []
 
             def look():
@@ -188,10 +193,7 @@ def test_durable_changes_are_not_queued_behind_bulk_copies(tmp_path):
         for copier in copiers:
             copier.start()
         try:
-            deadline = time.monotonic() + 30
-            while not paused.exists():
-                assert time.monotonic() < deadline, "the copy-ups never started"
-                time.sleep(0.01)
+            wait_for_pause(paused)
             time.sleep(1)  # the others reach the pause too (or wait for a worker)
             done = []
 
