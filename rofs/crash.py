@@ -54,6 +54,7 @@ SITES = {
 # Sites where ROFS_PAUSE_AT can hold a thread.
 PAUSES = {
     "copy-up:data": "a copy-up's data copy, in a worker thread for a file over 1 MiB",
+    "writelog:write": "the write log's writer, about to write a batch of events",
 }
 
 _at: tuple[str, int] | None = None

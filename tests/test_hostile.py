@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -196,15 +197,35 @@ def rss_kib(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+def log_events(state):
+    from rofs.commands.report import load_events
+    events, _, bad = load_events([state])
+    assert not bad
+    return events
+
+
+def root_renamed_shadow(events):
+    return [e for e in events if e["uid"] == 0 and e["op"] == "rename" and
+            e["path"].endswith("/nshadow") and e["path2"].endswith("/shadow")]
+
+
+def passwd_cycle(mnt, marker):
+    """What passwd does to shadow: write nshadow whole, rename it over shadow."""
+    with open(os.path.join(mnt, "nshadow"), "w") as f:
+        f.write(("root:$6$%s:20000:0:99999:7:::\n" % marker) * 100)
+    os.rename(os.path.join(mnt, "nshadow"), os.path.join(mnt, "shadow"))
+
+
 def test_a_write_log_bomb_is_bounded_in_memory_disk_and_reserve(public):
-    """One process with a ~1.9 MB command line making tiny changes as fast as it can:
-    the daemon once grew to 7 GiB, wrote a 1 GiB log file and filled the state
-    filesystem, after which root's passwd failed with ENOSPC."""
+    """One process with a ~1.9 MB command line making tiny changes as fast as it can on
+    a small state filesystem: the daemon once grew to 7 GiB, wrote a 1 GiB log file and
+    filled the state filesystem, after which root's passwd failed with ENOSPC.  Now the
+    user's events stop at twice the reserve, and root's go on being logged."""
     from rofs.store import writelog
     base, mnt, lower = public["base"], public["mnt"], public["lower"]
     statefs = os.path.join(base, "statefs")
     os.mkdir(statefs)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=755", "rofs-test",
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=755", "rofs-test",
                     statefs], check=True)
     state = os.path.join(statefs, "state")
     try:
@@ -216,33 +237,102 @@ def test_a_write_log_bomb_is_bounded_in_memory_disk_and_reserve(public):
             changes = int(result.stdout)
             grown = rss_kib(proc.proc.pid) - before
             (status,) = json.loads(rofs_out("status", "--json", mnt))
-            # Root's own changes still fit: the log left the reserve alone.
-            with open(os.path.join(mnt, "nshadow"), "w") as f:
-                f.write("root:$6$after:20000:0:99999:7:::\n" * 100)
-            os.rename(os.path.join(mnt, "nshadow"), os.path.join(mnt, "shadow"))
+            passwd_cycle(mnt, "after")  # root's change still fits, and is logged
         assert not proc.internal_errors(), proc.output()
         assert changes > 1000, changes  # the bomb ran
         assert grown < 64 << 10, "daemon RSS grew by %d KiB" % grown
         logs = os.path.join(state, ".rofs", "log")
-        sizes = [os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(logs)
-                 for n in names]
-        assert max(sizes) <= writelog.MAX_BYTES + writelog.CHUNK
-        assert len(sizes) <= writelog.KEEP + 1
+        sizes = {os.path.join(d, n): os.path.getsize(os.path.join(d, n))
+                 for d, _, names in os.walk(logs) for n in names}
+        assert all(size <= writelog.USER_MAX_BYTES + writelog.CHUNK
+                   for n, size in sizes.items() if ".uid-" in n), sizes
         st = os.statvfs(statefs)
         assert st.f_bavail * st.f_frsize >= writelog.RESERVE_MIN - writelog.CHUNK
         assert status["log_dropped"] > 0  # it did reach the reserve, and said so
-        assert "less than 1 MiB left on the state filesystem" in proc.output()
-        events = []
-        for d, _, names in os.walk(logs):
-            for n in names:
-                with open(os.path.join(d, n)) as f:
-                    events += [json.loads(line) for line in f]
+        assert "less than 2 MiB left on the state filesystem; dropping (and counting) " \
+            "other uids' events" in proc.output()
+        events = log_events(state)
+        assert root_renamed_shadow(events)
         bomb = [e for e in events if e["uid"] == NOBODY]
         assert bomb and all(e["cmd"][-1] == "...(cut\\x20at\\x204096\\x20bytes)" and
                             sum(len(unquote(a)) + 1 for a in e["cmd"][:-1]) <= 4097
                             for e in bomb)
+        # The command line is in the file once per process, not once per event.
+        with open([n for n in sizes if ".uid-" in n][0], "rb") as f:
+            assert f.read().count(b"x" * 1000) <= 4
+        report = json.loads(rofs_out("report", "--json", state))
+        (cut,) = [c for c in report["cut"] if c["uid"] == str(NOBODY)]
+        assert cut["space"] > 0
     finally:
         subprocess.run(["umount", "-l", statefs])
+
+
+def test_one_user_cannot_rotate_root_s_changes_out_of_the_log(public):
+    """A 3.9 KB command line and create/unlink pairs in a sticky directory once filled
+    the 40 MB of log files in seconds and rotated root's rename of nshadow over shadow
+    out of the log and out of `rofs report`.  Each uid's events now go to files of their
+    own, within a share; what the user loses is counted in the report."""
+    from rofs.store import state as state_paths
+    from rofs.store import writelog
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    argv = ["y" * 3900]
+    with RofsProcess(mnt, state, lower) as proc:
+        passwd_cycle(mnt, "root")
+        deadline = time.monotonic() + 120
+        cut = {}
+        while not cut.get("rotated") and time.monotonic() < deadline:
+            result = as_nobody(PYTHON, "-c", BOMB, os.path.join(mnt, "pub"), "3", *argv)
+            assert result.returncode == 0, result.stderr
+            time.sleep(writelog.FLUSH_SECONDS * 2)
+            cuts = writelog.cuts_file(state_paths.log_path(state, mnt))
+            if os.path.exists(cuts):
+                with open(cuts) as f:
+                    cut = json.load(f)["cuts"].get(str(NOBODY), {})
+        assert cut.get("rotated"), "the user's log never rotated in 120 s"
+    assert not proc.internal_errors(), proc.output()
+    assert root_renamed_shadow(log_events(state))
+    report = rofs_out("report", state)
+    assert re.search(r"(?m)^ +\S*mnt/shadow  rename \(target\)$", report), report
+    assert re.search(r"(?m)^ +\S* %s uid %d: .*\d+ rotated out" % (re.escape(mnt), NOBODY),
+                     report), report
+    logs = os.path.dirname(state_paths.log_path(state, mnt))
+    users = sum(os.path.getsize(os.path.join(logs, n)) for n in os.listdir(logs)
+                if ".uid-" in n)
+    assert users <= (writelog.USER_KEEP + 1) * (writelog.USER_MAX_BYTES + writelog.CHUNK)
+
+
+def test_one_user_s_burst_never_drops_root_s_events(public, tmp_path):
+    """Past the write log's pending-queue limit, new events were dropped for everyone,
+    root's included.  The writer is held (ROFS_PAUSE_AT) while a user makes changes past
+    their share; root's change, made then, is logged, and the user's loss counted."""
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    held = tmp_path / "held"
+    env = {"ROFS_PAUSE_AT": "writelog:write", "ROFS_PAUSE_FILE": str(held)}
+    proc = RofsProcess(mnt, state, lower, env=env).start()
+    try:
+        passwd_cycle(mnt, "before")  # the writer takes these and stops at the pause
+        deadline = time.monotonic() + 30
+        while not held.exists():
+            assert time.monotonic() < deadline, "the writer never reached the pause"
+            time.sleep(0.05)
+        result = as_nobody(PYTHON, "-c", BOMB, os.path.join(mnt, "pub"), "8")
+        assert result.returncode == 0, result.stderr
+        (status,) = json.loads(rofs_out("status", "--json", mnt))
+        passwd_cycle(mnt, "during")
+    finally:
+        # Unmount while letting the writer go each time it stops at the pause again.
+        stopper = threading.Thread(target=proc.stop)
+        stopper.start()
+        while stopper.is_alive():
+            held.unlink(missing_ok=True)
+            time.sleep(0.02)
+    events = log_events(state)
+    assert not proc.internal_errors(), proc.output()
+    assert status["log_dropped"] > 0, "the user never went past their share"
+    assert len(root_renamed_shadow(events)) == 2
+    report = json.loads(rofs_out("report", "--json", state))
+    (cut,) = [c for c in report["cut"] if c["uid"] == str(NOBODY)]
+    assert cut["queue"] > 0 and not [c for c in report["cut"] if c["uid"] == "0"]
 
 
 HOLD_LISTINGS = """

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -12,7 +13,8 @@ from helpers import RofsProcess, run_rofs
 from rofs.commands.report import load_events
 from rofs.store import state
 from rofs.store.policy import Class, load
-from rofs.store.writelog import ProcessCache, WriteLog
+from rofs.store.quoting import quote
+from rofs.store.writelog import ProcessCache, WriteLog, read_cuts
 
 pytestmark = pytest.mark.fuse
 
@@ -92,13 +94,51 @@ def test_rotation_keeps_every_event_readable(tmp_path):
     finally:
         log.close()
     names = sorted(os.listdir(tmp_path))
-    assert names == ["mnt.jsonl", "mnt.jsonl.1", "mnt.jsonl.2", "mnt.jsonl.3"]
+    assert names == ["mnt.cuts.json", "mnt.jsonl", "mnt.jsonl.1", "mnt.jsonl.2",
+                     "mnt.jsonl.3"]
     assert all(os.path.getsize(tmp_path / n) <= 4096 for n in names)
     events, files, _ = load_events([str(tmp_path)])
     assert files[-1] == path  # the current file is read last
-    # The oldest files went beyond `keep`; what is left is the newest events, in order.
+    # The oldest files went beyond `keep`; what is left is the newest events, in order,
+    # and the ones rotated out are counted.
     numbers = [int(e["path"][6:]) for e in events]
     assert numbers == list(range(numbers[0], 100)) and numbers[0] > 0
+    assert read_cuts(files) == [{"v": 1, "host": quote(socket.gethostname()),
+                                 "mount": "/etc", "cuts": {"0": {"rotated": numbers[0]}}}]
+    # Every file describes the process once, before its first event.
+    for name in names[1:]:
+        with open(tmp_path / name) as f:
+            lines = [json.loads(line) for line in f]
+        assert "op" not in lines[0] and lines[0]["cmd"] and len(
+            [e for e in lines if "op" not in e]) == 1
+
+
+def test_each_uid_has_its_own_files_and_the_biggest_loses_first(tmp_path, monkeypatch):
+    """Users' files are kept within their account's total by removing the oldest file
+    of the uid holding the most; root's and the system users' files are untouched."""
+    from rofs.store import writelog
+    monkeypatch.setattr(writelog, "USER_MAX_BYTES", 2048)
+    monkeypatch.setattr(writelog, "ACCOUNT_MAX_BYTES", 8192)
+    path = str(tmp_path / "mnt.jsonl")
+    log = WriteLog(path, "/etc")
+    try:
+        log.record("rename", os.getpid(), 0, (b"shadow",), None, "ok", "persistent")
+        log.record("create", os.getpid(), 33, (b"www",), None, "ok", "persistent")
+        for i in range(200):  # uid 1000 makes many changes, 1001 a few
+            log.record("create", os.getpid(), 1000, (b"a%d" % i,), None, "ok", "scratch")
+            if i % 20 == 0:
+                log.record("create", os.getpid(), 1001, (b"b%d" % i,), None, "ok", "scratch")
+            log.flush()
+    finally:
+        log.close()
+    sizes = {n: os.path.getsize(tmp_path / n) for n in os.listdir(tmp_path)
+             if ".uid-1" in n}
+    assert sum(sizes.values()) <= 8192
+    events, files, _ = load_events([str(tmp_path)])
+    by_uid = {uid: [e for e in events if e["uid"] == uid] for uid in (0, 33, 1000, 1001)}
+    assert len(by_uid[0]) == len(by_uid[33]) == 1 and len(by_uid[1001]) == 10
+    cuts = read_cuts(files)[0]["cuts"]
+    assert set(cuts) == {"1000"} and cuts["1000"]["rotated"] == 200 - len(by_uid[1000])
 
 
 def test_process_cache_notices_a_new_process_behind_the_same_pid(monkeypatch):
@@ -111,7 +151,7 @@ def test_process_cache_notices_a_new_process_behind_the_same_pid(monkeypatch):
     monkeypatch.setattr(writelog, "_start_time", lambda pid: b"other")
     new = (b"new", b"/bin/new", [b"new"], None)
     monkeypatch.setattr(writelog, "_read_process", lambda pid: new)
-    assert cache.info(os.getpid()) == new
+    assert cache.info(os.getpid())[:4] == new
 
 
 # ---------------------------------------------------- the report, the learn run

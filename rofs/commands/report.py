@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from rofs.commands.common import ignore_options, state_option
 from rofs.commands.patterns import DEFAULT_EXCEPTIONS, Patterns, patterns_of
 from rofs.store.quoting import count, quote, top_dir
-from rofs.store.writelog import log_files, script_of
+from rofs.store.writelog import CUTS, log_files, read_cuts, script_of
 
 CREATES = {"create", "mknod", "mkdir", "symlink", "link"}
 REMOVES = {"unlink", "rmdir"}
@@ -70,6 +70,9 @@ def normalize(event: dict) -> dict:
     return event
 
 
+PROCESS_FIELDS = ("exe", "cmd", "script")  # in a process's record since log version 3
+
+
 def load_events(sources: list[str]) -> tuple[list[dict], list[str], int]:
     """Events from every log under `sources` (files, log dirs or state dirs), in time
     order; also the files read and the number of lines that were not events."""
@@ -81,6 +84,7 @@ def load_events(sources: list[str]) -> tuple[list[dict], list[str], int]:
             raise ReportError("%s: no such log file or directory" % source) from None
     events, bad = [], 0
     for path in files:
+        processes: dict[str, dict] = {}  # a file's process records, by key
         try:
             with open(path, "rb") as f:
                 for line in f:
@@ -89,8 +93,16 @@ def load_events(sources: list[str]) -> tuple[list[dict], list[str], int]:
                     except ValueError:
                         bad += 1  # a line cut short by a crash, or not ours
                         continue
-                    if isinstance(event, dict) and "op" in event and "t" in event:
+                    if not isinstance(event, dict) or "t" not in event:
+                        bad += 1
+                    elif "op" in event:
+                        process = processes.get(event.get("proc"))
+                        if process is not None:
+                            for key in PROCESS_FIELDS:
+                                event.setdefault(key, process.get(key))
                         events.append(normalize(event))
+                    elif isinstance(event.get("proc"), str):
+                        processes[event["proc"]] = event
                     else:
                         bad += 1
         except OSError as e:
@@ -428,6 +440,28 @@ def render_reconciled(found: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+CUT_WORDS = {"queue": "dropped (over its share of the queue)",
+             "space": "dropped (state filesystem short of space)",
+             "error": "dropped (the log could not be written)",
+             "rotated": "rotated out (old files removed)"}
+
+
+def render_cuts(cuts: list[dict]) -> str:
+    """Events each uid lost from the log, per mount: nothing when none was lost."""
+    lines = []
+    for c in cuts:
+        for uid, kinds in sorted(c["cuts"].items(), key=lambda item: (
+                not item[0].isdigit(), int(item[0]) if item[0].isdigit() else 0)):
+            said = ", ".join("%d %s" % (kinds[k], CUT_WORDS[k]) for k in CUTS
+                             if isinstance(kinds.get(k), int) and kinds[k])
+            if said:
+                lines.append("  %s %s uid %s: %s" % (c.get("host", "?"), c.get("mount", "?"),
+                                                     uid, said))
+    if not lines:
+        return ""
+    return "\n".join(["", "Events cut from the log, per uid:"] + lines) + "\n"
+
+
 REPORT_DESCRIPTION = """\
 Summarise write logs: per program, which paths it changed, how often, first and last
 time, and the writes the read-only class refused.  LOG is a state dir (all its logs),
@@ -474,6 +508,7 @@ def main(argv: list[str]) -> int:
         parser.error("name a state dir, log directory or log file (LOG or --state)")
     patterns = patterns_of(args)
     events, files, bad = load_events(args.logs)
+    cuts = read_cuts(files)
     found = reconciled(events)
     events = [e for e in events if e["op"] != RECONCILE]
     if args.suggest:
@@ -483,9 +518,12 @@ def main(argv: list[str]) -> int:
         data["reconciled"] = [{"host": host, "mount": mount, "paths": {
             path: {"action": a, "detail": d} for path, (a, d) in sorted(paths.items())}}
             for (host, mount), paths in sorted(found.items())]
+        data["cut"] = [{"host": c.get("host"), "mount": c.get("mount"), "uid": uid,
+                        **{k: n for k, n in kinds.items() if k in CUTS}}
+                       for c in cuts for uid, kinds in sorted(c["cuts"].items())]
         out = json.dumps(data, indent=1) + "\n"
     else:
         out = render(summarize(events, patterns), files, bad, args.summary) + \
-            render_reconciled(found)
+            render_reconciled(found) + render_cuts(cuts)
     sys.stdout.write(out)
     return 0
