@@ -271,3 +271,12 @@ def read_lower(path) -> bytes:
     """Read a lower file without touching its atime (the manifest checks it)."""
     with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOATIME), "rb") as f:
         return f.read()
+
+
+def wait_for_pause(paused) -> None:
+    """Until a thread of the daemon is held at a pause point (ROFS_PAUSE_AT, whose
+    ROFS_PAUSE_FILE is `paused`, a pathlib.Path)."""
+    deadline = time.monotonic() + 30
+    while not paused.exists():
+        assert time.monotonic() < deadline, "nothing reached the pause point"
+        time.sleep(0.01)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import build_lower
-from helpers import ROFS, RofsProcess, rofs_out
+from helpers import ROFS, RofsProcess, rofs_out, wait_for_pause
 
 from rofs.store.quoting import unquote
 
@@ -922,4 +922,89 @@ def test_not_empty_is_found_at_the_first_name_not_by_listing_all(public, tmp_pat
         assert result.returncode == 0, result.stderr
     calls = sum(1 for line in trace.read_text().splitlines() if "getdents64(" in line)
     assert calls <= 4 * 20, calls  # 20 attempts: a few calls each, not the whole listing
+    assert not proc.internal_errors(), proc.output()
+
+
+HOLD_COPY_UPS = """
+import os, sys, threading
+def copy_up(path):
+    with open(path, "ab") as f:  # the open copies the whole file up
+        f.write(b"+")
+threads = [threading.Thread(target=copy_up, args=(os.path.join(sys.argv[1], name),))
+           for name in sorted(os.listdir(sys.argv[1]))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+COPY_FILE_RANGE = """
+import os, sys
+src = os.open(sys.argv[1] + "/src", os.O_RDWR | os.O_CREAT, 0o600)
+os.write(src, b"z" * (4 << 20))
+dst = os.open(sys.argv[1] + "/dst", os.O_RDWR | os.O_CREAT, 0o600)
+copied = 0
+while copied < 4 << 20:
+    copied += os.copy_file_range(src, dst, (4 << 20) - copied, copied, copied)
+print(copied)
+"""
+
+
+def test_one_user_s_bulk_work_takes_no_worker_from_root_or_other_users(public, tmp_path):
+    """Offloaded work was one FIFO of 16 workers: one user's big copies took them all,
+    and root's fsync or another user's copy waited for every one of them.  A user's 24
+    copy-ups are held at the pause point (ROFS_PAUSE_AT=copy-up:data); root's write +
+    fsync and another user's copy_file_range must be answered meanwhile."""
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    mine = os.path.join(lower, "nobody")
+    os.mkdir(mine)
+    for i in range(24):
+        with open(os.path.join(mine, "big%02d" % i), "wb") as f:
+            f.write(b"x" * (2 << 20))  # over 1 MiB: copied on a worker
+        os.chown(os.path.join(mine, "big%02d" % i), NOBODY, NOBODY)
+    os.chown(mine, NOBODY, NOBODY)
+    paused = tmp_path / "paused"
+    env = {"ROFS_PAUSE_AT": "copy-up:data", "ROFS_PAUSE_FILE": str(paused)}
+    with RofsProcess(mnt, state, lower, env=env) as proc:
+        holder = subprocess.Popen(["setpriv", "--reuid", str(NOBODY), "--regid",
+                                   str(NOBODY), "--clear-groups", "--", PYTHON, "-c",
+                                   HOLD_COPY_UPS, os.path.join(mnt, "nobody")])
+        try:
+            wait_for_pause(paused)
+            time.sleep(1)  # the others reach the pause too, or wait for a worker
+            answered = {}
+
+            def root_fsync():
+                fd = os.open(os.path.join(mnt, "root-file"), os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, b"root\n")
+                    os.fsync(fd)  # offloaded: it needs a worker
+                finally:
+                    os.close(fd)
+                answered["root"] = True
+
+            def other_user():
+                pub = os.path.join(mnt, "pub")
+                answered["other"] = subprocess.run(
+                    ["setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups",
+                     "--", PYTHON, "-c", COPY_FILE_RANGE, pub],
+                    capture_output=True, text=True, timeout=120).stdout.strip()
+
+            threads = [threading.Thread(target=f, daemon=True)
+                       for f in (root_fsync, other_user)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert answered == {"root": True, "other": str(4 << 20)}, \
+                "answered while one user's copy-ups held workers: %r" % answered
+            assert holder.poll() is None, "the copy-ups did not wait"
+        finally:
+            deadline = time.monotonic() + 120
+            while holder.poll() is None and time.monotonic() < deadline:
+                paused.unlink(missing_ok=True)
+                time.sleep(0.02)
+            paused.unlink(missing_ok=True)
+            holder.wait(timeout=10)
+    assert holder.returncode == 0
     assert not proc.internal_errors(), proc.output()

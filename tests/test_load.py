@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from helpers import RofsProcess
+from helpers import RofsProcess, wait_for_pause
 
 pytestmark = pytest.mark.fuse
 
@@ -51,14 +51,6 @@ def parallel(commands):
         if not pending:
             return
     raise AssertionError("lock races never settled: %r" % pending)
-
-
-def wait_for_pause(paused) -> None:
-    """Until a copy-up is held at the pause point (ROFS_PAUSE_AT=copy-up:data)."""
-    deadline = time.monotonic() + 30
-    while not paused.exists():
-        assert time.monotonic() < deadline, "no copy-up reached the pause point"
-        time.sleep(0.01)
 
 
 def test_mixed_load_with_user_management(tmp_path):

@@ -4,13 +4,14 @@ What an open did moves to the first write: the copy-up, the read-only class's ER
 the immutable and append-only checks, the write log's record."""
 
 import errno
-import json
 import os
 import subprocess
 
 import pytest
 from conftest import serve
 from helpers import RofsProcess, manifest, read_lower, readb
+
+from rofs.commands.report import load_events
 
 pytestmark = pytest.mark.fuse
 
@@ -176,13 +177,7 @@ def test_the_write_log_names_each_writing_process_once(layers):
         for _ in range(2):
             subprocess.run(["sh", "-c", 'for i in 1 2 3; do echo x >> "$1"; done', "sh",
                             path], check=True)
-    log_dir = os.path.join(layers["state"], ".rofs", "log")
-    events = []
-    for dirpath, _, names in os.walk(log_dir):
-        for name in names:
-            if name.endswith(".jsonl"):
-                with open(os.path.join(dirpath, name)) as f:
-                    events += [json.loads(line) for line in f]
+    events, _, _ = load_events([layers["state"]])
     writes = [e for e in events if e["op"] == "write" and e["path"].endswith("/passwd")]
     # Two shells, each writing three times: one record per shell, each its own.
     assert len(writes) == 2, events

@@ -4,9 +4,10 @@ write the reply.
 Concurrency, in one place.  One thread, the loop's, owns the filesystem's model: it reads
 every request and answers it inline, so no request ever sees another half-done.  A
 handler is a plain function, or a coroutine when part of its work is slow; such a
-coroutine may `await offload(fn, *args)`, which runs `fn` on a worker thread while the
-loop goes on answering other requests, and resumes the handler on the loop's thread
-with the result; or `await event.wait()` on an `Event` another handler sets.  Offloaded
+coroutine may `await offload(fn, *args)`, which runs `fn` on a worker thread (shared
+fairly between uids: rofs.fuse.workers) while the loop goes on answering other
+requests, and resumes the handler on the loop's thread with the result; or `await
+event.wait()` on an `Event` another handler sets.  Offloaded
 functions must not touch the model: they get descriptors and buffers, and do system
 calls.  Other threads (the control socket's) hand work to the loop with
 `call_soon_threadsafe`.  Replies and notifications may be written from any thread (one
@@ -21,7 +22,6 @@ for an empty one, or raises OSError (its errno goes to the kernel).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import errno
 import logging
 import os
@@ -32,13 +32,19 @@ from collections.abc import Callable
 
 from rofs.fuse import proto
 from rofs.fuse.loop import Offload, Wait
+from rofs.fuse.workers import FairPool
 
 log = logging.getLogger(__name__)
 
 MAX_WRITE = 1 << 20  # bytes per WRITE request (256 pages)
 MAX_PAGES = MAX_WRITE // 4096
 WORKERS = 16  # threads for offloaded work (copy-ups of big files, fsync)
-SHORT_WORKERS = 4  # threads for short offloaded work (durability's fsyncs)
+WORKER_RESERVE = 4  # of them, for root's work only
+WORKER_SHARE = 6  # of them, at most for one uid other than root
+# Threads for short offloaded work (durability's fsyncs), one of them for root's only.
+# No smaller share per uid: each batch waits for the batches before it (durable.py), so
+# holding a user's batches back would hold back root's after them.
+SHORT_WORKERS = 4
 # Errnos no caller can cause: rofs works on its own descriptors, one name at a time with
 # O_NOFOLLOW (the kernel resolves symlinks), so these mean a bug in rofs.
 SUSPECT = frozenset((errno.EBADF, errno.ELOOP, errno.EFAULT, errno.ENOTSOCK))
@@ -142,8 +148,10 @@ class Session:
         self._stopping = False
         self._ready: collections.deque = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._short_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool = FairPool(WORKERS, "rofs-io", reserve=WORKER_RESERVE,
+                              share=WORKER_SHARE)
+        self._short_pool = FairPool(SHORT_WORKERS, "rofs-sync", reserve=1,
+                                    share=SHORT_WORKERS - 1)
         self._handlers = self._table()
 
     # ------------------------------------------------------------------ control
@@ -247,8 +255,7 @@ class Session:
         finally:
             poll.close()
             for pool in (self._pool, self._short_pool):
-                if pool is not None:
-                    pool.shutdown(wait=True)
+                pool.shutdown()
 
     def close(self) -> None:
         for fd in (self._wake_r, self._wake_w):
@@ -314,14 +321,10 @@ class Session:
             self._fail(req, opcode, e)
             return
         if isinstance(step, Offload):
-            future = self._pool_for(step).submit(step.fn, *step.args)
+            def done(result, exc, req=req, opcode=opcode, coro=coro) -> None:
+                self.call_soon_threadsafe(lambda: self._step(req, opcode, coro, result, exc))
 
-            def done(future, req=req, opcode=opcode, coro=coro) -> None:
-                exc = future.exception()
-                self.call_soon_threadsafe(lambda: self._step(
-                    req, opcode, coro, None if exc else future.result(), exc))
-
-            future.add_done_callback(done)
+            self._pool_for(step).submit(req.uid, step.fn, step.args, done)
         elif isinstance(step, Wait):
             step.event._waiters.append(
                 lambda: self._ready.append(lambda: self._step(req, opcode, coro, None, None)))
@@ -329,17 +332,11 @@ class Session:
             self._step(req, opcode, coro, None,
                        RuntimeError("a handler awaited %r, not offload() or an Event" % step))
 
-    def _pool_for(self, step: Offload) -> concurrent.futures.ThreadPoolExecutor:
-        """The workers for offloaded work, started at first use: bulk work's, or the
-        short work's own (SHORT_WORKERS), so bulk copies never hold it up."""
+    def _pool_for(self, step: Offload) -> FairPool:
+        """The workers for offloaded work: bulk work's, or the short work's own, so bulk
+        copies never hold it up; each shared fairly between uids (rofs.fuse.workers)."""
         if step.short:
-            if self._short_pool is None:
-                self._short_pool = concurrent.futures.ThreadPoolExecutor(
-                    SHORT_WORKERS, thread_name_prefix="rofs-sync")
             return self._short_pool
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                WORKERS, thread_name_prefix="rofs-io")
         return self._pool
 
     # ------------------------------------------------------------- decoding
