@@ -925,6 +925,59 @@ def test_not_empty_is_found_at_the_first_name_not_by_listing_all(public, tmp_pat
     assert not proc.internal_errors(), proc.output()
 
 
+LIST_WITH_CHURN = """
+import os, sys
+big, other = sys.argv[1], sys.argv[2]
+seen = 0
+for n, entry in enumerate(os.scandir(big)):
+    seen += 1
+    if n % 50 == 0:  # a change of names between two READDIRs: here and elsewhere
+        for d in (other, big):
+            path = os.path.join(d, "churn%d" % n)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.unlink(path)
+print(seen)
+"""
+
+
+def test_listing_by_node_is_not_taken_again_after_each_change(public, tmp_path):
+    """With --no-open, every READDIR after any change of names anywhere listed, hashed
+    and sorted the whole directory again on the request loop: a user listing a big
+    directory of their own while making changes held everyone up for as long as each
+    listing took, once per READDIR.  Now the listing is taken once and kept up to date
+    name by name: counted as the daemon's getdents64 calls, under strace."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is missing (setup.sh --test installs it)")
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    big = os.path.join(lower, "pub", "big")
+    os.mkdir(big)
+    for i in range(20000):  # one listing of it takes a few dozen getdents64 calls
+        os.close(os.open(os.path.join(big, "n%05d" % i), os.O_CREAT | os.O_WRONLY, 0o644))
+    os.chown(big, NOBODY, NOBODY)
+    trace = tmp_path / "trace"
+    with RofsProcess(mnt, state, lower, args=("--no-open",)) as proc:
+        os.listdir(os.path.join(mnt, "pub"))
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=getdents64", "-o",
+                                   str(trace), "-p", str(proc.proc.pid)])
+        try:
+            deadline = time.monotonic() + 10
+            while not trace.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # strace attached to every thread
+            result = as_nobody(PYTHON, "-c", LIST_WITH_CHURN, os.path.join(mnt, "pub", "big"),
+                               os.path.join(mnt, "pub"))
+        finally:
+            tracer.terminate()
+            tracer.wait(timeout=30)
+        assert result.returncode == 0, result.stderr
+        listed = sorted(os.listdir(os.path.join(mnt, "pub", "big")))
+    assert int(result.stdout) >= 20000
+    assert listed == ["n%05d" % i for i in range(20000)]  # the churn left nothing behind
+    calls = sum(1 for line in trace.read_text().splitlines() if "getdents64(" in line)
+    assert calls <= 300, calls  # about one listing's worth, not one per READDIR
+    assert not proc.internal_errors(), proc.output()
+
+
 HOLD_COPY_UPS = """
 import os, sys, threading
 def copy_up(path):

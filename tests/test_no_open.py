@@ -308,3 +308,43 @@ def test_copy_file_range_keeps_its_source_whatever_the_node_handles_do(layers):
     with RofsProcess(mnt, layers["state"], lower, ("--no-open",)) as proc:
         assert copies(mnt) == expected
     assert not proc.internal_errors(), proc.output()
+
+
+def test_a_listing_kept_up_to_date_name_by_name_stays_right(layers):
+    """Listings by node are taken once and then given each new name (folded in past
+    4,096 and a sixteenth, taken again when most of it came and went): through
+    thousands of changes, listings made in between, fresh and resumed, show exactly the
+    names there are."""
+    first = {"low%04d" % i for i in range(5000)}
+    os.mkdir(os.path.join(layers["lower"], "churn"))
+    for name in first:
+        with open(os.path.join(layers["lower"], "churn", name), "w"):
+            pass
+    with RofsProcess(layers["mnt"], layers["state"], layers["lower"], args=("--no-open",)):
+        d = os.path.join(layers["mnt"], "churn")
+        there = set(first)
+        held = os.scandir(d)  # a listing resumed across all the changes below
+        resumed = {next(held).name}
+        made = set()
+        for round_ in range(5):
+            for i in range(900):
+                name = "r%d-%d" % (round_, i)
+                with open(os.path.join(d, name), "w"):
+                    pass
+                made.add(name)
+                there.add(name)
+                if i % 3:  # most of them go again
+                    os.unlink(os.path.join(d, name))
+                    there.discard(name)
+            os.rename(os.path.join(d, "low%04d" % round_), os.path.join(d, "moved%d" % round_))
+            there -= {"low%04d" % round_}
+            there.add("moved%d" % round_)
+            assert sorted(os.listdir(d)) == sorted(there), round_
+        resumed_list = [next(held).name] + [e.name for e in held]
+        held.close()
+        # Every name there all along is listed once; names that came and went may or
+        # may not be (as on any filesystem), but none twice.
+        assert len(resumed_list) == len(set(resumed_list))
+        resumed |= set(resumed_list)
+        stayed = first - {"low%04d" % r for r in range(5)}
+        assert stayed <= resumed <= first | made | {"moved%d" % r for r in range(5)}

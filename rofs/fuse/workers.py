@@ -46,12 +46,18 @@ class FairPool:
                 self._turn.append(uid)
             queue.append((fn, args, done))
             if self._idle:
-                self._cond.notify()
+                self._wake_one()
             elif len(self._threads) < self.workers:
                 thread = threading.Thread(target=self._work, daemon=True,
                                           name="%s-%d" % (self.name, len(self._threads)))
                 self._threads.append(thread)
                 thread.start()
+
+    def _wake_one(self) -> None:
+        """Wake one idle worker (under the lock).  The waker counts it as no longer
+        idle, so two wakes never fall on one worker while another sleeps on."""
+        self._idle -= 1
+        self._cond.notify()
 
     def _may_run(self, uid: int) -> bool:
         if uid == 0:
@@ -81,7 +87,6 @@ class FairPool:
                         return
                     self._idle += 1
                     self._cond.wait()
-                    self._idle -= 1
                 uid, (fn, args, done) = taken
                 self._running[uid] += 1
                 self._busy += 1
@@ -98,12 +103,13 @@ class FairPool:
                     if not self._running[uid]:
                         del self._running[uid]
                     if self._idle and self._turn:
-                        self._cond.notify()  # a uid held back may run now
+                        self._wake_one()  # a uid held back may run now
 
     def shutdown(self) -> None:
         """Run what is queued, then stop every worker and wait for them."""
         with self._cond:
             self._stop = True
+            self._idle = 0
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()

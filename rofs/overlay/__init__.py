@@ -39,6 +39,7 @@ from rofs.overlay.base import (
     Attr,
     DirHandle,
     FileHandle,
+    HashedListing,
     Listing,
     OpenFile,
     _err,
@@ -118,8 +119,9 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
             collections.OrderedDict()
         self._fhs = itertools.count(1)
         self.dirs: dict[int, DirHandle] = {}
-        # Listings (readdir snapshots): shared per directory while nothing changed names
-        # (generation), and bounded in names held for users other than root.
+        # Listings (readdir snapshots): shared per directory while none of its names
+        # changed, and bounded in names held for users other than root.  `generation`
+        # moves with every change of names anywhere (base._changes_names).
         self.generation = 0
         self._listings: dict[int, Listing] = {}  # directory inode -> its newest
         self.listed_names = 0  # names held by the listings of open handles
@@ -127,9 +129,9 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
         self.listing_budget = LISTING_BUDGET
         self._dir_ids = itertools.count(1)
         # Listings of directories the kernel opened itself (no_open), in the order of
-        # a keyed hash of each name (readdir_by_node): directory inode -> (generation,
-        # offsets, names), least recently used first, HASHED_NAMES names at most.
-        self._hashed: collections.OrderedDict[int, tuple[int, list[int], list[bytes]]] = \
+        # a keyed hash of each name (readdir_by_node): directory inode -> its
+        # HashedListing, least recently used first, HASHED_NAMES names at most.
+        self._hashed: collections.OrderedDict[int, HashedListing] = \
             collections.OrderedDict()
         self._hashed_names = 0
         self._hash_key = os.urandom(16)

@@ -98,16 +98,35 @@ class FileHandle:
 
 class Listing:
     """A directory's names as one readdir pass sees them, shared by every handle that
-    starts a pass while the namespace is unchanged (Overlay.generation).  It counts
-    against the uid that took it."""
+    starts a pass while no name of that directory changed (Overlay._listings holds it
+    until then).  It counts against the uid that took it."""
 
-    __slots__ = ("names", "generation", "users", "uid")
+    __slots__ = ("node", "names", "users", "uid")
 
-    def __init__(self, names: tuple[bytes, ...], generation: int, uid: int) -> None:
+    def __init__(self, node: Node, names: tuple[bytes, ...], uid: int) -> None:
+        self.node = node
         self.names = names
-        self.generation = generation
         self.users = 0
         self.uid = uid
+
+
+class HashedListing:
+    """A directory's names in the order of their offsets, a keyed hash of each name, for
+    listings by node (no_open, View.readdir_by_node): `cookies` and `names` as taken
+    from the layers, and `added`, (offset, name) of names given to the directory since,
+    in order, folded in when it grows.  Names removed since are still there: a listing
+    leaves out names that are gone when it serves them."""
+
+    __slots__ = ("node", "cookies", "names", "added", "taken")
+
+    def __init__(self, node: Node, cookies: list[int], names: list[bytes]) -> None:
+        self.node = node
+        self.cookies, self.names = cookies, names
+        self.added: list[tuple[int, bytes]] = []
+        self.taken = len(names)  # names the layers had when it was taken
+
+    def __len__(self) -> int:
+        return len(self.names) + len(self.added)
 
 
 class DirHandle:
@@ -120,22 +139,35 @@ class DirHandle:
         self.uid = uid  # who opened it: root's listings are never refused
 
 
+def _named(args: tuple) -> list[tuple[Node, bytes]]:
+    """The (directory, name) pairs among a method's arguments."""
+    return [(a, b) for a, b in zip(args, args[1:], strict=False) if isinstance(a, Node)
+            and isinstance(b, bytes)]
+
+
 def _changes_names(method):
     """Marks an Overlay method that adds, removes or moves names: listings taken before
-    it ends are not shared with passes that start after it.  (An async one may await a
-    copy-up before it changes anything, and a listing taken meanwhile would miss the
-    change: the generation moves when it ends too.)"""
+    it ends are not shared with passes that start after it, for the directories named in
+    its arguments ((directory, name) pairs), or for all when it names none (revert,
+    restore: a path).  (An async one may await a copy-up before it changes anything,
+    and a listing taken meanwhile would miss the change: listings are let go of when it
+    ends too.)  `generation` moves with every such change, anywhere."""
     if inspect.iscoroutinefunction(method):
         async def wrapper(self, *args, **kwargs):
-            self.generation += 1
+            named = _named(args)
+            self._names_changing(named)
             try:
                 return await method(self, *args, **kwargs)
             finally:
-                self.generation += 1
+                self._names_changing(named, True)
     else:
         def wrapper(self, *args, **kwargs):
-            self.generation += 1
-            return method(self, *args, **kwargs)
+            named = _named(args)
+            self._names_changing(named)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._names_changing(named, True)
     return functools.wraps(method)(wrapper)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import errno
 import hashlib
+import heapq
 import logging
 import os
 import stat
@@ -18,6 +19,7 @@ from rofs.overlay.base import (
     TRIM_AFTER_NAMES,
     Attr,
     DirHandle,
+    HashedListing,
     Listing,
     _err,
     _index_key,
@@ -35,6 +37,14 @@ from rofs.store.layers import (
 )
 
 log = logging.getLogger(__name__)
+
+# Names given to a directory listed by node are kept apart until there are more than
+# this (and a sixteenth of the listing), then folded in (View._hashed_add).
+FOLD_AFTER = 4096
+
+
+def _first(pair: tuple[int, bytes]) -> int:
+    return pair[0]
 
 
 class View:
@@ -247,7 +257,7 @@ class View:
         self.table.maybe_drop(node)
         if node.is_dir and ino in self._hashed and self.table.get(ino) is not node:
             # gone from the kernel and from the table: its listing (no_open) goes too
-            self._hashed_names -= len(self._hashed.pop(ino)[2])
+            self._hashed_names -= len(self._hashed.pop(ino))
 
     def trim(self) -> None:
         """After a batch of forgets: hand memory back to the system when the node table
@@ -576,48 +586,104 @@ class View:
         the order of a keyed hash of each name, which is the entry's offset, so a listing
         resumed after names came and went returns no name twice and skips none that
         stayed.  (Two names with the same 61-bit hash, under a key chosen at mount, would
-        hide one of them from a listing resumed between them.)  A listing bigger than
-        a user's share of LISTING_BUDGET is refused to users other than root (ENOMEM),
-        as with handles."""
-        cookies, names = self._hashed_listing(node, uid)
+        hide one of them from a listing resumed between them.)  The listing is taken from
+        the layers once and then kept up to date name by name as names are given to the
+        directory, so a change costs no new listing of it.  A listing bigger than a
+        user's share of LISTING_BUDGET is refused to users other than root (ENOMEM), as
+        with handles."""
+        hashed = self._hashed_listing(node, uid)
         yield from self._dots(node, start, 1, 2)
-        for index in range(bisect.bisect_right(cookies, start), len(names)):
-            entry = self._entry(node, names[index])
+        cookies, names, added = hashed.cookies, hashed.names, hashed.added
+        taken = ((cookies[k], names[k]) for k in range(bisect.bisect_right(cookies, start),
+                                                          len(cookies)))
+        since = added[bisect.bisect_right(added, start, key=_first):]
+        for cookie, name in heapq.merge(taken, since) if since else taken:
+            entry = self._entry(node, name)
             if entry is not False:
-                yield cookies[index], names[index], entry
+                yield cookie, name, entry
 
-    def _hashed_listing(self, node: Node, uid: int) -> tuple[list[int], list[bytes]]:
-        """The merged listing of `node` ordered by offset (readdir_by_node), kept while no
-        name changes, the newest HASHED_NAMES names' worth (at least one listing)."""
+    def _cookie(self, name: bytes) -> int:
+        """A name's offset in listings by node: its keyed hash, past . and .."""
+        return (int.from_bytes(hashlib.blake2b(name, key=self._hash_key, digest_size=8)
+                               .digest(), "little") >> 3) + 3
+
+    def _hashed_listing(self, node: Node, uid: int) -> HashedListing:
+        """The merged listing of `node` ordered by offset (readdir_by_node), kept while
+        no change names no directory (revert, restore), the newest HASHED_NAMES names'
+        worth (at least one listing)."""
         kept = self._hashed.get(node.ino)
-        if kept is not None and kept[0] == self.generation:
+        if kept is not None and kept.node is node:
             self._hashed.move_to_end(node.ino)
-            return kept[1], kept[2]
-        key = self._hash_key
+            return kept
         listed = self._names_within(node, None if uid == 0 else self.listing_budget // 4)
-        pairs = sorted(((int.from_bytes(hashlib.blake2b(name, key=key, digest_size=8)
-                                        .digest(), "little") >> 3) + 3, name)
-                       for name in listed)
-        cookies, names = [c for c, _ in pairs], [n for _, n in pairs]
+        pairs = sorted((self._cookie(name), name) for name in listed)
+        hashed = HashedListing(node, [c for c, _ in pairs], [n for _, n in pairs])
         if kept is not None:
-            self._hashed_names -= len(kept[2])
-        self._hashed[node.ino] = (self.generation, cookies, names)
-        self._hashed_names += len(names)
+            self._hashed_names -= len(kept)
+        self._hashed[node.ino] = hashed
+        self._hashed_names += len(hashed)
         while self._hashed_names > HASHED_NAMES and len(self._hashed) > 1:
-            _, (_, _, old) = self._hashed.popitem(last=False)
+            _, old = self._hashed.popitem(last=False)
             self._hashed_names -= len(old)
-        return cookies, names
+        return hashed
+
+    def _names_changing(self, named: list[tuple[Node, bytes]], ended: bool = False) -> None:
+        """A change of names begins or ends (base._changes_names): the listings of the
+        directories it names are no longer shared with new passes, and a name given to
+        a directory listed by node joins that listing; a change naming no directory lets
+        go of them all."""
+        self.generation += 1
+        if not named:
+            self._listings.clear()
+            self._hashed.clear()
+            self._hashed_names = 0
+            return
+        for parent, name in named:
+            self._listings.pop(parent.ino, None)
+            if ended:
+                self._hashed_add(parent, name)
+
+    def _hashed_add(self, parent: Node, name: bytes) -> None:
+        """`name` may be new in `parent`: into its listing by node, if it has one and the
+        name is not there yet.  The names added are folded in once they are more than a
+        sixteenth of it; when most of it is names that came and went, it is dropped, to
+        be taken again at its next read."""
+        hashed = self._hashed.get(parent.ino)
+        if hashed is None or hashed.node is not parent:
+            return
+        cookie = self._cookie(name)
+        cookies, names = hashed.cookies, hashed.names
+        i = bisect.bisect_left(cookies, cookie)
+        while i < len(cookies) and cookies[i] == cookie:
+            if names[i] == name:
+                return
+            i += 1
+        pair = (cookie, name)
+        j = bisect.bisect_left(hashed.added, pair)
+        if j < len(hashed.added) and hashed.added[j] == pair:
+            return
+        hashed.added.insert(j, pair)
+        self._hashed_names += 1
+        if len(hashed.added) <= FOLD_AFTER + len(names) // 16:
+            return
+        if len(hashed) > 2 * hashed.taken + FOLD_AFTER:
+            del self._hashed[parent.ino]
+            self._hashed_names -= len(hashed)
+            return
+        pairs = list(heapq.merge(zip(cookies, names, strict=True), hashed.added))
+        hashed.cookies, hashed.names = [c for c, _ in pairs], [n for _, n in pairs]
+        hashed.added = []
 
     def _take_listing(self, handle: DirHandle) -> None:
         node = handle.node
         listing = self._listings.get(node.ino)
-        if listing is None or listing.generation != self.generation:
+        if listing is None or listing.node is not node:
             uid = handle.uid
             limit = None if uid == 0 else min(
                 self.listing_budget - self.listed_names,
                 self.listing_budget // 4 - self._listed_by_uid[uid])
             names = tuple(self._names_within(node, limit))
-            listing = Listing(names, self.generation, uid)
+            listing = Listing(node, names, uid)
             self._listings[node.ino] = listing
             self.listed_names += len(names)
             self._listed_by_uid[uid] += len(names)
