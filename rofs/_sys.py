@@ -109,6 +109,9 @@ _fallocate.restype = ctypes.c_int
 
 
 FALLOC_FL_KEEP_SIZE = 0x01
+# The most one read, write or copy moves (the kernel's MAX_RW_COUNT: INT_MAX rounded
+# down to a page): a caller's size_t beyond it is a short transfer, as on any file.
+MAX_RW_COUNT = 0x7FFFF000
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

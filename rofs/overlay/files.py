@@ -8,7 +8,13 @@ import fcntl
 import logging
 import os
 
-from rofs._sys import FALLOC_FL_KEEP_SIZE, FS_APPEND_FL, FS_IMMUTABLE_FL, fallocate
+from rofs._sys import (
+    FALLOC_FL_KEEP_SIZE,
+    FS_APPEND_FL,
+    FS_IMMUTABLE_FL,
+    MAX_RW_COUNT,
+    fallocate,
+)
 from rofs.overlay.base import (
     IDLE_READERS,
     NODE_HANDLES,
@@ -276,8 +282,8 @@ class Files:
             raise _err(errno.EBADF)
         self._check_data_change(target)
         with _held(source.fd) as src, _held(target.fd) as dst:
-            return await self.loop.offload(os.copy_file_range, src, dst, length, off_in,
-                                           off_out)
+            return await self.loop.offload(os.copy_file_range, src, dst,
+                                           min(length, MAX_RW_COUNT), off_in, off_out)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         with _held(self.handle(fh).fd) as fd:

@@ -432,6 +432,8 @@ class View:
         return [n for n in names if not self.markers.is_private(n)]
 
     async def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
+        if flags & ~(os.XATTR_CREATE | os.XATTR_REPLACE):
+            raise _err(errno.EINVAL)  # as setxattr(2) answers
         self.check_writable(node)
         self.check_unprotected(node)
         if self.markers.is_private(name):
