@@ -139,22 +139,58 @@ NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen flags
 NOTIFY_DELETE_OUT = struct.Struct("<QQII")  # parent child namelen padding
 
-# The size of each structure in <linux/fuse.h> (tests/test_fuse_proto.py checks them).
-SIZES = {"fuse_in_header": IN_HEADER.size, "fuse_out_header": OUT_HEADER.size,
-         "fuse_attr": ATTR.size, "fuse_entry_out": ENTRY_OUT.size,
-         "fuse_attr_out": ATTR_OUT.size, "fuse_init_out": INIT_OUT.size,
-         "fuse_open_out": OPEN_OUT.size, "fuse_setattr_in": SETATTR_IN.size,
-         "fuse_read_in": READ_IN.size, "fuse_write_in": WRITE_IN.size,
-         "fuse_release_in": RELEASE_IN.size, "fuse_create_in": CREATE_IN.size,
-         "fuse_mknod_in": MKNOD_IN.size, "fuse_rename2_in": RENAME2_IN.size,
-         "fuse_setxattr_in": SETXATTR_IN.size, "fuse_statfs_out": STATFS_OUT.size,
-         "fuse_ioctl_in": IOCTL_IN.size, "fuse_ioctl_out": IOCTL_OUT.size,
-         "fuse_lseek_in": LSEEK_IN.size, "fuse_fallocate_in": FALLOCATE_IN.size,
-         "fuse_copy_file_range_in": COPY_FILE_RANGE_IN.size,
-         "fuse_dirent": DIRENT.size,
-         "fuse_notify_inval_inode_out": NOTIFY_INVAL_INODE_OUT.size,
-         "fuse_notify_inval_entry_out": NOTIFY_INVAL_ENTRY_OUT.size,
-         "fuse_notify_delete_out": NOTIFY_DELETE_OUT.size}
+# Every structure rofs reads or writes, by its name in <linux/fuse.h>, with the fields
+# it decodes as signed where the header spells them unsigned: the kernel means loff_t
+# (a file offset or length) or time64_t there.  tests/test_fuse_proto.py checks each
+# against the header, field by field: width, and signedness but for these.
+LAYOUT = [
+    ("fuse_in_header", IN_HEADER, ()),
+    ("fuse_out_header", OUT_HEADER, ()),
+    ("fuse_attr", ATTR, ("atime", "mtime", "ctime")),
+    ("fuse_entry_out", ENTRY_OUT, ("atime", "mtime", "ctime")),
+    ("fuse_attr_out", ATTR_OUT, ("atime", "mtime", "ctime")),
+    ("fuse_init_in", INIT_IN, ()),
+    ("fuse_init_out", INIT_OUT, ()),
+    ("fuse_open_in", OPEN_IN, ()),
+    ("fuse_open_out", OPEN_OUT, ()),
+    ("fuse_create_in", CREATE_IN, ()),
+    ("fuse_getattr_in", GETATTR_IN, ()),
+    ("fuse_setattr_in", SETATTR_IN, ("size", "atime", "mtime", "ctime")),
+    ("fuse_mknod_in", MKNOD_IN, ()),
+    ("fuse_mkdir_in", MKDIR_IN, ()),
+    ("fuse_rename_in", RENAME_IN, ()),
+    ("fuse_rename2_in", RENAME2_IN, ()),
+    ("fuse_link_in", LINK_IN, ()),
+    ("fuse_read_in", READ_IN, ("offset",)),
+    ("fuse_read_in", READDIR_IN, ()),  # READDIR's offset is the filesystem's cookie
+    ("fuse_write_in", WRITE_IN, ("offset",)),
+    ("fuse_write_out", WRITE_OUT, ()),
+    ("fuse_release_in", RELEASE_IN, ()),
+    ("fuse_fsync_in", FSYNC_IN, ()),
+    ("fuse_setxattr_in", SETXATTR_IN, ()),
+    ("fuse_getxattr_in", GETXATTR_IN, ()),
+    ("fuse_getxattr_out", GETXATTR_OUT, ()),
+    ("fuse_access_in", ACCESS_IN, ()),
+    ("fuse_forget_in", FORGET_IN, ()),
+    ("fuse_batch_forget_in", BATCH_FORGET_IN, ()),
+    ("fuse_forget_one", FORGET_ONE, ()),
+    ("fuse_interrupt_in", INTERRUPT_IN, ()),
+    ("fuse_statfs_out", STATFS_OUT, ()),
+    ("fuse_ioctl_in", IOCTL_IN, ()),
+    ("fuse_ioctl_out", IOCTL_OUT, ()),
+    ("fuse_lseek_in", LSEEK_IN, ("offset",)),
+    ("fuse_lseek_out", LSEEK_OUT, ("offset",)),
+    ("fuse_fallocate_in", FALLOCATE_IN, ("offset", "length")),
+    ("fuse_copy_file_range_in", COPY_FILE_RANGE_IN, ("off_in", "off_out")),
+    ("fuse_dirent", DIRENT, ()),
+    ("fuse_notify_inval_inode_out", NOTIFY_INVAL_INODE_OUT, ()),
+    ("fuse_notify_inval_entry_out", NOTIFY_INVAL_ENTRY_OUT, ()),
+    ("fuse_notify_delete_out", NOTIFY_DELETE_OUT, ()),
+]
+SIZES = {name: struct.size for name, struct, _ in LAYOUT}
+# Decoded in part: INIT_IN's flags2 and what follows exist from 7.36 on, read only when
+# the kernel's flags say INIT_EXT.
+PARTIAL = {"fuse_init_in"}
 
 
 def dirent_size(namelen: int, plus: bool) -> int:
