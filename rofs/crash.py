@@ -55,6 +55,7 @@ SITES = {
 PAUSES = {
     "copy-up:data": "a copy-up's data copy, in a worker thread for a file over 1 MiB",
     "writelog:write": "the write log's writer, about to write a batch of events",
+    "listing:read": "a big directory's listing, about to be read on a worker thread",
 }
 
 _at: tuple[str, int] | None = None

@@ -396,11 +396,23 @@ class RofsOperations(Operations):
         return self.overlay.opendir(self._node(inode), req.uid)
 
     def readdir(self, req, inode, fh, offset, size, plus):
+        node = None if fh else self._node(inode)
+        if self.overlay.listing_to_read(fh, node, offset):
+            return self._read_listing_first(req, inode, fh, node, offset, size, plus)
+        return self._readdir(req, fh, node, offset, size, plus)
+
+    async def _read_listing_first(self, req, inode, fh, node, offset, size, plus):
+        """A READDIR that needs its listing read from the layers first: a big
+        directory's is read on a worker thread (Overlay.read_listing)."""
+        await self.overlay.read_listing(fh, node, req.uid)
+        return self._readdir(req, fh, node, offset, size, plus)
+
+    def _readdir(self, req, fh, node, offset, size, plus):
         self.overlay.fds.trim()
         out = []
         used = 0
         entries = self.overlay.readdir(fh, offset) if fh else \
-            self.overlay.readdir_by_node(self._node(inode), offset, req.uid)
+            self.overlay.readdir_by_node(node, offset, req.uid)
         for next_id, name, node in entries:
             need = proto.dirent_size(len(name), plus)
             if used + need > size:

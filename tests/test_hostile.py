@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import build_lower
-from helpers import ROFS, RofsProcess, rofs_out, wait_for_pause
+from helpers import ROFS, RofsProcess, read_text, rofs_out, wait_for_pause
 
 from rofs.store.quoting import unquote
 
@@ -975,6 +975,50 @@ def test_listing_by_node_is_not_taken_again_after_each_change(public, tmp_path):
     assert listed == ["n%05d" % i for i in range(20000)]  # the churn left nothing behind
     calls = sum(1 for line in trace.read_text().splitlines() if "getdents64(" in line)
     assert calls <= 300, calls  # about one listing's worth, not one per READDIR
+    assert not proc.internal_errors(), proc.output()
+
+
+@pytest.mark.parametrize("options", [(), ("--no-open",)], ids=["default", "no-open"])
+def test_a_big_listing_is_read_off_the_loop(public, tmp_path, options):
+    """Taking a listing of a directory read it on the request loop: a user listing a
+    big directory of their own, changed between passes so no listing could be shared,
+    held everyone's requests up for as long as each read took.  A big directory's
+    listing is read on a worker thread: held there at the pause point
+    (ROFS_PAUSE_AT=listing:read), root's stat, read and passwd cycle are answered."""
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    big = os.path.join(lower, "pub", "big")
+    os.mkdir(big)
+    for i in range(5000):
+        os.close(os.open(os.path.join(big, "n%05d" % i), os.O_CREAT | os.O_WRONLY, 0o644))
+    os.chown(big, NOBODY, NOBODY)
+    paused = tmp_path / "paused"
+    env = {"ROFS_PAUSE_AT": "listing:read", "ROFS_PAUSE_FILE": str(paused)}
+    with RofsProcess(mnt, state, lower, options, env=env) as proc:
+        lister = subprocess.Popen(
+            ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
+             "--", PYTHON, "-c", "import os, sys; print(len(os.listdir(sys.argv[1])))",
+             os.path.join(mnt, "pub", "big")], stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for_pause(paused)
+            done = []
+
+            def root_s_work():
+                os.stat(os.path.join(mnt, "shadow"))
+                passwd_cycle(mnt, "while-listing")
+                done.append(read_text(os.path.join(mnt, "shadow")))
+
+            worker = threading.Thread(target=root_s_work, daemon=True)
+            worker.start()
+            worker.join(timeout=60)
+            assert done and "while-listing" in done[0], "root waited for the listing"
+            assert lister.poll() is None, "the listing did not wait at the pause"
+        finally:
+            deadline = time.monotonic() + 60
+            while lister.poll() is None and time.monotonic() < deadline:
+                paused.unlink(missing_ok=True)
+                time.sleep(0.02)
+        out, _ = lister.communicate(timeout=30)
+        assert int(out) == 5000
     assert not proc.internal_errors(), proc.output()
 
 

@@ -135,6 +135,9 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
             collections.OrderedDict()
         self._hashed_names = 0
         self._hash_key = os.urandom(16)
+        # Listings being read on a worker (View.read_listing): directory inode -> for
+        # each reader, the names changed there meanwhile (None: a change naming none).
+        self._reading: dict[int, list[list]] = {}
         # Per-path policy: `policy` for the read-only class (None when nothing is
         # read-only); `classes` and `scratch_layer` when scratch paths have a layer of
         # their own (None: every change goes to the persistent upper layer).

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import bisect
 import errno
+import functools
 import hashlib
 import heapq
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rofs import crash
 from rofs._sys import malloc_trim, proc_path
@@ -45,6 +46,69 @@ FOLD_AFTER = 4096
 
 def _first(pair: tuple[int, bytes]) -> int:
     return pair[0]
+
+
+# Directories whose layers' sizes add up to more than this (about a thousand names on
+# ext4) are read on a worker thread when a listing of them is taken, so that reading a
+# user's big directory never holds the loop (and everyone's requests) up.
+BIG_DIRECTORY = 64 << 10
+
+
+def _ALL(name: bytes) -> bool:
+    return True
+
+
+def _of_layer(class_layer, base: tuple[bytes, ...], layer, name: bytes) -> bool:
+    return class_layer(base + (name,)) is layer
+
+
+def _merged(sources: list[tuple[int, Callable[[bytes], bool] | None]]) -> Iterator[bytes]:
+    """The merged listing of View._sources: upper names (minus whiteouts), then the
+    lower names no upper entry hides.  Closes every descriptor, read or not."""
+    hidden: set[bytes] = set()
+    try:
+        for fd, mine in sources:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = os.fsencode(entry.name)
+                    if mine is None:
+                        if name not in hidden:
+                            yield name
+                        continue
+                    if not mine(name):
+                        continue  # an entry of the other class's layer decides
+                    hidden.add(name)
+                    if not (entry.is_dir(follow_symlinks=False) or
+                            entry.is_file(follow_symlinks=False) or
+                            entry.is_symlink()) and is_whiteout(
+                                entry.stat(follow_symlinks=False)):
+                        continue
+                    yield name
+    finally:
+        for fd, _ in sources:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _collect_on_worker(sources: list, limit: int | None) -> list[bytes]:
+    crash.pause("listing:read")
+    return _collect(sources, limit)
+
+
+def _collect(sources: list, limit: int | None) -> list[bytes]:
+    """The names of _merged(sources), ENOMEM past `limit` of them (None: no limit)."""
+    names: list[bytes] = []
+    merged = _merged(sources)
+    try:
+        for name in merged:
+            names.append(name)
+            if limit is not None and len(names) > limit:
+                raise _err(errno.ENOMEM)
+    finally:
+        merged.close()
+    return names
 
 
 class View:
@@ -474,62 +538,52 @@ class View:
         """list_names for a listing held for a user: ENOMEM as soon as it passes
         `limit` names (None: no limit), so a directory past the user's share is not
         read to its end first."""
-        names: list[bytes] = []
-        merged = self._merged_names(node)
-        try:
-            for name in merged:
-                names.append(name)
-                if limit is not None and len(names) > limit:
-                    raise _err(errno.ENOMEM)
-        finally:
-            merged.close()
-        return names
+        return _collect(self._sources(node), limit)
 
     def _merged_names(self, node: Node) -> Iterator[bytes]:
         """list_names's names as they are read, each layer's listing open only while
         it is being read (a caller that stops early closes the generator)."""
+        return _merged(self._sources(node))
+
+    def _sources(self, node: Node) -> list[tuple[int, Callable[[bytes], bool] | None]]:
+        """What a listing of `node` reads, in order: a descriptor of each upper layer's
+        directory with the test of which names are that layer's (True: all; the other
+        class's layer decides its own), then the lower directory's (None).  Taken on
+        the loop's thread; reading them touches nothing of the model (_merged), so it
+        may run on a worker.  The descriptors are the reader's to close."""
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
-        hidden: set[bytes] = set()
+        sources: list[tuple[int, Callable[[bytes], bool] | None]] = []
         home = self._lay(node)
         base = self.path_of(node) if self.scratch_layer is not None else None
-        for layer in self._layers():
-            if layer is home:
-                up = self.upper_dirfd(node) if node.upper else None
-            else:
-                up = self.upper_dirfd(node, layer, create=False)
-            if up is None:
-                continue
-            fd = os.open(reopen_listable(up), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                with os.scandir(fd) as entries:
-                    for entry in entries:
-                        name = os.fsencode(entry.name)
-                        if base is not None and self._class_layer(base + (name,)) \
-                                is not layer:
-                            continue  # an entry of the other class's layer decides
-                        hidden.add(name)
-                        if not (entry.is_dir(follow_symlinks=False) or
-                                entry.is_file(follow_symlinks=False) or
-                                entry.is_symlink()) and is_whiteout(
-                                    entry.stat(follow_symlinks=False)):
-                            continue
-                        yield name
-            finally:
+        try:
+            for layer in self._layers():
+                if layer is home:
+                    up = self.upper_dirfd(node) if node.upper else None
+                else:
+                    up = self.upper_dirfd(node, layer, create=False)
+                if up is None:
+                    continue
+                fd = os.open(reopen_listable(up), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                if base is None:
+                    sources.append((fd, _ALL))
+                else:
+                    sources.append((fd, functools.partial(_of_layer, self._class_layer,
+                                                          base, layer)))
+            if node.lower is not None:
+                try:
+                    sources.append((self.lower.open_dir(node.lower), None))
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+        except BaseException:
+            for fd, _ in sources:
                 os.close(fd)
-        if node.lower is not None:
-            try:
-                fd = self.lower.open_dir(node.lower)
-            except (FileNotFoundError, NotADirectoryError):
-                return
-            try:
-                with os.scandir(fd) as entries:
-                    for entry in entries:
-                        name = os.fsencode(entry.name)
-                        if name not in hidden:
-                            yield name
-            finally:
-                os.close(fd)
+            raise
+        return sources
+
+    def _big(self, sources: list) -> bool:
+        """Whether a listing of these is worth a worker thread (BIG_DIRECTORY)."""
+        return sum(os.fstat(fd).st_size for fd, _ in sources) > BIG_DIRECTORY
 
     def opendir(self, node: Node, uid: int = 0) -> int:
         if not node.is_dir:
@@ -617,12 +671,17 @@ class View:
         if kept is not None and kept.node is node:
             self._hashed.move_to_end(node.ino)
             return kept
-        listed = self._names_within(node, None if uid == 0 else self.listing_budget // 4)
+        return self._keep_hashed(node, self._names_within(
+            node, None if uid == 0 else self.listing_budget // 4))
+
+    def _keep_hashed(self, node: Node, listed: list[bytes]) -> HashedListing:
         pairs = sorted((self._cookie(name), name) for name in listed)
         hashed = HashedListing(node, [c for c, _ in pairs], [n for _, n in pairs])
+        kept = self._hashed.get(node.ino)
         if kept is not None:
             self._hashed_names -= len(kept)
         self._hashed[node.ino] = hashed
+        self._hashed.move_to_end(node.ino)
         self._hashed_names += len(hashed)
         while self._hashed_names > HASHED_NAMES and len(self._hashed) > 1:
             _, old = self._hashed.popitem(last=False)
@@ -639,9 +698,14 @@ class View:
             self._listings.clear()
             self._hashed.clear()
             self._hashed_names = 0
+            for readers in self._reading.values():
+                for changed in readers:
+                    changed.append(None)
             return
         for parent, name in named:
             self._listings.pop(parent.ino, None)
+            for changed in self._reading.get(parent.ino, ()):
+                changed.append(name)
             if ended:
                 self._hashed_add(parent, name)
 
@@ -676,22 +740,80 @@ class View:
         hashed.cookies, hashed.names = [c for c, _ in pairs], [n for _, n in pairs]
         hashed.added = []
 
-    def _take_listing(self, handle: DirHandle) -> None:
+    def _take_listing(self, handle: DirHandle, names: list[bytes] | None = None,
+                      share: bool = True) -> None:
+        """Give the handle the directory's shared listing, or a new one: `names` read
+        already (read_listing), or read now.  `share`: whether later passes may share
+        it (not when names changed while it was read)."""
         node = handle.node
-        listing = self._listings.get(node.ino)
+        listing = self._listings.get(node.ino) if names is None else None
         if listing is None or listing.node is not node:
             uid = handle.uid
-            limit = None if uid == 0 else min(
-                self.listing_budget - self.listed_names,
-                self.listing_budget // 4 - self._listed_by_uid[uid])
-            names = tuple(self._names_within(node, limit))
-            listing = Listing(node, names, uid)
-            self._listings[node.ino] = listing
+            limit = self._handle_limit(uid)
+            if names is None:
+                names = self._names_within(node, limit)
+            elif limit is not None and len(names) > limit:
+                raise _err(errno.ENOMEM)  # others' listings took the share meanwhile
+            listing = Listing(node, tuple(names), uid)
+            if share:
+                self._listings[node.ino] = listing
             self.listed_names += len(names)
             self._listed_by_uid[uid] += len(names)
         listing.users += 1  # first: the handle may hold this very listing already
         self._drop_listing(handle)
         handle.listing = listing
+
+    def _handle_limit(self, uid: int) -> int | None:
+        """The most names a new listing held for `uid` may have (None: root's)."""
+        if uid == 0:
+            return None
+        return min(self.listing_budget - self.listed_names,
+                   self.listing_budget // 4 - self._listed_by_uid[uid])
+
+    def listing_to_read(self, dh: int, node: Node | None, start: int) -> bool:
+        """Whether a READDIR (of handle `dh`, or of `node` by node) needs a listing read
+        from the layers first: then await read_listing before readdir/readdir_by_node."""
+        if dh:
+            handle = self.dirs.get(dh)
+            if handle is None or not (handle.listing is None or
+                                      (start == 0 and handle.served)):
+                return False
+            shared = self._listings.get(handle.node.ino)
+            return shared is None or shared.node is not handle.node
+        kept = self._hashed.get(node.ino)
+        return kept is None or kept.node is not node
+
+    async def read_listing(self, dh: int, node: Node | None, uid: int) -> None:
+        """Read the listing a READDIR needs (listing_to_read), on a worker thread when
+        the directory is big (BIG_DIRECTORY), so the loop goes on serving others; names
+        given to or taken from the directory meanwhile are caught up with."""
+        handle = self.dirs[dh] if dh else None
+        if handle is not None:
+            node, limit = handle.node, self._handle_limit(handle.uid)
+        else:
+            limit = None if uid == 0 else self.listing_budget // 4
+        sources = self._sources(node)
+        changed: list = []
+        self._reading.setdefault(node.ino, []).append(changed)
+        try:
+            if self._big(sources):
+                names = await self.loop.offload(_collect_on_worker, sources, limit)
+            else:
+                names = _collect(sources, limit)
+        finally:
+            readers = self._reading[node.ino]
+            readers.remove(changed)
+            if not readers:
+                del self._reading[node.ino]
+        if handle is not None:
+            if self.dirs.get(dh) is not handle:
+                return  # released meanwhile
+            self._take_listing(handle, names, share=not changed)
+            handle.served = False  # a listing for this pass: readdir takes no other
+        elif None not in changed and node.is_dir:
+            self._keep_hashed(node, names)
+            for name in changed:
+                self._hashed_add(node, name)
 
     def _drop_listing(self, handle: DirHandle) -> None:
         listing, handle.listing = handle.listing, None
