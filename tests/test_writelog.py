@@ -120,23 +120,24 @@ def test_each_uid_has_its_own_files_and_the_biggest_loses_first(tmp_path, monkey
     monkeypatch.setattr(writelog, "USER_MAX_BYTES", 2048)
     monkeypatch.setattr(writelog, "ACCOUNT_MAX_BYTES", 8192)
     path = str(tmp_path / "mnt.jsonl")
-    log = WriteLog(path, "/etc")
+    log = WriteLog(path, "/etc", max_bytes=1024, keep=8)  # root's rotate too
     try:
-        log.record("rename", os.getpid(), 0, (b"shadow",), None, "ok", "persistent")
         log.record("create", os.getpid(), 33, (b"www",), None, "ok", "persistent")
-        for i in range(200):  # uid 1000 makes many changes, 1001 a few
+        for i in range(200):  # uid 1000 makes many changes, 1001 a few, root some
             log.record("create", os.getpid(), 1000, (b"a%d" % i,), None, "ok", "scratch")
             if i % 20 == 0:
                 log.record("create", os.getpid(), 1001, (b"b%d" % i,), None, "ok", "scratch")
+                log.record("rename", os.getpid(), 0, (b"shadow",), None, "ok", "persistent")
             log.flush()
     finally:
         log.close()
+    assert os.path.exists(path + ".1")
     sizes = {n: os.path.getsize(tmp_path / n) for n in os.listdir(tmp_path)
              if ".uid-1" in n}
     assert sum(sizes.values()) <= 8192
     events, files, _ = load_events([str(tmp_path)])
     by_uid = {uid: [e for e in events if e["uid"] == uid] for uid in (0, 33, 1000, 1001)}
-    assert len(by_uid[0]) == len(by_uid[33]) == 1 and len(by_uid[1001]) == 10
+    assert len(by_uid[0]) == len(by_uid[1001]) == 10 and len(by_uid[33]) == 1
     cuts = read_cuts(files)[0]["cuts"]
     assert set(cuts) == {"1000"} and cuts["1000"]["rotated"] == 200 - len(by_uid[1000])
 

@@ -302,10 +302,17 @@ class WriteLog:
             self._cuts_changed = True
 
     def _run(self) -> None:
+        reported = 0.0
         while not self._stop:
             self._wake.wait(FLUSH_SECONDS)
             self._wake.clear()
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # a bug: the log goes on with the next batch
+                if time.monotonic() - reported > 60:
+                    reported = time.monotonic()
+                    log.exception("write log: internal error; the events of a batch "
+                                  "are lost")
 
     def flush(self) -> None:
         """Write out what is pending, BATCH events at a time (the request loop gets the
@@ -464,9 +471,11 @@ class WriteLog:
             older = "%s.%d" % (path, i)
             if os.path.exists(older):
                 os.replace(older, "%s.%d" % (path, i + 1))
-                self._sizes["%s.%d" % (path, i + 1)] = self._sizes.pop(older, 0)
+                if uid:
+                    self._sizes["%s.%d" % (path, i + 1)] = self._sizes.pop(older, 0)
         os.replace(path, path + ".1")
-        self._sizes[path + ".1"] = self._sizes.pop(path, 0)
+        if uid:
+            self._sizes[path + ".1"] = self._sizes.pop(path, 0)
         self._described.pop(path, None)
 
     def _drop_file(self, path: str, uid: int) -> None:
