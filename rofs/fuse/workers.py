@@ -12,8 +12,11 @@ own, never behind another's, and root's never waits for a worker a user holds.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 
 class FairPool:
@@ -96,6 +99,8 @@ class FairPool:
                 result, error = None, e
             try:
                 done(result, error)
+            except Exception:  # a bug in the caller's callback: the worker goes on
+                log.exception("%s: a job's completion failed", self.name)
             finally:
                 with self._cond:
                     self._busy -= 1
