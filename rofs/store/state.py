@@ -5,7 +5,8 @@
                                                 version, and which markers it uses
     STATE/.rofs/work/<mountpoint ...>/          the work dir of that mount (same fs)
     STATE/.rofs/index/<mountpoint ...>/         copied-up lower hard links (same fs)
-    STATE/.rofs/log/<mountpoint ...>.jsonl      the write log (rofs.store.writelog)
+    STATE/.rofs/log/<mountpoint ...>.jsonl      the write log (rofs.store.writelog): root's,
+                                            and .uid-N.jsonl each other uid's
 
 See docs/state-format.md.  Everything that can be wrong with a state dir is checked
 before the mount, and a failed check leaves nothing behind that it created.
