@@ -404,7 +404,7 @@ class RofsOperations(Operations):
     async def _read_listing_first(self, req, inode, fh, node, offset, size, plus):
         """A READDIR that needs its listing read from the layers first: a big
         directory's is read on a worker thread (Overlay.read_listing)."""
-        await self.overlay.read_listing(fh, node, req.uid)
+        await self.overlay.read_listing(fh, node, offset, req.uid)
         return self._readdir(req, fh, node, offset, size, plus)
 
     def _readdir(self, req, fh, node, offset, size, plus):

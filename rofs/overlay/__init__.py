@@ -135,9 +135,11 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
             collections.OrderedDict()
         self._hashed_names = 0
         self._hash_key = os.urandom(16)
-        # Listings being read on a worker (View.read_listing): directory inode -> for
-        # each reader, the names changed there meanwhile (None: a change naming none).
-        self._reading: dict[int, list[list]] = {}
+        # Listings being read (View.read_listing), one per directory at a time:
+        # directory inode -> an event set when it is read, and the names changed there
+        # meanwhile (None: a change naming no directory).
+        self._scanning: dict[int, object] = {}  # of loop.event()
+        self._changed_while_read: dict[int, list] = {}
         # Per-path policy: `policy` for the read-only class (None when nothing is
         # read-only); `classes` and `scratch_layer` when scratch paths have a layer of
         # their own (None: every change goes to the persistent upper layer).

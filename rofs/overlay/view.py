@@ -92,9 +92,29 @@ def _merged(sources: list[tuple[int, Callable[[bytes], bool] | None]]) -> Iterat
                 pass
 
 
-def _collect_on_worker(sources: list, limit: int | None) -> list[bytes]:
+def _read_on_worker(read, *args):
     crash.pause("listing:read")
-    return _collect(sources, limit)
+    return read(*args)
+
+
+def _cookie(key: bytes, name: bytes) -> int:
+    """A name's offset in listings by node: its keyed hash, past . and .."""
+    return (int.from_bytes(hashlib.blake2b(name, key=key, digest_size=8).digest(),
+                           "little") >> 3) + 3
+
+
+def _collect_hashed(sources: list, limit: int | None, key: bytes
+                    ) -> tuple[list[int], list[bytes]]:
+    """_collect's names in the order of their offsets (_cookie), and the offsets.
+    Sorted as plain integers (a sort holds the interpreter, and one of tuples takes
+    several times as long), names by offset from a dict."""
+    listed = _collect(sources, limit)
+    by_cookie = {_cookie(key, name): name for name in listed}
+    if len(by_cookie) < len(listed):  # two names with one offset: keep both
+        pairs = sorted((_cookie(key, name), name) for name in listed)
+        return [c for c, _ in pairs], [n for _, n in pairs]
+    cookies = sorted(by_cookie)
+    return cookies, [by_cookie[c] for c in cookies]
 
 
 def _collect(sources: list, limit: int | None) -> list[bytes]:
@@ -659,9 +679,7 @@ class View:
                 yield cookie, name, entry
 
     def _cookie(self, name: bytes) -> int:
-        """A name's offset in listings by node: its keyed hash, past . and .."""
-        return (int.from_bytes(hashlib.blake2b(name, key=self._hash_key, digest_size=8)
-                               .digest(), "little") >> 3) + 3
+        return _cookie(self._hash_key, name)
 
     def _hashed_listing(self, node: Node, uid: int) -> HashedListing:
         """The merged listing of `node` ordered by offset (readdir_by_node), kept while
@@ -671,12 +689,13 @@ class View:
         if kept is not None and kept.node is node:
             self._hashed.move_to_end(node.ino)
             return kept
-        return self._keep_hashed(node, self._names_within(
-            node, None if uid == 0 else self.listing_budget // 4))
+        return self._keep_hashed(node, *_collect_hashed(
+            self._sources(node), None if uid == 0 else self.listing_budget // 4,
+            self._hash_key))
 
-    def _keep_hashed(self, node: Node, listed: list[bytes]) -> HashedListing:
-        pairs = sorted((self._cookie(name), name) for name in listed)
-        hashed = HashedListing(node, [c for c, _ in pairs], [n for _, n in pairs])
+    def _keep_hashed(self, node: Node, cookies: list[int], names: list[bytes]
+                     ) -> HashedListing:
+        hashed = HashedListing(node, cookies, names)
         kept = self._hashed.get(node.ino)
         if kept is not None:
             self._hashed_names -= len(kept)
@@ -698,13 +717,13 @@ class View:
             self._listings.clear()
             self._hashed.clear()
             self._hashed_names = 0
-            for readers in self._reading.values():
-                for changed in readers:
-                    changed.append(None)
+            for changed in self._changed_while_read.values():
+                changed.append(None)
             return
         for parent, name in named:
             self._listings.pop(parent.ino, None)
-            for changed in self._reading.get(parent.ino, ()):
+            changed = self._changed_while_read.get(parent.ino)
+            if changed is not None:
                 changed.append(name)
             if ended:
                 self._hashed_add(parent, name)
@@ -783,35 +802,47 @@ class View:
         kept = self._hashed.get(node.ino)
         return kept is None or kept.node is not node
 
-    async def read_listing(self, dh: int, node: Node | None, uid: int) -> None:
+    async def read_listing(self, dh: int, node: Node | None, start: int, uid: int) -> None:
         """Read the listing a READDIR needs (listing_to_read), on a worker thread when
-        the directory is big (BIG_DIRECTORY), so the loop goes on serving others; names
-        given to or taken from the directory meanwhile are caught up with."""
+        the directory is big (BIG_DIRECTORY), so the loop goes on serving others: its
+        names, and for a listing by node their offsets, in order.  One read of a
+        directory at a time: a READDIR arriving meanwhile waits for it and takes its
+        listing where it may.  Names given to or taken from the directory meanwhile
+        are caught up with."""
         handle = self.dirs[dh] if dh else None
         if handle is not None:
-            node, limit = handle.node, self._handle_limit(handle.uid)
+            node = handle.node
+        while (reading := self._scanning.get(node.ino)) is not None:
+            await reading.wait()
+        if not self.listing_to_read(dh, node, start) or \
+                (handle is not None and self.dirs.get(dh) is not handle):
+            return
+        if handle is not None:
+            limit = self._handle_limit(handle.uid)
+            read, args = _collect, ()
         else:
             limit = None if uid == 0 else self.listing_budget // 4
+            read, args = _collect_hashed, (self._hash_key,)
         sources = self._sources(node)
         changed: list = []
-        self._reading.setdefault(node.ino, []).append(changed)
+        self._changed_while_read[node.ino] = changed
+        self._scanning[node.ino] = reading = self.loop.event()
         try:
             if self._big(sources):
-                names = await self.loop.offload(_collect_on_worker, sources, limit)
+                found = await self.loop.offload(_read_on_worker, read, sources, limit, *args)
             else:
-                names = _collect(sources, limit)
+                found = read(sources, limit, *args)
         finally:
-            readers = self._reading[node.ino]
-            readers.remove(changed)
-            if not readers:
-                del self._reading[node.ino]
+            del self._changed_while_read[node.ino]
+            del self._scanning[node.ino]
+            reading.set()
         if handle is not None:
             if self.dirs.get(dh) is not handle:
                 return  # released meanwhile
-            self._take_listing(handle, names, share=not changed)
+            self._take_listing(handle, found, share=not changed)
             handle.served = False  # a listing for this pass: readdir takes no other
         elif None not in changed and node.is_dir:
-            self._keep_hashed(node, names)
+            self._keep_hashed(node, *found)
             for name in changed:
                 self._hashed_add(node, name)
 
