@@ -38,6 +38,8 @@ WANT = (proto.ASYNC_READ | proto.ATOMIC_O_TRUNC | proto.EXPORT_SUPPORT | proto.B
         | proto.POSIX_ACL | proto.MAX_PAGES | proto.SETXATTR_EXT | proto.HAS_IOCTL_DIR
         | proto.CACHE_SYMLINKS)
 
+READDIR_ENTRIES = 128  # names looked at for one READDIR(PLUS) reply (see _readdir)
+
 # chattr and lsattr: FS_IOC_GETFLAGS/SETFLAGS, and their 32-bit forms (an int each way);
 # FS_IOC_FSGETXATTR/FSSETXATTR (struct fsxattr), which the kernel itself asks before it
 # sends a SETFLAGS.
@@ -413,10 +415,15 @@ class RofsOperations(Operations):
         used = 0
         entries = self.overlay.readdir(fh, offset) if fh else \
             self.overlay.readdir_by_node(node, offset, req.uid)
+        # A reply holds at most READDIR_ENTRIES names looked at (the kernel asks again
+        # from the last one's offset): the kernel may ask for a megabyte of entries at
+        # once, and looking each up would hold every other request up meanwhile.
+        left = READDIR_ENTRIES
         for next_id, name, node in entries:
             need = proto.dirent_size(len(name), plus)
-            if used + need > size:
+            if used + need > size or (out and left <= 0):
                 break
+            left -= 1
             packed = self._dirent(next_id, name, node, plus)
             if packed is None:
                 continue  # removed since the listing was taken

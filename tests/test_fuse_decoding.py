@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -264,3 +265,33 @@ def test_lseek_before_the_start_is_enxio_as_on_ext4(served):
         error, _ = served.call(proto.LSEEK, served.file, proto.LSEEK_IN.pack(
             served.file_fh, -1, whence, 0))
         assert -error == errno.ENXIO
+
+
+def test_requests_of_different_uids_are_served_by_turns(tmp_path):
+    """The loop reads the requests waiting (up to READ_AHEAD) and serves the uids by
+    turns: root's request queued behind ten of a user's is answered first or second,
+    not eleventh; each uid's in the order they came."""
+    served = Served(str(tmp_path))
+    try:
+        def getattr_as(uid, unique):
+            body = proto.GETATTR_IN.pack(0, 0, 0)
+            served.theirs.send(proto.IN_HEADER.pack(proto.IN_HEADER.size + len(body),
+                                                    proto.GETATTR, unique, proto.ROOT_ID,
+                                                    uid, uid, 1, 0, 0) + body)
+
+        for i in range(10):
+            getattr_as(1000, 1000 + 2 * i)
+        getattr_as(0, 9000)
+        loop = threading.Thread(target=served.session.run, daemon=True)
+        loop.start()
+        served.theirs.setblocking(True)
+        served.theirs.settimeout(30)
+        order = [proto.OUT_HEADER.unpack_from(served.theirs.recv(65536))[2]
+                 for _ in range(11)]
+        served.session.stop()
+        loop.join(timeout=30)
+        assert order.index(9000) <= 1, order
+        users = [u for u in order if u != 9000]
+        assert users == sorted(users)
+    finally:
+        served.close()

@@ -24,8 +24,10 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import mmap
 import os
 import select
+import struct
 import time
 import types
 from collections.abc import Callable
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 
 MAX_WRITE = 1 << 20  # bytes per WRITE request (256 pages)
 MAX_PAGES = MAX_WRITE // 4096
+# Requests read from the kernel and held to be served by turns per uid (_Waiting), so
+# one user's queue of requests never delays another's (root's) by more than one of
+# its own: the requests waiting are read before each one is served, this many at most.
+READ_AHEAD = 16
 WORKERS = 16  # threads for offloaded work (copy-ups of big files, fsync)
 WORKER_RESERVE = 4  # of them, for root's work only
 WORKER_SHARE = 6  # of them, at most for one uid other than root
@@ -228,30 +234,47 @@ class Session:
         poll = select.epoll()
         poll.register(self.fd, select.EPOLLIN)
         poll.register(self._wake_r, select.EPOLLIN)
-        buffer = bytearray(MAX_WRITE + 4096)
-        view = memoryview(buffer)
         fd, wake = self.fd, self._wake_r
+        os.set_blocking(fd, False)  # reads end with EAGAIN when no request waits
+        waiting = _Waiting()
+        unmounted = False
         try:
             while not self._stopping:
                 while self._ready:
                     self._ready.popleft()()
-                for ready_fd, _ in poll.poll():
-                    if ready_fd == wake:
+                if not waiting.count:
+                    if unmounted:
+                        return
+                    ready = [ready_fd for ready_fd, _ in poll.poll()]
+                    if wake in ready:
                         try:
                             os.read(wake, 4096)
                         except BlockingIOError:
                             pass
+                    if fd not in ready:
                         continue
+                # Before each request served: read those that came meanwhile, so the
+                # next one is chosen by turns among all that wait.
+                while not unmounted and waiting.count < READ_AHEAD:
+                    buffer = waiting.buffer()
                     try:
                         length = os.readv(fd, [buffer])
                     except OSError as e:
-                        if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                        waiting.free.append(buffer)
+                        if e.errno == errno.EAGAIN:
+                            break
+                        if e.errno in (errno.ENOENT, errno.EINTR):
                             continue  # an interrupted request; try again
-                        if e.errno == errno.ENODEV:  # unmounted
-                            return
+                        if e.errno == errno.ENODEV:
+                            unmounted = True  # serve what was read, then end
+                            break
                         raise
-                    if self._dispatch(view, length):
+                    waiting.add(buffer, length)
+                if waiting.count:
+                    buffer, length = waiting.next()
+                    if self._dispatch(memoryview(buffer), length):
                         return
+                    waiting.free.append(buffer)
         finally:
             poll.close()
             for pool in (self._pool, self._short_pool):
@@ -588,6 +611,47 @@ class InjectedFault(Exception):
 _NO_REPLY = object()  # FORGET and BATCH_FORGET are not answered
 _COROUTINE = types.CoroutineType
 _unpack_header = proto.IN_HEADER.unpack_from
+_UID = struct.Struct("<I")  # fuse_in_header's uid, at offset 24
+
+
+class _Waiting:
+    """Requests read from the kernel and not served yet, a queue per uid: `next` takes
+    them with the uids by turns, each uid's in the order they came, root's first when
+    it has one.  `free`: buffers to read the next requests into (anonymous memory:
+    only the pages a request fills are ever committed)."""
+
+    def __init__(self) -> None:
+        self.queues: dict[int, collections.deque] = {}
+        self.turns: collections.deque[int] = collections.deque()
+        self.count = 0
+        self.free: list[mmap.mmap] = []
+
+    def buffer(self) -> mmap.mmap:
+        return self.free.pop() if self.free else mmap.mmap(-1, MAX_WRITE + 4096)
+
+    def add(self, buffer: mmap.mmap, length: int) -> None:
+        uid = _UID.unpack_from(buffer, 24)[0]
+        queue = self.queues.get(uid)
+        if queue is None:
+            queue = self.queues[uid] = collections.deque()
+            if uid == 0:
+                self.turns.appendleft(uid)
+            else:
+                self.turns.append(uid)
+        queue.append((buffer, length))
+        self.count += 1
+
+    def next(self) -> tuple[mmap.mmap, int]:
+        uid = self.turns[0]
+        queue = self.queues[uid]
+        request = queue.popleft()
+        self.count -= 1
+        if queue:
+            self.turns.rotate(-1)
+        else:
+            self.turns.popleft()
+            del self.queues[uid]
+        return request
 _HEADER_SIZE = proto.IN_HEADER.size
 _pack_out_header = proto.OUT_HEADER.pack
 
