@@ -881,6 +881,24 @@ def _fs_magic(path: str) -> int:
     return int.from_bytes(buf.raw[:8], "little")
 
 
+def getdents_during(proc, tmp_path, *cmd):
+    """Run cmd as uid 65534 while strace counts the daemon's getdents64 calls (every
+    thread); returns its result and the count."""
+    trace = tmp_path / "trace"
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=getdents64", "-o",
+                               str(trace), "-p", str(proc.proc.pid)])
+    try:
+        deadline = time.monotonic() + 10
+        while not trace.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # strace attached to every thread
+        result = as_nobody(*cmd)
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+    return result, sum(1 for line in trace.read_text().splitlines() if "getdents64(" in line)
+
+
 def test_not_empty_is_found_at_the_first_name_not_by_listing_all(public, tmp_path):
     """rmdir of a big directory, or rename(empty, big), listed the whole directory on
     the request loop just to answer ENOTEMPTY: a user repeating it held everyone's
@@ -905,22 +923,11 @@ def test_not_empty_is_found_at_the_first_name_not_by_listing_all(public, tmp_pat
               "            call()\n"
               "        except OSError as e:\n"
               "            assert e.errno == errno.ENOTEMPTY, e\n")
-    trace = tmp_path / "trace"
     with RofsProcess(mnt, state, lower) as proc:
         os.listdir(os.path.join(mnt, "pub"))
-        tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=getdents64", "-o",
-                                   str(trace), "-p", str(proc.proc.pid)])
-        try:
-            deadline = time.monotonic() + 10
-            while not trace.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.5)  # strace attached to every thread
-            result = as_nobody(PYTHON, "-c", attack, os.path.join(mnt, "pub"))
-        finally:
-            tracer.terminate()
-            tracer.wait(timeout=30)
+        result, calls = getdents_during(proc, tmp_path, PYTHON, "-c", attack,
+                                        os.path.join(mnt, "pub"))
         assert result.returncode == 0, result.stderr
-    calls = sum(1 for line in trace.read_text().splitlines() if "getdents64(" in line)
     assert calls <= 4 * 20, calls  # 20 attempts: a few calls each, not the whole listing
     assert not proc.internal_errors(), proc.output()
 
@@ -954,26 +961,15 @@ def test_listing_by_node_is_not_taken_again_after_each_change(public, tmp_path):
     for i in range(10000):  # one listing of it takes a few dozen getdents64 calls
         os.close(os.open(os.path.join(big, "n%05d" % i), os.O_CREAT | os.O_WRONLY, 0o644))
     os.chown(big, NOBODY, NOBODY)
-    trace = tmp_path / "trace"
     with RofsProcess(mnt, state, lower, args=("--no-open",)) as proc:
         os.listdir(os.path.join(mnt, "pub"))
-        tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=getdents64", "-o",
-                                   str(trace), "-p", str(proc.proc.pid)])
-        try:
-            deadline = time.monotonic() + 10
-            while not trace.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.5)  # strace attached to every thread
-            result = as_nobody(PYTHON, "-c", LIST_WITH_CHURN, os.path.join(mnt, "pub", "big"),
-                               os.path.join(mnt, "pub"))
-        finally:
-            tracer.terminate()
-            tracer.wait(timeout=30)
+        result, calls = getdents_during(proc, tmp_path, PYTHON, "-c", LIST_WITH_CHURN,
+                                        os.path.join(mnt, "pub", "big"),
+                                        os.path.join(mnt, "pub"))
         assert result.returncode == 0, result.stderr
         listed = sorted(os.listdir(os.path.join(mnt, "pub", "big")))
     assert int(result.stdout) >= 10000
     assert listed == ["n%05d" % i for i in range(10000)]  # the churn left nothing behind
-    calls = sum(1 for line in trace.read_text().splitlines() if "getdents64(" in line)
     assert calls <= 300, calls  # about one listing's worth, not one per READDIR
     assert not proc.internal_errors(), proc.output()
 

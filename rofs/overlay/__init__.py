@@ -47,6 +47,7 @@ from rofs.overlay.base import (
 from rofs.overlay.copying import CopyUp
 from rofs.overlay.durable import Durable
 from rofs.overlay.files import Files
+from rofs.overlay.listings import Listings
 from rofs.overlay.names import Names
 from rofs.overlay.renames import Renames
 from rofs.overlay.view import View
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Attr", "Overlay"]
 
 
-class Overlay(View, CopyUp, Names, Renames, Files, Durable):
+class Overlay(View, Listings, CopyUp, Names, Renames, Files, Durable):
     """The merged view of `lower_fd` (never written) and `upper_fd` (all changes)."""
 
     def __init__(self, lower_fd: int, upper_fd: int, work_fd: int,
@@ -135,7 +136,7 @@ class Overlay(View, CopyUp, Names, Renames, Files, Durable):
             collections.OrderedDict()
         self._hashed_names = 0
         self._hash_key = os.urandom(16)
-        # Listings being read (View.read_listing), one per directory at a time:
+        # Listings being read (Listings.read_listing), one per directory at a time:
         # directory inode -> an event set when it is read, and the names changed there
         # meanwhile (None: a change naming no directory).
         self._scanning: dict[int, object] = {}  # of loop.event()

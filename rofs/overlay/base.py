@@ -112,7 +112,7 @@ class Listing:
 
 class HashedListing:
     """A directory's names in the order of their offsets, a keyed hash of each name, for
-    listings by node (no_open, View.readdir_by_node): `cookies` and `names` as taken
+    listings by node (no_open, Listings.readdir_by_node): `cookies` and `names` as taken
     from the layers, and `added`, (offset, name) of names given to the directory since,
     in order, folded in when it grows.  Names removed since are still there: a listing
     leaves out names that are gone when it serves them."""
