@@ -131,6 +131,13 @@ def format_status(entries: list[dict], now: float) -> str:
                      "running, %d internal errors" % (e["nodes"], e["open_files"],
                                                       e["open_dirs"], e["copy_ups"],
                                                       e["internal_errors"]))
+        collector = e.get("collector")
+        if collector:
+            lines.append("  memory   %d objects out of the collector's scans; %s, the "
+                         "longest %.1f ms" % (collector["objects_out_of_scans"],
+                                              count(collector["full_collections"],
+                                                    "full collection"),
+                                              collector["longest_full_collection_ms"]))
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from rofs import _sys, crash
 from rofs import fuse as fuse_channel
 from rofs.daemon import control, scratch
+from rofs.daemon.collector import Collector
 from rofs.fuse import mount as fuse_mount
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
@@ -385,6 +386,7 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                 "markers": markers.prefix.decode() + "*", "started": started,
                 "default_class": config.policy.default.value, "rules": counts,
                 "internal_errors": session.internal_errors,
+                "collector": collector.stats(),
                 "log": writelog.path if writelog is not None else None,
                 "log_written": writelog.written if writelog is not None else 0,
                 "log_dropped": writelog.dropped if writelog is not None else 0,
@@ -407,9 +409,12 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         except OSError as e:
             log.warning("no control socket %s (rofs revert will not work on this mount): "
                         "%s", control_path, e.strerror)
+    collector = Collector()
+    collector.install()
     try:
         _serve(session)
     finally:
+        collector.uninstall()
         sd_notify("STOPPING=1")
         if server is not None:
             server.close()
