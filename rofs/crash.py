@@ -56,6 +56,8 @@ PAUSES = {
     "copy-up:data": "a copy-up's data copy, in a worker thread for a file over 1 MiB",
     "writelog:write": "the write log's writer, about to write a batch of events",
     "listing:read": "a big directory's listing, about to be read on a worker thread",
+    "disk:wait": "a close, truncate or read that may wait on the disk, about to be made "
+                 "on a closer or worker thread",
 }
 
 _at: tuple[str, int] | None = None

@@ -1050,6 +1050,82 @@ def test_the_nodes_a_user_makes_are_not_scanned_at_every_full_collection(public)
     assert not proc.internal_errors(), proc.output()
 
 
+DISK_WAITS = {
+    # What the user does; each of these makes the daemon wait on the disk under load.
+    "close": "f = open(sys.argv[1], 'wb'); f.write(b'x' * 65536); f.close()",
+    "o-trunc": "os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_TRUNC))",
+    "truncate": "os.truncate(sys.argv[1], 0)",
+    "read": "print(len(open(sys.argv[1], 'rb').read()))",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DISK_WAITS))
+def test_a_user_s_wait_on_the_disk_holds_no_one_else(public, tmp_path, kind):
+    """The request loop closed files written through it, truncated files (an O_TRUNC
+    open, truncate(2)) and read uncached data itself: under one user's heavy writes
+    (64 parallel copies of 64 MiB) each of those waited 0.1-0.8 s on the disk, and
+    every request of every user waited with it.  They are made on closer and worker
+    threads (a read only when the page cache lacks its data, RWF_NOWAIT), held here at
+    the pause point where the disk would be waited on (ROFS_PAUSE_AT=disk:wait): root's
+    stat, read and passwd cycle are answered meanwhile, and the user's call ends as it
+    would have."""
+    mnt, state, lower = public["mnt"], public["state"], public["lower"]
+    data = os.path.join(lower, "pub", "data")
+    with open(data, "wb") as f:
+        f.write(os.urandom(4 << 20))
+    os.chown(data, NOBODY, NOBODY)
+    if kind == "read":
+        if _fs_magic(lower) == 0x01021994:  # TMPFS_MAGIC
+            pytest.skip("the lower layer is on tmpfs: its pages are its data, never "
+                        "uncached")
+        fd = os.open(data, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the disk has it, not the cache
+        os.close(fd)
+    paused, unpaused = tmp_path / "paused", threading.Event()
+
+    def unpause():
+        while not unpaused.wait(0.01):
+            paused.unlink(missing_ok=True)
+
+    unpausing = threading.Thread(target=unpause, daemon=True)
+    env = {"ROFS_PAUSE_AT": "disk:wait", "ROFS_PAUSE_FILE": str(paused)}
+    with RofsProcess(mnt, state, lower, env=env) as proc:
+        target = os.path.join(mnt, "pub", "data")
+        if kind in ("o-trunc", "truncate"):
+            os.chmod(target, 0o644)  # an upper copy with the data, which O_TRUNC empties
+        user = subprocess.Popen(
+            ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
+             "--", PYTHON, "-c", "import os, sys\n" + DISK_WAITS[kind], target],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for_pause(paused)
+            done = []
+
+            def root_s_work():
+                os.stat(os.path.join(mnt, "shadow"))
+                passwd_cycle(mnt, "while-waiting")
+                done.append(read_text(os.path.join(mnt, "shadow")))
+
+            worker = threading.Thread(target=root_s_work, daemon=True)
+            worker.start()
+            worker.join(timeout=60)
+            assert done and "while-waiting" in done[0], "root waited for the user's disk"
+            if kind != "close":  # (a close does not wait for the daemon's)
+                assert user.poll() is None, "the user's call did not wait at the pause"
+        finally:
+            unpausing.start()  # every close of a written file pauses too, to the end
+        out, _ = user.communicate(timeout=60)
+        assert user.returncode == 0
+        if kind == "read":
+            assert int(out) == 4 << 20
+        size = os.stat(target).st_size
+    unpaused.set()
+    unpausing.join()
+    assert size == {"close": 65536, "o-trunc": 0, "truncate": 0, "read": 4 << 20}[kind]
+    assert not proc.internal_errors(), proc.output()
+
+
 HOLD_COPY_UPS = """
 import os, sys, threading
 def copy_up(path):

@@ -52,6 +52,7 @@ from rofs.overlay.names import Names
 from rofs.overlay.renames import Renames
 from rofs.overlay.view import View
 from rofs.store import origin
+from rofs.store.closer import KEPT, Closer
 from rofs.store.inodes import ROOT_INO, Node, NodeTable
 from rofs.store.layers import DirFdCache, LowerLayer, Markers, UpperLayer
 from rofs.store.policy import Class, Policy
@@ -80,6 +81,8 @@ class Overlay(View, Listings, CopyUp, Names, Renames, Files, Durable):
         # holding files open does not shut the others out either.
         self.uid_file_limit = max(16, self.user_file_limit // 4)
         self._fds_by_uid: collections.Counter = collections.Counter()
+        # Closes that may wait on the disk, off the loop (they still count as open).
+        self.closer = Closer()
         self.lower = LowerLayer(lower_fd, self.fds)
         self.upper = UpperLayer(upper_fd, work_fd, markers or Markers())
         self.markers = self.upper.markers
@@ -87,7 +90,8 @@ class Overlay(View, Listings, CopyUp, Names, Renames, Files, Durable):
         # The base store (rofs/store/origin.py), where copy-ups keep the text a later merge
         # with a new image needs; None: kept nowhere.
         self.base_writer: origin.BaseWriter | None = None
-        self.table = NodeTable(self.lower.dev, self.upper.dev)
+        self.table = NodeTable(self.lower.dev, self.upper.dev,
+                               lambda fd: self.closer.close(fd, KEPT))
         root_st = os.fstat(upper_fd)
         self.root = Node(ROOT_INO, stat.S_IFDIR, upper=True, lower=(),
                          backing=("U", root_st.st_dev, root_st.st_ino))

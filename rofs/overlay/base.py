@@ -3,10 +3,12 @@ listings, and small helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 
+from rofs import crash
 from rofs._sys import FS_APPEND_FL, FS_IMMUTABLE_FL, FS_NOATIME_FL, FS_NODUMP_FL, FS_SYNC_FL
 from rofs.store.inodes import Node
 
@@ -33,6 +35,29 @@ OPEN_KEEP_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DS
 
 def _err(code: int, *args) -> OSError:
     return OSError(code, os.strerror(code), *args)
+
+
+@contextlib.contextmanager
+def _held(fd: int):
+    """A descriptor of the same open file for offloaded work, the job's own until it
+    ends: the handle's may be closed meanwhile (a release, the LRU of node handles) and
+    its number given to another file, which the job must never touch."""
+    own = os.dup(fd)
+    try:
+        yield own
+    finally:
+        os.close(own)
+
+
+# Calls that may wait on the disk, made on a worker thread (never on the request loop).
+def _truncate(fd: int, size: int) -> None:
+    crash.pause("disk:wait")  # (tests only)
+    os.ftruncate(fd, size)
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    crash.pause("disk:wait")  # (tests only)
+    return os.pread(fd, size, offset)
 
 
 class Attr:
@@ -62,14 +87,17 @@ class OpenFile:
     the read-only handles of a node share one (reads give their offset), a writer has
     its own.  It counts against the uid that opened it first."""
 
-    __slots__ = ("fd", "on_lower", "users", "shared", "uid")
+    __slots__ = ("fd", "on_lower", "users", "shared", "uid", "writing", "nowait")
 
-    def __init__(self, fd: int, on_lower: bool, shared: bool, uid: int) -> None:
+    def __init__(self, fd: int, on_lower: bool, shared: bool, uid: int,
+                 writing: bool = False) -> None:
         self.fd = fd
         self.on_lower = on_lower
         self.users = 0
         self.shared = shared
         self.uid = uid
+        self.writing = writing  # open for writing: its close may wait on the disk
+        self.nowait = True  # reads may try the page cache alone (RWF_NOWAIT)
 
 
 class FileHandle:

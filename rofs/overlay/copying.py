@@ -73,7 +73,7 @@ class CopyUp:
             return
         new = os.fstat(keep)
         if node.keep_fd >= 0:
-            os.close(node.keep_fd)
+            self.table.close_fd(node.keep_fd)
         node.keep_fd = keep
         node.upper = True
         self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))

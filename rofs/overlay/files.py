@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -22,22 +21,13 @@ from rofs.overlay.base import (
     FileHandle,
     OpenFile,
     _err,
+    _held,
+    _pread,
+    _truncate,
 )
 from rofs.store.inodes import NO_FDS, Node
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _held(fd: int):
-    """A descriptor of the same open file for offloaded work, the job's own until it
-    ends: the handle's may be closed meanwhile (a release, the LRU of node handles) and
-    its number given to another file, which the job must never touch."""
-    own = os.dup(fd)
-    try:
-        yield own
-    finally:
-        os.close(own)
 
 
 class Files:
@@ -51,16 +41,18 @@ class Files:
         (users other than root stop short of a reserve that is root's, and each of them
         at a share of the rest)."""
         limit = self.file_limit if uid == 0 else self.user_file_limit
-        while self._idle and len(self._open_files) >= limit:
+        closing = self.closer.pending()  # closed on a closer thread, not yet
+        while self._idle and len(self._open_files) + closing >= limit:
             self._close_idle(next(iter(self._idle)))
-        if len(self._open_files) >= limit:
+        if len(self._open_files) + closing >= limit:
             raise _err(errno.ENFILE)
-        if uid != 0 and self._fds_by_uid[uid] >= self.uid_file_limit:
+        if uid != 0 and self._fds_by_uid[uid] + (self.closer.pending(uid) if closing else 0) \
+                >= self.uid_file_limit:
             raise _err(errno.ENFILE)
 
     def _register(self, fd: int, node: Node, flags: int, on_lower: bool, pid: int,
                   uid: int, shared: bool = False) -> FileHandle:
-        file = OpenFile(fd, on_lower, shared, uid)
+        file = OpenFile(fd, on_lower, shared, uid, flags & os.O_ACCMODE != os.O_RDONLY)
         self._open_files[fd] = file
         self._fds_by_uid[uid] += 1
         if shared:
@@ -124,6 +116,19 @@ class Files:
                                       uid)
         elif not node.upper:
             await self.copy_up(node)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            # Truncating waits for the file's pages the disk is writing: opened here,
+            # truncated on a worker (through the descriptor: the same file whatever
+            # renames meanwhile).  Times and errors are O_TRUNC's (both are
+            # do_truncate in the kernel).
+            handle = self._open(node, flags & ~os.O_TRUNC, pid, uid, True)
+            try:
+                with _held(handle.file.fd) as fd:
+                    await self.loop.offload(_truncate, fd, 0)
+            except BaseException:
+                self.release(handle.fh)
+                raise
+            return handle
         return self._open(node, flags, pid, uid, True)
 
     @staticmethod
@@ -240,8 +245,35 @@ class Files:
             raise _err(errno.EBADF)
         return handle
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
-        return os.pread(self.handle(fh).fd, size, offset)
+    def read(self, fh: int, offset: int, size: int):
+        """The bytes, or when they are not all in the page cache, a coroutine reading
+        the rest on a worker (a read from the disk may wait behind other users' I/O;
+        the loop must not)."""
+        file = self.handle(fh).file
+        if not file.nowait:
+            return os.pread(file.fd, size, offset)
+        view = memoryview(bytearray(size))
+        try:
+            got = os.preadv(file.fd, (view,), offset, os.RWF_NOWAIT)
+            # Short: the end of the file, or only that much was in the page cache.
+            if got < size and got and os.preadv(file.fd, (view[got:got + 1],),
+                                                offset + got, os.RWF_NOWAIT):
+                got = -got  # more there: the next byte was in the cache after all
+        except BlockingIOError:
+            return self._read_rest(fh, b"", size, offset)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            file.nowait = False  # a filesystem that cannot say: read as it comes
+            return os.pread(file.fd, size, offset)
+        if got >= 0:
+            return view[:got]
+        return self._read_rest(fh, bytes(view[:-got]), size, offset)
+
+    async def _read_rest(self, fh: int, got: bytes, size: int, offset: int) -> bytes:
+        with _held(self.handle(fh).fd) as fd:
+            rest = await self.loop.offload(_pread, fd, size - len(got), offset + len(got))
+        return got + rest
 
     def _check_data_change(self, handle: FileHandle, fallocate_mode: int = 0) -> None:
         """EPERM for a change of an immutable file's data, or for one that may remove
@@ -319,7 +351,12 @@ class Files:
         node.open_fds.discard(file.fd)
         if not node.open_fds:
             node.open_fds = NO_FDS
-        os.close(file.fd)
+        if file.writing or not node.links:
+            # ext4 writes a truncated and rewritten file out at its close; the last
+            # close of an unlinked file frees its blocks: either may wait on the disk.
+            self.closer.close(file.fd, file.uid)
+        else:
+            os.close(file.fd)
         self.table.maybe_drop(node)
 
     def close(self) -> None:
@@ -328,4 +365,5 @@ class Files:
             self.release(fh)
         while self._idle:
             self._close_idle(next(iter(self._idle)))
+        self.closer.drain()
         self.fds.close()

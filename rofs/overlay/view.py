@@ -13,11 +13,14 @@ from rofs.overlay.base import (
     NAME_MAX,
     Attr,
     _err,
+    _held,
     _index_key,
     _parse_ino,
     _parse_int,
+    _truncate,
 )
 from rofs.store import acl, copyup
+from rofs.store.closer import KEPT
 from rofs.store.inodes import Node
 from rofs.store.layers import (
     UpperLayer,
@@ -318,8 +321,8 @@ class View:
             if (atime_ns is None) != (mtime_ns is None):
                 atime_ns = before.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = before.st_mtime_ns if mtime_ns is None else mtime_ns
-            self._set_attributes(target, follow, node, before, mode, uid, gid, size,
-                                 atime_ns, mtime_ns)
+            await self._set_attributes(target, follow, node, before, mode, uid, gid,
+                                       size, atime_ns, mtime_ns)
             try:
                 return self.getattr(node)
             except OSError as e:
@@ -336,15 +339,15 @@ class View:
                 return attr
         return self.getattr(node)
 
-    @staticmethod
-    def _set_attributes(target: bytes | int, follow: bool, node: Node,
-                        before: os.stat_result, mode: int | None, uid: int | None,
-                        gid: int | None, size: int | None, atime_ns: int | None,
-                        mtime_ns: int | None) -> None:
+    async def _set_attributes(self, target: bytes | int, follow: bool, node: Node,
+                              before: os.stat_result, mode: int | None, uid: int | None,
+                              gid: int | None, size: int | None, atime_ns: int | None,
+                              mtime_ns: int | None) -> None:
         """One SETATTR's fields, one system call each, all or none as far as can be:
         owner and mode (which a chown of a setuid file brings together) first, restored
-        if a later step fails; then the size, which cannot be undone; the times last
-        (a truncate sets them)."""
+        if a later step fails; then the size, which cannot be undone (on a worker: it
+        waits for the pages the disk is writing); the times last (a truncate sets
+        them)."""
         steps = []
         if uid is not None or gid is not None:
             steps.append(lambda: os.chown(target, -1 if uid is None else uid,
@@ -352,13 +355,15 @@ class View:
         if mode is not None and not stat.S_ISLNK(node.mode):
             steps.append(lambda: os.chmod(target, stat.S_IMODE(mode)))
         if size is not None:
-            steps.append(lambda: os.truncate(target, size))
+            steps.append(lambda: self._truncate_off_loop(target, follow, size))
         if atime_ns is not None:
             steps.append(lambda: os.utime(target, ns=(atime_ns, mtime_ns),
                                           follow_symlinks=follow))
         for done, step in enumerate(steps):
             try:
-                step()
+                waiting = step()
+                if waiting is not None:
+                    await waiting
             except OSError:
                 if done:
                     try:
@@ -370,6 +375,18 @@ class View:
                         log.error("setattr: owner and mode not restored after a failure: "
                                   "%s", e)
                 raise
+
+    async def _truncate_off_loop(self, target: bytes | int, follow: bool, size: int) -> None:
+        if isinstance(target, int):
+            with _held(target) as fd:
+                await self.loop.offload(_truncate, fd, size)
+            return
+        fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC |
+                     (0 if follow else os.O_NOFOLLOW))  # (follow: a /proc/self/fd link)
+        try:
+            await self.loop.offload(_truncate, fd, size)
+        finally:
+            self.closer.close(fd, KEPT)  # written: its close may wait on the disk too
 
     def _upper_target(self, node: Node, fh: int | None = None) -> tuple[bytes | int, bool]:
         """How to reach an upper node for chmod/chown/xattrs: (path, False) or (fd, True)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import stat
+from collections.abc import Callable
 
 ROOT_INO = 1
 UPPER_TAG = 1 << 48
@@ -94,7 +95,11 @@ class Node:
 class NodeTable:
     """Live nodes by inode number, and the lookup cache (parent ino, name) -> node."""
 
-    def __init__(self, lower_dev: int, upper_dev: int) -> None:
+    def __init__(self, lower_dev: int, upper_dev: int,
+                 close_fd: Callable[[int], None] = os.close) -> None:
+        # How a dropped node's keep_fd is closed: the last reference to an unlinked
+        # object, whose close frees its blocks and may wait on the disk.
+        self.close_fd = close_fd
         self.nodes: dict[int, Node] = {}
         self.dentries: dict[tuple[int, bytes], Node] = {}
         self.lower_dev = lower_dev
@@ -237,7 +242,7 @@ class NodeTable:
             if self._dynamic.get(node.backing) == node.ino:
                 del self._dynamic[node.backing]
             if node.keep_fd >= 0:
-                os.close(node.keep_fd)
+                self.close_fd(node.keep_fd)
                 node.keep_fd = -1
 
 
