@@ -14,13 +14,16 @@ from helpers import RofsProcess, fuse_missing  # noqa: E402
 REQUIRE_FUSE = os.environ.get("ROFS_REQUIRE_FUSE") == "1"
 
 # Live mounts of the tests publish their records and control sockets here, not in the
-# machine's /run/rofs (a test that kills a daemon would leave them there).
-RUN_DIR = tempfile.mkdtemp(prefix="rofs-test-run-")
-os.environ["ROFS_RUN_DIR"] = RUN_DIR
+# machine's /run/rofs (a test that kills a daemon would leave them there): one
+# directory for the run, which the parallel workers (pytest -n) inherit.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["ROFS_RUN_DIR"] = tempfile.mkdtemp(prefix="rofs-test-run-")
+RUN_DIR = os.environ["ROFS_RUN_DIR"]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
