@@ -348,3 +348,16 @@ def test_a_listing_kept_up_to_date_name_by_name_stays_right(layers):
         resumed |= set(resumed_list)
         stayed = first - {"low%04d" % r for r in range(5)}
         assert stayed <= resumed <= first | made | {"moved%d" % r for r in range(5)}
+
+
+def test_offsets_sorted_in_pieces_are_sorted():
+    """A big directory's offsets are sorted in pieces (one sort of 200,000 held the
+    interpreter lock, and with it the request loop, for tens of milliseconds): the
+    same order as one sort, for every size around the pieces and at the edges of the
+    offsets' range."""
+    from rofs.overlay.listings import SORT_PIECE, _cookie, _sort_in_pieces
+    for n in (0, 1, SORT_PIECE, SORT_PIECE + 1, 3 * SORT_PIECE + 7, 100_000):
+        cookies = [_cookie(b"k" * 16, b"n%d" % i) for i in range(n)]
+        assert _sort_in_pieces(cookies) == sorted(cookies), n
+    edges = [3, 4, (1 << 61) + 2, (1 << 61) + 1, 1 << 60] * (SORT_PIECE // 2)
+    assert _sort_in_pieces(edges) == sorted(edges)
