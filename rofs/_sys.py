@@ -13,6 +13,7 @@ import os
 import re
 import resource
 import struct
+import threading
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
@@ -100,6 +101,20 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
+
+
+_prctl = _libc.prctl
+_PR_SET_NAME = 15
+TASK_COMM_LEN = 16  # the kernel keeps 15 bytes of a thread's name
+
+
+def name_this_thread(name: str | None = None) -> None:
+    """Give the calling thread its name in the kernel too (ps -L, top -H, /proc/PID/
+    task/TID/comm, the journal's _COMM for the main thread): `name`, or its Python
+    name.  Python leaves every thread with the program's name."""
+    if name is None:
+        name = threading.current_thread().name
+    _prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:TASK_COMM_LEN - 1]), 0, 0, 0)
 
 
 _fallocate = _libc.fallocate

@@ -122,3 +122,41 @@ def test_a_killed_daemons_records_go_at_the_next_mount(tmp_path):
         unmount(str(tmp_path / "a"))
         killed.stop()
     assert not is_rofs_mounted(str(tmp_path / "a"))
+
+
+def test_the_daemon_is_rofs_in_ps_and_pgrep_and_so_are_its_threads(tmp_path):
+    """The daemon showed as `python` (comm) with `python -c import sys; sys.path[0] =
+    ...` for a command line, and every thread as `python` too: an operator looking for
+    it by name found nothing.  Now it is `rofs` (pgrep, ps, top, the journal's _COMM),
+    its command line is how it was started, and each thread has its own name."""
+    lower, mnt, state = tmp_path / "lower", tmp_path / "mnt", tmp_path / "state"
+    lower.mkdir()
+    mnt.mkdir()
+    try:
+        result = subprocess.run([ROFS_COMMAND, str(mnt), "--lower", str(lower), "--state",
+                                 str(state)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        (status,) = json.loads(subprocess.run(
+            [ROFS_COMMAND, "status", "--json", str(mnt)], capture_output=True, text=True,
+            timeout=60).stdout)
+        pid = status["pid"]
+        with open("/proc/%d/comm" % pid) as f:
+            assert f.read() == "rofs\n"
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            words = f.read().decode().split("\0")
+        assert words[1:5] == [ROFS_COMMAND, str(mnt), "--lower", str(lower)], words
+        assert "-c" not in words
+        pgrep = subprocess.run(["pgrep", "-x", "rofs"], capture_output=True, text=True)
+        assert str(pid) in pgrep.stdout.split()
+        with open(mnt / "big", "wb") as f:  # a write and an fsync: the workers start
+            f.write(b"x" * (2 << 20))
+            os.fsync(f.fileno())
+        names = set()
+        for task in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/comm" % (pid, task)) as f:
+                names.add(f.read().strip())
+        assert {"rofs", "rofs-writelog", "rofs-control", "rofs-bases"} <= names, names
+        assert any(n.startswith("rofs-sync-") for n in names), names
+    finally:
+        unmount(str(mnt))
+        kill_daemons(str(state))

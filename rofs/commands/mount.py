@@ -301,6 +301,15 @@ def _use_c_allocator(argv: list[str]) -> None:
     if "PYTHONMALLOC" in os.environ:
         return
     env = dict(os.environ, PYTHONMALLOC="malloc")
+    script = sys.argv[0]
+    if os.path.basename(script) == "rofs" and os.access(script, os.X_OK):
+        # The `rofs` command again, as it was started: the process stays `rofs` in ps,
+        # top and pgrep (the kernel names a script's process after the script) and its
+        # command line reads `python .../rofs /etc --state ...`.
+        try:
+            os.execve(script, [script, *argv], env)
+        except OSError:
+            pass  # the -c way below
     # Not `python -m rofs`: that puts the current directory first on sys.path, and a
     # directory named rofs there (a checkout in ~, /etc/rofs/ for policies) would be
     # imported instead of this package.  The new process imports this very package.

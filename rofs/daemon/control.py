@@ -23,6 +23,7 @@ import socket
 import struct
 import threading
 
+from rofs._sys import name_this_thread
 from rofs.store.layers import open_listable
 from rofs.store.quoting import quote_path
 
@@ -73,6 +74,7 @@ class Server:
             pass
 
     def _serve(self) -> None:
+        name_this_thread()
         while True:
             try:
                 conn, _ = self.sock.accept()

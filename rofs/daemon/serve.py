@@ -144,6 +144,7 @@ def run(config: Config) -> int:
     except ValueError as e:
         raise MountError(str(e)) from None
     _sys.raise_open_file_limit()
+    _sys.name_this_thread("rofs")  # the request loop's thread: the daemon's name
     prepared = state.prepare(config.state, config.mountpoint, config.lower, config.overlay,
                              config.userxattr)
     markers = prepared.markers

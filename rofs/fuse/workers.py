@@ -16,6 +16,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from rofs._sys import name_this_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -83,6 +85,7 @@ class FairPool:
         return None
 
     def _work(self) -> None:
+        name_this_thread()
         while True:
             with self._cond:
                 while (taken := self._next()) is None:

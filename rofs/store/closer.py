@@ -22,6 +22,7 @@ import queue
 import threading
 
 from rofs import crash
+from rofs._sys import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Closer:
         self._threads.append(thread)
 
     def _run(self) -> None:
+        name_this_thread()
         while True:
             job = self._queue.get()
             if job is None:

@@ -35,7 +35,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from rofs._sys import open_noatime, write_all
+from rofs._sys import name_this_thread, open_noatime, write_all
 from rofs.store.quoting import quote, unquote
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,7 @@ class BaseWriter:
             self._bytes += len(data)
 
     def _run(self) -> None:
+        name_this_thread()
         while not self._stop.wait(self.DELAY):
             self.flush()
 

@@ -49,7 +49,7 @@ import threading
 import time
 
 from rofs import crash
-from rofs._sys import write_all
+from rofs._sys import name_this_thread, write_all
 from rofs.store.quoting import quote, quote_path
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,7 @@ class WriteLog:
             self._cuts_changed = True
 
     def _run(self) -> None:
+        name_this_thread()
         reported = 0.0
         while not self._stop:
             self._wake.wait(FLUSH_SECONDS)
