@@ -23,8 +23,9 @@ packages="fuse3 util-linux"
 if [ -n "$testing" ]; then
     # useradd and ssh-keygen for the learning-run tests, git for etckeeper's case,
     # setfacl and getfacl for the ACL tests, mkfs.ext4/xfs/btrfs and mount for the
-    # power-cut test, strace to count the daemon's system calls.
-    packages="$packages passwd openssh-client git acl e2fsprogs xfsprogs btrfs-progs mount strace linux-libc-dev"
+    # power-cut test, strace to count the daemon's system calls, procps for pgrep and ps
+    # (how an operator finds the daemon).
+    packages="$packages passwd openssh-client git acl e2fsprogs xfsprogs btrfs-progs mount strace linux-libc-dev procps"
 fi
 
 # Whether user nobody can run "$@" (a venv or checkout under /root, mode 0700 on

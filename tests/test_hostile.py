@@ -1043,10 +1043,19 @@ def test_the_nodes_a_user_makes_are_not_scanned_at_every_full_collection(public)
             assert as_nobody("ls", "-l", os.path.join(mnt, "pub", "many")).returncode == 0
         assert status["nodes"] > 20000
         assert "objects out of the collector's scans" in rofs_out("status", mnt)
-        with open("/proc/sys/vm/drop_caches", "w") as f:  # the kernel forgets them
-            f.write("2\n")
-        (status,) = json.loads(rofs_out("status", "--json", mnt))
-        assert status["nodes"] < 1000, status["nodes"]
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:  # the kernel forgets them
+                f.write("2\n")
+        except OSError:  # read-only in a container: the user removes them instead
+            assert as_nobody("find", os.path.join(mnt, "pub", "many"), "-type", "f",
+                             "-delete").returncode == 0
+        deadline = time.monotonic() + 30
+        while True:  # (the kernel sends its forgets in batches, when it likes)
+            (status,) = json.loads(rofs_out("status", "--json", mnt))
+            if status["nodes"] < 1000:
+                break
+            assert time.monotonic() < deadline, status["nodes"]
+            time.sleep(0.2)
     assert not proc.internal_errors(), proc.output()
 
 
