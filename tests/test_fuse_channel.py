@@ -6,6 +6,7 @@ ENOSYS; an unmount ends the loop."""
 import errno
 import os
 import stat
+import subprocess
 import threading
 
 import pytest
@@ -121,3 +122,51 @@ def test_an_unknown_mount_option_is_refused_before_mounting(tmp_path):
     with pytest.raises(fuse_mount.MountError) as e:
         fuse_mount.mount(str(tmp_path), ["no_such_option_xyz"])
     assert "no_such_option_xyz" in str(e.value)
+
+
+class Prompt(Hello):
+    """Hello, but /slow answers at once."""
+
+    def lookup(self, req, parent, name):
+        if name == b"slow":
+            return proto.ENTRY_OUT.pack(3, 0, 0, 0, 0, 0, *attr(3))
+        return super().lookup(req, parent, name)
+
+
+def test_a_session_taking_over_answers_what_the_last_one_left_unanswered(served):
+    """A request a server had read and never answered (it died, or stopped) left its
+    caller waiting for good.  A session taking over the connection (no INIT: it is
+    `resumed` with what the first one negotiated) has the kernel send such requests
+    again (`resend`, FUSE_NOTIFY_RESEND) and answers them; new requests come to it."""
+    mnt, ops, session, thread = served
+    results = {}
+
+    def slow_lookup():
+        results["slow"] = os.stat(os.path.join(mnt, "slow")).st_ino
+
+    waiter = threading.Thread(target=slow_lookup, daemon=True)
+    waiter.start()
+    assert ops.slow_started.wait(10)  # read by the first session, its answer held
+    session.stop()  # which serves no more (its loop waits for its workers)
+    waiter.join(0.5)
+    assert waiter.is_alive() and "slow" not in results
+    takeover = Session(session.fd, Prompt(), want=session.want,
+                       resumed=session.negotiated)
+    served_by_takeover = threading.Thread(target=takeover.run, daemon=True)
+    served_by_takeover.start()
+    try:
+        assert session.kernel_flags & proto.HAS_RESEND, "the kernel cannot resend (< 6.9)"
+        assert takeover.resend() == 0
+        waiter.join(10)
+        assert results.get("slow") == 3
+        with open(os.path.join(mnt, "hello"), "rb") as f:
+            assert f.read() == DATA
+    finally:
+        ops.release_slow.set()
+        if waiter.is_alive():  # never answered: umount -f aborts the connection, or
+            # the waiting thread keeps this process (and the connection) alive for good
+            subprocess.run(["umount", "-f", mnt], capture_output=True)
+            waiter.join(10)
+        fuse_mount.unmount(mnt, session.fd)
+        served_by_takeover.join(30)
+        takeover.close()

@@ -31,6 +31,12 @@ TMPFILE = 51
 
 # Notifications (the `error` field of an unsolicited message)
 NOTIFY_INVAL_INODE, NOTIFY_INVAL_ENTRY, NOTIFY_DELETE = 2, 3, 6
+# Protocol 7.40 (Linux 6.9), which rofs does not claim (nothing else of 7.39-7.40 is
+# needed): the kernel sends the requests a server read and never answered again, each
+# unique marked with UNIQUE_RESEND; an INIT offering HAS_RESEND says it can.
+NOTIFY_RESEND = 7
+UNIQUE_RESEND = 1 << 63
+HAS_RESEND = 1 << 39
 
 # INIT flags
 ASYNC_READ = 1 << 0

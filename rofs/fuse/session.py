@@ -141,12 +141,21 @@ class Session:
     """Serves one mount: `run()` until it is unmounted or `stop()` is called."""
 
     def __init__(self, fd: int, ops: Operations, *, want: int,
-                 fault_name: bytes | None = None) -> None:
+                 fault_name: bytes | None = None,
+                 resumed: tuple[int, int, int] | None = None) -> None:
+        """`resumed`: this session takes over a connection another one served, whose
+        INIT is over: (minor, flags, the kernel's flags) as that one negotiated them
+        (`negotiated`); see `resend`."""
         self.fd = fd
         self.ops = ops
         self.want = want  # INIT flags the filesystem asks for (if the kernel offers them)
         self.flags = 0  # what was negotiated
         self.minor = 0
+        self.kernel_flags = 0  # what the kernel offered
+        if resumed is not None:
+            self.minor, self.flags, self.kernel_flags = resumed
+            ops.init({"major": proto.KERNEL_VERSION, "minor": self.minor,
+                      "flags": self.flags})
         self.internal_errors = 0  # requests answered EIO because of a bug (logged)
         self._reports = _ErrorReports()
         self.fault_name = fault_name
@@ -215,6 +224,20 @@ class Session:
         except OSError as e:
             return e.errno or errno.EIO
         return 0
+
+    @property
+    def negotiated(self) -> tuple[int, int, int]:
+        """What a session taking over this connection needs (`resumed`)."""
+        return self.minor, self.flags, self.kernel_flags
+
+    def resend(self) -> int:
+        """Have the kernel send again every request a server of this connection read
+        and did not answer (one that died, or a session stopped with requests in
+        hand), unique | UNIQUE_RESEND: a session taking over calls it before it serves.
+        Returns 0, or the errno of a kernel without it (EINVAL before Linux 6.9).  The
+        kernel sends them as they were: a change that was made before the server
+        stopped comes again."""
+        return self._notify(proto.NOTIFY_RESEND, b"")
 
     def invalidate_inode(self, ino: int, offset: int = 0, length: int = 0) -> int:
         """Forget cached attributes (and data from `offset`, all of it with length 0;
@@ -568,6 +591,7 @@ class Session:
         if flags & proto.INIT_EXT and len(body) >= proto.INIT_IN.size + 4:
             flags |= int.from_bytes(body[16:20], "little") << 32
         self.minor = min(minor, proto.KERNEL_MINOR_VERSION)
+        self.kernel_flags = flags
         self.flags = flags & self.want
         reply = proto.INIT_OUT.pack(
             proto.KERNEL_VERSION, proto.KERNEL_MINOR_VERSION, max_readahead,
