@@ -167,6 +167,7 @@ def test_a_session_taking_over_answers_what_the_last_one_left_unanswered(served)
             # the waiting thread keeps this process (and the connection) alive for good
             subprocess.run(["umount", "-f", mnt], capture_output=True)
             waiter.join(10)
+            subprocess.run(["umount", "-l", mnt], capture_output=True)  # (now dead)
         fuse_mount.unmount(mnt, session.fd)
         served_by_takeover.join(30)
         takeover.close()
