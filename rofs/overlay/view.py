@@ -13,7 +13,6 @@ from rofs.overlay.base import (
     NAME_MAX,
     Attr,
     _err,
-    _held,
     _index_key,
     _parse_ino,
     _parse_int,
@@ -321,8 +320,22 @@ class View:
             if (atime_ns is None) != (mtime_ns is None):
                 atime_ns = before.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = before.st_mtime_ns if mtime_ns is None else mtime_ns
-            await self._set_attributes(target, follow, node, before, mode, uid, gid,
-                                       size, atime_ns, mtime_ns)
+            own = None
+            if size is not None:
+                # The truncate waits on a worker while other requests run: every step
+                # goes through a descriptor of this setattr's own, so a rename, a
+                # release or the directory cache meanwhile cannot turn a path or a
+                # descriptor number into another file's.
+                own = os.dup(target) if isinstance(target, int) else os.open(
+                    target, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC |
+                    (0 if follow else os.O_NOFOLLOW))  # (follow: a /proc/self/fd link)
+                target, follow = own, True
+            try:
+                await self._set_attributes(target, follow, node, before, mode, uid, gid,
+                                           size, atime_ns, mtime_ns)
+            finally:
+                if own is not None:
+                    self.closer.close(own, KEPT)  # written: its close may wait too
             try:
                 return self.getattr(node)
             except OSError as e:
@@ -355,7 +368,7 @@ class View:
         if mode is not None and not stat.S_ISLNK(node.mode):
             steps.append(lambda: os.chmod(target, stat.S_IMODE(mode)))
         if size is not None:
-            steps.append(lambda: self._truncate_off_loop(target, follow, size))
+            steps.append(lambda: self.loop.offload(_truncate, target, size))
         if atime_ns is not None:
             steps.append(lambda: os.utime(target, ns=(atime_ns, mtime_ns),
                                           follow_symlinks=follow))
@@ -376,17 +389,6 @@ class View:
                                   "%s", e)
                 raise
 
-    async def _truncate_off_loop(self, target: bytes | int, follow: bool, size: int) -> None:
-        if isinstance(target, int):
-            with _held(target) as fd:
-                await self.loop.offload(_truncate, fd, size)
-            return
-        fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC |
-                     (0 if follow else os.O_NOFOLLOW))  # (follow: a /proc/self/fd link)
-        try:
-            await self.loop.offload(_truncate, fd, size)
-        finally:
-            self.closer.close(fd, KEPT)  # written: its close may wait on the disk too
 
     def _upper_target(self, node: Node, fh: int | None = None) -> tuple[bytes | int, bool]:
         """How to reach an upper node for chmod/chown/xattrs: (path, False) or (fd, True)."""
