@@ -216,6 +216,29 @@ def passwd_cycle(mnt, marker):
     os.rename(os.path.join(mnt, "nshadow"), os.path.join(mnt, "shadow"))
 
 
+def nobody_runs(script: str, *args: str) -> subprocess.Popen:
+    """A Python script run as uid 65534 in the background, its stdout piped."""
+    return subprocess.Popen(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                             "--clear-groups", "--", PYTHON, "-c", script, *args],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def root_is_served(mnt) -> bool:
+    """Whether root's stat, passwd cycle and read of shadow finish within a minute (while
+    a user's work is held somewhere in the daemon)."""
+    done = []
+
+    def root_s_work():
+        os.stat(os.path.join(mnt, "shadow"))
+        passwd_cycle(mnt, "while-held")
+        done.append(read_text(os.path.join(mnt, "shadow")))
+
+    worker = threading.Thread(target=root_s_work, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    return bool(done) and "while-held" in done[0]
+
+
 def test_a_write_log_bomb_is_bounded_in_memory_disk_and_reserve(public):
     """One process with a ~1.9 MB command line making tiny changes as fast as it can on
     a small state filesystem: the daemon once grew to 7 GiB, wrote a 1 GiB log file and
@@ -1002,23 +1025,11 @@ def test_a_big_listing_is_read_off_the_loop(public, tmp_path, options):
     paused = tmp_path / "paused"
     env = {"ROFS_PAUSE_AT": "listing:read", "ROFS_PAUSE_FILE": str(paused)}
     with RofsProcess(mnt, state, lower, options, env=env) as proc:
-        lister = subprocess.Popen(
-            ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
-             "--", PYTHON, "-c", "import os, sys; print(len(os.listdir(sys.argv[1])))",
-             os.path.join(mnt, "pub", "big")], stdout=subprocess.PIPE, text=True)
+        lister = nobody_runs("import os, sys; print(len(os.listdir(sys.argv[1])))",
+                             os.path.join(mnt, "pub", "big"))
         try:
             wait_for_pause(paused)
-            done = []
-
-            def root_s_work():
-                os.stat(os.path.join(mnt, "shadow"))
-                passwd_cycle(mnt, "while-listing")
-                done.append(read_text(os.path.join(mnt, "shadow")))
-
-            worker = threading.Thread(target=root_s_work, daemon=True)
-            worker.start()
-            worker.join(timeout=60)
-            assert done and "while-listing" in done[0], "root waited for the listing"
+            assert root_is_served(mnt), "root waited for the listing"
             assert lister.poll() is None, "the listing did not wait at the pause"
         finally:
             deadline = time.monotonic() + 60
@@ -1115,23 +1126,10 @@ def test_a_user_s_wait_on_the_disk_holds_no_one_else(public, tmp_path, kind):
         target = os.path.join(mnt, "pub", "data")
         if kind in ("o-trunc", "truncate"):
             os.chmod(target, 0o644)  # an upper copy with the data, which O_TRUNC empties
-        user = subprocess.Popen(
-            ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
-             "--", PYTHON, "-c", "import os, sys\n" + DISK_WAITS[kind], target],
-            stdout=subprocess.PIPE, text=True)
+        user = nobody_runs("import os, sys\n" + DISK_WAITS[kind], target)
         try:
             wait_for_pause(paused)
-            done = []
-
-            def root_s_work():
-                os.stat(os.path.join(mnt, "shadow"))
-                passwd_cycle(mnt, "while-waiting")
-                done.append(read_text(os.path.join(mnt, "shadow")))
-
-            worker = threading.Thread(target=root_s_work, daemon=True)
-            worker.start()
-            worker.join(timeout=60)
-            assert done and "while-waiting" in done[0], "root waited for the user's disk"
+            assert root_is_served(mnt), "root waited for the user's disk"
             if kind != "close":  # (a close does not wait for the daemon's)
                 assert user.poll() is None, "the user's call did not wait at the pause"
         finally:

@@ -24,8 +24,8 @@ import time
 
 # A full collection is considered after this many of the middle generation (Python's
 # default: 10).  It visits only what was made since the last (the rest is frozen), so
-# more often means shorter: under 8 readers of a user's 200,000 names, each took 7.6 ms
-# at the median and 44 ms at most, from 37.5 and 55 ms, and 20% less in all.
+# more often means shorter: under 8 readers of a user's 200,000 names, each takes 7.6 ms
+# at the median and 44 ms at most (37.5 and 55 ms after ten), 20% less in all.
 FULL_AFTER = 2
 
 

@@ -24,26 +24,21 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-import mmap
 import os
 import select
-import struct
 import time
 import types
 from collections.abc import Callable
 
 from rofs.fuse import proto
 from rofs.fuse.loop import Offload, Wait
+from rofs.fuse.waiting import READ_AHEAD, Waiting
 from rofs.fuse.workers import FairPool
 
 log = logging.getLogger(__name__)
 
 MAX_WRITE = 1 << 20  # bytes per WRITE request (256 pages)
 MAX_PAGES = MAX_WRITE // 4096
-# Requests read from the kernel and held to be served by turns per uid (_Waiting), so
-# one user's queue of requests never delays another's (root's) by more than one of
-# its own: the requests waiting are read before each one is served, this many at most.
-READ_AHEAD = 16
 WORKERS = 16  # threads for offloaded work (copy-ups of big files, fsync)
 WORKER_RESERVE = 4  # of them, for root's work only
 WORKER_SHARE = 6  # of them, at most for one uid other than root
@@ -259,7 +254,7 @@ class Session:
         poll.register(self._wake_r, select.EPOLLIN)
         fd, wake = self.fd, self._wake_r
         os.set_blocking(fd, False)  # reads end with EAGAIN when no request waits
-        waiting = _Waiting()
+        waiting = Waiting(MAX_WRITE + 4096)
         unmounted = False
         try:
             while not self._stopping:
@@ -635,47 +630,6 @@ class InjectedFault(Exception):
 _NO_REPLY = object()  # FORGET and BATCH_FORGET are not answered
 _COROUTINE = types.CoroutineType
 _unpack_header = proto.IN_HEADER.unpack_from
-_UID = struct.Struct("<I")  # fuse_in_header's uid, at offset 24
-
-
-class _Waiting:
-    """Requests read from the kernel and not served yet, a queue per uid: `next` takes
-    them with the uids by turns, each uid's in the order they came, root's first when
-    it has one.  `free`: buffers to read the next requests into (anonymous memory:
-    only the pages a request fills are ever committed)."""
-
-    def __init__(self) -> None:
-        self.queues: dict[int, collections.deque] = {}
-        self.turns: collections.deque[int] = collections.deque()
-        self.count = 0
-        self.free: list[mmap.mmap] = []
-
-    def buffer(self) -> mmap.mmap:
-        return self.free.pop() if self.free else mmap.mmap(-1, MAX_WRITE + 4096)
-
-    def add(self, buffer: mmap.mmap, length: int) -> None:
-        uid = _UID.unpack_from(buffer, 24)[0]
-        queue = self.queues.get(uid)
-        if queue is None:
-            queue = self.queues[uid] = collections.deque()
-            if uid == 0:
-                self.turns.appendleft(uid)
-            else:
-                self.turns.append(uid)
-        queue.append((buffer, length))
-        self.count += 1
-
-    def next(self) -> tuple[mmap.mmap, int]:
-        uid = self.turns[0]
-        queue = self.queues[uid]
-        request = queue.popleft()
-        self.count -= 1
-        if queue:
-            self.turns.rotate(-1)
-        else:
-            self.turns.popleft()
-            del self.queues[uid]
-        return request
 _HEADER_SIZE = proto.IN_HEADER.size
 _pack_out_header = proto.OUT_HEADER.pack
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 
 from rofs._sys import (
@@ -255,9 +256,12 @@ class Files:
         view = memoryview(bytearray(size))
         try:
             got = os.preadv(file.fd, (view,), offset, os.RWF_NOWAIT)
-            # Short: the end of the file, or only that much was in the page cache.
-            if got < size and got and os.preadv(file.fd, (view[got:got + 1],),
-                                                offset + got, os.RWF_NOWAIT):
+            # Short: the end of the file, or the page cache lacked the next page.  The
+            # cache stops at a page's end: a short read ending inside a page is the end
+            # of the file (most small files), and only one ending on a page boundary
+            # needs a look at the next byte.
+            if got < size and got and not (offset + got) % mmap.PAGESIZE and \
+                    os.preadv(file.fd, (view[got:got + 1],), offset + got, os.RWF_NOWAIT):
                 got = -got  # more there: the next byte was in the cache after all
         except BlockingIOError:
             return self._read_rest(fh, b"", size, offset)
