@@ -10,6 +10,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import platform
 import re
 import resource
 import struct
@@ -241,3 +242,41 @@ def syncfs(fd: int) -> None:
             raise OSError(e, os.strerror(e))
     finally:
         os.close(own)
+
+
+_CLONE_FILES = 0x400
+_PR_SET_PDEATHSIG = 1
+
+
+def fork_sharing_files() -> int:
+    """fork(), except that parent and child share one descriptor table (CLONE_FILES): a
+    descriptor either opens is the other's, and lives while either does.  So a process
+    that holds its descriptors this way can die without closing any (the daemon's keeper,
+    rofs/daemon/keeper.py).  Only from a process with a single thread; Python is told
+    of the fork as os.fork does.  Returns 0 in the child, its pid in the parent."""
+    number = {"x86_64": 56, "aarch64": 220, "riscv64": 220}.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, "fork with a shared descriptor table: unknown "
+                                    "syscall number on %s" % platform.machine())
+    # PyDLL: the call keeps the GIL, as os.fork's does.
+    libc = ctypes.PyDLL(None, use_errno=True)
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    pid = libc.syscall(ctypes.c_long(number), ctypes.c_ulong(_CLONE_FILES | 17),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                       ctypes.c_ulong(0))
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, os.strerror(err))
+    return pid
+
+
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent dies."""
+    if _prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

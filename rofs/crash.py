@@ -1,11 +1,13 @@
 """Crashes and failures on purpose, for tests.  Both are off unless their variable is set.
 
 Crash points: `ROFS_CRASH_AT=site[:n]` makes the daemon kill itself (SIGKILL, nothing
-flushed, nothing cleaned up) the n-th time (default: the first) it reaches `site`, so a
-test can crash it exactly between two steps of a change and check what the next mount
-shows (tests/test_crash_points.py).  Unset, a crash point is one comparison.  An
-unknown site name is an error at mount (`check`), so a typo cannot make a test pass by
-never crashing.
+flushed, nothing cleaned up: its keeper first, then the server) the n-th time (default:
+the first) it reaches `site`, so a test can crash it exactly between two steps of a
+change and check what the next mount shows (tests/test_crash_points.py).  With
+`ROFS_CRASH_ONLY=server` only the server dies, and the keeper's next server takes over
+the mount (rofs/daemon/keeper.py; tests/test_takeover.py); it crashes nowhere.
+Unset, a crash point is one comparison.  An unknown site name is an error at mount
+(`check`), so a typo cannot make a test pass by never crashing.
 
 Pauses: `ROFS_PAUSE_AT=site` with `ROFS_PAUSE_FILE=FILE` makes whatever thread reaches
 `site` create FILE and wait there until FILE is removed, so a test knows a slow step is
@@ -62,6 +64,7 @@ PAUSES = {
 
 _at: tuple[str, int] | None = None
 _seen = 0
+_keeper = 0  # in a server: its keeper's pid
 _pause: tuple[str, str] | None = None  # (site, file)
 
 
@@ -89,6 +92,15 @@ def check() -> None:
         _pause = site, os.environ["ROFS_PAUSE_FILE"]
 
 
+def in_server(keeper: int, successor: bool) -> None:
+    """This process serves the mount for `keeper`; a successor (a server taking over
+    from one that died) has no crash point."""
+    global _keeper, _at
+    _keeper = keeper
+    if successor:
+        _at = None
+
+
 def pause(site: str) -> None:
     """Wait here while $ROFS_PAUSE_FILE exists, if $ROFS_PAUSE_AT names this site."""
     if _pause is None or _pause[0] != site:
@@ -106,6 +118,8 @@ def point(site: str) -> None:
         return
     _seen += 1
     if _seen == _at[1]:
+        if _keeper and os.environ.get("ROFS_CRASH_ONLY") != "server":
+            os.kill(_keeper, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

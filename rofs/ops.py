@@ -210,34 +210,72 @@ class RofsOperations(Operations):
     def readlink(self, req, inode):
         return self.overlay.readlink(self._node(inode))
 
+    def _made_before(self, req, parent, name: bytes, kind: int):
+        """For a create that found its name taken: the node, when the request was sent
+        again after a server died having made it (the kernel held the directory's lock
+        since, so nothing else can have).  None: the name was taken before."""
+        if not req.resent:
+            return None
+        node = self.overlay.lookup(parent, name)
+        return node if node is not None and node.mode == kind else None
+
+    def _gone_before(self, req, parent, name: bytes) -> bool:
+        """For a removal that found no name: whether the request was sent again after a
+        server died having removed it."""
+        return req.resent and self._absent(parent, name)
+
     def mknod(self, req, parent_inode, name, mode, rdev):
         parent = self._node(parent_inode)
         with self._change("mknod", req, parent, name):
-            node = self.overlay.mknod(parent, name, mode, rdev, req.uid, req.gid, req.umask)
+            try:
+                node = self.overlay.mknod(parent, name, mode, rdev, req.uid, req.gid,
+                                          req.umask)
+            except FileExistsError:
+                node = self._made_before(req, parent, name, stat.S_IFMT(mode))
+                if node is None:
+                    raise
         return self._durable(self._reply_new(node))
 
     def mkdir(self, req, parent_inode, name, mode):
         parent = self._node(parent_inode)
         with self._change("mkdir", req, parent, name):
-            node = self.overlay.mkdir(parent, name, mode, req.uid, req.gid, req.umask)
+            try:
+                node = self.overlay.mkdir(parent, name, mode, req.uid, req.gid, req.umask)
+            except FileExistsError:
+                node = self._made_before(req, parent, name, stat.S_IFDIR)
+                if node is None:
+                    raise
         return self._durable(self._reply_new(node))
 
     def symlink(self, req, parent_inode, name, target):
         parent = self._node(parent_inode)
         with self._change("symlink", req, parent, name):
-            node = self.overlay.symlink(parent, name, target, req.uid, req.gid)
+            try:
+                node = self.overlay.symlink(parent, name, target, req.uid, req.gid)
+            except FileExistsError:
+                node = self._made_before(req, parent, name, stat.S_IFLNK)
+                if node is None:
+                    raise
         return self._durable(self._reply_new(node))
 
     async def unlink(self, req, parent_inode, name):
         parent = self._node(parent_inode)
         with self._change("unlink", req, parent, name):
-            await self.overlay.unlink(parent, name)
+            try:
+                await self.overlay.unlink(parent, name)
+            except FileNotFoundError:
+                if not self._gone_before(req, parent, name):
+                    raise
         await self.overlay.settle()
 
     def rmdir(self, req, parent_inode, name):
         parent = self._node(parent_inode)
         with self._change("rmdir", req, parent, name):
-            self.overlay.rmdir(parent, name)
+            try:
+                self.overlay.rmdir(parent, name)
+            except FileNotFoundError:
+                if not self._gone_before(req, parent, name):
+                    raise
         return self._durable()
 
     async def rename(self, req, parent_inode_old, name_old, parent_inode_new, name_new,
@@ -248,13 +286,24 @@ class RofsOperations(Operations):
             if record is not None and not flags & RENAME_EXCHANGE:
                 # Whether the destination is a new name (for `report --suggest`).
                 record.new = self._absent(dst, name_new)
-            await self.overlay.rename(src, name_old, dst, name_new, flags)
+            try:
+                await self.overlay.rename(src, name_old, dst, name_new, flags)
+            except FileNotFoundError:
+                # Sent again after the move was made: the source is gone, the
+                # destination there (an exchange cannot tell: done twice, undone).
+                if flags & RENAME_EXCHANGE or not self._gone_before(req, src, name_old) \
+                        or self._absent(dst, name_new):
+                    raise
         await self.overlay.settle()
 
     async def link(self, req, inode, new_parent_inode, new_name):
         node, parent = self._node(inode), self.overlay.node(new_parent_inode)
         with self._change("link", req, parent, new_name, node):
-            node = await self.overlay.link(node, parent, new_name)
+            try:
+                node = await self.overlay.link(node, parent, new_name)
+            except FileExistsError:
+                if not req.resent or self.overlay.lookup(parent, new_name) is not node:
+                    raise
         await self.overlay.settle()
         return self._reply_new(node)
 
@@ -280,10 +329,25 @@ class RofsOperations(Operations):
     def create(self, req, parent_inode, name, mode, flags):
         parent = self._node(parent_inode)
         with self._change("create", req, parent, name):
-            handle, node = self.overlay.create(parent, name, mode, flags, req.uid, req.gid,
-                                               req.pid, req.umask)
+            try:
+                handle, node = self.overlay.create(parent, name, mode, flags, req.uid,
+                                                   req.gid, req.pid, req.umask)
+            except FileExistsError:
+                node = self._made_before(req, parent, name, stat.S_IFREG)
+                if node is None:
+                    raise
+                return self._create_made_before(req, node, flags)
         self._written.add(handle.fh)  # the create says it all
         return self._durable(self._reply_new(node) + open_out(handle.fh))
+
+    async def _create_made_before(self, req, node, flags):
+        """A create (O_EXCL) sent again after a server died having made the file: the
+        file it made, opened (nothing can have written to it: no one had a handle)."""
+        handle = await self.overlay.open(node, flags & ~(os.O_CREAT | os.O_EXCL), req.pid,
+                                         req.uid)
+        self._written.add(handle.fh)
+        await self.overlay.settle()
+        return self._reply_new(node) + open_out(handle.fh)
 
     def read(self, req, inode, fh, offset, size):
         return self.overlay.read(self._handle_of(inode, fh), offset, size)
@@ -399,6 +463,8 @@ class RofsOperations(Operations):
 
     def readdir(self, req, inode, fh, offset, size, plus):
         node = None if fh else self._node(inode)
+        if fh and fh not in self.overlay.dirs:
+            self.overlay.resume_dir(fh, self._node(inode))
         if self.overlay.listing_to_read(fh, node, offset):
             return self._read_listing_first(req, inode, fh, node, offset, size, plus)
         return self._readdir(req, fh, node, offset, size, plus)
@@ -471,6 +537,7 @@ class RofsOperations(Operations):
             await self.overlay.fsyncdir(self._node(inode), datasync)
             await self.overlay.settle(strict=True)
             return
+        self.overlay.resume_dir(fh, self._node(inode))
         handle = self.overlay.dirs.get(fh)
         if handle is None:
             raise FuseError(errno.EBADF)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -91,6 +92,34 @@ class RofsProcess:
             time.sleep(0.01)
         os.stat(self.mountpoint)  # the first request completes FUSE_INIT
         return self
+
+    def server(self) -> int:
+        """The pid of the process serving the mount (the keeper's child)."""
+        pid = self.proc.pid
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            children = [int(c) for c in f.read().split()]
+        if len(children) != 1:
+            raise RuntimeError("the keeper %d has children %r" % (pid, children))
+        return children[0]
+
+    def kill_server(self, timeout: float = 20) -> int:
+        """SIGKILL the serving process; returns its successor's pid, once there."""
+        old = self.server()
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                new = self.server()
+                if new != old:
+                    return new
+            except (RuntimeError, OSError):
+                pass  # between the two
+            if self.proc.poll() is not None:
+                raise RuntimeError("the keeper exited (%s):\n%s" % (self.proc.returncode,
+                                                                   self.output()))
+            if time.monotonic() > deadline:
+                raise RuntimeError("no server took over within %ss" % timeout)
+            time.sleep(0.005)
 
     def output(self) -> str:
         if self._output is not None:

@@ -600,7 +600,7 @@ def test_the_daemon_reaches_the_lower_through_a_read_only_noatime_mount(m):
     """rofs reaches the lower through a private clone of its mount made read-only and
     noatime: the kernel itself refuses any write there, whatever rofs's code does with
     a lower descriptor, and no read touches an atime."""
-    pid = m["proc"].proc.pid
+    pid = m["proc"].server()
     lower = os.path.realpath(m["lower"])
     os.stat(p(m, "d", "file"))  # a lower directory opened below the root too
     reached = 0

@@ -253,12 +253,12 @@ def test_a_write_log_bomb_is_bounded_in_memory_disk_and_reserve(public):
     state = os.path.join(statefs, "state")
     try:
         with RofsProcess(mnt, state, lower) as proc:
-            before = rss_kib(proc.proc.pid)
+            before = rss_kib(proc.server())
             argv = ["x" * ((128 << 10) - 1)] * 15  # 15 arguments of 128 KiB: 1.9 MB
             result = as_nobody(PYTHON, "-c", BOMB, os.path.join(mnt, "pub"), "6", *argv)
             assert result.returncode == 0, result.stderr
             changes = int(result.stdout)
-            grown = rss_kib(proc.proc.pid) - before
+            grown = rss_kib(proc.server()) - before
             (status,) = json.loads(rofs_out("status", "--json", mnt))
             passwd_cycle(mnt, "after")  # root's change still fits, and is logged
         assert not proc.internal_errors(), proc.output()
@@ -921,7 +921,7 @@ def getdents_during(proc, tmp_path, *cmd):
     thread); returns its result and the count."""
     trace = tmp_path / "trace"
     tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=getdents64", "-o",
-                               str(trace), "-p", str(proc.proc.pid)])
+                               str(trace), "-p", str(proc.server())])
     try:
         deadline = time.monotonic() + 10
         while not trace.exists() and time.monotonic() < deadline:

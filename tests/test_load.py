@@ -64,7 +64,7 @@ def test_mixed_load_with_user_management(tmp_path):
                 sh("grpck", "-r", str(lower / "group"), str(lower / "gshadow"))]
     users = ["rofsload%02d" % i for i in range(20)]
     with RofsProcess(str(etc), str(tmp_path / "state"), str(lower)) as daemon:
-        pid = daemon.proc.pid
+        pid = daemon.server()
         samples = []
         done = threading.Event()
 

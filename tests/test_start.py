@@ -104,7 +104,7 @@ def test_a_killed_daemons_records_go_at_the_next_mount(tmp_path):
     assert {n.rsplit(".", 1)[1] for n in mine} >= {"json", "sock"}
     records = [n for n in mine if n.endswith(".json")]
     owned = {n for n in records if read_json(os.path.join(run_dir, n))["pid"] ==
-             killed.proc.pid}
+             killed.server()}
     assert len(owned) == 1
     killed.proc.send_signal(signal.SIGKILL)
     killed.proc.wait()

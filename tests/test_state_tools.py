@@ -209,7 +209,7 @@ def test_status_of_live_and_dead_mounts(over_itself, tmp_path):
         (etc / "hosts").write_text("changed\n")
         # Every mount (tests running in parallel may have one dead for a moment: 1).
         text = rofs_out("status", code=(0, 1))
-        assert "%s: live, pid %d, up 0d 00:00:" % (etc, daemon.proc.pid) in text
+        assert "%s: live, pid %d, up 0d 00:00:" % (etc, daemon.server()) in text
         assert "  state    %s (upper %s/%s, trusted.overlay.* markers)" % (
             state, state, str(etc).lstrip("/")) in text
         assert "  policy   default persistent; rules: 1 read-only, 1 scratch" in text

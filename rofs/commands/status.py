@@ -87,6 +87,10 @@ def format_status(entries: list[dict], now: float) -> str:
         lines.append("%s: live, pid %d, up %dd %02d:%02d:%02d" % (
             quote(e["mountpoint"]), e["pid"], up // 86400, up // 3600 % 24, up // 60 % 60,
             up % 60))
+        if e.get("replaced"):
+            lines.append("  server   replaced %s (the last one: %s); keeper pid %d"
+                         % (count(e["replaced"], "time"), e.get("last_replaced"),
+                            e.get("keeper", 0)))
         lines.append("  state    %s (upper %s, %s markers)" % (
             quote(e["state"]), quote(e["upper"]), e["markers"]))
         lines.append("  lower    %s" % quote(e["lower"]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import socket
 import sys
@@ -25,10 +26,12 @@ from rofs import _sys, crash
 from rofs import fuse as fuse_channel
 from rofs.daemon import control, scratch
 from rofs.daemon.collector import Collector
+from rofs.daemon.keeper import Keeper
 from rofs.fuse import mount as fuse_mount
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
 from rofs.store import attic, origin, reconcile, registry, state
+from rofs.store.journal import Journal
 from rofs.store.layers import Markers, UpperLayer, lstat_below
 from rofs.store.policy import BUILT_IN_SOURCE, Policy
 from rofs.store.quoting import count, quote, quote_path
@@ -209,6 +212,7 @@ def run(config: Config) -> int:
         return _mount_and_serve(config, prepared, markers, ready=None)
 
     read_end, write_end = os.pipe()
+    pipe = os.fstat(write_end)
     pid = os.fork()
     if pid:
         os.close(write_end)
@@ -228,9 +232,18 @@ def run(config: Config) -> int:
     os.close(read_end)
     os.setsid()
 
+    def told() -> bool:
+        """Whether the parent was told (a server of the keeper closed the pipe: the
+        keeper shares its descriptors, not its variables)."""
+        try:
+            st = os.fstat(write_end)
+        except OSError:
+            return True
+        return write_end < 0 or (st.st_dev, st.st_ino) != (pipe.st_dev, pipe.st_ino)
+
     def ready() -> None:
         nonlocal write_end
-        if write_end < 0:
+        if told():
             return
         os.write(write_end, b"ok")
         os.close(write_end)
@@ -249,7 +262,7 @@ def run(config: Config) -> int:
             logging.getLogger().setLevel(logging.WARNING)
         code = _mount_and_serve(config, prepared, markers, ready=ready)
     except BaseException as e:  # the parent prints it
-        if write_end >= 0:
+        if not told():
             os.write(write_end, str(e).encode() or type(e).__name__.encode())
         else:
             log.exception("rofs daemon failed")
@@ -321,8 +334,53 @@ def unmatched_rules(policy: Policy, prepared: state.Prepared) -> list[str]:
 
 def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                      ready) -> int:
+    """Mount, then be the mount's keeper (rofs/daemon/keeper.py): serve it from a
+    server process, and from another whenever one dies, until one ends on purpose."""
+    try:
+        fd = fuse_mount.mount(config.mountpoint, fuse_options(config))
+    except fuse_mount.MountError as e:
+        prepared.close()
+        hint = ""
+        if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            hint = (" (/dev/fuse is not open to uid %d; distributions make it mode 0666, "
+                    "and fusermount3 does the mount)" % os.geteuid())
+        raise MountError("cannot mount %s: %s%s" % (config.mountpoint, e, hint)) from None
+    journal = Journal.create(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    keeper = Keeper(journal)
+    keeper_pid = os.getpid()
+
+    def serve(serial: int, survivors: dict[int, tuple[int, int]] | None) -> int:
+        crash.in_server(keeper_pid, successor=serial > 0)
+        _sys.name_this_thread("rofs")
+        return _serve_mount(config, prepared, markers, ready if not serial else None, fd,
+                            journal, serial, survivors, keeper_pid, keeper.refuse)
+
+    code = keeper.run(serve)
+    if code:
+        # No server left: the mount goes, as with any filesystem daemon that died
+        # (the lower shows again, instead of ENOTCONN on every path).
+        try:
+            fuse_mount.unmount(config.mountpoint, fd)
+        except fuse_mount.MountError as e:
+            log.warning("%s", e)
+        if not journal.header()[0]:
+            raise MountError("the server of %s exited before the mount was ready (its "
+                             "error is in the log)" % quote(config.mountpoint))
+    return code
+
+
+def _serve_mount(config: Config, prepared: state.Prepared, markers: Markers, ready,
+                 fd: int, journal: Journal, serial: int,
+                 survivors: dict[int, tuple[int, int]] | None, keeper_pid: int,
+                 refuse: frozenset[int]) -> int:
+    """One server of the mount: the first (serial 0, `ready` set when the parent
+    waits), or one taking over from a server that died, with the descriptors it left
+    (`survivors`).  Returns 0 once the mount ended on purpose; an uncaught error ends
+    the process with no clean-up, for the keeper's next server to take over."""
+    journal.attach()
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
                       index_fd=prepared.index_fd, loop=fuse_channel.LOOP)
+    overlay.attach_journal(journal, serial, survivors)
     overlay.base_writer = origin.BaseWriter(prepared.bases_fd)
     scratch_layer = None
     if prepared.scratch_upper_fd >= 0:
@@ -330,48 +388,37 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                                    markers, tag="S")
         scratch_layer.index_fd = prepared.scratch_index_fd
     overlay.set_policy(config.policy, scratch_layer)
-    if scratch_layer is not None:
-        log.info("scratch changes go to %s until the next mount", quote(prepared.scratch_path))
-    if prepared.moved is not None:
-        _report_moved(config, prepared.moved)
-    if prepared.image_changed and config.on_image_change == "warn":
-        log.warning("the lower layer changed since the last mount of this state (an image "
-                    "update): copies of files it changed may be stale or in conflict; "
-                    "`rofs diff %s` tells them apart (docs/image-updates.md)",
-                    quote(config.state))
-    for note in config.policy.notes + unmatched_rules(config.policy, prepared) + \
-            scratch.lay_out(config.policy, overlay):
-        log.warning("policy: %s", note)
+    if not serial:
+        _report_at_mount(config, prepared, scratch.lay_out(config.policy, overlay))
     writelog = _open_write_log(config)
 
     def live() -> None:
         # FUSE_INIT arrived: the mount answers requests.
+        journal.set_negotiated(session.negotiated)
         if ready is not None:
             ready()
-        sd_notify("READY=1\nMAINPID=%d\nSTATUS=serving %s" % (os.getpid(),
+        sd_notify("READY=1\nMAINPID=%d\nSTATUS=serving %s" % (keeper_pid,
                                                               config.mountpoint))
 
-    ops = RofsOperations(overlay, on_ready=live, writelog=writelog, policy=config.policy,
-                         no_open=config.no_open)
-    try:
-        fd = fuse_mount.mount(config.mountpoint, fuse_options(config))
-    except fuse_mount.MountError as e:
-        if writelog is not None:
-            writelog.close()
-        overlay.base_writer.close()
-        overlay.close()
-        prepared.close()
-        hint = ""
-        if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
-            hint = (" (/dev/fuse is not open to uid %d; distributions make it mode 0666, "
-                    "and fusermount3 does the mount)" % os.geteuid())
-        raise MountError("cannot mount %s: %s%s" % (config.mountpoint, e, hint)) from None
+    ops = RofsOperations(overlay, on_ready=live if not serial else None,
+                         writelog=writelog, policy=config.policy, no_open=config.no_open)
     crash.install_failures()  # (tests only)
     fault = os.environ.get("ROFS_FAULT_NAME")
     session = fuse_channel.Session(fd, ops, want=ops.want,
-                                   fault_name=os.fsencode(fault) if fault else None)
-    log.info("mounted %s (lower %s, upper %s)", quote(config.mountpoint),
-             quote(config.lower), quote(prepared.upper_path))
+                                   fault_name=os.fsencode(fault) if fault else None,
+                                   resumed=journal.header()[:3] if serial else None,
+                                   note=journal.note, refuse=refuse)
+    if serial:
+        error = session.resend()
+        if error:
+            log.warning("this kernel cannot send again the requests the server that died "
+                        "had read (%s): they wait for ever", os.strerror(error))
+        log.warning("took over %s (the server before: %s; %d open files and %d node "
+                    "ids to find again)", quote(config.mountpoint), journal.header()[4],
+                    len(survivors or ()), len(overlay._resumable))
+    else:
+        log.info("mounted %s (lower %s, upper %s)", quote(config.mountpoint),
+                 quote(config.lower), quote(prepared.upper_path))
     published = registry.publish_live(config.mountpoint, config.state, prepared.lower_fd)
     started = time.time()
 
@@ -381,10 +428,13 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
         for rule in config.policy.rules.values():
             if not rule.source.startswith(BUILT_IN_SOURCE):
                 counts[rule.cls.value] = counts.get(rule.cls.value, 0) + 1
+        _, _, _, replaced, reason = journal.header()
         return {"mountpoint": config.mountpoint, "state": config.state,
                 "lower": config.lower, "upper": prepared.upper_path,
                 "scratch": prepared.scratch_path or None,
                 "markers": markers.prefix.decode() + "*", "started": started,
+                "keeper": keeper_pid, "replaced": replaced,
+                "last_replaced": reason or None,
                 "default_class": config.policy.default.value, "rules": counts,
                 "internal_errors": session.internal_errors,
                 "collector": collector.stats(),
@@ -414,28 +464,45 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
     collector.install()
     try:
         _serve(session)
-    finally:
-        collector.uninstall()
-        sd_notify("STOPPING=1")
-        if server is not None:
-            server.close()
-        if published is not None:
-            try:
-                os.unlink(published)
-            except OSError:
-                pass
+    except BaseException:
+        log.exception("the request loop failed: another server takes over")
+        os._exit(70)  # nothing cleaned up: the next server resumes from here
+    collector.uninstall()
+    sd_notify("STOPPING=1")
+    if server is not None:
+        server.close()
+    if published is not None:
         try:
-            fuse_mount.unmount(config.mountpoint, fd)
-        except fuse_mount.MountError as e:
-            log.warning("%s", e)
-        os.close(fd)
-        session.close()
-        if writelog is not None:
-            writelog.close()
-        overlay.base_writer.close()
-        overlay.close()
-        prepared.close()
+            os.unlink(published)
+        except OSError:
+            pass
+    try:
+        fuse_mount.unmount(config.mountpoint, fd)
+    except fuse_mount.MountError as e:
+        log.warning("%s", e)
+    os.close(fd)
+    session.close()
+    if writelog is not None:
+        writelog.close()
+    overlay.base_writer.close()
+    overlay.close()
+    prepared.close()
     log.info("unmounted %s", quote(config.mountpoint))
     if session.internal_errors:
         log.warning("%d requests failed with internal errors", session.internal_errors)
     return 0
+
+
+def _report_at_mount(config: Config, prepared: state.Prepared, notes: list[str]) -> None:
+    """What the first server says once about the mount it starts."""
+    if prepared.scratch_upper_fd >= 0:
+        log.info("scratch changes go to %s until the next mount", quote(prepared.scratch_path))
+    if prepared.moved is not None:
+        _report_moved(config, prepared.moved)
+    if prepared.image_changed and config.on_image_change == "warn":
+        log.warning("the lower layer changed since the last mount of this state (an image "
+                    "update): copies of files it changed may be stale or in conflict; "
+                    "`rofs diff %s` tells them apart (docs/image-updates.md)",
+                    quote(config.state))
+    for note in config.policy.notes + unmatched_rules(config.policy, prepared) + notes:
+        log.warning("policy: %s", note)

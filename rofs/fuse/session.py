@@ -71,6 +71,12 @@ class Request:
         self.unique, self.uid, self.gid, self.pid = unique, uid, gid, pid
         self.umask = 0
 
+    @property
+    def resent(self) -> bool:
+        """Sent again (Session.resend): a server before this one read it and may have
+        done what it asks before it stopped, without answering."""
+        return bool(self.unique & proto.UNIQUE_RESEND)
+
 
 class SetAttr:
     """The fields of a SETATTR request; None: not to change.  `*_now`: the kernel asked
@@ -137,10 +143,14 @@ class Session:
 
     def __init__(self, fd: int, ops: Operations, *, want: int,
                  fault_name: bytes | None = None,
-                 resumed: tuple[int, int, int] | None = None) -> None:
+                 resumed: tuple[int, int, int] | None = None,
+                 note: Callable[[int], None] | None = None,
+                 refuse: frozenset[int] = frozenset()) -> None:
         """`resumed`: this session takes over a connection another one served, whose
         INIT is over: (minor, flags, the kernel's flags) as that one negotiated them
-        (`negotiated`); see `resend`."""
+        (`negotiated`); see `resend`.  `note(unique)` is called as each request starts
+        (where a successor can read which one a server died on); requests whose unique
+        (resent or not) is in `refuse` are answered EIO without being served."""
         self.fd = fd
         self.ops = ops
         self.want = want  # INIT flags the filesystem asks for (if the kernel offers them)
@@ -154,6 +164,8 @@ class Session:
         self.internal_errors = 0  # requests answered EIO because of a bug (logged)
         self._reports = _ErrorReports()
         self.fault_name = fault_name
+        self._note = note
+        self._refuse = refuse
         self.debug = log.isEnabledFor(logging.DEBUG)
         self._stopping = False
         self._ready: collections.deque = collections.deque()
@@ -319,6 +331,13 @@ class Session:
         req = Request(unique, uid, gid, pid)
         if self.debug:
             log.debug("%s #%d uid %d pid %d", _NAMES.get(opcode, opcode), unique, uid, pid)
+        if self._note is not None:
+            self._note(unique)
+        if self._refuse and unique & ~proto.UNIQUE_RESEND in self._refuse:
+            log.error("%s #%d (uid %d pid %d) answered EIO: servers died serving it",
+                      _NAMES.get(opcode, opcode), unique & ~proto.UNIQUE_RESEND, uid, pid)
+            self.reply_error(unique, errno.EIO)
+            return False
         try:
             result = handler(req, nodeid, body)
         except Exception as e:

@@ -50,6 +50,7 @@ from rofs.overlay.files import Files
 from rofs.overlay.listings import Listings
 from rofs.overlay.names import Names
 from rofs.overlay.renames import Renames
+from rofs.overlay.resume import Resume
 from rofs.overlay.view import View
 from rofs.store import origin
 from rofs.store.closer import KEPT, Closer
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Attr", "Overlay"]
 
 
-class Overlay(View, Listings, CopyUp, Names, Renames, Files, Durable):
+class Overlay(View, Listings, CopyUp, Names, Renames, Files, Durable, Resume):
     """The merged view of `lower_fd` (never written) and `upper_fd` (all changes)."""
 
     def __init__(self, lower_fd: int, upper_fd: int, work_fd: int,
@@ -133,6 +134,11 @@ class Overlay(View, Listings, CopyUp, Names, Renames, Files, Durable):
         self._listed_by_uid: collections.Counter = collections.Counter()
         self.listing_budget = LISTING_BUDGET
         self._dir_ids = itertools.count(1)
+        # A successor's way back to what the kernel holds (rofs/overlay/resume.py).
+        self.journal = None
+        self._resumable: dict = {}
+        self._survivors: dict = {}
+        self._first_own_handle = 0
         # Listings of directories the kernel opened itself (no_open), in the order of
         # a keyed hash of each name (readdir_by_node): directory inode -> its
         # HashedListing, least recently used first, HASHED_NAMES names at most.

@@ -72,9 +72,7 @@ class CopyUp:
             os.close(keep)
             return
         new = os.fstat(keep)
-        if node.keep_fd >= 0:
-            self.table.close_fd(node.keep_fd)
-        node.keep_fd = keep
+        self.table.set_keep_fd(node, keep)
         node.upper = True
         self.table.rebind(node, (layer.tag, new.st_dev, new.st_ino))
         self._repoint_readers(node)

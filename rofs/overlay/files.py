@@ -27,6 +27,7 @@ from rofs.overlay.base import (
     _truncate,
 )
 from rofs.store.inodes import NO_FDS, Node
+from rofs.store.journal import make_handle
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ class Files:
     def _handle(self, file: OpenFile, node: Node, flags: int, pid: int,
                 uid: int) -> FileHandle:
         file.users += 1
-        handle = FileHandle(next(self._fhs), file, node, flags, pid, uid)
+        handle = FileHandle(make_handle(next(self._fhs), file.fd), file, node, flags, pid,
+                            uid)
         self.files[handle.fh] = handle
+        if self.journal is not None:
+            self.journal.keep(file.fd, node.ino, file.users)
         return handle
 
     def open_for_reading(self, node: Node, flags: int, pid: int = 0,
@@ -243,6 +247,8 @@ class Files:
     def handle(self, fh: int) -> FileHandle:
         handle = self.files.get(fh)
         if handle is None:
+            if self._survivors:
+                return self.resume_handle(fh)
             raise _err(errno.EBADF)
         return handle
 
@@ -328,11 +334,21 @@ class Files:
     def release(self, fh: int) -> None:
         handle = self.files.pop(fh, None)
         if handle is None:
-            return
+            if not self._survivors:
+                return
+            try:
+                handle = self.resume_handle(fh)
+            except OSError:
+                return
+            del self.files[fh]
         file, node = handle.file, handle.node
         file.users -= 1
         if file.users:
+            if self.journal is not None:
+                self.journal.keep(file.fd, node.ino, file.users)
             return
+        if self.journal is not None:
+            self.journal.let_go(file.fd)
         self._fds_by_uid[file.uid] -= 1
         if not self._fds_by_uid[file.uid]:
             del self._fds_by_uid[file.uid]
@@ -352,6 +368,8 @@ class Files:
         if file.shared and self._readers.get(id(node)) is file:
             del self._readers[id(node)]
         del self._open_files[file.fd]
+        if self._survivors:
+            self._survivors.pop(file.fd, None)
         node.open_fds.discard(file.fd)
         if not node.open_fds:
             node.open_fds = NO_FDS

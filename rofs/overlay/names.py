@@ -303,8 +303,9 @@ class Names:
             self.readlink(node)
         if node.upper and node.keep_fd < 0 and (node.lookups > 0 or node.open_fds):
             parent, name = node.links[0]
-            node.keep_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                   dir_fd=self.upper_dirfd(parent, self._lay(node)))
+            self.table.set_keep_fd(node, os.open(
+                name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=self.upper_dirfd(parent, self._lay(node))))
 
     @_changes_names
     def rmdir(self, parent: Node, name: bytes) -> None:

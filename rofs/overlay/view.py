@@ -39,6 +39,8 @@ class View:
     def node(self, ino: int) -> Node:
         node = self.table.get(ino)
         if node is None:
+            if self._resumable:
+                return self.resume_node(ino)
             raise _err(errno.ESTALE)
         return node
 

@@ -107,6 +107,9 @@ class NodeTable:
         self._dynamic: dict[tuple, int] = {}
         self._next_dynamic = itertools.count(DYNAMIC_BASE)
         self._high_water = 0
+        # Where names, drops and kept objects are written down for a successor
+        # (rofs/store/journal.py); None: nowhere.
+        self.journal = None
 
     def __getitem__(self, ino: int) -> Node:
         return self.nodes[ino]
@@ -175,6 +178,8 @@ class NodeTable:
         if key not in self.dentries:
             node.links.append((parent, name))
             parent.kids += 1
+            if self.journal is not None:
+                self.journal.link(node.ino, node.generation, parent.ino, name)
         self.dentries[key] = node
 
     def remove_link(self, node: Node, parent: Node, name: bytes) -> None:
@@ -183,6 +188,8 @@ class NodeTable:
             node.links.remove((parent, name))
         except ValueError:
             return
+        if self.journal is not None:
+            self.journal.unlink(node.ino, parent.ino, name)
         parent.kids -= 1
         self.maybe_drop(parent)
         self.maybe_drop(node)
@@ -190,6 +197,9 @@ class NodeTable:
     def move_link(self, node: Node, old_parent: Node, old_name: bytes,
                   new_parent: Node, new_name: bytes) -> None:
         self.dentries.pop((old_parent.ino, old_name), None)
+        if self.journal is not None:
+            self.journal.unlink(node.ino, old_parent.ino, old_name)
+            self.journal.link(node.ino, node.generation, new_parent.ino, new_name)
         links = node.links
         for i, link in enumerate(links):
             if link[0] is old_parent and link[1] == old_name:
@@ -210,6 +220,9 @@ class NodeTable:
             for i, link in enumerate(node.links):
                 if link[0] is old[0] and link[1] == old[1]:
                     node.links[i] = new
+                    if self.journal is not None:
+                        self.journal.unlink(node.ino, old[0].ino, old[1])
+                        self.journal.link(node.ino, node.generation, new[0].ino, new[1])
                     break
         self.dentries[(a_parent.ino, a_name)] = b
         self.dentries[(b_parent.ino, b_name)] = a
@@ -234,6 +247,8 @@ class NodeTable:
                 continue
             del self.nodes[node.ino]
             links, node.links = node.links, []
+            if self.journal is not None:
+                self.journal.drop(node.ino, len(links))
             for parent, name in links:
                 if self.dentries.get((parent.ino, name)) is node:
                     del self.dentries[(parent.ino, name)]
@@ -242,9 +257,18 @@ class NodeTable:
             if self._dynamic.get(node.backing) == node.ino:
                 del self._dynamic[node.backing]
             if node.keep_fd >= 0:
-                self.close_fd(node.keep_fd)
-                node.keep_fd = -1
+                self.set_keep_fd(node, -1)
 
+    def set_keep_fd(self, node: Node, fd: int) -> None:
+        """Keep `fd` (an O_PATH descriptor) of the node's object, closing the one it
+        kept before; -1: keep none."""
+        if node.keep_fd >= 0:
+            if self.journal is not None:
+                self.journal.let_go(node.keep_fd)
+            self.close_fd(node.keep_fd)
+        node.keep_fd = fd
+        if fd >= 0 and self.journal is not None:
+            self.journal.keep(fd, node.ino, 0)
 
     def shrink(self) -> bool:
         """Give memory back after the kernel forgot most nodes (a walk of a big tree

@@ -1,0 +1,171 @@
+"""The keeper: holds a mount's connection while servers come and go.
+
+The kernel keeps a FUSE connection, and every request on it, for as long as any
+process holds its /dev/fuse descriptor.  The keeper is the process that mounted: it
+holds that descriptor, the layers' descriptors and the journal (rofs/store/journal.py)
+and does nothing else.  It starts the server as a fork that shares its descriptor table
+(`_sys.fork_sharing_files`), so every descriptor the server opens (open files, kept
+objects) is the keeper's too and outlives the server.  When the server dies (killed,
+crashed, an uncaught error) the keeper starts another from the same point: it closes
+what the dead one left that no handle stands for, asks the kernel to send again the
+requests the dead one had read and not answered, and answers every node id and handle
+the kernel holds from the journal.  Callers see a pause.
+
+A server that ends on purpose (a signal to it or to the keeper, an unmount) unmounts
+and exits 0, and the keeper with it.  Death spirals: when POISON_DEATHS servers in a row
+died with the same request in hand (one that kills every server), the next answers it
+EIO, and the rest of the mount keeps working; when IDLE_DEATHS servers in a row died
+before starting a single request, the keeper gives up (and unmounts), as a daemon
+without a keeper would have died.  Servers dying in a row on the same request (or on
+none) start ever more slowly.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from rofs import _sys
+from rofs.fuse.proto import UNIQUE_RESEND
+from rofs.store.journal import Journal
+
+log = logging.getLogger(__name__)
+
+POISON_DEATHS = 3
+IDLE_DEATHS = 5
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return "killed by %s" % signal.Signals(number).name
+        except ValueError:
+            return "killed by signal %d" % number
+    return "exited with status %d" % os.waitstatus_to_exitcode(status)
+
+
+class Keeper:
+    """Runs servers of one mount, one at a time, until one ends on purpose."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.server = 0  # the running server's pid
+        # The request each server that died in a row had in hand (0: none).
+        self._in_hand: collections.deque[int] = collections.deque(maxlen=IDLE_DEATHS)
+        self.refuse: frozenset[int] = frozenset()  # requests the next server answers EIO
+
+    def run(self, serve: Callable[[int, dict[int, tuple[int, int]] | None], int]) -> int:
+        """`serve(serial, survivors)` runs in each server: serial 0 for the first
+        (survivors None), then survivors as `sweep` found them; `refuse` is what it
+        must answer EIO.  Returns the exit code of the server that ended on purpose, or
+        1 when giving up."""
+        keep = self._own_descriptors()
+        serial = 0
+        started = 0.0
+        forward = {sig: signal.signal(sig, self._forward)
+                   for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            while True:
+                self.journal.set_in_hand(0)
+                started = time.monotonic()
+                pid = _sys.fork_sharing_files()
+                if pid == 0:
+                    for sig, handler in forward.items():
+                        signal.signal(sig, handler)
+                    os._exit(self._server(serve, serial, keep))
+                self.server = pid
+                status = _wait(pid)
+                self.server = 0
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                    return 0
+                reason = describe_status(status)
+                minor = self.journal.header()[0]
+                if not minor:
+                    # It never served (no INIT): a failed start, not a death.
+                    log.error("the server (pid %d) %s before the mount was ready",
+                              pid, reason)
+                    return os.waitstatus_to_exitcode(status) or 1
+                if time.monotonic() - started > 10:
+                    self._in_hand.clear()  # not in a row
+                in_hand = self.journal.in_hand() & ~UNIQUE_RESEND
+                self._in_hand.append(in_hand)
+                if len(self._in_hand) == IDLE_DEATHS and not any(self._in_hand):
+                    log.error("the server (pid %d) %s; %d servers in a row died before "
+                              "serving anything: giving up (the mount goes)", pid, reason,
+                              IDLE_DEATHS)
+                    return 1
+                recent = list(self._in_hand)[-POISON_DEATHS:]
+                if in_hand and len(recent) == POISON_DEATHS and len(set(recent)) == 1:
+                    log.error("%d servers in a row died serving request #%d: the next "
+                              "answers it EIO", POISON_DEATHS, in_hand)
+                    self.refuse = self.refuse | {in_hand}
+                stuck = 0  # deaths in a row on the same request (or on none)
+                for earlier in reversed(self._in_hand):
+                    if earlier != in_hand:
+                        break
+                    stuck += 1
+                if stuck > 1:  # not at full speed
+                    time.sleep(0.1 * stuck)
+                serial += 1
+                self.journal.set_replaced(serial, reason)
+                log.warning("the server (pid %d) %s: another takes over the mount (%d "
+                            "so far)", pid, reason, serial)
+        finally:
+            for sig, handler in forward.items():
+                signal.signal(sig, handler)
+
+    def _forward(self, signum, frame) -> None:
+        if self.server:
+            try:
+                os.kill(self.server, signum)
+            except ProcessLookupError:
+                pass
+
+    def _server(self, serve, serial: int, keep: frozenset[int]) -> int:
+        code = 70
+        try:
+            _sys.die_with_parent(signal.SIGKILL)
+            survivors = None
+            if serial:
+                survivors = sweep(self.journal, keep)
+            code = serve(serial, survivors)
+        except BaseException:
+            log.exception("the server failed")
+        return code
+
+    @staticmethod
+    def _own_descriptors() -> frozenset[int]:
+        return frozenset(int(fd) for fd in os.listdir("/proc/self/fd"))
+
+
+def sweep(journal: Journal, keep: frozenset[int]) -> dict[int, tuple[int, int]]:
+    """In a new server: close what a dead one left open that no handle or kept object
+    stands for (its directory cache, sockets, idle readers); return the rest,
+    descriptor -> (node id, handles)."""
+    survivors = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        ino, handles = journal.kept(fd)
+        if ino:
+            survivors[fd] = (ino, handles)
+            continue
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the listing's own descriptor
+    return survivors
+
+
+def _wait(pid: int) -> int:
+    while True:
+        try:
+            return os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            return 0
