@@ -315,7 +315,8 @@ class RofsOperations(Operations):
         node = self._node(inode)
         if flags & os.O_TRUNC or flags & os.O_ACCMODE != os.O_RDONLY:
             return self._open_writing(req, node, flags)
-        return open_out(self.overlay.open_for_reading(node, flags, req.pid, req.uid).fh)
+        return open_out(self.overlay.hand_out(
+            self.overlay.open_for_reading(node, flags, req.pid, req.uid)))
 
     async def _open_writing(self, req, node, flags):
         # Logged when it truncates or fails; a plain open for writing is logged at its
@@ -324,7 +325,7 @@ class RofsOperations(Operations):
                           only_failures=not flags & os.O_TRUNC):
             handle = await self.overlay.open(node, flags, req.pid, req.uid)
         await self.overlay.settle()  # a copy-up
-        return open_out(handle.fh)
+        return open_out(self.overlay.hand_out(handle))
 
     def create(self, req, parent_inode, name, mode, flags):
         parent = self._node(parent_inode)
@@ -338,7 +339,7 @@ class RofsOperations(Operations):
                     raise
                 return self._create_made_before(req, node, flags)
         self._written.add(handle.fh)  # the create says it all
-        return self._durable(self._reply_new(node) + open_out(handle.fh))
+        return self._durable(self._reply_new(node) + open_out(self.overlay.hand_out(handle)))
 
     async def _create_made_before(self, req, node, flags):
         """A create (O_EXCL) sent again after a server died having made the file: the
@@ -347,7 +348,7 @@ class RofsOperations(Operations):
                                          req.uid)
         self._written.add(handle.fh)
         await self.overlay.settle()
-        return self._reply_new(node) + open_out(handle.fh)
+        return self._reply_new(node) + open_out(self.overlay.hand_out(handle))
 
     def read(self, req, inode, fh, offset, size):
         return self.overlay.read(self._handle_of(inode, fh), offset, size)

@@ -202,3 +202,61 @@ def test_every_site_is_tested():
     with open(os.path.join(os.path.dirname(__file__), "test_reconcile.py")) as f:
         tested |= set(re.findall(r'"(reconcile:[a-z-]+)(?::\d+)?"', f.read()))
     assert tested == set(crash.SITES)
+
+
+# The same crashes with a keeper (ROFS_CRASH_ONLY=server): only the server dies, the
+# next one takes over the mount, the kernel sends the interrupted request again, and the
+# caller sees it succeed, done once.  (site, prepare, action, check of the view.)
+def _scratch_npasswd(m):
+    os.mkdir(os.path.join(m, "scratch"))
+    write_text(os.path.join(m, "scratch", "npasswd"), "new passwd\n")
+
+
+TAKEN_OVER = {
+    "copy-up:prepared": (None, lambda m: append(m, "passwd"),
+                         lambda s: read_text(p(s, "passwd")) ==
+                         "root:x:0:0::/root:/bin/sh\nappended\n"),
+    "copy-up:placed": (look_up_links, lambda m: append(m, "hl-a"),
+                       lambda s: same_inode(s, LINKS, "one inode\nappended\n")),
+    "create:prepared": (None, lambda m: write_text(os.path.join(m, "new"), "x"),
+                        lambda s: read_text(p(s, "new")) == "x"),
+    "mkdir:swapped": (lambda m: os.unlink(os.path.join(m, "victim")),
+                      lambda m: os.mkdir(os.path.join(m, "victim")),
+                      lambda s: os.listdir(p(s, "victim")) == []),
+    "whiteout:prepared": (lambda m: append(m, "victim"),
+                          lambda m: os.unlink(os.path.join(m, "victim")),
+                          lambda s: not os.path.lexists(p(s, "victim"))),
+    "rename:marked": (lambda m: os.chmod(os.path.join(m, "d"), 0o750),
+                      lambda m: os.rename(os.path.join(m, "d"), os.path.join(m, "e")),
+                      lambda s: read_text(p(s, "e", "inside")) == "inside\n" and
+                      not os.path.lexists(p(s, "d"))),
+    "rename:across-placed": (_scratch_npasswd,
+                             lambda m: os.rename(os.path.join(m, "scratch", "npasswd"),
+                                                 os.path.join(m, "passwd")),
+                             lambda s: read_text(p(s, "passwd")) == "new passwd\n" and
+                             not os.path.lexists(p(s, "scratch", "npasswd"))),
+}
+
+
+@pytest.mark.parametrize("where", sorted(TAKEN_OVER))
+def test_a_server_dying_inside_a_change_is_replaced_and_the_change_made_once(site, where):
+    prepare, action, check = TAKEN_OVER[where]
+    daemon = RofsProcess(site["mnt"], site["state"], site["lower"], site["args"],
+                         env={"ROFS_CRASH_AT": where, "ROFS_CRASH_ONLY": "server"})
+    try:
+        daemon.start()
+        first = daemon.server()
+        if prepare is not None:
+            prepare(site["mnt"])
+        action(site["mnt"])  # no error: the next server finished it
+        assert daemon.server() != first, "the server did not die at %s" % where
+        assert check(site), daemon.output()
+        assert "took over" in daemon.output()
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    with remounted(site):
+        assert check(site)
+    found = run_rofs("check", site["state"], code=None)
+    if found.returncode:
+        assert all("left over by an interrupted operation" in line
+                   for line in found.stdout.splitlines()), found.stdout

@@ -230,7 +230,7 @@ SITUATIONS = {
                   "/etc/rofs/etc.policy",
     "mounted": MOUNT + CHANGES,
     "unmounted": MOUNT + CHANGES + "umount /etc",
-    "dead": MOUNT + CHANGES + "kill -9 $(sed 's/.*\"pid\": \\([0-9]*\\).*/\\1/' "
+    "dead": MOUNT + CHANGES + "kill -9 $(sed 's/.*\"keeper\": \\([0-9]*\\).*/\\1/' "
             "/run/rofs/*.json)\n"
             "fails ls /etc",
     "hosts": MOUNT + CHANGES + "umount /etc\ncd /run && mkdir host1 host2 host3 && "

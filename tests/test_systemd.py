@@ -4,6 +4,7 @@ unmounts and the daemon exits cleanly."""
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 from importlib import resources
@@ -70,6 +71,14 @@ def test_unit_start_notifies_only_once_live_and_stop_unmounts(tmp_path):
         assert (mnt / "hostname").read_text() == "rofs-unit\n"
         assert message["READY"] == "1" and int(message["MAINPID"]) == proc.pid
         assert message["STATUS"] == "serving %s" % mnt
+        # The server, which says READY=1, is the main process's child (NotifyAccess=all);
+        # killed, it is replaced, and systemd hears nothing.
+        assert unit["NotifyAccess"] == ["all"]
+        with open("/proc/%d/task/%d/children" % (proc.pid, proc.pid)) as f:
+            (server,) = f.read().split()
+        os.kill(int(server), signal.SIGKILL)
+        assert (mnt / "hostname").read_text() == "rofs-unit\n"
+        assert proc.poll() is None
         subprocess.run(stop, check=True)
         assert proc.wait(timeout=30) == 0
         assert receive(sock)["STOPPING"] == "1"

@@ -5,6 +5,7 @@ change in flight when the server died is made once."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -69,11 +70,12 @@ def layers():
             shutil.rmtree(base)
 
 
-def test_killed_servers_are_replaced_and_callers_see_a_pause(layers):
+@pytest.mark.parametrize("args", [(), ("--no-open",)], ids=["default", "no-open"])
+def test_killed_servers_are_replaced_and_callers_see_a_pause(layers, args):
     """KILLS times, at random moments, while a workload runs: every call succeeds."""
     tmp, mnt = layers["tmp"], layers["mnt"]
     stop = os.path.join(tmp, "stop")
-    daemon = RofsProcess(mnt, layers["state"], layers["lower"])
+    daemon = RofsProcess(mnt, layers["state"], layers["lower"], args)
     load = reader = None
     try:
         daemon.start()
@@ -81,6 +83,10 @@ def test_killed_servers_are_replaced_and_callers_see_a_pause(layers):
                                  mnt, stop, os.path.join(tmp, "load.json")])
         reader = subprocess.Popen([sys.executable, "-c", READER, mnt, stop],
                                   stdout=subprocess.PIPE, text=True)
+        # Locks held through the mount are the kernel's (rofs implements none): they
+        # stay held across every takeover.
+        locked = open(os.path.join(mnt, "group"), "rb")
+        fcntl.flock(locked, fcntl.LOCK_EX)
         rng = random.Random(os.environ.get("ROFS_TAKEOVER_SEED", "takeover"))
         pauses = []
         for _ in range(KILLS):
@@ -104,6 +110,11 @@ def test_killed_servers_are_replaced_and_callers_see_a_pause(layers):
         done, error = eval(out)
         assert error is None and done > 0, (done, error)
         assert is_rofs_mounted(mnt)
+        other = subprocess.run([sys.executable, "-c", "import fcntl, sys; fcntl.flock("
+                                "open(sys.argv[1], 'rb'), fcntl.LOCK_EX | fcntl.LOCK_NB)",
+                                os.path.join(mnt, "group")], capture_output=True, text=True)
+        assert "BlockingIOError" in other.stderr, other.stderr
+        locked.close()
         status = json.loads(run_rofs("status", "--json", mnt).stdout)[0]
         assert status["replaced"] == KILLS and status["pid"] == daemon.server()
         assert status["internal_errors"] == 0, daemon.output()

@@ -31,7 +31,9 @@ STATEDIR is created (mode 0700) if it does not exist but its parent does.
 The command returns once the mount is live; errors before that are printed here
 with a non-zero exit code (2 for bad arguments or an unusable state dir).
 Unmount with `umount MOUNTPOINT` (a user other than root: `fusermount3 -u
-MOUNTPOINT`); SIGTERM, SIGINT and SIGHUP unmount cleanly too.
+MOUNTPOINT`); SIGTERM, SIGINT and SIGHUP unmount cleanly too.  The daemon is
+a keeper (the process started, which holds the mount) and its server (the one
+answering requests): a server that dies is replaced, and callers see a pause.
 
 As mount(8)'s helper (mount -t fuse.rofs, or an fstab line):
   rofs SOURCE MOUNTPOINT -o state=STATEDIR[,lowerdir=DIR,policy=FILE,...]

@@ -419,7 +419,8 @@ def _serve_mount(config: Config, prepared: state.Prepared, markers: Markers, rea
     else:
         log.info("mounted %s (lower %s, upper %s)", quote(config.mountpoint),
                  quote(config.lower), quote(prepared.upper_path))
-    published = registry.publish_live(config.mountpoint, config.state, prepared.lower_fd)
+    published = registry.publish_live(config.mountpoint, config.state, prepared.lower_fd,
+                                      keeper_pid)
     started = time.time()
 
     def describe() -> dict:

@@ -87,7 +87,7 @@ class OpenFile:
     the read-only handles of a node share one (reads give their offset), a writer has
     its own.  It counts against the uid that opened it first."""
 
-    __slots__ = ("fd", "on_lower", "users", "shared", "uid", "writing", "nowait")
+    __slots__ = ("fd", "on_lower", "users", "shared", "uid", "writing", "nowait", "handed")
 
     def __init__(self, fd: int, on_lower: bool, shared: bool, uid: int,
                  writing: bool = False) -> None:
@@ -98,10 +98,11 @@ class OpenFile:
         self.uid = uid
         self.writing = writing  # open for writing: its close may wait on the disk
         self.nowait = True  # reads may try the page cache alone (RWF_NOWAIT)
+        self.handed = 0  # of its handles, those the kernel holds (Files.hand_out)
 
 
 class FileHandle:
-    __slots__ = ("fh", "file", "node", "flags", "pid", "uid", "checked")
+    __slots__ = ("fh", "file", "node", "flags", "pid", "uid", "checked", "handed")
 
     def __init__(self, fh: int, file: OpenFile, node: Node, flags: int, pid: int,
                  uid: int) -> None:
@@ -114,6 +115,7 @@ class FileHandle:
         # A node handle (no_open): the namespace generation at which writing it was last
         # found allowed (only a change of names can move it to a read-only path).
         self.checked = -1
+        self.handed = False  # the kernel holds it (Files.hand_out): journaled
 
     @property
     def fd(self) -> int:

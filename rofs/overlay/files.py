@@ -70,9 +70,17 @@ class Files:
         handle = FileHandle(make_handle(next(self._fhs), file.fd), file, node, flags, pid,
                             uid)
         self.files[handle.fh] = handle
-        if self.journal is not None:
-            self.journal.keep(file.fd, node.ino, file.users)
         return handle
+
+    def hand_out(self, handle: FileHandle) -> int:
+        """The fh of a handle going to the kernel (an OPEN or CREATE reply), which will
+        name it until it releases it: journaled, so a successor finds its file."""
+        handle.handed = True
+        file = handle.file
+        file.handed += 1
+        if self.journal is not None:
+            self.journal.keep(file.fd, handle.node.ino, file.handed)
+        return handle.fh
 
     def open_for_reading(self, node: Node, flags: int, pid: int = 0,
                          uid: int = 0) -> FileHandle:
@@ -342,13 +350,16 @@ class Files:
                 return
             del self.files[fh]
         file, node = handle.file, handle.node
+        if handle.handed:
+            file.handed -= 1
+            if self.journal is not None:
+                if file.handed:
+                    self.journal.keep(file.fd, node.ino, file.handed)
+                else:
+                    self.journal.let_go(file.fd)
         file.users -= 1
         if file.users:
-            if self.journal is not None:
-                self.journal.keep(file.fd, node.ino, file.users)
             return
-        if self.journal is not None:
-            self.journal.let_go(file.fd)
         self._fds_by_uid[file.uid] -= 1
         if not self._fds_by_uid[file.uid]:
             del self._fds_by_uid[file.uid]

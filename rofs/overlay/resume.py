@@ -12,8 +12,9 @@ import os
 import stat
 
 from rofs.overlay.base import DirHandle, FileHandle, OpenFile, _err
-from rofs.store.inodes import Node
+from rofs.store.inodes import UPPER_TAG, Node
 from rofs.store.journal import FH_FD_BITS, Entry, Journal, handle_fd
+from rofs.store.layers import getxattr_or_none
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,10 @@ class Resume:
         self._resumable: dict[int, Entry] = journal.replay() if survivors is not None \
             else {}
         self._survivors = dict(survivors or {})
-        self._kept_by_ino: dict[int, int] = {ino: fd for fd, (ino, _) in
-                                             self._survivors.items()}
+        # A descriptor of each node id's object: the one it kept (no handles) if any.
+        self._kept_by_ino: dict[int, int] = {
+            ino: fd for fd, (ino, handles) in sorted(self._survivors.items(),
+                                                     key=lambda item: -item[1][1])}
         journal.rewrite()  # the log from here on: what this server knows, whole
 
     def _live_names(self):
@@ -86,6 +89,12 @@ class Resume:
         self._resumable.pop(ino, None)
         raise _err(errno.ESTALE)
 
+    def forget_resumable(self, ino: int) -> None:
+        """The kernel let go of a node id of a dead server's, never named since."""
+        entry = self._resumable.pop(ino, None)
+        if entry is not None:
+            self.journal.drop(ino, len(entry.links))
+
     def _adopt(self, node: Node, entry: Entry) -> Node:
         del self._resumable[node.ino]
         if node.lookups < RESUMED_LOOKUPS // 2 and node.generation != entry.generation:
@@ -95,17 +104,30 @@ class Resume:
         if not node.links:
             self.journal.link(node.ino, node.generation, 0, b"")
         node.lookups += RESUMED_LOOKUPS
+        fd = self._kept_by_ino.pop(node.ino, None)
+        if fd is not None and self._survivors.get(fd, (0, 1))[1] == 0:
+            # The object the dead server kept of it (no handle uses that descriptor).
+            del self._survivors[fd]
+            if node.keep_fd < 0:
+                self.table.set_keep_fd(node, fd)
+            else:
+                self.journal.let_go(fd)
+                os.close(fd)
         return node
 
     def _nameless(self, ino: int, fd: int) -> Node:
         """A node whose last name went while the kernel held it, from a descriptor the
         dead server kept of it."""
         st = os.fstat(fd)
-        upper = st.st_dev != self.lower.dev
+        # An upper object: on another filesystem, or numbered as one, or a copy (which
+        # records the number it had below).
+        upper = st.st_dev != self.lower.dev or UPPER_TAG <= ino or getxattr_or_none(
+            b"/proc/self/fd/%d" % fd, self.markers.ino) is not None
         node = Node(ino, stat.S_IFMT(st.st_mode), upper=upper, lower=None,
                     backing=("U" if upper else "L", st.st_dev, st.st_ino))
-        node.keep_fd = os.open("/proc/self/fd/%d" % fd, os.O_PATH | os.O_CLOEXEC)
-        self.journal.keep(node.keep_fd, ino, 0)
+        if self._survivors[fd][1]:  # a handle's: kept apart from it
+            self.table.set_keep_fd(node, os.open("/proc/self/fd/%d" % fd,
+                                                 os.O_PATH | os.O_CLOEXEC))
         self.table.add_root(node)
         return node
 
@@ -125,13 +147,14 @@ class Resume:
             # release takes one away.
             file = OpenFile(fd, not node.upper, False, 0,
                             fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY)
-            file.users = users
+            file.users = file.handed = users
             self._open_files[fd] = file
             self._fds_by_uid[0] += 1
             if not node.open_fds:
                 node.open_fds = set()
             node.open_fds.add(fd)
         handle = FileHandle(fh, file, node, fcntl.fcntl(fd, fcntl.F_GETFL), 0, 0)
+        handle.handed = True
         self.files[fh] = handle
         return handle
 

@@ -237,6 +237,8 @@ class View:
     def forget(self, ino: int, count: int) -> None:
         node = self.table.get(ino)
         if node is None or node is self.root:
+            if self._resumable:
+                self.forget_resumable(ino)
             return
         node.lookups = max(0, node.lookups - count)
         self.table.maybe_drop(node)

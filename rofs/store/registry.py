@@ -109,8 +109,9 @@ def runtime_path(mountpoint: str, suffix: str) -> str | None:
     return os.path.join(base, digest + suffix)
 
 
-def publish_live(mountpoint: str, state: str, lower_fd: int) -> str | None:
-    """Tell the tools where the live daemon is; returns the file written (or None)."""
+def publish_live(mountpoint: str, state: str, lower_fd: int, keeper: int) -> str | None:
+    """Tell the tools where the live daemon is (this process, the server, and its
+    keeper); returns the file written (or None)."""
     path = runtime_path(mountpoint, ".json")
     if path is None:
         return None
@@ -118,7 +119,8 @@ def publish_live(mountpoint: str, state: str, lower_fd: int) -> str | None:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         sweep_stale(os.path.dirname(path))
         with open(path + ".tmp", "w") as f:
-            json.dump({"pid": os.getpid(), "lower_fd": lower_fd, "state": state,
+            json.dump({"pid": os.getpid(), "keeper": keeper, "lower_fd": lower_fd,
+                       "state": state,
                        "mountpoint": mountpoint,
                        "socket": runtime_path(mountpoint, ".sock")}, f)
         os.replace(path + ".tmp", path)
