@@ -12,7 +12,8 @@ be dropped (/proc/sys read-only, as in a container) they are not run, and the ou
 and the JSON's "not_run" say so.  Reported: the
 median time and its spread (min-max) over rounds, the ratio to native, to kernel
 overlayfs and to fuse-overlayfs (higher is better: ratio = their time / our time), the
-daemon's CPU time and its peak RSS, and, from separate untimed passes, the number of FUSE
+daemon's CPU time and its peak RSS (all its processes: rofs's keeper and server, pages
+they share counted once), and, from separate untimed passes, the number of FUSE
 requests per operation (kernel tracepoint fuse:fuse_request_send) and each daemon's RSS
 before and after walking 100,000 files and after the kernel forgot them.
 
@@ -207,33 +208,63 @@ class Filesystem:
         self.mnt = mnt
         return upper, work, mnt
 
+    def _pids(self) -> list[int]:
+        """The daemon's processes: the one started and its children (rofs: the keeper
+        and its server)."""
+        pid = self.proc.pid
+        try:
+            with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+                return [pid] + [int(c) for c in f.read().split()]
+        except OSError:
+            return [pid]
+
     def cpu_seconds(self) -> float | None:
         if self.proc is None:
             return None
+        total = 0.0
         try:
-            with open("/proc/%d/stat" % self.proc.pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for pid in self._pids():
+                with open("/proc/%d/stat" % pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except OSError:
             return None
+        return total
 
     def peak_rss_kib(self) -> int | None:
-        return self._status_kib("VmHWM:")
-
-    def rss_kib(self) -> int | None:
-        return self._status_kib("VmRSS:")
-
-    def _status_kib(self, field: str) -> int | None:
+        """The serving process's peak, and what the others hold of their own (a fork
+        shares its parent's pages until it writes them)."""
         if self.proc is None:
             return None
-        try:
-            with open("/proc/%d/status" % self.proc.pid) as f:
-                for line in f:
-                    if line.startswith(field):
-                        return int(line.split()[1])
-        except OSError:
+        pids = self._pids()
+        peak = _kib("/proc/%d/status" % pids[-1], "VmHWM:")
+        if peak is None:
             return None
+        return peak + sum(_private_kib(pid) or 0 for pid in pids[:-1])
+
+    def rss_kib(self) -> int | None:
+        """Memory the daemon's processes hold, shared pages counted once (Pss)."""
+        if self.proc is None:
+            return None
+        sizes = [_kib("/proc/%d/smaps_rollup" % pid, "Pss:") for pid in self._pids()]
+        return None if None in sizes else sum(sizes)
+
+
+def _kib(path: str, field: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
         return None
+    return None
+
+
+def _private_kib(pid: int) -> int | None:
+    clean = _kib("/proc/%d/smaps_rollup" % pid, "Private_Clean:")
+    dirty = _kib("/proc/%d/smaps_rollup" % pid, "Private_Dirty:")
+    return None if clean is None or dirty is None else clean + dirty
 
 
 class Native(Filesystem):
