@@ -7,7 +7,17 @@ from __future__ import annotations
 import sys
 
 from rofs._sys import raise_open_file_limit
-from rofs.commands import attic, check, diff, mount, reconcile, report, revert, status
+from rofs.commands import (
+    attic,
+    check,
+    diff,
+    mount,
+    reconcile,
+    report,
+    restart,
+    revert,
+    status,
+)
 from rofs.commands.common import EXIT_USAGE
 from rofs.commands.patterns import PatternError
 from rofs.commands.report import ReportError
@@ -16,7 +26,7 @@ from rofs.store.state import StateError
 
 # Every command besides mounting (the man page and --help are made from their parsers).
 COMMANDS = {"report": report, "diff": diff, "revert": revert, "check": check,
-            "status": status, "attic": attic, "reconcile": reconcile}
+            "status": status, "attic": attic, "reconcile": reconcile, "restart": restart}
 
 
 def run_command(name: str, argv: list[str]) -> int:

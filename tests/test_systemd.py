@@ -79,8 +79,16 @@ def test_unit_start_notifies_only_once_live_and_stop_unmounts(tmp_path):
         os.kill(int(server), signal.SIGKILL)
         assert (mnt / "hostname").read_text() == "rofs-unit\n"
         assert proc.poll() is None
-        subprocess.run(stop, check=True)
+        # ExecReload: a new main process (MAINPID=) takes the mount over, the old exits 0.
+        subprocess.run(expand(unit["ExecReload"][0], str(mnt), env), check=True,
+                       timeout=120)
+        while True:
+            message = receive(sock)
+            if int(message.get("MAINPID", proc.pid)) != proc.pid:
+                break
         assert proc.wait(timeout=30) == 0
+        assert (mnt / "hostname").read_text() == "rofs-unit\n"
+        subprocess.run(stop, check=True)
         assert receive(sock)["STOPPING"] == "1"
         assert not is_rofs_mounted(str(mnt))
     finally:

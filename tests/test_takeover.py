@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,15 @@ except BaseException as e:
     error = "%s: %s" % (type(e).__name__, e)
 print(repr((done, error)))
 """
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` exited (a zombie nobody reaped counts)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 @pytest.fixture
@@ -134,3 +144,93 @@ def test_killed_servers_are_replaced_and_callers_see_a_pause(layers, args):
             assert hashlib.sha256(f.read()).hexdigest() == result["big"]
         assert sorted(os.listdir(mnt)) == ["big", "d", "group", "hosts", "passwd", "shadow"]
     run_rofs("check", layers["state"])
+
+
+def test_restart_hands_the_mount_to_the_code_installed_now(layers):
+    """`rofs restart`: the daemon started from a copy of rofs is replaced by one running
+    that copy as changed since (an upgrade), three times, while the workload runs; then
+    the new daemon survives a kill as the first did, and unmounts as usual."""
+    tmp, mnt = layers["tmp"], layers["mnt"]
+    stop = os.path.join(tmp, "stop")
+    copy = os.path.join(tmp, "installed")
+    shutil.copytree(os.path.join(HERE, "..", "rofs"), os.path.join(copy, "rofs"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    bootstrap = ("import sys; sys.path[0] = %r; from rofs.cli import entry; "
+                 "sys.exit(entry())" % copy)
+    rofs = [sys.executable, "-c", bootstrap]
+    version = os.path.join(copy, "rofs", "__init__.py")
+    subprocess.run(rofs + [mnt, "--state", layers["state"], "--lower", layers["lower"]],
+                   check=True, timeout=60)
+    load = None
+    try:
+        load = subprocess.Popen([sys.executable, os.path.join(HERE, "takeover_load.py"),
+                                 mnt, stop, os.path.join(tmp, "load.json")])
+        time.sleep(0.3)
+        for n in range(1, 4):
+            before = json.loads(run_rofs("status", "--json", mnt).stdout)[0]
+            with open(version, "w") as f:
+                f.write('__version__ = "0.%d-upgraded"\n' % n)
+            done = subprocess.run(rofs + ["restart", mnt], capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode == 0, done.stderr
+            after = json.loads(run_rofs("status", "--json", mnt).stdout)[0]
+            assert after["version"] == "0.%d-upgraded" % n
+            assert after["keeper"] != before["keeper"] and after["pid"] != before["pid"]
+            assert after["replaced"] == n and after["last_replaced"] == "restart"
+            assert gone(before["keeper"]), "the old keeper is still there"
+            if load.poll() is not None:
+                pytest.fail("the workload stopped: %s" % read_text(
+                    os.path.join(tmp, "load.json")))
+            time.sleep(0.2)
+        keeper = after["keeper"]
+        with open("/proc/%d/task/%d/children" % (keeper, keeper)) as f:
+            os.kill(int(f.read().split()[0]), signal.SIGKILL)
+        time.sleep(0.3)
+        write_text(stop, "")
+        assert load.wait(timeout=60) == 0
+        with open(os.path.join(tmp, "load.json")) as f:
+            result = json.load(f)
+        assert result["error"] is None, result
+        status = json.loads(run_rofs("status", "--json", mnt).stdout)[0]
+        assert status["replaced"] == 4 and status["last_replaced"] == "killed by SIGKILL"
+    finally:
+        write_text(stop, "")
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait()
+        subprocess.run(["umount", mnt], check=False)
+    deadline = time.monotonic() + 20
+    while not gone(keeper) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the keeper exits once its server unmounted
+    assert gone(keeper) and not is_rofs_mounted(mnt)
+    run_rofs("check", layers["state"])
+
+
+def test_a_restart_into_code_that_cannot_start_leaves_the_old_daemon_serving(layers):
+    mnt = layers["mnt"]
+    copy = os.path.join(layers["tmp"], "installed")
+    shutil.copytree(os.path.join(HERE, "..", "rofs"), os.path.join(copy, "rofs"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    rofs = [sys.executable, "-c", "import sys; sys.path[0] = %r; from rofs.cli import "
+            "entry; sys.exit(entry())" % copy]
+    subprocess.run(rofs + [mnt, "--state", layers["state"], "--lower", layers["lower"]],
+                   check=True, timeout=60)
+    try:
+        before = json.loads(run_rofs("status", "--json", mnt).stdout)[0]
+        held = open(os.path.join(mnt, "passwd"), "rb")
+        # A broken upgrade: the new code dies importing the handover.
+        with open(os.path.join(copy, "rofs", "daemon", "handover.py"), "a") as f:
+            f.write("\nraise SystemExit('a broken upgrade')\n")
+        done = subprocess.run(rofs[:2] + [rofs[2].replace(copy, os.path.join(HERE, ".."))]
+                              + ["restart", mnt], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and "the old one serves on" in done.stderr, done
+        after = json.loads(run_rofs("status", "--json", mnt).stdout)[0]
+        assert after["keeper"] == before["keeper"] and after["pid"] != before["pid"]
+        assert after["last_replaced"] == "restart failed: same code"
+        assert held.read().startswith(b"root:")  # a handle from before still works
+        held.close()
+        write_text(os.path.join(mnt, "after"), "written\n")
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+    assert not is_rofs_mounted(mnt)

@@ -11,7 +11,8 @@ import sys
 from rofs import __version__
 from rofs._sys import mount_table
 from rofs.commands.common import EXIT_USAGE
-from rofs.daemon.serve import Config, MountError, run
+from rofs.daemon import handover
+from rofs.daemon.serve import Config, MountError, resume, run
 from rofs.store import policy
 from rofs.store.policy import CLASS_NAMES, ON_IMAGE_CHANGE, PolicyError
 from rofs.store.quoting import quote
@@ -47,8 +48,9 @@ user.overlay.* (see docs/unprivileged.md).
 Other commands (each with --help): `rofs report` (who wrote where, from the
 write logs), `rofs diff` (what changed), `rofs revert` (drop a change),
 `rofs check` (find and repair damage in a state dir), `rofs status` (the live
-mounts and their health), `rofs attic` (saved changes set aside), `rofs
-reconcile` (a state with a new image).
+mounts and their health), `rofs restart` (a new daemon for a live mount: an
+upgrade), `rofs attic` (saved changes set aside), `rofs reconcile` (a state with
+a new image).
 A MOUNTPOINT named like a command must be written as ./report.
 
 example:  rofs /etc --state /var/lib/stateless/state"""
@@ -303,35 +305,48 @@ def _use_c_allocator(argv: list[str]) -> None:
     if "PYTHONMALLOC" in os.environ:
         return
     env = dict(os.environ, PYTHONMALLOC="malloc")
+    for command in _commands(argv):
+        try:
+            os.execve(command[0], command, env)
+        except OSError:
+            pass  # the next way; none: keep going with the default allocator
+
+
+def _commands(argv: list[str]) -> list[list[str]]:
+    """Ways to start this rofs command again with `argv`, best first."""
+    commands = []
     script = sys.argv[0]
     if os.path.basename(script) == "rofs" and os.access(script, os.X_OK):
         # The `rofs` command again, as it was started: the process stays `rofs` in ps,
         # top and pgrep (the kernel names a script's process after the script) and its
         # command line reads `python .../rofs /etc --state ...`.
-        try:
-            os.execve(script, [script, *argv], env)
-        except OSError:
-            pass  # the -c way below
+        commands.append([os.path.abspath(script), *argv])
     # Not `python -m rofs`: that puts the current directory first on sys.path, and a
     # directory named rofs there (a checkout in ~, /etc/rofs/ for policies) would be
     # imported instead of this package.  The new process imports this very package.
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     bootstrap = ("import sys; sys.path[0] = %r; from rofs.cli import entry; "
                  "sys.exit(entry())" % here)
-    try:
-        os.execve(sys.executable, [sys.executable, "-c", bootstrap, *argv], env)
-    except OSError:
-        return  # keep going with the default allocator
+    commands.append([sys.executable, "-c", bootstrap, *argv])
+    return commands
 
 
 def main(argv: list[str], *, reexec: bool = False) -> int:
     """Mount and serve (in the background unless -f); `reexec`: as the `rofs` command,
     with the allocator the daemon wants (see _use_c_allocator)."""
+    try:
+        data = handover.resumed()
+    except ValueError as e:
+        print("rofs: error: %s" % e, file=sys.stderr)
+        return 1
+    if data is not None:  # a keeper handing its mount over to this code
+        return resume(data)
     args = build_parser().parse_args(argv)
     try:
         config = validate(args)
         if reexec:
             _use_c_allocator(argv)
+        config.command = _commands(argv)[0]
         return run(config)
     except (UsageError, StateError, PolicyError) as e:
         print("rofs: error: %s" % e, file=sys.stderr)

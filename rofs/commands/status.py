@@ -84,9 +84,9 @@ def format_status(entries: list[dict], now: float) -> str:
                          "more)" % (quote(e["mountpoint"]), e["owner"]))
             continue
         up = int(now - e["started"])
-        lines.append("%s: live, pid %d, up %dd %02d:%02d:%02d" % (
+        lines.append("%s: live, pid %d, up %dd %02d:%02d:%02d%s" % (
             quote(e["mountpoint"]), e["pid"], up // 86400, up // 3600 % 24, up // 60 % 60,
-            up % 60))
+            up % 60, ", rofs %s" % e["version"] if e.get("version") else ""))
         if e.get("replaced"):
             lines.append("  server   replaced %s (the last one: %s); keeper pid %d"
                          % (count(e["replaced"], "time"), e.get("last_replaced"),

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 POISON_DEATHS = 3
 IDLE_DEATHS = 5
+HANDOVER = 75  # a server's exit status: it handed over (rofs/daemon/handover.py)
 
 
 def describe_status(status: int) -> str:
@@ -58,21 +59,26 @@ class Keeper:
         # The request each server that died in a row had in hand (0: none).
         self._in_hand: collections.deque[int] = collections.deque(maxlen=IDLE_DEATHS)
         self.refuse: frozenset[int] = frozenset()  # requests the next server answers EIO
+        self.servers = 0  # started so far
+        self.keep: frozenset[int] = frozenset()  # the keeper's own descriptors
 
-    def run(self, serve: Callable[[int, dict[int, tuple[int, int]] | None], int]) -> int:
-        """`serve(serial, survivors)` runs in each server: serial 0 for the first
-        (survivors None), then survivors as `sweep` found them; `refuse` is what it
-        must answer EIO.  Returns the exit code of the server that ended on purpose, or
-        1 when giving up."""
-        keep = self._own_descriptors()
-        serial = 0
+    def run(self, serve: Callable[[int, dict[int, tuple[int, int]] | None], int],
+            serial: int = 0, keep: frozenset[int] | None = None) -> int:
+        """`serve(serial, survivors)` runs in each server: serial 0 for a new mount's
+        first (survivors None), then survivors as `sweep` found them; `refuse` is what
+        it must answer EIO.  `keep`: the keeper's own descriptors (default: all open
+        now).  Returns the exit code of the server that ended on purpose, HANDOVER when
+        one handed over, or 1 when giving up."""
+        self.keep = keep = self._own_descriptors() if keep is None else keep
         started = 0.0
         forward = {sig: signal.signal(sig, self._forward)
-                   for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+                   for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                               signal.SIGUSR1)}
         try:
             while True:
                 self.journal.set_in_hand(0)
                 started = time.monotonic()
+                self.servers += 1
                 pid = _sys.fork_sharing_files()
                 if pid == 0:
                     for sig, handler in forward.items():
@@ -81,8 +87,8 @@ class Keeper:
                 self.server = pid
                 status = _wait(pid)
                 self.server = 0
-                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-                    return 0
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, HANDOVER):
+                    return os.WEXITSTATUS(status)
                 reason = describe_status(status)
                 minor = self.journal.header()[0]
                 if not minor:

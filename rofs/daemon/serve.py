@@ -22,17 +22,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from rofs import _sys, crash
+from rofs import __version__, _sys, crash
 from rofs import fuse as fuse_channel
-from rofs.daemon import control, scratch
+from rofs.daemon import control, handover, scratch
 from rofs.daemon.collector import Collector
-from rofs.daemon.keeper import Keeper
+from rofs.daemon.keeper import HANDOVER, Keeper
 from rofs.fuse import mount as fuse_mount
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
 from rofs.store import attic, origin, reconcile, registry, state
 from rofs.store.journal import Journal
-from rofs.store.layers import Markers, UpperLayer, lstat_below
+from rofs.store.layers import UpperLayer, lstat_below
 from rofs.store.policy import BUILT_IN_SOURCE, Policy
 from rofs.store.quoting import count, quote, quote_path
 from rofs.store.writelog import WriteLog
@@ -65,6 +65,9 @@ class Config:
     no_open: bool = False
     # What to do when the lower changed since the last mount (policy.ON_IMAGE_CHANGE).
     on_image_change: str = "reconcile"
+    # How to start the rofs command as installed now, with this mount's arguments (a
+    # restart hands the mount over to it); None: no restart.
+    command: list[str] | None = None
 
 
 class MountError(Exception):
@@ -123,14 +126,21 @@ def _setup_logging(config: Config, background: bool) -> None:
     root.setLevel(level)
 
 
-def _serve(session: fuse_channel.Session) -> None:
-    """Run the loop until the mount goes or a signal asks to stop."""
+def _serve(session: fuse_channel.Session) -> bool:
+    """Run the loop until the mount goes or a signal asks to stop; True when SIGUSR1
+    asked to hand over (rofs/daemon/handover.py)."""
+    handing_over = False
+
     def on_signal(signum, frame) -> None:
-        log.info("signal %d: unmounting", signum)
+        nonlocal handing_over
+        if signum == signal.SIGUSR1:
+            handing_over = True
+        else:
+            log.info("signal %d: unmounting", signum)
         session.stop()
 
     previous = {sig: signal.signal(sig, on_signal)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
     old_wakeup = signal.set_wakeup_fd(session.wakeup_fd)
     try:
         session.run()
@@ -138,6 +148,7 @@ def _serve(session: fuse_channel.Session) -> None:
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return handing_over
 
 
 def run(config: Config) -> int:
@@ -209,7 +220,7 @@ def run(config: Config) -> int:
         raise MountError("cannot sync the state dir %s: %s" % (config.state, e)) from None
     if config.foreground:
         _setup_logging(config, background=False)
-        return _mount_and_serve(config, prepared, markers, ready=None)
+        return _mount_and_serve(config, prepared, ready=None)
 
     read_end, write_end = os.pipe()
     pipe = os.fstat(write_end)
@@ -260,7 +271,7 @@ def run(config: Config) -> int:
         _setup_logging(config, background=False)
         if not config.debug:
             logging.getLogger().setLevel(logging.WARNING)
-        code = _mount_and_serve(config, prepared, markers, ready=ready)
+        code = _mount_and_serve(config, prepared, ready=ready)
     except BaseException as e:  # the parent prints it
         if not told():
             os.write(write_end, str(e).encode() or type(e).__name__.encode())
@@ -332,8 +343,7 @@ def unmatched_rules(policy: Policy, prepared: state.Prepared) -> list[str]:
     return notes
 
 
-def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
-                     ready) -> int:
+def _mount_and_serve(config: Config, prepared: state.Prepared, ready) -> int:
     """Mount, then be the mount's keeper (rofs/daemon/keeper.py): serve it from a
     server process, and from another whenever one dies, until one ends on purpose."""
     try:
@@ -346,16 +356,60 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
                     "and fusermount3 does the mount)" % os.geteuid())
         raise MountError("cannot mount %s: %s%s" % (config.mountpoint, e, hint)) from None
     journal = Journal.create(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    return _keep(config, prepared, ready, fd, journal, 0, None, _at_mount(prepared),
+                 time.time())
+
+
+def resume(data: dict) -> int:
+    """Be the keeper of a mount another keeper hands over (rofs/daemon/handover.py)."""
+    config, prepared, journal = handover.rebuild(data, Config)
+    _sys.raise_open_file_limit()
+    _sys.name_this_thread("rofs")
+    _setup_logging(config, background=not config.foreground)
+    ready_fd = data["ready_fd"]
+
+    def ready() -> None:
+        nonlocal ready_fd
+        if ready_fd >= 0:
+            os.write(ready_fd, b"ok")
+            os.close(ready_fd)
+            ready_fd = -1
+
+    old_keep = set(data["keep"])
+    keep = frozenset(int(n) for n in os.listdir("/proc/self/fd")
+                     if int(n) in old_keep or not journal.kept(int(n))[0])
+    journal.set_replaced(data["serial"], "restart")
+    return _keep(config, prepared, ready, data["fuse_fd"], journal, data["serial"], keep,
+                 data["at_mount"], data["started"])
+
+
+def _keep(config: Config, prepared: state.Prepared, ready, fd: int, journal: Journal,
+          serial: int, keep: frozenset[int] | None, at_mount: dict, started: float) -> int:
+    """Be the mount's keeper (rofs/daemon/keeper.py): serve it from a server process,
+    from another whenever one dies, and hand it to a keeper of the code installed now
+    when asked, until a server ends on purpose."""
     keeper = Keeper(journal)
     keeper_pid = os.getpid()
 
     def serve(serial: int, survivors: dict[int, tuple[int, int]] | None) -> int:
         crash.in_server(keeper_pid, successor=serial > 0)
         _sys.name_this_thread("rofs")
-        return _serve_mount(config, prepared, markers, ready if not serial else None, fd,
-                            journal, serial, survivors, keeper_pid, keeper.refuse)
+        return _serve_mount(config, prepared, ready if keeper.servers == 1 else None, fd,
+                            journal, serial, survivors, keeper_pid, keeper.refuse,
+                            at_mount, started)
 
-    code = keeper.run(serve)
+    while True:
+        code = keeper.run(serve, serial, keep)
+        if code != HANDOVER:
+            break
+        serial = journal.header()[3] + 1
+        keep = keeper.keep
+        if config.command and handover.start_successor(
+                config.command, config, prepared, fd, journal, serial, keep, at_mount,
+                started):
+            log.info("handed %s over to a new rofs", quote(config.mountpoint))
+            return 0  # the new keeper holds everything now
+        journal.set_replaced(serial, "restart failed: same code")
     if code:
         # No server left: the mount goes, as with any filesystem daemon that died
         # (the lower shows again, instead of ENOTCONN on every path).
@@ -369,14 +423,27 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, markers: Markers,
     return code
 
 
-def _serve_mount(config: Config, prepared: state.Prepared, markers: Markers, ready,
-                 fd: int, journal: Journal, serial: int,
+def _at_mount(prepared: state.Prepared) -> dict:
+    """What `rofs status` tells of the mount's start, for every server of it."""
+    return {"image_changed": prepared.image_changed,
+            "reconciled": {"counts": prepared.reconciled.counts(),
+                           "attic": os.path.basename(prepared.reconciled.attic)
+                           if prepared.reconciled.attic else None}
+            if prepared.reconciled is not None else None,
+            "moved_at_mount": {"count": len(prepared.moved.paths),
+                               "set": prepared.moved.set_dir} if prepared.moved else None}
+
+
+def _serve_mount(config: Config, prepared: state.Prepared, ready, fd: int,
+                 journal: Journal, serial: int,
                  survivors: dict[int, tuple[int, int]] | None, keeper_pid: int,
-                 refuse: frozenset[int]) -> int:
-    """One server of the mount: the first (serial 0, `ready` set when the parent
-    waits), or one taking over from a server that died, with the descriptors it left
-    (`survivors`).  Returns 0 once the mount ended on purpose; an uncaught error ends
-    the process with no clean-up, for the keeper's next server to take over."""
+                 refuse: frozenset[int], at_mount: dict, started: float) -> int:
+    """One server of the mount: the first (serial 0), or one taking over from a server
+    that died or handed over, with the descriptors it left (`survivors`); `ready` is
+    called once it serves (when someone waits for that).  Returns 0 once the mount
+    ended on purpose, HANDOVER when asked to hand over (SIGUSR1); an uncaught error
+    ends the process with no clean-up, for the keeper's next server to take over."""
+    markers = prepared.markers
     journal.attach()
     overlay = Overlay(prepared.lower_fd, prepared.upper_fd, prepared.work_fd, markers,
                       index_fd=prepared.index_fd, loop=fuse_channel.LOOP)
@@ -416,12 +483,15 @@ def _serve_mount(config: Config, prepared: state.Prepared, markers: Markers, rea
         log.warning("took over %s (the server before: %s; %d open files and %d node "
                     "ids to find again)", quote(config.mountpoint), journal.header()[4],
                     len(survivors or ()), len(overlay._resumable))
+        # (A keeper that took over by a restart is the service's main process now.)
+        sd_notify("MAINPID=%d\nSTATUS=serving %s" % (keeper_pid, config.mountpoint))
+        if ready is not None:
+            ready()
     else:
         log.info("mounted %s (lower %s, upper %s)", quote(config.mountpoint),
                  quote(config.lower), quote(prepared.upper_path))
     published = registry.publish_live(config.mountpoint, config.state, prepared.lower_fd,
                                       keeper_pid)
-    started = time.time()
 
     def describe() -> dict:
         """This mount, for `rofs status`."""
@@ -434,7 +504,7 @@ def _serve_mount(config: Config, prepared: state.Prepared, markers: Markers, rea
                 "lower": config.lower, "upper": prepared.upper_path,
                 "scratch": prepared.scratch_path or None,
                 "markers": markers.prefix.decode() + "*", "started": started,
-                "keeper": keeper_pid, "replaced": replaced,
+                "keeper": keeper_pid, "replaced": replaced, "version": __version__,
                 "last_replaced": reason or None,
                 "default_class": config.policy.default.value, "rules": counts,
                 "internal_errors": session.internal_errors,
@@ -442,16 +512,9 @@ def _serve_mount(config: Config, prepared: state.Prepared, markers: Markers, rea
                 "log": writelog.path if writelog is not None else None,
                 "log_written": writelog.written if writelog is not None else 0,
                 "log_dropped": writelog.dropped if writelog is not None else 0,
-                "image_changed": prepared.image_changed,
                 "bases_dropped": overlay.base_writer.dropped,
                 "on_image_change": config.on_image_change,
-                "reconciled": {"counts": prepared.reconciled.counts(),
-                               "attic": os.path.basename(prepared.reconciled.attic)
-                               if prepared.reconciled.attic else None}
-                if prepared.reconciled is not None else None,
-                "moved_at_mount": {"count": len(prepared.moved.paths),
-                                   "set": prepared.moved.set_dir} if prepared.moved else None,
-                "attic": attic.summary(config.state, config.mountpoint)}
+                "attic": attic.summary(config.state, config.mountpoint), **at_mount}
 
     server = None
     if published is not None:
@@ -464,11 +527,22 @@ def _serve_mount(config: Config, prepared: state.Prepared, markers: Markers, rea
     collector = Collector()
     collector.install()
     try:
-        _serve(session)
+        handing_over = _serve(session)
     except BaseException:
         log.exception("the request loop failed: another server takes over")
         os._exit(70)  # nothing cleaned up: the next server resumes from here
     collector.uninstall()
+    if handing_over:
+        # What is queued for the disk gets there; the mount, its descriptors and the
+        # requests read and not answered stay for the next server.
+        if server is not None:
+            server.close()
+        session.close()
+        if writelog is not None:
+            writelog.close()
+        overlay.base_writer.close()
+        log.info("server %d hands %s over", os.getpid(), quote(config.mountpoint))
+        return HANDOVER
     sd_notify("STOPPING=1")
     if server is not None:
         server.close()

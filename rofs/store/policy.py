@@ -315,3 +315,21 @@ def load(mountpoint: str, lower: str, *, policy_file: str | None = None,
     if default is not None:
         policy.default = parse_class(default)
     return policy
+
+
+def to_data(policy: Policy) -> dict:
+    """The policy as JSON-able data (a server of a new version takes over a mount with
+    the policy the mount started with: `from_data`)."""
+    return {"mountpoint": policy.mountpoint, "default": policy.default.value,
+            "on_image_change": policy.on_image_change, "notes": list(policy.notes),
+            "rules": [[[os.fsdecode(c) for c in r.path], r.cls.value, r.kind, r.source]
+                      for r in policy.rules.values()]}
+
+
+def from_data(data: dict) -> Policy:
+    policy = Policy(mountpoint=data["mountpoint"], default=Class(data["default"]),
+                    notes=list(data["notes"]), on_image_change=data["on_image_change"])
+    for components, cls, kind, source in data["rules"]:
+        path = tuple(os.fsencode(c) for c in components)
+        policy.rules[path] = Rule(path, Class(cls), kind, source)
+    return policy
