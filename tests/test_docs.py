@@ -142,6 +142,8 @@ BLOCKS: dict[str, Block] = {
         "mounted", replace={REVERT_OFFLINE: "umount /etc && " + REVERT_OFFLINE},
         check="fails grep -q 10.0.0.1 /var/lib/stateless/state/etc/hosts"),
     "rofs status\nrofs status --json /etc": Block("mounted"),
+    "rofs restart /etc                # systemd: systemctl reload rofs@etc": Block(
+        "mounted", check=MOUNTED + " && rofs status /etc | grep -q 'replaced 1 time'"),
     "rofs attic /var/lib/stateless/state": Block("attic", replace={
         ATTIC_RESTORE: "rofs attic --restore $(rofs attic /var/lib/stateless/state | "
                        "awk 'NR == 1 {print $1}') /var/lib/stateless/state"},

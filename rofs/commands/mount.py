@@ -335,12 +335,12 @@ def main(argv: list[str], *, reexec: bool = False) -> int:
     """Mount and serve (in the background unless -f); `reexec`: as the `rofs` command,
     with the allocator the daemon wants (see _use_c_allocator)."""
     try:
-        data = handover.resumed()
+        sock = handover.resumed()
     except ValueError as e:
         print("rofs: error: %s" % e, file=sys.stderr)
         return 1
-    if data is not None:  # a keeper handing its mount over to this code
-        return resume(data)
+    if sock is not None:  # a keeper handing its mount over to this code
+        return resume(sock)
     args = build_parser().parse_args(argv)
     try:
         config = validate(args)

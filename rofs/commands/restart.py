@@ -37,16 +37,17 @@ def main(argv: list[str]) -> int:
             "error", "not a live rofs mount of this user's")), file=sys.stderr)
         return EXIT_USAGE
     keeper, before = entry["keeper"], entry.get("replaced", 0)
+    failed = entry.get("restarts_failed", 0)
     os.kill(keeper, signal.SIGUSR1)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         time.sleep(0.05)
         (now,) = status([entry["mountpoint"]])
+        if now["ok"] and now.get("restarts_failed", 0) > failed:
+            print("rofs restart: %s: the new rofs did not start; the old one serves on "
+                  "(its log says why)" % quote(entry["mountpoint"]), file=sys.stderr)
+            return 1
         if now["ok"] and now.get("replaced", 0) > before:
-            if now.get("keeper") == keeper:
-                print("rofs restart: %s: the new rofs did not start; the old one serves on "
-                      "(its log says why)" % quote(entry["mountpoint"]), file=sys.stderr)
-                return 1
             print("%s: served by pid %d (keeper %d), was pid %d" % (
                 quote(entry["mountpoint"]), now["pid"], now["keeper"], entry["pid"]))
             return 0

@@ -1,22 +1,32 @@
 """Upgrade in place: a keeper running the code installed now takes over a mount.
 
-`rofs restart MOUNTPOINT` (or SIGUSR1 to the keeper or its server) asks the server to
-hand over: it stops reading requests, finishes the write log and the base store, and
-exits.  The keeper then starts a new keeper, the `rofs` command as installed now,
-with every descriptor it holds (the connection, the layers, the journal, the files
-the kernel holds handles of) and what it needs to know in $ROFS_RESUME (JSON: the
-mount's configuration, its policy as it was at the mount, the descriptors' numbers).
-The new keeper starts its server, which takes over as after a crash (the requests read
-and not answered are sent again), and says so on a pipe; then the old keeper exits.
-If the new one fails before that, the old keeper goes on serving with its own code.
+`rofs restart MOUNTPOINT` (SIGUSR1 to the keeper) goes in two steps, because a new
+process needs the mount to start (the dynamic loader reads /etc/ld.so.cache, and rofs
+may be /etc):
+1. While the server still serves, the keeper starts the `rofs` command as installed
+   now, with one end of a socket pair ($ROFS_RESUME names it).  The new keeper loads all
+   its code and says "ready".
+2. The keeper has its server hand over (stop reading requests, write out the write log
+   and the base store, exit), then sends the new keeper, over the socket, the mount's
+   configuration and its policy as mounted (JSON) and every descriptor it holds (the
+   connection, the layers, the journal, the files the kernel holds handles of), each
+   to be put at the same number (a file handle carries its descriptor's number).  The
+   new keeper's server takes over as after a crash (the kernel sends again what the
+   old one had read and not answered) and the new keeper says "serving"; the old
+   keeper exits.  If the new one fails before that, the old keeper starts a server of
+   its own code again.
 Under systemd the new keeper's server names the new main process (MAINPID=).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import select
+import socket
+import struct
 
 from rofs.store import state
 from rofs.store.journal import Journal
@@ -26,50 +36,74 @@ from rofs.store.policy import from_data, to_data
 log = logging.getLogger(__name__)
 
 VARIABLE = "ROFS_RESUME"
-VERSION = 1
+VERSION = 2
 PREPARED = ("lower_fd", "upper_fd", "work_fd", "index_fd", "lock_fd", "upper_path",
             "work_path", "image_changed", "scratch_upper_fd", "scratch_work_fd",
             "scratch_index_fd", "scratch_path", "bases_fd")
+READY, SERVING = b"ready\n", b"serving\n"
+STARTUP_TIMEOUT = 60.0  # for the new rofs to load its code
+BATCH = 200  # descriptors per message
+LENGTH = struct.Struct("<Q")
 
 
-def start_successor(command: list[str], config, prepared: state.Prepared, fd: int,
-                    journal: Journal, serial: int, keep: frozenset[int],
-                    at_mount: dict, started: float) -> bool:
-    """Start the new keeper (`command`: the rofs command as installed now, with the
-    mount's arguments) and wait until its server serves.  True: it does, and this
-    keeper can go; False: it failed (logged), and this keeper still holds everything."""
-    from rofs.daemon.keeper import sweep  # (the keeper imports nothing of this module)
-    sweep(journal, keep)  # what the server that handed over left: only handles' files
-    for name in os.listdir("/proc/self/fd"):
+class Successor:
+    """The old keeper's side: the new keeper, started and loaded (step 1)."""
+
+    def __init__(self, command: list[str]) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, PYTHONMALLOC="malloc",
+                   **{VARIABLE: json.dumps({"version": VERSION, "socket": theirs.fileno()})})
+        theirs.set_inheritable(True)
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.execve(command[0], command, env)
+            finally:
+                os._exit(127)
+        theirs.close()
+        self.sock = mine
+        self.command = command
+
+    def wait_for(self, word: bytes, timeout: float | None) -> bool:
+        """Whether the new keeper said `word` (False: it died, or said nothing in time)."""
+        got = b""
+        while not got.endswith(b"\n"):
+            if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
+                return False
+            chunk = self.sock.recv(64)
+            if not chunk:
+                return False
+            got += chunk
+        return got == word
+
+    def hand(self, data: dict, fds: list[int]) -> None:
+        """Step 2: the data and the descriptors (`data["fds"]` their numbers)."""
+        data = dict(data, fds=fds)
+        text = json.dumps(data).encode()
+        self.sock.sendall(LENGTH.pack(len(text)) + text)
+        for start in range(0, len(fds), BATCH):
+            socket.send_fds(self.sock, [b"f"], fds[start:start + BATCH])
+
+    def fail(self) -> None:
+        """It failed: make sure it is gone, and reap it."""
         try:
-            os.set_inheritable(int(name), True)
-        except OSError:
-            pass  # the listing's own
-    read_end, write_end = os.pipe()
-    os.set_inheritable(write_end, True)
-    data = {"version": VERSION, "fuse_fd": fd, "log_fd": journal.log_fd,
-            "slots_fd": journal.slots_fd, "keep": sorted(keep), "serial": serial,
-            "ready_fd": write_end, "at_mount": at_mount, "started": started,
+            os.kill(self.pid, 9)
+        except ProcessLookupError:
+            pass
+        _, status = os.waitpid(self.pid, 0)
+        log.error("the new rofs (%s) did not take over (%s): this one serves on",
+                  self.command[0], os.waitstatus_to_exitcode(status))
+        self.sock.close()
+
+
+def handover_data(config, prepared: state.Prepared, fd: int, journal: Journal,
+                  serial: int, at_mount: dict, started: float) -> dict:
+    return {"fuse_fd": fd, "log_fd": journal.log_fd, "slots_fd": journal.slots_fd,
+            "serial": serial, "at_mount": at_mount, "started": started,
             "config": config_data(config),
             "prepared": {name: getattr(prepared, name) for name in PREPARED} |
             {"markers": prepared.markers.prefix.decode(),
              "redirects": prepared.markers.redirects}}
-    env = dict(os.environ, PYTHONMALLOC="malloc", **{VARIABLE: json.dumps(data)})
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.execve(command[0], command, env)
-        finally:
-            os._exit(127)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        told = pipe.read()
-    if told == b"ok":
-        return True
-    _, status = os.waitpid(pid, 0)
-    log.error("the new rofs (%s) did not take over %s (status %d): this one serves on",
-              command[0], config.mountpoint, os.waitstatus_to_exitcode(status))
-    return False
 
 
 def config_data(config) -> dict:
@@ -81,16 +115,57 @@ def config_data(config) -> dict:
     return data
 
 
-def resumed() -> dict | None:
-    """$ROFS_RESUME, taken out of the environment (a server's children must not see
-    it); None when not set.  ValueError: not of a version this code reads."""
+# ------------------------------------------------------------ the new keeper's side
+
+def resumed() -> socket.socket | None:
+    """The socket to the old keeper when $ROFS_RESUME is set (taken out of the
+    environment: a server's children must not see it), moved to a number no handed
+    descriptor can have; None when not set.  ValueError: not of a version this code
+    speaks."""
     text = os.environ.pop(VARIABLE, None)
     if text is None:
         return None
     data = json.loads(text)
     if data.get("version") != VERSION:
-        raise ValueError("handover data of version %r (this rofs reads %d)"
+        raise ValueError("handover of version %r (this rofs speaks %d)"
                          % (data.get("version"), VERSION))
+    return socket.socket(fileno=_out_of_the_way(data["socket"]))
+
+
+def receive(sock: socket.socket) -> dict:
+    """Say "ready", then wait for the old keeper's data and descriptors, and put each
+    descriptor at its number."""
+    sock.sendall(READY)
+    head = _exactly(sock, LENGTH.size)
+    data = json.loads(_exactly(sock, LENGTH.unpack(head)[0]))
+    numbers: list[int] = data["fds"]
+    got: list[int] = []
+    while len(got) < len(numbers):
+        _, fds, _, _ = socket.recv_fds(sock, 1, BATCH)
+        if not fds:
+            raise EOFError("the old keeper stopped sending descriptors")
+        got += [_out_of_the_way(fd) for fd in fds]
+    for number, fd in zip(numbers, got, strict=True):
+        os.dup2(fd, number, inheritable=False)
+        os.close(fd)
+    return data
+
+
+def _out_of_the_way(fd: int) -> int:
+    """`fd` moved to the top of the descriptor table, where no handed number is."""
+    limit = os.sysconf("SC_OPEN_MAX")
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(limit - 4096, limit // 2))
+    os.close(fd)
+    return moved
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("the old keeper went away")
+        data += chunk
     return data
 
 

@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 POISON_DEATHS = 3
 IDLE_DEATHS = 5
 HANDOVER = 75  # a server's exit status: it handed over (rofs/daemon/handover.py)
+# What a restart did (Keeper.run's `restart`): the mount is another keeper's now; the
+# new keeper failed and the server still serves; it failed after the server handed over.
+DONE, SERVING, STOPPED = "done", "serving", "stopped"
+
+
+class _RestartAsked(Exception):
+    """SIGUSR1 while the keeper waits for its server."""
 
 
 def describe_status(status: int) -> str:
@@ -60,15 +67,19 @@ class Keeper:
         self._in_hand: collections.deque[int] = collections.deque(maxlen=IDLE_DEATHS)
         self.refuse: frozenset[int] = frozenset()  # requests the next server answers EIO
         self.servers = 0  # started so far
+        self._waiting = False
+        self._restart_asked = False
         self.keep: frozenset[int] = frozenset()  # the keeper's own descriptors
 
     def run(self, serve: Callable[[int, dict[int, tuple[int, int]] | None], int],
-            serial: int = 0, keep: frozenset[int] | None = None) -> int:
+            serial: int = 0, keep: frozenset[int] | None = None,
+            restart: Callable[[int, int], str] | None = None) -> int:
         """`serve(serial, survivors)` runs in each server: serial 0 for a new mount's
         first (survivors None), then survivors as `sweep` found them; `refuse` is what
         it must answer EIO.  `keep`: the keeper's own descriptors (default: all open
-        now).  Returns the exit code of the server that ended on purpose, HANDOVER when
-        one handed over, or 1 when giving up."""
+        now).  `restart(server pid, serial)`, on SIGUSR1: DONE, SERVING or STOPPED.
+        Returns the exit code of the server that ended on purpose (0 too when the mount
+        was handed to a new keeper), or 1 when giving up."""
         self.keep = keep = self._own_descriptors() if keep is None else keep
         started = 0.0
         forward = {sig: signal.signal(sig, self._forward)
@@ -85,11 +96,19 @@ class Keeper:
                         signal.signal(sig, handler)
                     os._exit(self._server(serve, serial, keep))
                 self.server = pid
-                status = _wait(pid)
+                status = self._wait(pid, serial, restart)
                 self.server = 0
-                if os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, HANDOVER):
-                    return os.WEXITSTATUS(status)
+                if status is None:
+                    return 0  # another keeper's now
+                if status == -1:  # a restart that failed after the server handed over
+                    serial += 1
+                    self.journal.set_replaced(serial, "restart failed: same code")
+                    continue
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                    return 0
                 reason = describe_status(status)
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == HANDOVER:
+                    reason = "handed over unasked"
                 minor = self.journal.header()[0]
                 if not minor:
                     # It never served (no INIT): a failed start, not a death.
@@ -125,7 +144,33 @@ class Keeper:
             for sig, handler in forward.items():
                 signal.signal(sig, handler)
 
+    def _wait(self, pid: int, serial: int, restart) -> int | None:
+        """The server's wait status; None once a restart handed the mount over; -1
+        when a restart failed after the server handed over."""
+        while True:
+            try:
+                self._waiting = True
+                if self._restart_asked:
+                    raise _RestartAsked
+                return _wait(pid)
+            except _RestartAsked:
+                self._waiting = self._restart_asked = False
+                if restart is None:
+                    continue
+                outcome = restart(pid, serial)
+                if outcome == DONE:
+                    return None
+                if outcome == STOPPED:
+                    return -1
+            finally:
+                self._waiting = False
+
     def _forward(self, signum, frame) -> None:
+        if signum == signal.SIGUSR1:  # a restart (rofs restart): done by the keeper
+            self._restart_asked = True
+            if self._waiting:
+                raise _RestartAsked
+            return
         if self.server:
             try:
                 os.kill(self.server, signum)
@@ -156,11 +201,13 @@ def sweep(journal: Journal, keep: frozenset[int]) -> dict[int, tuple[int, int]]:
     survivors = {}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd in keep:
-            continue
         ino, handles = journal.kept(fd)
         if ino:
+            # (Even a number the keeper had once, such as the pipe that told a parent
+            # the mount was ready, closed since: a server may have been given it.)
             survivors[fd] = (ino, handles)
+            continue
+        if fd in keep:
             continue
         try:
             os.close(fd)

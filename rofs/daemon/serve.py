@@ -26,7 +26,7 @@ from rofs import __version__, _sys, crash
 from rofs import fuse as fuse_channel
 from rofs.daemon import control, handover, scratch
 from rofs.daemon.collector import Collector
-from rofs.daemon.keeper import HANDOVER, Keeper
+from rofs.daemon.keeper import DONE, HANDOVER, SERVING, STOPPED, Keeper, sweep
 from rofs.fuse import mount as fuse_mount
 from rofs.ops import RofsOperations
 from rofs.overlay import Overlay
@@ -360,24 +360,26 @@ def _mount_and_serve(config: Config, prepared: state.Prepared, ready) -> int:
                  time.time())
 
 
-def resume(data: dict) -> int:
-    """Be the keeper of a mount another keeper hands over (rofs/daemon/handover.py)."""
-    config, prepared, journal = handover.rebuild(data, Config)
+def resume(sock) -> int:
+    """Be the keeper of a mount another keeper hands over (rofs/daemon/handover.py):
+    `sock` is the way to it."""
     _sys.raise_open_file_limit()
     _sys.name_this_thread("rofs")
+    time.localtime()  # (the time zone read now: not from a mount no one serves)
+    data = handover.receive(sock)
+    config, prepared, journal = handover.rebuild(data, Config)
     _setup_logging(config, background=not config.foreground)
-    ready_fd = data["ready_fd"]
 
-    def ready() -> None:
-        nonlocal ready_fd
-        if ready_fd >= 0:
-            os.write(ready_fd, b"ok")
-            os.close(ready_fd)
-            ready_fd = -1
+    def ready() -> None:  # once its server serves
+        try:
+            sock.sendall(handover.SERVING)
+        except OSError:
+            pass
+        sock.close()
 
-    old_keep = set(data["keep"])
+    # Its own: all it holds but the files the kernel holds handles of (and objects kept).
     keep = frozenset(int(n) for n in os.listdir("/proc/self/fd")
-                     if int(n) in old_keep or not journal.kept(int(n))[0])
+                     if not journal.kept(int(n))[0])
     journal.set_replaced(data["serial"], "restart")
     return _keep(config, prepared, ready, data["fuse_fd"], journal, data["serial"], keep,
                  data["at_mount"], data["started"])
@@ -398,18 +400,36 @@ def _keep(config: Config, prepared: state.Prepared, ready, fd: int, journal: Jou
                             journal, serial, survivors, keeper_pid, keeper.refuse,
                             at_mount, started)
 
-    while True:
-        code = keeper.run(serve, serial, keep)
-        if code != HANDOVER:
-            break
+    def restart(server: int, serial: int) -> str:
+        if not config.command:
+            return SERVING
+        successor = handover.Successor(config.command)
+        if not successor.wait_for(handover.READY, handover.STARTUP_TIMEOUT):
+            successor.fail()
+            journal.restart_failed()
+            return SERVING
+        os.kill(server, signal.SIGUSR1)  # hand over
+        os.waitpid(server, 0)
+        sweep(journal, keeper.keep | {successor.sock.fileno()})
         serial = journal.header()[3] + 1
-        keep = keeper.keep
-        if config.command and handover.start_successor(
-                config.command, config, prepared, fd, journal, serial, keep, at_mount,
-                started):
-            log.info("handed %s over to a new rofs", quote(config.mountpoint))
-            return 0  # the new keeper holds everything now
-        journal.set_replaced(serial, "restart failed: same code")
+        fds = [fd, journal.log_fd, journal.slots_fd] + [
+            getattr(prepared, name) for name in handover.PREPARED
+            if name.endswith("_fd") and getattr(prepared, name) >= 0] + sorted(
+            int(n) for n in os.listdir("/proc/self/fd") if journal.kept(int(n))[0])
+        try:
+            successor.hand(handover.handover_data(config, prepared, fd, journal, serial,
+                                                  at_mount, started), fds)
+            if successor.wait_for(handover.SERVING, handover.STARTUP_TIMEOUT):
+                log.info("handed %s over to a new rofs (pid %d)", quote(config.mountpoint),
+                         successor.pid)
+                return DONE
+        except OSError as e:
+            log.error("cannot hand %s over: %s", quote(config.mountpoint), e)
+        successor.fail()
+        journal.restart_failed()
+        return STOPPED
+
+    code = keeper.run(serve, serial, keep, restart)
     if code:
         # No server left: the mount goes, as with any filesystem daemon that died
         # (the lower shows again, instead of ENOTCONN on every path).
@@ -505,6 +525,7 @@ def _serve_mount(config: Config, prepared: state.Prepared, ready, fd: int,
                 "scratch": prepared.scratch_path or None,
                 "markers": markers.prefix.decode() + "*", "started": started,
                 "keeper": keeper_pid, "replaced": replaced, "version": __version__,
+                "restarts_failed": journal.restarts_failed(),
                 "last_replaced": reason or None,
                 "default_class": config.policy.default.value, "rules": counts,
                 "internal_errors": session.internal_errors,

@@ -28,10 +28,13 @@ from collections.abc import Callable, Iterable
 
 MAGIC = b"rofsjnl1"
 # magic, bytes of records used, INIT's minor, flags, the kernel's flags, servers replaced,
-# the last replacement's reason (a short text), the request the server started last.
-HEADER = struct.Struct("<8sQIQQI32sQ")
+# the last replacement's reason (a short text), the request the server started last,
+# restarts that failed.
+HEADER = struct.Struct("<8sQIQQI32sQI")
 IN_HAND = struct.Struct("<Q")
 IN_HAND_AT = 72
+FAILED = struct.Struct("<I")
+FAILED_AT = 80
 START = 128  # the first record
 RECORD = struct.Struct("<BQIQH")  # kind, node id, generation, parent node id, name length
 LINK, UNLINK, DROP = 1, 2, 3
@@ -82,7 +85,7 @@ class Journal:
         """New memfds, for `slots` descriptor numbers (they grow as needed)."""
         log_fd = os.memfd_create("rofs-names", os.MFD_CLOEXEC)
         os.ftruncate(log_fd, 1 << 20)
-        os.pwrite(log_fd, HEADER.pack(MAGIC, START, 0, 0, 0, 0, b"", 0), 0)
+        os.pwrite(log_fd, HEADER.pack(MAGIC, START, 0, 0, 0, 0, b"", 0, 0), 0)
         slots_fd = os.memfd_create("rofs-descriptors", os.MFD_CLOEXEC)
         os.ftruncate(slots_fd, max(slots, 1024) * SLOT.size)
         return cls(log_fd, slots_fd)
@@ -106,9 +109,15 @@ class Journal:
 
     def header(self) -> tuple[int, int, int, int, str]:
         """(minor, flags, kernel flags, servers replaced, last reason)."""
-        _, _, minor, flags, kernel_flags, replaced, reason, _ = HEADER.unpack(
+        _, _, minor, flags, kernel_flags, replaced, reason, _, _ = HEADER.unpack(
             os.pread(self.log_fd, HEADER.size, 0))
         return minor, flags, kernel_flags, replaced, reason.rstrip(b"\0").decode()
+
+    def restarts_failed(self) -> int:
+        return FAILED.unpack(os.pread(self.log_fd, FAILED.size, FAILED_AT))[0]
+
+    def restart_failed(self) -> None:
+        os.pwrite(self.log_fd, FAILED.pack(self.restarts_failed() + 1), FAILED_AT)
 
     def note(self, unique: int) -> None:
         """The server starts request `unique` (Session's `note`)."""
