@@ -20,6 +20,7 @@ import stat
 import struct
 from collections.abc import Callable
 
+from rofs import crash
 from rofs._sys import RENAME_EXCHANGE
 from rofs.fuse import FuseError, Operations, proto
 from rofs.overlay import Attr, Overlay
@@ -363,7 +364,9 @@ class RofsOperations(Operations):
             self._wrote_node(req, node)
         elif fh not in self._written:
             self._wrote(fh)
-        return proto.WRITE_OUT.pack(self.overlay.write(fh, offset, data), 0)
+        written = self.overlay.write(fh, offset, data, req.resent)
+        crash.point("write:done")
+        return proto.WRITE_OUT.pack(written, 0)
 
     async def _write_through_node(self, req, node, offset, data, flags):
         handle = await self._node_writer(req, node, appending=bool(flags & os.O_APPEND))

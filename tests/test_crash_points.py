@@ -172,6 +172,14 @@ def test_rename_across_classes_placed(site):
         assert not os.path.exists(p(site, "scratch", "npasswd"))
 
 
+def test_write_done(site):
+    # Written, not answered: the page cache has it (only the daemon died).
+    crash_at(site, "write:done", lambda m: append(m, "passwd"))
+    with remounted(site):
+        assert read_text(p(site, "passwd")) in (
+            "root:x:0:0::/root:/bin/sh\n", "root:x:0:0::/root:/bin/sh\nappended\n")
+
+
 def test_n_th_time(site):
     # site:n crashes the n-th time: the first create goes through.
     crash_at(site, "create:prepared:2", lambda m: write_text(os.path.join(m, "second"), "2"),
@@ -218,6 +226,10 @@ TAKEN_OVER = {
                          "root:x:0:0::/root:/bin/sh\nappended\n"),
     "copy-up:placed": (look_up_links, lambda m: append(m, "hl-a"),
                        lambda s: same_inode(s, LINKS, "one inode\nappended\n")),
+    # An append the dead server made, sent again: made once.
+    "write:done": (None, lambda m: append(m, "passwd"),
+                   lambda s: read_text(p(s, "passwd")) ==
+                   "root:x:0:0::/root:/bin/sh\nappended\n"),
     "create:prepared": (None, lambda m: write_text(os.path.join(m, "new"), "x"),
                         lambda s: read_text(p(s, "new")) == "x"),
     "mkdir:swapped": (lambda m: os.unlink(os.path.join(m, "victim")),

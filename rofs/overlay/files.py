@@ -303,10 +303,14 @@ class Files:
                 prot & FS_APPEND_FL and fallocate_mode & ~FALLOC_FL_KEEP_SIZE:
             raise _err(errno.EPERM)
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes, resent: bool = False) -> int:
+        """`resent`: the kernel sent it again after a server died (Session.resend); an
+        append that server made before dying is not made twice."""
         handle = self.handle(fh)
         if handle.node.prot:  # known unprotected (0) costs nothing more
             self._check_data_change(handle)
+        if resent and handle.flags & os.O_APPEND and _appended(handle.fd, offset, data):
+            return len(data)
         return os.pwrite(handle.fd, data, offset)
 
     def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
@@ -400,3 +404,20 @@ class Files:
             self._close_idle(next(iter(self._idle)))
         self.closer.drain()
         self.fds.close()
+
+
+def _appended(fd: int, offset: int, data: bytes) -> bool:
+    """Whether `data` is the end of the file, at `offset`: an append (O_APPEND writes
+    where the file ends, whatever the offset) already made.  The kernel sends the size
+    it knows as the offset and holds the file's lock until answered, so no other write
+    came in between."""
+    if os.fstat(fd).st_size != offset + len(data):
+        return False
+    try:  # (a handle for appending is often write-only)
+        reader = os.open("/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True  # the size says so
+    try:
+        return os.pread(reader, len(data), offset) == bytes(data)
+    finally:
+        os.close(reader)
