@@ -339,17 +339,28 @@ class RofsOperations(Operations):
                 if node is None:
                     raise
                 return self._create_made_before(req, node, flags)
+        return self._durable(self._reply_new(node) + open_out(self._hand_out_created(
+            req, node, handle)))
+
+    def _hand_out_created(self, req, node, handle) -> int:
+        """The fh a CREATE answers.  With no_open, 0: the kernel that stopped sending
+        OPEN sends no RELEASE either, even for a file it created, so a handle given to
+        it would stay open for good; its writes come by node, like every other file's."""
+        if self.no_open:
+            self.overlay.release(handle.fh)
+            if self.writelog is not None:  # the create says it all
+                self._written_by[(node.ino, req.pid)] = None
+            return 0
         self._written.add(handle.fh)  # the create says it all
-        return self._durable(self._reply_new(node) + open_out(self.overlay.hand_out(handle)))
+        return self.overlay.hand_out(handle)
 
     async def _create_made_before(self, req, node, flags):
         """A create (O_EXCL) sent again after a server died having made the file: the
         file it made, opened (nothing can have written to it: no one had a handle)."""
         handle = await self.overlay.open(node, flags & ~(os.O_CREAT | os.O_EXCL), req.pid,
                                          req.uid)
-        self._written.add(handle.fh)
         await self.overlay.settle()
-        return self._reply_new(node) + open_out(self.overlay.hand_out(handle))
+        return self._reply_new(node) + open_out(self._hand_out_created(req, node, handle))
 
     def read(self, req, inode, fh, offset, size):
         return self.overlay.read(self._handle_of(inode, fh), offset, size)

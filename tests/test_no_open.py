@@ -4,14 +4,16 @@ What an open did moves to the first write: the copy-up, the read-only class's ER
 the immutable and append-only checks, the write log's record."""
 
 import errno
+import json
 import os
 import subprocess
 
 import pytest
 from conftest import serve
-from helpers import RofsProcess, manifest, read_lower, readb
+from helpers import RofsProcess, manifest, read_lower, readb, rofs_out
 
 from rofs.commands.report import load_events
+from rofs.overlay.base import NODE_HANDLES
 
 pytestmark = pytest.mark.fuse
 
@@ -361,3 +363,22 @@ def test_offsets_sorted_in_pieces_are_sorted():
         assert _sort_in_pieces(cookies) == sorted(cookies), n
     edges = [3, 4, (1 << 61) + 2, (1 << 61) + 1, 1 << 60] * (SORT_PIECE // 2)
     assert _sort_in_pieces(edges) == sorted(edges)
+
+
+def test_files_created_after_the_first_open_hold_no_descriptor_each(layers):
+    """Once the kernel knows OPEN is not implemented it sends no RELEASE, not even for
+    the file handle a CREATE gave it: each created file held a descriptor of rofs's
+    until the unmount (a user creating files ran the daemon out of them)."""
+    proc = RofsProcess(layers["mnt"], layers["state"], layers["lower"], args=("--no-open",))
+    with proc:
+        with open(os.path.join(layers["mnt"], "passwd"), "rb") as f:  # OPEN: ENOSYS
+            f.read()
+        for i in range(NODE_HANDLES + 100):
+            with open(os.path.join(layers["mnt"], "new%d" % i), "w") as f:
+                f.write("%d\n" % i)
+        with open(os.path.join(layers["mnt"], "new7")) as f:
+            assert f.read() == "7\n"
+        (status,) = json.loads(rofs_out("status", "--json", layers["mnt"]))
+        assert status["file_fds"] <= NODE_HANDLES + 1, status
+        events, _, _ = load_events([layers["state"]])
+        assert [e["op"] for e in events if e["path"].endswith("/new7")] == ["create"]
