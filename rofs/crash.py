@@ -52,6 +52,8 @@ SITES = {
     "reconcile:linked": "reconcile linked a copy's version into the attic, its new version "
                         "not yet in place",
     "reconcile:replaced": "reconcile replaced (or moved out) one copy, the next not yet",
+    "rename:done": "a rename made on disk; the node table (and its journal) not yet "
+                   "told",
     "write:done": "a write made, not yet answered (an append sent again must not be "
                   "made twice)",
 }

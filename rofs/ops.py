@@ -295,6 +295,7 @@ class RofsOperations(Operations):
                 if flags & RENAME_EXCHANGE or not self._gone_before(req, src, name_old) \
                         or self._absent(dst, name_new):
                     raise
+                self.overlay.moved_before(src, name_old, dst, name_new)
         await self.overlay.settle()
 
     async def link(self, req, inode, new_parent_inode, new_name):

@@ -172,6 +172,15 @@ def test_rename_across_classes_placed(site):
         assert not os.path.exists(p(site, "scratch", "npasswd"))
 
 
+def test_rename_done(site):
+    crash_at(site, "rename:done",
+             lambda m: os.rename(os.path.join(m, "new"), os.path.join(m, "passwd")),
+             prepare=lambda m: write_text(os.path.join(m, "new"), "new passwd\n"))
+    with remounted(site):
+        assert read_text(p(site, "passwd")) == "new passwd\n"
+        assert not os.path.lexists(p(site, "new"))
+
+
 def test_write_done(site):
     # Written, not answered: the page cache has it (only the daemon died).
     crash_at(site, "write:done", lambda m: append(m, "passwd"))
@@ -226,6 +235,12 @@ TAKEN_OVER = {
                          "root:x:0:0::/root:/bin/sh\nappended\n"),
     "copy-up:placed": (look_up_links, lambda m: append(m, "hl-a"),
                        lambda s: same_inode(s, LINKS, "one inode\nappended\n")),
+    # A rename the dead server made on disk, sent again: the file the kernel knows by
+    # its node id (looked up by its old name) answers to the new one.
+    "rename:done": (lambda m: write_text(os.path.join(m, "new"), "new passwd\n"),
+                    lambda m: os.rename(os.path.join(m, "new"), os.path.join(m, "passwd")),
+                    lambda s: read_text(p(s, "passwd")) == "new passwd\n" and
+                    not os.path.lexists(p(s, "new"))),
     # An append the dead server made, sent again: made once.
     "write:done": (None, lambda m: append(m, "passwd"),
                    lambda s: read_text(p(s, "passwd")) ==

@@ -109,8 +109,8 @@ def test_killed_servers_are_replaced_and_callers_see_a_pause(layers, args):
             if reader.poll() is not None:
                 pytest.fail("the reader stopped: %s" % reader.communicate()[0])
             if load.poll() is not None:
-                pytest.fail("the workload stopped: %s" % read_text(
-                    os.path.join(tmp, "load.json")))
+                pytest.fail("the workload stopped: %s\n%s" % (read_text(
+                    os.path.join(tmp, "load.json")), daemon.output()[-3000:]))
         write_text(stop, "")
         assert load.wait(timeout=60) == 0
         out, _ = reader.communicate(timeout=60)
@@ -187,8 +187,8 @@ def test_restart_hands_the_mount_to_the_code_installed_now(layers):
             assert after["replaced"] == n and after["last_replaced"] == "restart"
             assert gone(before["keeper"]), "the old keeper is still there"
             if load.poll() is not None:
-                pytest.fail("the workload stopped: %s" % read_text(
-                    os.path.join(tmp, "load.json")))
+                pytest.fail("the workload stopped: %s\n%s" % (read_text(
+                    os.path.join(tmp, "load.json")), read_text(logged)[-3000:]))
             time.sleep(0.2)
         keeper = after["keeper"]
         with open("/proc/%d/task/%d/children" % (keeper, keeper)) as f:
@@ -272,3 +272,26 @@ def test_files_held_open_on_a_background_daemon_survive_a_takeover(layers):
         assert read_text(os.path.join(mnt, "hosts")).endswith("x" * 16)
     finally:
         unmount(mnt)  # lazily if a failed check left a file open
+
+
+def test_a_rename_made_by_a_dead_server_moves_the_names_the_kernel_holds(layers):
+    """With --no-open a file is read by its node id: the server died after renaming it
+    on disk and before telling its journal, the kernel sent the rename again, and the
+    next server, which answered it done, must find that node id under the new name."""
+    mnt = layers["mnt"]
+    daemon = RofsProcess(mnt, layers["state"], layers["lower"], ("--no-open",),
+                         env={"ROFS_CRASH_AT": "rename:done", "ROFS_CRASH_ONLY": "server"})
+    with daemon:
+        # passwd's cycle: the new file, a lock linked to it, the rename, the lock gone
+        # (which met the file again by its other name before the kernel named it).
+        write_text(os.path.join(mnt, "new"), "new passwd\n")
+        os.link(os.path.join(mnt, "new"), os.path.join(mnt, "lock"))
+        with open(os.path.join(mnt, "new"), "rb") as held:
+            first = daemon.server()
+            os.rename(os.path.join(mnt, "new"), os.path.join(mnt, "passwd"))
+            assert daemon.server() != first, "the server did not die renaming"
+            os.unlink(os.path.join(mnt, "lock"))
+            # Not from the page cache: a READ by node id.
+            os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert held.read() == b"new passwd\n"
+        assert read_text(os.path.join(mnt, "passwd")) == "new passwd\n"

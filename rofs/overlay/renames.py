@@ -142,6 +142,7 @@ class Renames:
         else:
             renameat2(sup, src_name, dup, dst_name, RENAME_WHITEOUT if leave_whiteout else 0)
         # The commit point: what follows does not fail the rename.
+        crash.point("rename:done")
         self._entries_changed(layer, sup)
         self._entries_changed(layer, dup)
         if dst is not None:

@@ -72,6 +72,8 @@ class Resume:
         """The node for an id the kernel holds from a dead server (ESTALE: unknown)."""
         entry = self._resumable.get(ino)
         if entry is None or depth > 4096:
+            log.warning("node id %d, which the kernel names, is not in the journal: "
+                        "ESTALE", ino)
             raise _err(errno.ESTALE)
         for parent_ino, name in list(entry.links):
             parent = self.table.get(parent_ino)
@@ -82,12 +84,27 @@ class Resume:
             except OSError:
                 continue
             if node is not None and node.ino == ino:
-                return self._adopt(node, entry)
+                # (lookup adopts what it meets: nothing left to do then)
+                return self._adopt(node, entry) if ino in self._resumable else node
         fd = self._kept_by_ino.get(ino)
         if fd is not None:
             return self._adopt(self._nameless(ino, fd), entry)
         self._resumable.pop(ino, None)
+        log.warning("node id %d is not found again under any of its names %r: ESTALE",
+                    ino, entry.links)
         raise _err(errno.ESTALE)
+
+    def moved_before(self, src: Node, old: bytes, dst: Node, new: bytes) -> None:
+        """A rename the dead server made on disk and did not answer (nor perhaps
+        journal): the node ids it named answer to their new names."""
+        for ino, entry in list(self._resumable.items()):
+            if (dst.ino, new) in entry.links:  # the one it replaced
+                entry.links.remove((dst.ino, new))
+                self.journal.unlink(ino, dst.ino, new)
+            if (src.ino, old) in entry.links:
+                entry.links[entry.links.index((src.ino, old))] = (dst.ino, new)
+                self.journal.unlink(ino, src.ino, old)
+                self.journal.link(ino, entry.generation, dst.ino, new)
 
     def forget_resumable(self, ino: int) -> None:
         """The kernel let go of a node id of a dead server's, never named since."""

@@ -116,7 +116,13 @@ class View:
             return parent.parent() or self.root
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
-        return self._resolve(parent, name)
+        node = self._resolve(parent, name)
+        if self._resumable and node is not None and node.ino in self._resumable:
+            # A node id the kernel holds from a dead server, met by a name first: the
+            # kernel's references to it are kept (it must not go when this server's
+            # own count falls to 0).
+            node = self._adopt(node, self._resumable[node.ino])
+        return node
 
     def _resolve(self, parent: Node, name: bytes) -> Node | None:
         layer = self.layer_for(parent, name)
