@@ -68,6 +68,10 @@ PAUSES = {
 
 _at: tuple[str, int] | None = None
 _seen = 0
+# `ROFS_POISON_NAME=NAME`: every server that is asked to look NAME up kills itself (a
+# request that kills every server: the keeper's guard, rofs/daemon/keeper.py).
+POISON = os.fsencode(os.environ["ROFS_POISON_NAME"]) if os.environ.get(
+    "ROFS_POISON_NAME") else None
 _keeper = 0  # in a server: its keeper's pid
 _pause: tuple[str, str] | None = None  # (site, file)
 
@@ -113,6 +117,11 @@ def pause(site: str) -> None:
         pass
     while os.path.exists(_pause[1]):
         time.sleep(0.01)
+
+
+def poisoned() -> None:
+    """Die as a poison request makes a server die (ROFS_POISON_NAME)."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def point(site: str) -> None:

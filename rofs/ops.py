@@ -168,6 +168,8 @@ class RofsOperations(Operations):
     # ------------------------------------------------------------------ names
 
     def lookup(self, req, parent_inode, name):
+        if crash.POISON is not None and name == crash.POISON:
+            crash.poisoned()  # (tests only)
         node = self.overlay.lookup(self._node(parent_inode), name)
         if node is None:
             return _NEGATIVE

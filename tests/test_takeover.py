@@ -5,6 +5,7 @@ change in flight when the server died is made once."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -295,3 +296,20 @@ def test_a_rename_made_by_a_dead_server_moves_the_names_the_kernel_holds(layers)
             os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             assert held.read() == b"new passwd\n"
         assert read_text(os.path.join(mnt, "passwd")) == "new passwd\n"
+
+
+def test_a_request_that_kills_every_server_is_answered_eio_and_the_rest_served(layers):
+    """The death-spiral guard: a lookup every server dies on (ROFS_POISON_NAME) is
+    answered EIO after POISON_DEATHS deaths in a row; the mount serves the rest."""
+    from rofs.daemon.keeper import POISON_DEATHS
+    mnt = layers["mnt"]
+    daemon = RofsProcess(mnt, layers["state"], layers["lower"],
+                         env={"ROFS_POISON_NAME": "poison"})
+    with daemon:
+        with pytest.raises(OSError) as raised:
+            os.stat(os.path.join(mnt, "poison"))
+        assert raised.value.errno == errno.EIO
+        assert read_text(os.path.join(mnt, "passwd")).startswith("root:")
+        (status,) = json.loads(run_rofs("status", "--json", mnt).stdout)
+        assert status["replaced"] == POISON_DEATHS
+        assert "servers died serving it" in daemon.output()

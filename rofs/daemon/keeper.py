@@ -14,10 +14,10 @@ the kernel holds from the journal.  Callers see a pause.
 A server that ends on purpose (a signal to it or to the keeper, an unmount) unmounts
 and exits 0, and the keeper with it.  Death spirals: when POISON_DEATHS servers in a row
 died with the same request in hand (one that kills every server), the next answers it
-EIO, and the rest of the mount keeps working; when IDLE_DEATHS servers in a row died
-before starting a single request, the keeper gives up (and unmounts), as a daemon
-without a keeper would have died.  Servers dying in a row on the same request (or on
-none) start ever more slowly.
+EIO, and the rest of the mount keeps working; when IDLE_DEATHS servers in a row crashed
+on their own (not SIGKILLed) before starting a single request, the keeper gives up (and
+unmounts), as a daemon without a keeper would have died.  Servers dying in a row on the
+same request (or on none) start ever more slowly.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from rofs.store.journal import Journal
 
 log = logging.getLogger(__name__)
 
-POISON_DEATHS = 3
+POISON_DEATHS = 5
 IDLE_DEATHS = 5
 HANDOVER = 75  # a server's exit status: it handed over (rofs/daemon/handover.py)
 # What a restart did (Keeper.run's `restart`): the mount is another keeper's now; the
@@ -64,11 +64,12 @@ class Keeper:
         self.journal = journal
         self.server = 0  # the running server's pid
         # The request each server that died in a row had in hand (0: none).
-        self._in_hand: collections.deque[int] = collections.deque(maxlen=IDLE_DEATHS)
+        self._in_hand: collections.deque[int] = collections.deque(maxlen=POISON_DEATHS)
         self.refuse: frozenset[int] = frozenset()  # requests the next server answers EIO
         self.servers = 0  # started so far
         self._waiting = False
         self._restart_asked = False
+        self._crashed_idle = 0  # servers in a row that crashed before any request
         self.keep: frozenset[int] = frozenset()  # the keeper's own descriptors
 
     def run(self, serve: Callable[[int, dict[int, tuple[int, int]] | None], int],
@@ -119,8 +120,10 @@ class Keeper:
                     self._in_hand.clear()  # not in a row
                 in_hand = self.journal.in_hand() & ~UNIQUE_RESEND
                 self._in_hand.append(in_hand)
-                if len(self._in_hand) == IDLE_DEATHS and not any(self._in_hand):
-                    log.error("the server (pid %d) %s; %d servers in a row died before "
+                killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+                self._crashed_idle = 0 if in_hand or killed else self._crashed_idle + 1
+                if self._crashed_idle >= IDLE_DEATHS:
+                    log.error("the server (pid %d) %s; %d servers in a row crashed before "
                               "serving anything: giving up (the mount goes)", pid, reason,
                               IDLE_DEATHS)
                     return 1
