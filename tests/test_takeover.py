@@ -108,7 +108,8 @@ def test_killed_servers_are_replaced_and_callers_see_a_pause(layers, args):
             os.stat(os.path.join(mnt, "passwd"))  # answered by the successor
             pauses.append(time.monotonic() - start)
             if reader.poll() is not None:
-                pytest.fail("the reader stopped: %s" % reader.communicate()[0])
+                pytest.fail("the reader stopped: %s\n%s" % (reader.communicate()[0],
+                                                             daemon.output()[-4000:]))
             if load.poll() is not None:
                 pytest.fail("the workload stopped: %s\n%s" % (read_text(
                     os.path.join(tmp, "load.json")), daemon.output()[-3000:]))
