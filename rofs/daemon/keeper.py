@@ -91,11 +91,12 @@ class Keeper:
                 self.journal.set_in_hand(0)
                 started = time.monotonic()
                 self.servers += 1
+                keeper = os.getpid()
                 pid = _sys.fork_sharing_files()
                 if pid == 0:
                     for sig, handler in forward.items():
                         signal.signal(sig, handler)
-                    os._exit(self._server(serve, serial, keep))
+                    os._exit(self._server(serve, serial, keep, keeper))
                 self.server = pid
                 status = self._wait(pid, serial, restart)
                 self.server = 0
@@ -180,10 +181,12 @@ class Keeper:
             except ProcessLookupError:
                 pass
 
-    def _server(self, serve, serial: int, keep: frozenset[int]) -> int:
+    def _server(self, serve, serial: int, keep: frozenset[int], keeper: int) -> int:
         code = 70
         try:
             _sys.die_with_parent(signal.SIGKILL)
+            if os.getppid() != keeper:  # it died before that took hold
+                return code
             survivors = None
             if serial:
                 survivors = sweep(self.journal, keep)
