@@ -76,9 +76,21 @@ class Successor:
             got += chunk
         return got == word
 
-    def hand(self, data: dict, fds: list[int]) -> None:
-        """Step 2: the data and the descriptors (`data["fds"]` their numbers)."""
-        data = dict(data, fds=fds)
+    def hand(self, config, prepared: state.Prepared, fd: int, journal: Journal,
+             serial: int, at_mount: dict, started: float) -> None:
+        """Step 2, once the server handed over: the mount's data, and every descriptor
+        the new keeper needs (`data["fds"]` their numbers): the connection, the
+        journal, the layers, and the files and objects the journal marks."""
+        fds = [fd, journal.log_fd, journal.slots_fd] + [
+            getattr(prepared, name) for name in PREPARED
+            if name.endswith("_fd") and getattr(prepared, name) >= 0] + sorted(
+            int(n) for n in os.listdir("/proc/self/fd") if journal.kept(int(n))[0])
+        data = {"fuse_fd": fd, "log_fd": journal.log_fd, "slots_fd": journal.slots_fd,
+                "serial": serial, "at_mount": at_mount, "started": started,
+                "config": config_data(config), "fds": fds,
+                "prepared": {name: getattr(prepared, name) for name in PREPARED} |
+                {"markers": prepared.markers.prefix.decode(),
+                 "redirects": prepared.markers.redirects}}
         text = json.dumps(data).encode()
         self.sock.sendall(LENGTH.pack(len(text)) + text)
         for start in range(0, len(fds), BATCH):
@@ -94,16 +106,6 @@ class Successor:
         log.error("the new rofs (%s) did not take over (%s): this one serves on",
                   self.command[0], os.waitstatus_to_exitcode(status))
         self.sock.close()
-
-
-def handover_data(config, prepared: state.Prepared, fd: int, journal: Journal,
-                  serial: int, at_mount: dict, started: float) -> dict:
-    return {"fuse_fd": fd, "log_fd": journal.log_fd, "slots_fd": journal.slots_fd,
-            "serial": serial, "at_mount": at_mount, "started": started,
-            "config": config_data(config),
-            "prepared": {name: getattr(prepared, name) for name in PREPARED} |
-            {"markers": prepared.markers.prefix.decode(),
-             "redirects": prepared.markers.redirects}}
 
 
 def config_data(config) -> dict:

@@ -411,14 +411,9 @@ def _keep(config: Config, prepared: state.Prepared, ready, fd: int, journal: Jou
         os.kill(server, signal.SIGUSR1)  # hand over
         os.waitpid(server, 0)
         sweep(journal, keeper.keep | {successor.sock.fileno()})
-        serial = journal.header()[3] + 1
-        fds = [fd, journal.log_fd, journal.slots_fd] + [
-            getattr(prepared, name) for name in handover.PREPARED
-            if name.endswith("_fd") and getattr(prepared, name) >= 0] + sorted(
-            int(n) for n in os.listdir("/proc/self/fd") if journal.kept(int(n))[0])
         try:
-            successor.hand(handover.handover_data(config, prepared, fd, journal, serial,
-                                                  at_mount, started), fds)
+            successor.hand(config, prepared, fd, journal, journal.header()[3] + 1,
+                           at_mount, started)
             if successor.wait_for(handover.SERVING, handover.STARTUP_TIMEOUT):
                 log.info("handed %s over to a new rofs (pid %d)", quote(config.mountpoint),
                          successor.pid)

@@ -158,19 +158,20 @@ class Resume:
             raise _err(errno.EBADF)
         ino, users = survivor
         node = self.table.get(ino) or self.resume_node(ino)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         file = self._open_files.get(fd)
         if file is None:
             # Counted with all the kernel's handles of it, named yet or not: each
             # release takes one away.
             file = OpenFile(fd, not node.upper, False, 0,
-                            fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY)
+                            flags & os.O_ACCMODE != os.O_RDONLY)
             file.users = file.handed = users
             self._open_files[fd] = file
             self._fds_by_uid[0] += 1
             if not node.open_fds:
                 node.open_fds = set()
             node.open_fds.add(fd)
-        handle = FileHandle(fh, file, node, fcntl.fcntl(fd, fcntl.F_GETFL), 0, 0)
+        handle = FileHandle(fh, file, node, flags, 0, 0)
         handle.handed = True
         self.files[fh] = handle
         return handle

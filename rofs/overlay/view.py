@@ -399,7 +399,6 @@ class View:
                                   "%s", e)
                 raise
 
-
     def _upper_target(self, node: Node, fh: int | None = None) -> tuple[bytes | int, bool]:
         """How to reach an upper node for chmod/chown/xattrs: (path, False) or (fd, True)."""
         handle = self.files.get(fh) if fh is not None else None

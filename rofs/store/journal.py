@@ -98,13 +98,6 @@ class Journal:
         if magic != MAGIC:
             raise ValueError("not a rofs journal")
 
-    def close(self) -> None:
-        """Unmap (the memfds stay the keeper's)."""
-        for mapped in (self._log, self._slots):
-            if mapped is not None:
-                mapped.close()
-        self._log = self._slots = None
-
     # ------------------------------------------------------------------ header
 
     def header(self) -> tuple[int, int, int, int, str]:
